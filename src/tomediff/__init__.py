@@ -1,0 +1,1 @@
+"""tomediff: training-free token merging for diffusion models."""

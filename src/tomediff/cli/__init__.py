@@ -1,0 +1,1 @@
+"""The ``tomediff`` command line: one entry point, one module per subcommand."""
