@@ -1,1 +1,33 @@
-"""tomediff: training-free token merging for diffusion models."""
+"""tomediff: training-free token merging (ToMe) for diffusion models.
+
+>>> import tomediff
+>>> handle = tomediff.apply_tome(pipe, ratio=0.5)   # doctest: +SKIP
+>>> handle.remove()                                  # doctest: +SKIP
+"""
+
+from tomediff.api import (
+    BlockReport,
+    ToMeHandle,
+    ToMeReport,
+    apply_patch,
+    apply_tome,
+    remove_patch,
+    remove_tome,
+    tome,
+)
+from tomediff.config import ToMeConfig
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "BlockReport",
+    "ToMeConfig",
+    "ToMeHandle",
+    "ToMeReport",
+    "__version__",
+    "apply_patch",
+    "apply_tome",
+    "remove_patch",
+    "remove_tome",
+    "tome",
+]

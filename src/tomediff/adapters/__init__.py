@@ -1,0 +1,22 @@
+"""Model families tomediff knows, one adapter each, found through a registry.
+
+Adding a family (e.g. SD3's ``JointTransformerBlock`` or Flux's double/single-stream blocks) is a new
+module here that subclasses :class:`Adapter`, returns :class:`~tomediff.core.BlockSpec`s (with
+custom :class:`~tomediff.core.Site`s where only image tokens merge) and is decorated with
+:func:`register_adapter`; the core does not change.
+"""
+
+from tomediff.adapters import diffusers_dit, diffusers_unet, generic, ldm
+from tomediff.adapters.base import Adapter, adapters, find_adapter, register_adapter, resolve_model
+
+__all__ = [
+    "Adapter",
+    "adapters",
+    "diffusers_dit",
+    "diffusers_unet",
+    "find_adapter",
+    "generic",
+    "ldm",
+    "register_adapter",
+    "resolve_model",
+]

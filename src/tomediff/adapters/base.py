@@ -1,0 +1,122 @@
+"""The adapter registry and the unwrapping of pipelines and LDM wrappers."""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from torch import nn
+
+from tomediff.core import BlockSpec, GridSource, Site
+
+__all__ = [
+    "Adapter",
+    "ForwardChunkingCheck",
+    "adapters",
+    "find_adapter",
+    "register_adapter",
+    "resolve_model",
+    "transformer_block_spec",
+]
+
+
+class Adapter:
+    """Model knowledge for one family: which blocks to patch, at which level, and their token grid.
+
+    Subclasses implement :meth:`matches` and :meth:`block_specs` and are registered with
+    :func:`register_adapter`; the first match by descending ``priority`` wins.
+    """
+
+    name: ClassVar[str] = "adapter"
+    priority: ClassVar[int] = 0
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        raise NotImplementedError
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        raise NotImplementedError
+
+
+_ADAPTERS: list[type[Adapter]] = []
+
+
+def register_adapter(cls: type[Adapter]) -> type[Adapter]:
+    """Class decorator adding an adapter to the registry."""
+    if any(existing.name == cls.name for existing in _ADAPTERS):
+        raise ValueError(f"an adapter named {cls.name!r} is already registered")
+    _ADAPTERS.append(cls)
+    _ADAPTERS.sort(key=lambda adapter: -adapter.priority)
+    return cls
+
+
+def adapters() -> tuple[type[Adapter], ...]:
+    """Registered adapters, in the order they are tried."""
+    return tuple(_ADAPTERS)
+
+
+def find_adapter(model: nn.Module) -> type[Adapter]:
+    for adapter in _ADAPTERS:
+        if adapter.matches(model):
+            return adapter
+    names = ", ".join(a.name for a in _ADAPTERS)
+    raise TypeError(
+        f"tomediff has no adapter for {type(model).__name__}: it contains no transformer block it "
+        f"knows (tried: {names}). Pass a diffusers pipeline, UNet2DConditionModel, ControlNetModel, "
+        "PixArt/DiT transformer, an LDM model, or a module containing BasicTransformerBlocks."
+    )
+
+
+def class_name_in(module: object, names: set[str]) -> bool:
+    """Whether any class in ``module``'s MRO has one of ``names`` (no import of the model library)."""
+    return any(klass.__name__ in names for klass in type(module).__mro__)
+
+
+def resolve_model(obj: Any) -> nn.Module:
+    """The module to patch: a pipeline's ``unet``/``transformer``, an LDM wrapper's
+    ``model.diffusion_model``, or the module itself."""
+    for attr in ("unet", "transformer"):
+        candidate = getattr(obj, attr, None)
+        if isinstance(candidate, nn.Module) and not isinstance(obj, nn.Module):
+            return candidate
+    inner = getattr(getattr(obj, "model", None), "diffusion_model", None)
+    if isinstance(inner, nn.Module):
+        return inner
+    if isinstance(obj, nn.Module):
+        return obj
+    raise TypeError(
+        f"tomediff cannot patch a {type(obj).__name__}: expected a diffusers pipeline (with .unet or "
+        ".transformer), a torch.nn.Module, or an LDM model with .model.diffusion_model."
+    )
+
+
+class ForwardChunkingCheck:
+    """Refuses MLP merging while diffusers' feed-forward chunking is on (it calls ``ff`` per chunk,
+    so the merged sequence would be split before it could be unmerged)."""
+
+    def __init__(self, block: nn.Module, name: str) -> None:
+        self.block = block
+        self.name = name
+
+    def __call__(self) -> str | None:
+        if getattr(self.block, "_chunk_size", None) is None:
+            return None
+        return (
+            f"merge_mlp=True cannot be used while feed-forward chunking is enabled on block '{self.name}' "
+            "(enable_forward_chunking splits the feed-forward input into chunks). Call "
+            "disable_forward_chunking() on the model or apply tomediff with merge_mlp=False."
+        )
+
+
+def transformer_block_spec(
+    name: str, block: nn.Module, downsample: int | None, grid: GridSource | None
+) -> BlockSpec:
+    """Spec of a diffusers or LDM ``BasicTransformerBlock`` (``attn1``, ``attn2``, ``ff``)."""
+    sites: list[Site] = []
+    if isinstance(getattr(block, "attn1", None), nn.Module):
+        sites.append(Site(block.attn1, "attn"))
+    if isinstance(getattr(block, "attn2", None), nn.Module):
+        sites.append(Site(block.attn2, "crossattn"))
+    if isinstance(getattr(block, "ff", None), nn.Module):
+        sites.append(Site(block.ff, "mlp", unsupported=ForwardChunkingCheck(block, name)))
+    return BlockSpec(name=name, block=block, downsample=downsample, grid=grid, sites=tuple(sites))

@@ -1,0 +1,268 @@
+"""Public API: apply and remove token merging, the handle and its report, tomesd-compatible calls."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tomediff.adapters import find_adapter, resolve_model
+from tomediff.config import ToMeConfig
+from tomediff.core import BlockSpec, BlockStats, ToMeState, install, remove_hooks
+from tomediff.core.state import Planner
+
+__all__ = [
+    "BlockReport",
+    "ToMeHandle",
+    "ToMeReport",
+    "apply_patch",
+    "apply_tome",
+    "remove_patch",
+    "remove_tome",
+    "tome",
+]
+
+_SITE_SWITCHES = {"attn": "merge_attn", "crossattn": "merge_crossattn", "mlp": "merge_mlp"}
+
+
+@dataclass(frozen=True)
+class BlockReport:
+    """One patched block: where it sits and what its last call did (None before any call)."""
+
+    name: str
+    downsample: int | None
+    sites: tuple[str, ...]
+    last_call: BlockStats | None
+
+
+@dataclass(frozen=True)
+class ToMeReport:
+    """What a patch does: the adapter used, the level limit, and every patched block."""
+
+    model: str
+    adapter: str
+    config: ToMeConfig
+    max_downsample: int
+    levels_found: tuple[int, ...]
+    blocks: tuple[BlockReport, ...]
+    calls: int
+
+    @property
+    def effective_ratio(self) -> float | None:
+        """Tokens removed / tokens seen, over the blocks of the last call (None before a call)."""
+        seen = [b.last_call for b in self.blocks if b.last_call is not None]
+        total = sum(s.tokens for s in seen)
+        return sum(s.removed for s in seen) / total if total else None
+
+    def __str__(self) -> str:
+        cfg = self.config
+        lines = [
+            f"tomediff on {self.model} (adapter {self.adapter}): ratio={cfg.ratio}, "
+            f"max_downsample={self.max_downsample} (levels with transformer blocks: "
+            f"{list(self.levels_found) or 'found at call time'}), use_rand={cfg.use_rand}, "
+            f"sx={cfg.sx}, sy={cfg.sy}, {len(self.blocks)} blocks patched, {self.calls} calls so far",
+            f"{'block':<58} {'level':>5} {'sites':<20} {'grid':>9} {'tokens':>7} {'merged':>7} {'r':>6}",
+        ]
+        for block in self.blocks:
+            stats = block.last_call
+            level = block.downsample if block.downsample is not None else "?"
+            if stats is None:
+                tail = f"{'-':>9} {'-':>7} {'-':>7} {'-':>6}"
+            else:
+                grid = f"{stats.height}x{stats.width}"
+                tail = f"{grid:>9} {stats.tokens:>7} {stats.tokens_after_merge:>7} {stats.removed:>6}"
+            lines.append(f"{block.name:<58} {level!s:>5} {','.join(block.sites):<20} {tail}")
+        ratio = self.effective_ratio
+        if ratio is not None:
+            lines.append(f"effective ratio over the last call: {ratio:.3f}")
+        return "\n".join(lines)
+
+
+class ToMeHandle:
+    """Returned by :func:`apply_tome`: removes the patch and reports what it does."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        state: ToMeState,
+        specs: list[BlockSpec],
+        adapter: str,
+        levels: tuple[int, ...],
+        handles: list[RemovableHandle],
+    ) -> None:
+        self.model = model
+        self.state = state
+        self.adapter = adapter
+        self._specs = specs
+        self._levels = levels
+        self._handles = handles
+        self._sites = {
+            spec.name: tuple(s.kind for s in spec.sites if getattr(state.config, _SITE_SWITCHES[s.kind]))
+            for spec in specs
+        }
+
+    @property
+    def config(self) -> ToMeConfig:
+        return self.state.config
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self._specs)
+
+    def remove(self) -> None:
+        """Detach every hook of this patch (idempotent)."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def reseed(self, seed: int | None = None) -> None:
+        """Restart the partition RNG, e.g. before each generation to reproduce it in one process."""
+        self.state.reseed(seed)
+
+    def report(self) -> ToMeReport:
+        blocks = tuple(
+            BlockReport(spec.name, spec.downsample, self._sites[spec.name], self.state.stats.get(spec.name))
+            for spec in self._specs
+        )
+        return ToMeReport(
+            model=type(self.model).__name__,
+            adapter=self.adapter,
+            config=self.state.config,
+            max_downsample=self.state.max_downsample,
+            levels_found=self._levels,
+            blocks=blocks,
+            calls=self.state.calls,
+        )
+
+    def __enter__(self) -> ToMeHandle:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        status = "active" if self.active else "removed"
+        return f"ToMeHandle({type(self.model).__name__}, {len(self._specs)} blocks, {status}, {self.config})"
+
+
+def _make_config(config: ToMeConfig | None, overrides: dict[str, Any]) -> ToMeConfig:
+    if config is None:
+        try:
+            return ToMeConfig(**overrides)
+        except TypeError as error:
+            raise TypeError(f"{error}. Valid options: {', '.join(ToMeConfig.__dataclass_fields__)}.") from None
+    if not isinstance(config, ToMeConfig):
+        raise TypeError(f"config must be a ToMeConfig, got {type(config).__name__}.")
+    return config.replace(**overrides) if overrides else config
+
+
+def apply_tome(
+    model: Any, config: ToMeConfig | None = None, *, planner: Planner = "similarity", **overrides: Any
+) -> ToMeHandle:
+    """Patch ``model`` with token merging, in place; returns a handle.
+
+    Args:
+        model: a diffusers pipeline (its ``.unet`` or ``.transformer`` is patched), a diffusers model
+            (``UNet2DConditionModel``, ``ControlNetModel``, ``PixArtTransformer2DModel``, ...), an
+            LDM/CompVis model (``model.model.diffusion_model``), or any module containing
+            ``BasicTransformerBlock``s. A model that is already patched is first restored.
+        config: the settings; keyword ``overrides`` replace single fields (``ratio=0.6``).
+        planner: ``"similarity"`` is ToMe. ``"ideal"`` keeps ``N - r`` tokens without any
+            matching: the speed bound of merging at the same token counts, for benchmarks only.
+
+    Raises:
+        ValueError: invalid settings, or a level limit that leaves no block to patch.
+        TypeError: an object that contains no supported transformer block.
+    """
+    cfg = _make_config(config, overrides)
+    target = resolve_model(model)
+    remove_hooks(target)
+    adapter = find_adapter(target)
+    specs = adapter.block_specs(target)
+    if not specs:
+        raise ValueError(
+            f"{type(target).__name__} contains no transformer block that adapter '{adapter.name}' can "
+            "patch, so token merging would do nothing."
+        )
+    levels = tuple(sorted({s.downsample for s in specs if s.downsample is not None}))
+    max_downsample = cfg.max_downsample if cfg.max_downsample is not None else (levels[0] if levels else 1)
+    selected = [s for s in specs if s.downsample is None or s.downsample <= max_downsample]
+    if not selected:
+        raise ValueError(
+            f"max_downsample={cfg.max_downsample} selects none of the {len(specs)} transformer blocks of "
+            f"{type(target).__name__}: they sit at downsample levels {list(levels)}. Use "
+            f"max_downsample={levels[0]} or more, or max_downsample=None for the highest-resolution level."
+        )
+    enabled = {kind for kind, switch in _SITE_SWITCHES.items() if getattr(cfg, switch)}
+    if not any(site.kind in enabled for spec in selected for site in spec.sites):
+        present = sorted({site.kind for spec in selected for site in spec.sites})
+        raise ValueError(
+            f"the enabled merge sites {sorted(enabled)} do not exist in the selected blocks of "
+            f"{type(target).__name__} (they have {present}); enable one of those."
+        )
+    state = ToMeState(cfg, max_downsample, planner)
+    handles = install(target, selected, state, enabled)
+    return ToMeHandle(target, state, selected, adapter.name, levels, handles)
+
+
+def remove_tome(model: Any) -> nn.Module:
+    """Remove token merging from ``model`` (a no-op when it is not patched); returns the patched module."""
+    target = resolve_model(model)
+    remove_hooks(target)
+    return target
+
+
+@contextmanager
+def tome(model: Any, config: ToMeConfig | None = None, **overrides: Any) -> Iterator[ToMeHandle]:
+    """``with tome(pipe, ratio=0.5): pipe(...)`` — patched inside the block, restored after it."""
+    handle = apply_tome(model, config, **overrides)
+    try:
+        yield handle
+    finally:
+        handle.remove()
+
+
+def apply_patch(
+    model: Any,
+    ratio: float = 0.5,
+    max_downsample: int = 1,
+    sx: int = 2,
+    sy: int = 2,
+    use_rand: bool = True,
+    merge_attn: bool = True,
+    merge_crossattn: bool = False,
+    merge_mlp: bool = False,
+) -> Any:
+    """Drop-in replacement for ``tomesd.apply_patch`` (same signature and defaults); returns ``model``.
+
+    Unlike tomesd it raises instead of silently patching nothing (SDXL has no transformer block at
+    ``max_downsample=1``: pass ``max_downsample=2``, or use :func:`apply_tome`, which picks the level).
+    """
+    apply_tome(
+        model,
+        ToMeConfig(
+            ratio=ratio,
+            max_downsample=max_downsample,
+            sx=sx,
+            sy=sy,
+            use_rand=use_rand,
+            merge_attn=merge_attn,
+            merge_crossattn=merge_crossattn,
+            merge_mlp=merge_mlp,
+        ),
+    )
+    return model
+
+
+def remove_patch(model: Any) -> Any:
+    """Drop-in replacement for ``tomesd.remove_patch``; returns ``model``."""
+    remove_tome(model)
+    return model

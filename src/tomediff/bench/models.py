@@ -1,0 +1,392 @@
+"""Published architectures to benchmark, built with random weights.
+
+The configs below are the architecture fields of the public ``config.json`` files of each model's
+denoiser (UNet or transformer). Latency and memory depend only on the architecture and the input
+shape, not on the weights, so a randomly initialised model costs exactly what the released one does
+and nothing has to be downloaded.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["MODELS", "ModelInputs", "ModelSpec", "build_model", "get_model_spec", "make_inputs", "parameter_count"]
+
+_SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+_SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+
+# runwayml/stable-diffusion-v1-5, unet/config.json (859,520,964 parameters).
+SD15_UNET: dict[str, Any] = {
+    "act_fn": "silu",
+    "attention_head_dim": 8,
+    "block_out_channels": [320, 640, 1280, 1280],
+    "center_input_sample": False,
+    "cross_attention_dim": 768,
+    "down_block_types": list(_SD_DOWN),
+    "downsample_padding": 1,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_scale_factor": 1,
+    "norm_eps": 1e-5,
+    "norm_num_groups": 32,
+    "out_channels": 4,
+    "sample_size": 64,
+    "up_block_types": list(_SD_UP),
+}
+
+# stabilityai/stable-diffusion-2-1, unet/config.json (865,910,724 parameters).
+SD21_UNET: dict[str, Any] = {
+    **SD15_UNET,
+    "attention_head_dim": [5, 10, 20, 20],
+    "cross_attention_dim": 1024,
+    "dual_cross_attention": False,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "sample_size": 96,
+    "upcast_attention": True,
+    "use_linear_projection": True,
+}
+
+# stabilityai/stable-diffusion-xl-base-1.0, unet/config.json (2,567,463,684 parameters).
+SDXL_UNET: dict[str, Any] = {
+    "act_fn": "silu",
+    "addition_embed_type": "text_time",
+    "addition_embed_type_num_heads": 64,
+    "addition_time_embed_dim": 256,
+    "attention_head_dim": [5, 10, 20],
+    "block_out_channels": [320, 640, 1280],
+    "center_input_sample": False,
+    "class_embed_type": None,
+    "class_embeddings_concat": False,
+    "conv_in_kernel": 3,
+    "conv_out_kernel": 3,
+    "cross_attention_dim": 2048,
+    "cross_attention_norm": None,
+    "down_block_types": ["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
+    "downsample_padding": 1,
+    "dual_cross_attention": False,
+    "encoder_hid_dim": None,
+    "encoder_hid_dim_type": None,
+    "flip_sin_to_cos": True,
+    "freq_shift": 0,
+    "in_channels": 4,
+    "layers_per_block": 2,
+    "mid_block_only_cross_attention": None,
+    "mid_block_scale_factor": 1,
+    "mid_block_type": "UNetMidBlock2DCrossAttn",
+    "norm_eps": 1e-5,
+    "norm_num_groups": 32,
+    "num_attention_heads": None,
+    "num_class_embeds": None,
+    "only_cross_attention": False,
+    "out_channels": 4,
+    "projection_class_embeddings_input_dim": 2816,
+    "resnet_out_scale_factor": 1.0,
+    "resnet_skip_time_act": False,
+    "resnet_time_scale_shift": "default",
+    "sample_size": 128,
+    "time_cond_proj_dim": None,
+    "time_embedding_act_fn": None,
+    "time_embedding_dim": None,
+    "time_embedding_type": "positional",
+    "timestep_post_act": None,
+    "transformer_layers_per_block": [1, 2, 10],
+    "up_block_types": ["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"],
+    "upcast_attention": None,
+    "use_linear_projection": True,
+}
+
+# PixArt-alpha/PixArt-XL-2-1024-MS, transformer/config.json.
+PIXART_ALPHA_1024: dict[str, Any] = {
+    "activation_fn": "gelu-approximate",
+    "attention_bias": True,
+    "attention_head_dim": 72,
+    "attention_type": "default",
+    "caption_channels": 4096,
+    "cross_attention_dim": 1152,
+    "dropout": 0.0,
+    "in_channels": 4,
+    "interpolation_scale": None,
+    "norm_elementwise_affine": False,
+    "norm_eps": 1e-6,
+    "norm_num_groups": 32,
+    "norm_type": "ada_norm_single",
+    "num_attention_heads": 16,
+    "num_embeds_ada_norm": 1000,
+    "num_layers": 28,
+    "out_channels": 8,
+    "patch_size": 2,
+    "sample_size": 128,
+    "upcast_attention": False,
+    "use_additional_conditions": True,
+}
+
+# SD 1.5's first transformer (down_blocks[0].attentions[0]): the full-resolution level where ToMe
+# merges. Lets the 2048² case be measured on a CPU, where the whole UNet at 2048² takes minutes.
+SD15_TOP_BLOCK: dict[str, Any] = {
+    "num_attention_heads": 8,
+    "attention_head_dim": 40,
+    "in_channels": 320,
+    "num_layers": 1,
+    "cross_attention_dim": 768,
+    "norm_num_groups": 32,
+    "use_linear_projection": False,
+}
+
+# Tiny stand-ins with the same structure, for tests and smoke runs (not real models).
+TINY_UNET: dict[str, Any] = {
+    **SD15_UNET,
+    "block_out_channels": [32, 64],
+    "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+    "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+    "attention_head_dim": 8,
+    "cross_attention_dim": 32,
+    "layers_per_block": 1,
+    "norm_num_groups": 8,
+    "sample_size": 16,
+}
+
+TINY_PIXART: dict[str, Any] = {
+    **PIXART_ALPHA_1024,
+    "attention_head_dim": 8,
+    "num_attention_heads": 6,  # width 48: PixArt's size conditioning splits it in three
+    "cross_attention_dim": 32,
+    "caption_channels": 16,
+    "num_layers": 2,
+    "sample_size": 16,
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One benchmarkable architecture.
+
+    Attributes:
+        name: the ``--model`` value.
+        title: human-readable name for tables and plots.
+        kind: ``"unet"``, ``"pixart"`` or ``"transformer2d"``: picks the class and the inputs.
+        config: constructor arguments of the diffusers class.
+        text_tokens: length of the text-encoder sequence fed to cross-attention
+            (77 CLIP tokens for SD, 120 T5 tokens for PixArt-α).
+        max_downsample: the token-grid downsampling of the highest-resolution level that has
+            transformer blocks. Merging is applied there for tomediff, tomesd and the ideal alike
+            (tomesd's own default of 1 would leave SDXL untouched, since its 1x level has no
+            transformers).
+        resolution_multiple: image resolutions must be a multiple of this (latent /8, patches).
+        published_params: parameter count of the released checkpoint, to check the config.
+    """
+
+    name: str
+    title: str
+    kind: str
+    config: Mapping[str, Any]
+    text_tokens: int = 77
+    max_downsample: int = 1
+    resolution_multiple: int = 8
+    published_params: int | None = None
+    tiny: bool = False
+    extra: Mapping[str, Any] = field(default_factory=dict)
+
+    @property
+    def text_dim(self) -> int:
+        if self.kind == "pixart":
+            return int(self.config["caption_channels"])
+        return int(self.config["cross_attention_dim"])
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("sd15", "SD 1.5 UNet", "unet", SD15_UNET, published_params=859_520_964),
+        ModelSpec("sd21", "SD 2.1 UNet", "unet", SD21_UNET, published_params=865_910_724),
+        ModelSpec(
+            "sdxl", "SDXL base UNet", "unet", SDXL_UNET, max_downsample=2, published_params=2_567_463_684
+        ),
+        ModelSpec(
+            "pixart",
+            "PixArt-α XL-2 1024",
+            "pixart",
+            PIXART_ALPHA_1024,
+            text_tokens=120,
+            resolution_multiple=16,
+        ),
+        ModelSpec("sd15-block", "SD 1.5 top transformer block", "transformer2d", SD15_TOP_BLOCK),
+        ModelSpec("tiny-unet", "tiny UNet (tests)", "unet", TINY_UNET, text_tokens=8, tiny=True),
+        ModelSpec(
+            "tiny-pixart",
+            "tiny PixArt (tests)",
+            "pixart",
+            TINY_PIXART,
+            text_tokens=8,
+            resolution_multiple=16,
+            tiny=True,
+        ),
+    )
+}
+
+
+def get_model_spec(name: str) -> ModelSpec:
+    try:
+        return MODELS[name]
+    except KeyError:
+        raise ValueError(f"Unknown model {name!r}; choose from: {', '.join(MODELS)}.") from None
+
+
+@contextlib.contextmanager
+def _parameters_on_meta() -> Iterator[None]:
+    """Create every ``nn.Parameter`` on the meta device while a model is constructed.
+
+    Default initialisation of a 2.6B-parameter UNet takes tens of seconds on a CPU and the values
+    are irrelevant here; buffers (e.g. PixArt's sin-cos position table) are still computed for real
+    because they are part of the model's behaviour.
+    """
+    original = nn.Module.register_parameter
+
+    def register(module: nn.Module, name: str, param: nn.Parameter | None) -> None:
+        if param is not None and param.device.type != "meta":
+            param = nn.Parameter(param.detach().to("meta"), requires_grad=param.requires_grad)
+        original(module, name, param)
+
+    nn.Module.register_parameter = register  # type: ignore[method-assign]
+    try:
+        yield
+    finally:
+        nn.Module.register_parameter = original  # type: ignore[method-assign]
+
+
+def _model_class(kind: str) -> type[nn.Module]:
+    # Imported lazily: diffusers takes seconds to import and the CLI validates flags first.
+    import diffusers
+
+    classes = {
+        "unet": diffusers.UNet2DConditionModel,
+        "pixart": diffusers.PixArtTransformer2DModel,
+        "transformer2d": diffusers.Transformer2DModel,
+    }
+    return classes[kind]
+
+
+def build_model(
+    spec: ModelSpec, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32, seed: int = 0
+) -> nn.Module:
+    """The architecture of ``spec`` with random weights, in eval mode, on ``device``/``dtype``.
+
+    Weights are drawn uniformly in ±1/sqrt(fan_in) (PyTorch's default bound for linear and conv
+    layers), norm scales are 1 and biases 0, so activations stay in a realistic range (no overflow
+    to inf in fp16, no denormals slowing the CPU down).
+    """
+    cls = _model_class(spec.kind)
+    with _parameters_on_meta():
+        model = cls(**dict(spec.config))
+    generator = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        for module in model.modules():
+            for name, param in list(module._parameters.items()):
+                if param is None:
+                    continue
+                real = torch.empty(param.shape, dtype=torch.float32)
+                if param.dim() > 1:
+                    bound = 1.0 / math.sqrt(param[0].numel())
+                    real.uniform_(-bound, bound, generator=generator)
+                elif name.endswith("weight") or name.endswith("scale_shift_table"):
+                    real.fill_(1.0)
+                else:
+                    real.zero_()
+                module._parameters[name] = nn.Parameter(
+                    real.to(device=device, dtype=dtype), requires_grad=False
+                )
+    # nn.Module.to, not diffusers' override, which warns about fp32-only modules; these random-weight
+    # models have none that matter for cost.
+    model = nn.Module.to(model, device=device, dtype=dtype)  # the buffers, which were built for real
+    model.eval()
+    return model
+
+
+@dataclass
+class ModelInputs:
+    """Positional and keyword arguments of one denoising call.
+
+    The latent is positional because tomesd reads the image size from the first positional
+    argument of the model's forward.
+    """
+
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+    def to_meta(self) -> ModelInputs:
+        def move(value: Any) -> Any:
+            if isinstance(value, torch.Tensor):
+                return torch.empty_like(value, device="meta")
+            if isinstance(value, dict):
+                return {k: move(v) for k, v in value.items()}
+            return value
+
+        return ModelInputs(tuple(move(a) for a in self.args), {k: move(v) for k, v in self.kwargs.items()})
+
+
+def make_inputs(
+    spec: ModelSpec,
+    batch: int,
+    resolution: int,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    seed: int = 0,
+) -> ModelInputs:
+    """Inputs of one denoising call at ``resolution``² pixels (latent = resolution / 8).
+
+    ``batch`` = 2 is one image with classifier-free guidance (conditional and unconditional halves).
+    """
+    gen = torch.Generator(device="cpu").manual_seed(seed)
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen).to(device=device, dtype=dtype)
+
+    latent = resolution // 8
+    text = randn(batch, spec.text_tokens, spec.text_dim)
+    timestep = torch.full((batch,), 999, dtype=torch.long, device=device)
+    if spec.kind == "unet":
+        sample = randn(batch, int(spec.config["in_channels"]), latent, latent)
+        kwargs: dict[str, Any] = {"return_dict": False}
+        if spec.config.get("addition_embed_type") == "text_time":
+            # SDXL: pooled text embedding + (original size, crop, target size) conditioning.
+            pooled = int(spec.config["projection_class_embeddings_input_dim"]) - 6 * int(
+                spec.config["addition_time_embed_dim"]
+            )
+            time_ids = torch.tensor([resolution, resolution, 0, 0, resolution, resolution], dtype=dtype)
+            kwargs["added_cond_kwargs"] = {
+                "text_embeds": randn(batch, pooled),
+                "time_ids": time_ids.repeat(batch, 1).to(device),
+            }
+        return ModelInputs((sample, timestep, text), kwargs)
+    if spec.kind == "pixart":
+        sample = randn(batch, int(spec.config["in_channels"]), latent, latent)
+        added: dict[str, torch.Tensor | None] = {"resolution": None, "aspect_ratio": None}
+        if spec.config.get("use_additional_conditions"):
+            added = {
+                "resolution": torch.tensor([[resolution, resolution]] * batch, dtype=dtype, device=device),
+                "aspect_ratio": torch.ones(batch, 1, dtype=dtype, device=device),
+            }
+        kwargs = {
+            "encoder_hidden_states": text,
+            "timestep": timestep,
+            "added_cond_kwargs": added,
+            "return_dict": False,
+        }
+        return ModelInputs((sample,), kwargs)
+    if spec.kind == "transformer2d":
+        sample = randn(batch, int(spec.config["in_channels"]), latent, latent)
+        return ModelInputs((sample,), {"encoder_hidden_states": text, "return_dict": False})
+    raise ValueError(f"Unknown model kind {spec.kind!r}.")
+
+
+def parameter_count(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

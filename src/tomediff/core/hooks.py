@@ -1,0 +1,250 @@
+"""Forward hooks that merge and unmerge tokens around a block's submodules.
+
+Every callable registered here is a :class:`ToMeHook`, so detaching can find them in a module's
+hook tables without any marker attribute on the module itself.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from tomediff.core.spec import BlockSpec, GridSource, Site
+from tomediff.core.state import BlockStats, ToMeState
+from tomediff.ops import TokenPlan
+
+__all__ = ["ToMeHook", "install", "remove_hooks"]
+
+Args = tuple[Any, ...]
+Kwargs = dict[str, Any]
+
+
+class ToMeHook:
+    """Base class of every hook tomediff registers (what :func:`remove_hooks` looks for)."""
+
+
+def _find_input(args: Args, kwargs: Kwargs, names: Iterable[str]) -> tuple[int | str | None, Any]:
+    """The token input of a call: positional 0, else the first of ``names`` given by keyword."""
+    if args:
+        return 0, args[0]
+    for name in names:
+        if kwargs.get(name) is not None:
+            return name, kwargs[name]
+    return None, None
+
+
+def _replace_input(args: Args, kwargs: Kwargs, where: int | str, value: Any) -> tuple[Args, Kwargs]:
+    if isinstance(where, int):
+        return (value, *args[1:]), kwargs
+    return args, {**kwargs, where: value}
+
+
+class RootHook(ToMeHook):
+    """Pre-hook on the patched model: starts a call, records the ``[B, C, H, W]`` input size."""
+
+    def __init__(self, state: ToMeState) -> None:
+        self.state = state
+
+    def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
+        _, sample = _find_input(args, kwargs, ("sample", "hidden_states", "x"))
+        is_map = isinstance(sample, torch.Tensor) and sample.dim() == 4
+        self.state.input_size = (int(sample.shape[-2]), int(sample.shape[-1])) if is_map else None
+        self.state.grids.clear()
+        self.state.calls += 1
+
+
+class GridHook(ToMeHook):
+    """Pre-hook on a grid source: records the token grid its blocks will see in this call."""
+
+    def __init__(self, state: ToMeState, source: GridSource) -> None:
+        self.state = state
+        self.source = source
+
+    def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
+        _, x = _find_input(args, kwargs, self.source.input_names)
+        if isinstance(x, torch.Tensor) and x.dim() == 4:
+            p = self.source.patch_size
+            self.state.grids[id(self.source)] = (int(x.shape[-2]) // p, int(x.shape[-1]) // p)
+        else:
+            self.state.grids.pop(id(self.source), None)
+
+
+class BlockCall:
+    """The merge plan of the block call in progress, shared by the block's site hooks."""
+
+    def __init__(self, state: ToMeState, spec: BlockSpec) -> None:
+        self.state = state
+        self.spec = spec
+        self.plan: TokenPlan | None = None
+
+    def token_grid(self, num_tokens: int) -> tuple[int, int]:
+        state, spec = self.state, self.spec
+        candidates: list[tuple[int, int] | None] = []
+        if spec.grid is not None:
+            candidates.append(state.grids.get(id(spec.grid)))
+        if spec.downsample is not None:
+            candidates.append(state.grid_for_downsample(spec.downsample))
+        if state.input_size is not None:
+            factor = 1
+            while factor <= max(state.input_size):
+                candidates.append(state.grid_for_downsample(factor))
+                factor *= 2
+        side = math.isqrt(num_tokens)
+        if side * side == num_tokens:
+            candidates.append((side, side))
+        for grid in candidates:
+            if grid is not None and grid[0] * grid[1] == num_tokens:
+                return grid
+        raise RuntimeError(
+            f"tomediff cannot tell the token grid of block '{spec.name}': it received {num_tokens} "
+            f"tokens, and the model input size {state.input_size} does not explain that count. Call the "
+            "patched model with its [B, C, H, W] input (positionally or as sample=/hidden_states=)."
+        )
+
+
+class BlockPreHook(ToMeHook):
+    def __init__(self, call: BlockCall) -> None:
+        self.call = call
+
+    def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
+        call = self.call
+        state, spec = call.state, call.spec
+        _, x = _find_input(args, kwargs, spec.input_names)
+        if not isinstance(x, torch.Tensor) or x.dim() != 3:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise RuntimeError(
+                f"tomediff expected block '{spec.name}' to receive hidden states of shape "
+                f"[batch, tokens, channels], got {shape}."
+            )
+        height, width = call.token_grid(x.shape[1])
+        level = spec.downsample if spec.downsample is not None else state.infer_level(height, width)
+        if level is not None and level > state.max_downsample:
+            call.plan = None
+        else:
+            call.plan = state.make_plan(x, height, width)
+        merged = call.plan.num_merged if call.plan is not None else x.shape[1]
+        state.stats[spec.name] = BlockStats(height, width, level, int(x.shape[1]), merged)
+
+
+class BlockPostHook(ToMeHook):
+    """Drops the plan when the block returns (registered with ``always_call``, so errors do too)."""
+
+    def __init__(self, call: BlockCall) -> None:
+        self.call = call
+
+    def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs, output: Any) -> None:
+        self.call.plan = None
+
+
+class SiteCall:
+    def __init__(self, block: BlockCall, site: Site) -> None:
+        self.block = block
+        self.site = site
+        self.plan: TokenPlan | None = None
+
+
+class SitePreHook(ToMeHook):
+    """Merges the site's token input (and a self-attention mask) with the block's plan."""
+
+    def __init__(self, call: SiteCall) -> None:
+        self.call = call
+
+    def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> tuple[Args, Kwargs] | None:
+        call = self.call
+        plan = call.plan = call.block.plan
+        if plan is None:
+            return None
+        site = call.site
+        if site.unsupported is not None and (reason := site.unsupported()) is not None:
+            raise RuntimeError(reason)
+        where, x = _find_input(args, kwargs, site.input_names)
+        if where is None or not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != plan.num_tokens:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise RuntimeError(
+                f"tomediff cannot merge the input of {site.kind} site in block '{call.block.spec.name}': "
+                f"expected [batch, {plan.num_tokens}, channels], got {shape}."
+            )
+        args, kwargs = _replace_input(args, kwargs, where, plan.merge(x))
+        is_self_attention = not any(kwargs.get(name) is not None for name in site.context_names)
+        if is_self_attention:
+            for name in site.mask_names:
+                mask = kwargs.get(name)
+                if isinstance(mask, torch.Tensor):
+                    kwargs = {**kwargs, name: _merge_mask(mask, plan)}
+        return args, kwargs
+
+
+def _merge_mask(mask: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
+    n = plan.num_tokens
+    if mask.dim() >= 2 and mask.shape[-1] == n:
+        mask = plan.merge_mask(mask, -1)
+    if mask.dim() >= 3 and mask.shape[-2] == n:
+        mask = plan.merge_mask(mask, -2)
+    return mask
+
+
+class SitePostHook(ToMeHook):
+    """Copies the site's merged output back to every token."""
+
+    def __init__(self, call: SiteCall) -> None:
+        self.call = call
+
+    def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs, output: Any) -> Any:
+        plan, self.call.plan = self.call.plan, None
+        if plan is None:
+            return None
+        if isinstance(output, tuple):
+            return (plan.unmerge(output[0]), *output[1:])
+        return plan.unmerge(output)
+
+
+def install(
+    root: nn.Module, specs: Iterable[BlockSpec], state: ToMeState, enabled_kinds: set[str]
+) -> list[RemovableHandle]:
+    """Register the hooks of one patch; returns their handles."""
+    handles = [root.register_forward_pre_hook(RootHook(state), with_kwargs=True, prepend=True)]
+    grid_sources: dict[int, GridSource] = {}
+    for spec in specs:
+        if spec.grid is not None:
+            grid_sources.setdefault(id(spec.grid), spec.grid)
+        block_call = BlockCall(state, spec)
+        handles.append(spec.block.register_forward_pre_hook(BlockPreHook(block_call), with_kwargs=True))
+        handles.append(
+            spec.block.register_forward_hook(BlockPostHook(block_call), with_kwargs=True, always_call=True)
+        )
+        for site in spec.sites:
+            if site.kind not in enabled_kinds:
+                continue
+            site_call = SiteCall(block_call, site)
+            handles.append(site.module.register_forward_pre_hook(SitePreHook(site_call), with_kwargs=True))
+            handles.append(site.module.register_forward_hook(SitePostHook(site_call), with_kwargs=True))
+    for source in grid_sources.values():
+        handles.append(source.module.register_forward_pre_hook(GridHook(state, source), with_kwargs=True))
+    return handles
+
+
+_HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks")
+_FLAG_TABLES = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+
+
+def remove_hooks(model: nn.Module) -> int:
+    """Remove every tomediff hook from ``model`` and its submodules; returns how many were removed.
+
+    Works from the hook tables alone, so it also cleans a model that was pickled or deep-copied
+    while patched.
+    """
+    removed = 0
+    for module in model.modules():
+        for table_name in _HOOK_TABLES:
+            table = getattr(module, table_name)
+            for hook_id in [k for k, hook in table.items() if isinstance(hook, ToMeHook)]:
+                del table[hook_id]
+                for flag_name in _FLAG_TABLES:
+                    getattr(module, flag_name, {}).pop(hook_id, None)
+                removed += 1
+    return removed

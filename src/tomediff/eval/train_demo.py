@@ -1,0 +1,191 @@
+"""Train the bundled demo diffusion model on Fashion-MNIST (seeded, resumable).
+
+    python -m tomediff.eval.train_demo --out runs/demo --steps 3500 --threads 1
+    python -m tomediff.eval.train_demo --out runs/demo --export src/tomediff/eval/assets   # ship EMA weights
+
+Progress and loss go to stdout and ``OUT/log.jsonl``; ``OUT/checkpoint.pt`` (model, EMA, optimizer,
+data-order RNG) is rewritten every ``--checkpoint-every`` steps, and a rerun with the same ``--out``
+continues from it, reproducing the batches an uninterrupted run would have seen.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+from torch.nn import functional as F
+
+from tomediff.eval.data import load_fashion_mnist, to_model_space
+from tomediff.eval.model import (
+    ClassPromptEncoder,
+    build_demo_unet,
+    build_scheduler_config,
+    images_to_latents,
+)
+
+__all__ = ["export_weights", "main", "train"]
+
+
+class _Denoiser(torch.nn.Module):
+    """UNet + prompt encoder as one module, so one optimizer/EMA covers both."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.unet = build_demo_unet()
+        self.text_encoder = ClassPromptEncoder()
+
+
+def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
+    if step < warmup:
+        return peak * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train(
+    out_dir: Path,
+    steps: int = 3500,
+    batch_size: int = 64,
+    lr: float = 4e-4,
+    warmup: int = 100,
+    cfg_dropout: float = 0.1,
+    ema_decay: float = 0.999,
+    seed: int = 0,
+    checkpoint_every: int = 250,
+    log_every: int = 25,
+    data_dir: str | None = None,
+    device: str = "cpu",
+) -> Path:
+    """Train (or resume) and return the checkpoint path."""
+    from diffusers import DDPMScheduler
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = out_dir / "checkpoint.pt"
+    torch.manual_seed(seed)
+    images, labels = load_fashion_mnist("train", data_dir)
+    latents_all = images_to_latents(to_model_space(images))  # (60000, 4, 16, 16)
+    labels_all = torch.from_numpy(labels)
+
+    model = _Denoiser().to(device)
+    ema = copy.deepcopy(model).requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    scheduler = DDPMScheduler(**build_scheduler_config())
+    # Every random draw of training comes from this generator, so a resumed run is identical.
+    rng = torch.Generator().manual_seed(seed)
+    tokens_per_class = model.text_encoder.tokenize_classes(range(len(model.text_encoder.class_names)))
+    uncond_tokens = model.text_encoder.tokenize([""])[0]
+    step, order, cursor = 0, torch.randperm(len(labels_all), generator=rng), 0
+    if ckpt_path.exists():
+        state = torch.load(ckpt_path, map_location=device, weights_only=False)
+        model.load_state_dict(state["model"])
+        ema.load_state_dict(state["ema"])
+        optimizer.load_state_dict(state["optimizer"])
+        rng.set_state(state["rng"])
+        step, order, cursor = state["step"], state["order"], state["cursor"]
+        print(f"resumed from {ckpt_path} at step {step}", flush=True)
+    if step >= steps:
+        return ckpt_path
+
+    meta = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "cfg_dropout": cfg_dropout,
+            "ema_decay": ema_decay, "seed": seed, "threads": torch.get_num_threads(), "device": device}
+    (out_dir / "train_config.json").write_text(json.dumps(meta, indent=2) + "\n")
+    log = (out_dir / "log.jsonl").open("a")
+    started, running, count = time.time(), 0.0, 0
+    model.train()
+    while step < steps:
+        if cursor + batch_size > len(order):
+            order, cursor = torch.randperm(len(labels_all), generator=rng), 0
+        index = order[cursor : cursor + batch_size]
+        cursor += batch_size
+        x0 = latents_all[index].to(device)
+        tokens = tokens_per_class[labels_all[index]]
+        drop = torch.rand(batch_size, generator=rng) < cfg_dropout
+        tokens[drop] = uncond_tokens
+        noise = torch.randn(x0.shape, generator=rng).to(device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=rng).to(device)
+        noisy = scheduler.add_noise(x0, noise, timesteps)
+        target = scheduler.get_velocity(x0, noise, timesteps)
+        for group in optimizer.param_groups:
+            group["lr"] = _lr_at(step, steps, lr, warmup)
+        context = model.text_encoder(tokens.to(device))
+        prediction = model.unet(noisy, timesteps, encoder_hidden_states=context).sample
+        loss = F.mse_loss(prediction, target)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        # EMA warm-up: early on average over fewer steps so the EMA is not dominated by the init.
+        decay = min(ema_decay, (1 + step) / (10 + step))
+        with torch.no_grad():
+            for ema_p, p in zip(ema.parameters(), model.parameters(), strict=True):
+                ema_p.lerp_(p, 1 - decay)
+        step += 1
+        running += loss.item()
+        count += 1
+        if step % log_every == 0 or step == steps:
+            elapsed = time.time() - started
+            record = {"step": step, "loss": running / count, "lr": optimizer.param_groups[0]["lr"],
+                      "elapsed_s": round(elapsed, 1)}
+            log.write(json.dumps(record) + "\n")
+            log.flush()
+            print(f"step {step}/{steps} loss {record['loss']:.4f} lr {record['lr']:.2e} {elapsed:.0f}s", flush=True)
+            running, count = 0.0, 0
+        if step % checkpoint_every == 0 or step == steps:
+            state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
+                     "rng": rng.get_state(), "step": step, "order": order, "cursor": cursor}
+            tmp = ckpt_path.with_suffix(".tmp")
+            torch.save(state, tmp)
+            tmp.replace(ckpt_path)  # atomic: a kill mid-save never corrupts the checkpoint
+    log.close()
+    return ckpt_path
+
+
+def export_weights(checkpoint: Path, assets_dir: Path) -> None:
+    """Write the EMA weights of a checkpoint as ``demo_unet.safetensors``, ``demo_text_encoder.safetensors``
+    and ``demo_model.json`` (the configs) into ``assets_dir``."""
+    from safetensors.torch import save_file
+
+    from tomediff.eval.model import DEMO_UNET_CONFIG
+
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model = _Denoiser()
+    model.load_state_dict(state["ema"])
+    assets_dir.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.unet.state_dict().items()}, assets_dir / "demo_unet.safetensors")
+    save_file({k: v.contiguous() for k, v in model.text_encoder.state_dict().items()},
+              assets_dir / "demo_text_encoder.safetensors")
+    meta = {"unet": DEMO_UNET_CONFIG, "text_encoder": model.text_encoder.config(),
+            "scheduler": build_scheduler_config(), "trained_steps": state["step"]}
+    (assets_dir / "demo_model.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--steps", type=int, default=3500)
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (leave cores to others)")
+    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--export", type=Path, default=None,
+                        help="after training, write the EMA weights to this directory")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    ckpt = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+                 checkpoint_every=args.checkpoint_every, data_dir=args.data_dir, device=args.device)
+    if args.export is not None:
+        export_weights(ckpt, args.export)
+        print(f"exported EMA weights to {args.export}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

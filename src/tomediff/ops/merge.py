@@ -1,0 +1,142 @@
+"""Merge and unmerge driven by one per-token slot index.
+
+Every token ``n`` of batch element ``b`` is assigned a slot ``slot[b, n]`` in ``[0, M)``. Merging
+averages the tokens that share a slot (one scatter-add, then a multiply by the precomputed
+``1 / count``); unmerging copies each slot's value back to all of its tokens (one gather).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+__all__ = ["KeepPlan", "MergePlan", "TokenPlan"]
+
+
+class TokenPlan(Protocol):
+    """What the hooks need from a plan: ``[B, N, C] -> [B, M, C]`` and back."""
+
+    batch: int
+    num_tokens: int
+    num_merged: int
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor: ...
+
+    def merge_mask(self, mask: torch.Tensor, dim: int) -> torch.Tensor: ...
+
+
+def _check_tokens(x: torch.Tensor, batch: int, tokens: int, what: str) -> None:
+    if x.dim() != 3 or x.shape[0] != batch or x.shape[1] != tokens:
+        raise ValueError(
+            f"{what} expects a [batch={batch}, tokens={tokens}, channels] tensor, got shape "
+            f"{tuple(x.shape)}; the tensor does not belong to the block call the plan was made for."
+        )
+
+
+def _merge_mask_by_slot(
+    mask: torch.Tensor, dim: int, local_slot: torch.Tensor, batch: int, num_slots: int
+) -> torch.Tensor:
+    """Reduce a mask's token axis to slots: a slot is attendable if any of its tokens is.
+
+    Args:
+        mask: ``[B or 1, ..., N, ...]`` boolean or additive (0 / large negative) mask.
+        dim: the axis of ``mask`` that indexes the N tokens (negative, counted from the end).
+        local_slot: ``[B, N]`` slot of each token.
+    """
+    if mask.shape[0] not in (1, batch):
+        raise ValueError(
+            f"attention mask batch size {mask.shape[0]} is neither 1 nor the hidden states' batch "
+            f"size {batch}; ToMe can only merge masks given per sample or broadcast over the batch."
+        )
+    is_bool = mask.dtype == torch.bool
+    values = mask.to(torch.uint8) if is_bool else mask
+    values = values.expand(batch, *values.shape[1:]).movedim(dim, -1)
+    index = local_slot.view(batch, *([1] * (values.dim() - 2)), -1).expand(values.shape)
+    out_shape = (*values.shape[:-1], num_slots)
+    out = values.new_zeros(out_shape).scatter_reduce_(-1, index, values, reduce="amax", include_self=False)
+    out = out.movedim(-1, dim)
+    return out.bool() if is_bool else out
+
+
+@dataclass(frozen=True, eq=False)
+class MergePlan:
+    """Mean-merge plan for ``batch`` sequences of ``num_tokens`` tokens onto ``num_merged`` slots.
+
+    Attributes:
+        flat_slot: ``[B*N]`` int64, ``b * M + slot[b, n]``: row of the flattened ``[B*M, C]`` output.
+        local_slot: ``[B, N]`` int64 slot of each token within its batch element.
+        inv_count: ``[B*M, 1]`` reciprocal of the number of tokens in each slot (in the metric's
+            dtype; the dst token itself counts, so a lone token keeps its exact value).
+    """
+
+    flat_slot: torch.Tensor
+    local_slot: torch.Tensor
+    inv_count: torch.Tensor
+    batch: int
+    num_tokens: int
+    num_merged: int
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [B, N, C] -> [B, M, C]``, each slot the mean of its tokens."""
+        _check_tokens(x, self.batch, self.num_tokens, "merge")
+        channels = x.shape[-1]
+        flat = x.reshape(self.batch * self.num_tokens, channels)
+        out = x.new_zeros(self.batch * self.num_merged, channels)
+        if x.is_cuda and torch.are_deterministic_algorithms_enabled():
+            # index_add_ uses atomics on CUDA; accumulate-put has a deterministic (sorted) kernel.
+            out.index_put_((self.flat_slot,), flat, accumulate=True)
+        else:
+            out.index_add_(0, self.flat_slot, flat)
+        inv_count = self.inv_count if self.inv_count.dtype == x.dtype else self.inv_count.to(x.dtype)
+        return out.mul_(inv_count).view(self.batch, self.num_merged, channels)
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """``y: [B, M, C] -> [B, N, C]``, every token gets its slot's value."""
+        _check_tokens(y, self.batch, self.num_merged, "unmerge")
+        channels = y.shape[-1]
+        flat = y.reshape(self.batch * self.num_merged, channels)
+        return flat.index_select(0, self.flat_slot).view(self.batch, self.num_tokens, channels)
+
+    def merge_mask(self, mask: torch.Tensor, dim: int) -> torch.Tensor:
+        """Reduce axis ``dim`` (size N) of an attention mask to the M slots."""
+        return _merge_mask_by_slot(mask, dim, self.local_slot, self.batch, self.num_merged)
+
+
+@dataclass(frozen=True, eq=False)
+class KeepPlan:
+    """The zero-cost reference: keep the first ``M`` tokens, copy them back to all ``N``.
+
+    No similarity is computed and merging is a slice, so a model patched with this plan runs as
+    fast as any merging method could at the same token counts (the "ideal" benchmark variant).
+    Its outputs are not meaningful images.
+
+    Attributes:
+        source: ``[N]`` int64, which kept token each position copies on unmerge.
+    """
+
+    source: torch.Tensor
+    batch: int
+    num_tokens: int
+    num_merged: int
+
+    @classmethod
+    def build(cls, batch: int, num_tokens: int, num_merged: int, device: torch.device) -> KeepPlan:
+        source = torch.arange(num_tokens, device=device) % num_merged
+        return cls(source, batch, num_tokens, num_merged)
+
+    def merge(self, x: torch.Tensor) -> torch.Tensor:
+        """``x: [B, N, C] -> [B, M, C]`` (a view of the first M tokens)."""
+        _check_tokens(x, self.batch, self.num_tokens, "merge")
+        return x[:, : self.num_merged]
+
+    def unmerge(self, y: torch.Tensor) -> torch.Tensor:
+        """``y: [B, M, C] -> [B, N, C]`` by one gather along the token axis."""
+        _check_tokens(y, self.batch, self.num_merged, "unmerge")
+        return y.index_select(1, self.source)
+
+    def merge_mask(self, mask: torch.Tensor, dim: int) -> torch.Tensor:
+        return mask.narrow(dim, 0, self.num_merged)
