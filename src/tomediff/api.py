@@ -158,7 +158,9 @@ def _make_config(config: ToMeConfig | None, overrides: dict[str, Any]) -> ToMeCo
         try:
             return ToMeConfig(**overrides)
         except TypeError as error:
-            raise TypeError(f"{error}. Valid options: {', '.join(ToMeConfig.__dataclass_fields__)}.") from None
+            raise TypeError(
+                f"{error}. Valid options: {', '.join(ToMeConfig.__dataclass_fields__)}."
+            ) from None
     if not isinstance(config, ToMeConfig):
         raise TypeError(f"config must be a ToMeConfig, got {type(config).__name__}.")
     return config.replace(**overrides) if overrides else config

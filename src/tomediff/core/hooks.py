@@ -229,7 +229,11 @@ def install(
 
 
 _HOOK_TABLES = ("_forward_pre_hooks", "_forward_hooks")
-_FLAG_TABLES = ("_forward_pre_hooks_with_kwargs", "_forward_hooks_with_kwargs", "_forward_hooks_always_called")
+_FLAG_TABLES = (
+    "_forward_pre_hooks_with_kwargs",
+    "_forward_hooks_with_kwargs",
+    "_forward_hooks_always_called",
+)
 
 
 def remove_hooks(model: nn.Module) -> int:

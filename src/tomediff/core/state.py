@@ -99,7 +99,9 @@ class ToMeState:
             key = (batch, num_tokens, num_tokens - num_remove, str(device))
             plan = self._keep_plans.get(key)
             if plan is None:
-                plan = self._keep_plans[key] = KeepPlan.build(batch, num_tokens, num_tokens - num_remove, device)
+                plan = self._keep_plans[key] = KeepPlan.build(
+                    batch, num_tokens, num_tokens - num_remove, device
+                )
             return plan
         return plan_merge(metric, self.partition(height, width, batch, device), num_remove)
 
