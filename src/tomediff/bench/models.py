@@ -17,7 +17,15 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["MODELS", "ModelInputs", "ModelSpec", "build_model", "get_model_spec", "make_inputs", "parameter_count"]
+__all__ = [
+    "MODELS",
+    "ModelInputs",
+    "ModelSpec",
+    "build_model",
+    "get_model_spec",
+    "make_inputs",
+    "parameter_count",
+]
 
 _SD_DOWN = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
 _SD_UP = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
@@ -159,7 +167,7 @@ TINY_PIXART: dict[str, Any] = {
     **PIXART_ALPHA_1024,
     "attention_head_dim": 8,
     "num_attention_heads": 6,  # width 48: PixArt's size conditioning splits it in three
-    "cross_attention_dim": 32,
+    "cross_attention_dim": 48,  # PixArt projects captions to the transformer width
     "caption_channels": 16,
     "num_layers": 2,
     "sample_size": 16,

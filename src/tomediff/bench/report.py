@@ -1,0 +1,164 @@
+"""Outputs of a benchmark run: terminal table, JSON, CSV and a speedup plot."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from tomediff.bench.runner import BenchResult, Record
+from tomediff.bench.variants import ALL_VARIANTS
+
+__all__ = ["CSV_FIELDS", "build_table", "plot_speedup", "write_csv", "write_json", "write_outputs"]
+
+CSV_FIELDS: tuple[str, ...] = (
+    "model",
+    "resolution",
+    "tokens",
+    "variant",
+    "ratio",
+    "batch",
+    "device",
+    "dtype",
+    "status",
+    "latency_median_s",
+    "latency_min_s",
+    "latencies_s",
+    "speedup",
+    "saving_realised",
+    "flops",
+    "flops_vs_baseline",
+    "peak_mem_bytes",
+    "model_mem_bytes",
+    "mem_vs_baseline",
+    "max_rel_diff_vs_baseline",
+    "max_rel_diff_vs_tomesd",
+    "error",
+)
+
+
+def _sort_key(record: Record) -> tuple[Any, ...]:
+    return (record.model, record.resolution, record.ratio or 0.0, ALL_VARIANTS.index(record.variant))
+
+
+def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
+    return "-" if value is None else f"{value:{spec}}{suffix}"
+
+
+def _mib(value: int | None) -> str:
+    return "-" if value is None else f"{value / 2**20:,.0f}"
+
+
+def build_table(result: BenchResult) -> Any:
+    """A ``rich.table.Table`` with one row per record (baseline once per model and resolution)."""
+    from rich.table import Table
+
+    env = result.environment
+    title = (
+        f"tomediff bench — {env.get('gpu') or env.get('cpu')} ({env['device']}, {env['torch_threads']} "
+        f"threads), torch {env['torch']}, diffusers {env['diffusers']}, tomesd {env['tomesd'] or 'n/a'}"
+    )
+    table = Table(title=title, title_justify="left")
+    for name, justify in (
+        ("model", "left"),
+        ("res", "right"),
+        ("ratio", "right"),
+        ("variant", "left"),
+        ("median s", "right"),
+        ("speedup", "right"),
+        ("saving realised", "right"),
+        ("GFLOPs", "right"),
+        ("peak MiB", "right"),
+        ("mem/base", "right"),
+        ("Δ vs tomesd", "right"),
+    ):
+        table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    for record in sorted(result.records, key=_sort_key):
+        if record.status != "ok":
+            cells = ["-"] * 6 + [f"[red]{record.error or record.status}[/red]"]
+            table.add_row(
+                record.model, str(record.resolution), _fmt(record.ratio, "g"), record.variant, *cells
+            )
+            continue
+        table.add_row(
+            record.model,
+            str(record.resolution),
+            _fmt(record.ratio, "g"),
+            record.variant,
+            _fmt(record.latency_median_s, ".3f"),
+            _fmt(record.speedup, ".2f", "x"),
+            _fmt(None if record.saving_realised is None else 100 * record.saving_realised, ".0f", "%"),
+            _fmt(None if record.flops is None else record.flops / 1e9, ",.1f"),
+            _mib(record.peak_mem_bytes),
+            _fmt(record.mem_vs_baseline, ".2f"),
+            _fmt(record.max_rel_diff_vs_tomesd, ".1e"),
+        )
+    return table
+
+
+def write_json(result: BenchResult, path: Path) -> None:
+    path.write_text(json.dumps(result.to_dict(), indent=2) + "\n")
+
+
+def write_csv(records: Sequence[Record], path: Path) -> None:
+    with path.open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(CSV_FIELDS))
+        writer.writeheader()
+        for record in sorted(records, key=_sort_key):
+            row = record.to_dict()
+            row["latencies_s"] = ";".join(f"{t:.6f}" for t in record.latencies_s)
+            writer.writerow({name: "" if row[name] is None else row[name] for name in CSV_FIELDS})
+
+
+def plot_speedup(records: Sequence[Record], path: Path) -> None:
+    """Speedup over the baseline vs resolution: one panel per model, one line per variant and ratio."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display needed; must precede pyplot
+    import matplotlib.pyplot as plt
+
+    models = sorted({r.model for r in records})
+    fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
+    styles = {"tomediff": "-", "tomesd": "--", "ideal": ":"}
+    for ax, model in zip(axes[0], models, strict=True):
+        lines: dict[tuple[str, float], list[tuple[int, float]]] = {}
+        for r in records:
+            if r.model == model and r.ratio is not None and r.speedup is not None:
+                lines.setdefault((r.variant, r.ratio), []).append((r.resolution, r.speedup))
+        for (variant, ratio), points in sorted(lines.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            points.sort()
+            ax.plot(
+                [p[0] for p in points],
+                [p[1] for p in points],
+                styles.get(variant, "-"),
+                marker="o",
+                label=f"{variant} r={ratio:g}",
+            )
+        ax.axhline(1.0, color="grey", linewidth=0.8)
+        ax.set_title(model)
+        ax.set_xlabel("resolution (px, square)")
+        ax.set_ylabel("speedup vs baseline")
+        resolutions = sorted({r.resolution for r in records if r.model == model})
+        ax.set_xticks(resolutions)
+        if lines:
+            ax.legend(fontsize="small")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def write_outputs(result: BenchResult, out_dir: Path) -> dict[str, Path]:
+    """Write ``bench.json``, ``bench.csv`` and ``speedup.png`` into ``out_dir``; returns their paths."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {
+        "json": out_dir / "bench.json",
+        "csv": out_dir / "bench.csv",
+        "plot": out_dir / "speedup.png",
+    }
+    write_json(result, paths["json"])
+    write_csv(result.records, paths["csv"])
+    plot_speedup(result.records, paths["plot"])
+    return paths

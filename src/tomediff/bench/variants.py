@@ -1,0 +1,166 @@
+"""The variants compared by the benchmark: baseline, tomediff, tomesd and the ideal merge.
+
+A variant patches a model in place and removes its patch again, so one model instance serves every
+variant and the timed calls of all of them can be interleaved.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+from dataclasses import dataclass
+from typing import Any
+
+from torch import nn
+
+import tomediff
+
+__all__ = [
+    "ALL_VARIANTS",
+    "MERGING_VARIANTS",
+    "MergeSettings",
+    "Variant",
+    "make_variant",
+    "tomesd_version",
+]
+
+# Order of columns in tables and of variants within a timing round.
+ALL_VARIANTS: tuple[str, ...] = ("baseline", "tomediff", "tomesd", "ideal")
+MERGING_VARIANTS: tuple[str, ...] = ("tomediff", "tomesd", "ideal")
+
+
+def tomesd_version() -> str | None:
+    """Installed tomesd version, or None when it is not installed."""
+    if importlib.util.find_spec("tomesd") is None:
+        return None
+    try:
+        return importlib.metadata.version("tomesd")
+    except importlib.metadata.PackageNotFoundError:
+        return "unknown"
+
+
+@dataclass(frozen=True)
+class MergeSettings:
+    """ToMe settings shared by every merging variant of one run, so they are compared like for like.
+
+    ``max_downsample`` is explicit (from the model spec) because tomesd's default of 1 patches nothing
+    in SDXL; tomediff and the ideal get the same value.
+    """
+
+    ratio: float
+    max_downsample: int
+    sx: int = 2
+    sy: int = 2
+    use_rand: bool = False
+    merge_attn: bool = True
+    merge_crossattn: bool = False
+    merge_mlp: bool = False
+    seed: int = 0
+
+    def tome_config(self) -> tomediff.ToMeConfig:
+        return tomediff.ToMeConfig(
+            ratio=self.ratio,
+            max_downsample=self.max_downsample,
+            sx=self.sx,
+            sy=self.sy,
+            use_rand=self.use_rand,
+            merge_attn=self.merge_attn,
+            merge_crossattn=self.merge_crossattn,
+            merge_mlp=self.merge_mlp,
+            seed=self.seed,
+        )
+
+
+class Variant:
+    """One way of running the model; ``apply`` before a call, ``remove`` after."""
+
+    name: str = "variant"
+
+    def __init__(self, settings: MergeSettings | None) -> None:
+        self.settings = settings
+
+    @property
+    def ratio(self) -> float | None:
+        return None if self.settings is None else self.settings.ratio
+
+    @property
+    def key(self) -> str:
+        """Unique within a run: the name plus the ratio for merging variants."""
+        return self.name if self.ratio is None else f"{self.name}@{self.ratio:g}"
+
+    def apply(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+    def remove(self, model: nn.Module) -> None:
+        raise NotImplementedError
+
+
+class Baseline(Variant):
+    name = "baseline"
+
+    def apply(self, model: nn.Module) -> None:
+        pass
+
+    def remove(self, model: nn.Module) -> None:
+        pass
+
+
+class TomediffVariant(Variant):
+    """tomediff through its public API; ``planner="ideal"`` is the zero-cost reference merge."""
+
+    def __init__(self, settings: MergeSettings, planner: str) -> None:
+        super().__init__(settings)
+        self.planner = planner
+        self.name = "ideal" if planner == "ideal" else "tomediff"
+        self._handle: Any = None
+
+    def apply(self, model: nn.Module) -> None:
+        assert self.settings is not None
+        self._handle = tomediff.apply_tome(model, self.settings.tome_config(), planner=self.planner)
+
+    def remove(self, model: nn.Module) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+class TomesdVariant(Variant):
+    name = "tomesd"
+
+    def apply(self, model: nn.Module) -> None:
+        import tomesd
+
+        s = self.settings
+        assert s is not None
+        tomesd.apply_patch(
+            model,
+            ratio=s.ratio,
+            max_downsample=s.max_downsample,
+            sx=s.sx,
+            sy=s.sy,
+            use_rand=s.use_rand,
+            merge_attn=s.merge_attn,
+            merge_crossattn=s.merge_crossattn,
+            merge_mlp=s.merge_mlp,
+        )
+
+    def remove(self, model: nn.Module) -> None:
+        import tomesd
+
+        tomesd.remove_patch(model)
+
+
+def make_variant(name: str, settings: MergeSettings | None) -> Variant:
+    if name == "baseline":
+        return Baseline(None)
+    if settings is None:
+        raise ValueError(f"variant {name!r} needs merge settings")
+    if name == "tomediff":
+        return TomediffVariant(settings, planner="similarity")
+    if name == "ideal":
+        return TomediffVariant(settings, planner="ideal")
+    if name == "tomesd":
+        if tomesd_version() is None:
+            raise ValueError("--compare tomesd needs tomesd installed: pip install tomesd==0.1.3")
+        return TomesdVariant(settings)
+    raise ValueError(f"Unknown variant {name!r}; choose from: {', '.join(ALL_VARIANTS)}.")

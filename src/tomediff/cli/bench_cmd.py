@@ -1,0 +1,312 @@
+"""``tomediff bench``: latency, peak memory and FLOPs of real architectures with and without merging."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+__all__ = ["QUICK", "config_from_args", "register", "run"]
+
+# Model names are listed here (not imported from tomediff.bench) so that `tomediff --help` does not
+# import torch; tests check that the two lists agree.
+MODEL_CHOICES: tuple[str, ...] = ("sd15", "sd21", "sdxl", "pixart", "sd15-block", "tiny-unet", "tiny-pixart")
+MAX_RATIO = 0.75  # 1 - 1/(sx*sy) with the 2x2 windows the benchmark uses
+
+# --quick: one small configuration, about a minute on 2 CPU cores. Explicit flags override it.
+QUICK: dict[str, Any] = {"model": ["sd15"], "resolution": [256], "ratio": [0.5], "repeats": 1, "warmup": 1}
+
+DESCRIPTION = """\
+Measure one denoising call (the UNet/transformer forward; batch 2 = one image with classifier-free
+guidance) of published architectures - SD 1.5, SD 2.1, SDXL base, PixArt-alpha - built from their
+released configs with random weights (nothing is downloaded; cost does not depend on the weights).
+
+Variants, all in the same run, their timed calls interleaved so machine drift hits all alike:
+  baseline   the unmodified model
+  tomediff   token merging by this library
+  tomesd     tomesd 0.1.3 with the same settings (--compare tomesd)
+  ideal      the same token reduction with a zero-cost merge: N-r tokens simply kept and copied
+             back, no matching - the fastest any merging method can be at that ratio
+
+Reported per (model, resolution, ratio): median latency, speedup vs baseline, saving realised =
+(T_base - T_variant) / (T_base - T_ideal), FLOPs (torch.utils.flop_counter), peak memory
+(CUDA: max_memory_allocated during the call; CPU: peak RSS during the call above the loaded model,
+each configuration in its own process), and the output difference to tomesd.
+Merging is applied at the highest-resolution level with transformer blocks (max_downsample 1; 2 for
+SDXL, where tomesd's default of 1 would patch nothing), to self-attention only unless --merge says
+otherwise, with the deterministic top-left partition unless --use-rand.
+"""
+
+EPILOG = """\
+examples:
+  tomediff bench --quick                              # ~1 minute on a 2-core CPU
+  tomediff bench --model sd15 --resolution 512 768 1024 --compare tomesd --out runs/sd15
+  tomediff bench --model sd15 sdxl --resolution 512 1024 2048 --device cuda --dtype fp16 --compare tomesd
+outputs in --out: bench.json (settings, machine, every record), bench.csv, speedup.png
+"""
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def _resolution(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"resolution must be an integer number of pixels, got {text!r}"
+        ) from None
+    if value < 64 or value % 8:
+        raise argparse.ArgumentTypeError(
+            f"resolution {value} is invalid: it must be a multiple of 8 (the VAE downsamples by 8) and "
+            "at least 64"
+        )
+    return value
+
+
+def _ratio(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"ratio must be a number, got {text!r}") from None
+    if not 0.0 < value <= MAX_RATIO:
+        raise argparse.ArgumentTypeError(
+            f"ratio {value:g} is out of range: it must be in (0, {MAX_RATIO}] - the fraction of tokens "
+            "merged away; with 2x2 windows at most 3 of every 4 tokens can be merged"
+        )
+    return value
+
+
+def register(subparsers: Any) -> argparse.ArgumentParser:
+    parser = subparsers.add_parser(
+        "bench",
+        help="benchmark speed and memory of real architectures: baseline vs tomediff vs tomesd vs ideal",
+        description=DESCRIPTION,
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument(
+        "--model",
+        nargs="+",
+        choices=MODEL_CHOICES,
+        metavar="NAME",
+        help="architectures: sd15, sd21, sdxl, pixart (PixArt-alpha XL-2 1024), sd15-block (SD 1.5's "
+        "first transformer alone, for very large images), tiny-unet/tiny-pixart (smoke tests). "
+        "Default: sd15",
+    )
+    parser.add_argument(
+        "--resolution",
+        nargs="+",
+        type=_resolution,
+        metavar="PX",
+        help="square image sizes in pixels, multiples of 8 (PixArt: 16); the latent is PX/8. Default: 512",
+    )
+    parser.add_argument(
+        "--ratio",
+        nargs="+",
+        type=_ratio,
+        metavar="R",
+        help=f"merge ratios in (0, {MAX_RATIO}]: fraction of tokens removed in each merged block. "
+        "Default: 0.5",
+    )
+    parser.add_argument(
+        "--batch", type=_positive_int, default=2, help="batch size; 2 = one image with CFG. Default: 2"
+    )
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        help="where to run. Default: cuda when available, else cpu",
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=("fp32", "fp16", "bf16"),
+        help="weights and activations. Default: fp16 on cuda, fp32 on cpu",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=_positive_int,
+        help="timed calls per variant; the median is reported. Default: 3 on cpu, 10 on cuda",
+    )
+    parser.add_argument(
+        "--warmup",
+        type=_non_negative_int,
+        help="untimed calls per variant before timing (the first also counts FLOPs). "
+        "Default: 1 on cpu, 3 on cuda",
+    )
+    parser.add_argument(
+        "--compare",
+        nargs="+",
+        choices=("tomesd",),
+        default=[],
+        help="other implementations to include; tomesd must be installed (pip install tomesd==0.1.3)",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("runs/bench"),
+        help="directory for bench.json, bench.csv and speedup.png. Default: runs/bench",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="preset: sd15 at 256², ratio 0.5, one warm-up and one timed call per variant (about a "
+        "minute on 2 CPU cores); explicit --model/--resolution/--ratio/--repeats/--warmup override it",
+    )
+    parser.add_argument(
+        "--use-rand",
+        action="store_true",
+        help="random dst token in each 2x2 window (tomesd's default) instead of the top-left one; "
+        "tomediff and tomesd outputs are then not comparable (different random streams)",
+    )
+    parser.add_argument(
+        "--merge",
+        nargs="+",
+        choices=("attn", "crossattn", "mlp"),
+        default=["attn"],
+        help="where tokens are merged: before self-attention (attn), cross-attention, the MLP. Default: attn",
+    )
+    parser.add_argument(
+        "--threads",
+        type=_positive_int,
+        help="torch CPU threads (torch.set_num_threads), also used by the memory processes. "
+        "Default: torch's own choice",
+    )
+    parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
+    parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the random weights and inputs. Default: 0"
+    )
+    parser.set_defaults(func=run)
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> Any:
+    """Validate the parsed flags against each other and the machine; returns a ``BenchConfig``.
+
+    Raises:
+        ValueError: with a message naming the offending flag, before any model is built.
+    """
+    import torch
+
+    from tomediff.bench.models import get_model_spec
+    from tomediff.bench.runner import BenchConfig
+    from tomediff.bench.variants import tomesd_version
+
+    quick = QUICK if args.quick else {}
+
+    def pick(name: str, default: Any) -> Any:
+        value = getattr(args, name)
+        if value is not None:
+            return value
+        return quick.get(name, default)
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+    on_gpu = device == "cuda"
+    models = list(dict.fromkeys(pick("model", ["sd15"])))
+    resolutions = list(dict.fromkeys(pick("resolution", [512])))
+    ratios = list(dict.fromkeys(pick("ratio", [0.5])))
+    for name in models:
+        spec = get_model_spec(name)
+        for resolution in resolutions:
+            if resolution % spec.resolution_multiple:
+                raise ValueError(
+                    f"--resolution {resolution} does not fit --model {name}: it must be a multiple of "
+                    f"{spec.resolution_multiple}"
+                )
+    variants = ["baseline", "tomediff", "ideal"]
+    if "tomesd" in args.compare:
+        if tomesd_version() is None:
+            raise ValueError("--compare tomesd: tomesd is not installed (pip install tomesd==0.1.3)")
+        variants.append("tomesd")
+    if args.out.exists() and not args.out.is_dir():
+        raise ValueError(f"--out {args.out} exists and is not a directory")
+    if args.threads and args.threads > (os.cpu_count() or args.threads):
+        raise ValueError(f"--threads {args.threads} is more than the {os.cpu_count()} CPUs of this machine")
+    return BenchConfig(
+        models=models,
+        resolutions=resolutions,
+        ratios=ratios,
+        batch=args.batch,
+        device=device,
+        dtype=args.dtype or ("fp16" if on_gpu else "fp32"),
+        repeats=pick("repeats", 10 if on_gpu else 3),
+        warmup=pick("warmup", 3 if on_gpu else 1),
+        variants=variants,
+        use_rand=args.use_rand,
+        merge_attn="attn" in args.merge,
+        merge_crossattn="crossattn" in args.merge,
+        merge_mlp="mlp" in args.merge,
+        threads=args.threads,
+        memory=not args.no_memory,
+        flops=not args.no_flops,
+        seed=args.seed,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        config = config_from_args(args)
+    except ValueError as error:
+        print(f"tomediff bench: error: {error}", file=sys.stderr)
+        return 2
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from tomediff.bench.report import build_table, write_outputs
+    from tomediff.bench.runner import run_benchmark
+
+    console = Console()
+    err_console = Console(stderr=True)
+    resolutions = ", ".join(map(str, config.resolutions))
+    ratios = ", ".join(f"{r:g}" for r in config.ratios)
+    err_console.print(
+        f"[bold]tomediff bench[/bold]: {', '.join(config.models)} at {resolutions} px, ratio {ratios}, "
+        f"variants {', '.join(config.ordered_variants())}, {config.device} {config.dtype}, batch "
+        f"{config.batch}, {config.warmup} warm-up + {config.repeats} timed calls each"
+    )
+    with Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err_console,
+        transient=False,
+    ) as progress:
+        task = progress.add_task("starting", total=config.total_steps())
+
+        def on_progress(description: str, advance: int) -> None:
+            progress.update(task, description=description, advance=advance)
+
+        result = run_benchmark(config, on_progress)
+        progress.update(task, description="done", completed=config.total_steps())
+    console.print(build_table(result))
+    paths = write_outputs(result, args.out)
+    console.print("wrote " + ", ".join(str(p) for p in paths.values()))
+    failed = [r for r in result.records if r.status != "ok"]
+    if failed:
+        err_console.print(
+            f"[yellow]{len(failed)} of {len(result.records)} configurations failed; see the table."
+        )
+    return 1 if len(failed) == len(result.records) else 0
