@@ -1,0 +1,152 @@
+"""The pure tensor functions: partition, matching, merge/unmerge, masks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import assert_close
+from tomediff.ops import KeepPlan, best_dst_for_src, draw_dst_offsets, grid_partition, plan_merge
+
+tomesd_merge = pytest.importorskip("tomesd.merge")
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "sx", "sy"), [(8, 8, 2, 2), (7, 9, 2, 2), (6, 10, 3, 2), (5, 5, 2, 3)]
+)
+def test_partition_has_one_dst_per_full_window(height: int, width: int, sx: int, sy: int) -> None:
+    gen = torch.Generator().manual_seed(0)
+    part = grid_partition(height, width, sx, sy, draw_dst_offsets(height, width, sx, sy, gen))
+    assert part.num_dst == (height // sy) * (width // sx)
+    assert sorted(torch.cat([part.dst_idx, part.src_idx]).tolist()) == list(range(height * width))
+    rows, cols = part.dst_idx // width, part.dst_idx % width
+    windows = sorted(zip((rows // sy).tolist(), (cols // sx).tolist(), strict=True))
+    assert windows == sorted({(i, j) for i in range(height // sy) for j in range(width // sx)})
+    # leftover rows/columns of grids that are not multiples of the window are always src
+    assert int(rows.max()) < (height // sy) * sy and int(cols.max()) < (width // sx) * sx
+
+
+def test_top_left_partition_without_generator() -> None:
+    part = grid_partition(4, 4, 2, 2, draw_dst_offsets(4, 4, 2, 2, None))
+    assert part.dst_idx.tolist() == [0, 2, 8, 10]
+
+
+def test_offsets_come_from_the_given_generator_only() -> None:
+    torch.manual_seed(123)
+    global_state = torch.get_rng_state()
+    a = draw_dst_offsets(16, 16, 2, 2, torch.Generator().manual_seed(7))
+    b = draw_dst_offsets(16, 16, 2, 2, torch.Generator().manual_seed(7))
+    assert torch.equal(a, b) and int(a.max()) <= 3 and len(a.unique()) > 1
+    assert torch.equal(torch.get_rng_state(), global_state)
+
+
+def test_chunked_matching_equals_one_block() -> None:
+    gen = torch.Generator().manual_seed(0)
+    metric = torch.randn(2, 24 * 20, 16, generator=gen)
+    part = grid_partition(24, 20, 2, 2, draw_dst_offsets(24, 20, 2, 2, gen))
+    score_full, choice_full = best_dst_for_src(metric, part, max_score_elements=1 << 30)
+    score_chunked, choice_chunked = best_dst_for_src(metric, part, max_score_elements=2 * part.num_dst * 7)
+    assert torch.equal(choice_full, choice_chunked)
+    assert_close(score_chunked, score_full, atol=1e-6)
+    # the score is the cosine similarity of each src token to its chosen dst
+    unit = metric / metric.norm(dim=-1, keepdim=True)
+    src, dst = unit[:, part.src_idx], unit[:, part.dst_idx]
+    cosine = (src @ dst.transpose(1, 2)).max(dim=-1).values
+    assert_close(score_full, cosine, atol=1e-5)
+
+
+@pytest.mark.parametrize(("height", "width", "ratio"), [(16, 16, 0.5), (7, 9, 0.4), (12, 8, 0.75)])
+def test_merge_and_unmerge_equal_tomesd(height: int, width: int, ratio: float) -> None:
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(3, height * width, 24, generator=gen)
+    r = int(height * width * ratio)
+    plan = plan_merge(x, grid_partition(height, width, 2, 2, draw_dst_offsets(height, width, 2, 2, None)), r)
+    merge, unmerge = tomesd_merge.bipartite_soft_matching_random2d(x, width, height, 2, 2, r, no_rand=True)
+    ours, reference = plan.merge(x), merge(x)
+    assert ours.shape == reference.shape == (3, height * width - r, 24)
+    # token order inside the merged sequence is free (attention is permutation-equivariant)
+    assert_close(ours.sort(dim=1).values, reference.sort(dim=1).values, atol=1e-6)
+    # unmerge after any token-wise function (here a linear layer) must match tomesd's
+    tokenwise = torch.nn.Linear(24, 24)
+    with torch.no_grad():
+        assert_close(plan.unmerge(tokenwise(ours)), unmerge(tokenwise(reference)), atol=1e-5)
+
+
+def test_merge_is_a_mean_including_the_dst_token() -> None:
+    # Tokens 1 and 2 duplicate dst 0; with r=2 exactly those merge and their slot is the mean.
+    x = torch.tensor([[[1.0, 0.0], [1.0, 0.1], [1.0, -0.1], [0.0, 1.0]]])
+    part = grid_partition(1, 4, 2, 1, torch.tensor([[0, 1]]))  # dsts: token 0 and token 3
+    plan = plan_merge(x, part, 2)
+    merged = plan.merge(x)
+    assert merged.shape == (1, 2, 2)
+    assert_close(merged.sort(dim=1).values, torch.tensor([[[0.0, 1.0], [1.0, 0.0]]]).sort(dim=1).values)
+    restored = plan.unmerge(merged)
+    assert torch.equal(restored[0, 0], restored[0, 1]) and torch.equal(restored[0, 0], restored[0, 2])
+    assert torch.equal(restored[0, 3], x[0, 3])
+
+
+def test_unmerge_of_merge_preserves_unmerged_tokens_and_sums() -> None:
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(2, 64, 8, generator=gen)
+    plan = plan_merge(x, grid_partition(8, 8, 2, 2, draw_dst_offsets(8, 8, 2, 2, gen)), 20)
+    restored = plan.unmerge(plan.merge(x))
+    counts = torch.bincount(plan.local_slot[0], minlength=plan.num_merged)
+    alone = counts[plan.local_slot[0]] == 1
+    assert int((~alone).sum()) >= 21  # 20 removed tokens and at least one dst they joined
+    assert torch.equal(restored[0, alone], x[0, alone])
+    # averaging keeps each slot's sum, hence the total
+    assert_close(restored.sum(dim=1), x.sum(dim=1), atol=1e-5)
+
+
+def test_plan_is_none_when_nothing_can_merge() -> None:
+    x = torch.randn(2, 5, 4)
+    part = grid_partition(1, 5, 2, 2, draw_dst_offsets(1, 5, 2, 2, None))  # no full 2x2 window
+    assert part.num_dst == 0
+    assert plan_merge(x, part, 2) is None
+    assert (
+        plan_merge(torch.randn(2, 16, 4), grid_partition(4, 4, 2, 2, torch.zeros(2, 2, dtype=torch.long)), 0)
+        is None
+    )
+
+
+def test_merge_rejects_tensors_of_another_call() -> None:
+    x = torch.randn(2, 16, 4)
+    plan = plan_merge(x, grid_partition(4, 4, 2, 2, torch.zeros(2, 2, dtype=torch.long)), 8)
+    with pytest.raises(ValueError, match=r"\[batch=2, tokens=16, channels\]"):
+        plan.merge(torch.randn(2, 15, 4))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dtypes_are_preserved(dtype: torch.dtype) -> None:
+    x = torch.randn(2, 64, 8).to(dtype)
+    plan = plan_merge(x, grid_partition(8, 8, 2, 2, torch.zeros(4, 4, dtype=torch.long)), 32)
+    merged = plan.merge(x)
+    assert merged.dtype == dtype and plan.unmerge(merged).dtype == dtype
+    assert_close(plan.merge(x.float()), merged.float(), atol=2e-2, rtol=2e-2)
+
+
+def test_mask_merge_keeps_a_slot_if_any_token_is_attendable() -> None:
+    x = torch.randn(2, 16, 4)
+    plan = plan_merge(x, grid_partition(4, 4, 2, 2, torch.zeros(2, 2, dtype=torch.long)), 8)
+    bool_mask = torch.ones(1, 1, 16, dtype=torch.bool)
+    bool_mask[..., 5] = False
+    merged = plan.merge_mask(bool_mask, -1)
+    assert merged.shape == (2, 1, 8) and merged.dtype == torch.bool
+    expected = torch.zeros(2, 8, dtype=torch.bool)
+    for b in range(2):
+        expected[b].index_fill_(0, plan.local_slot[b][bool_mask[0, 0]], True)
+    assert torch.equal(merged[:, 0], expected)
+    bias = torch.where(bool_mask, 0.0, -10000.0).expand(2, 16, 16)
+    merged_bias = plan.merge_mask(plan.merge_mask(bias, -1), -2)
+    assert merged_bias.shape == (2, 8, 8)
+    with pytest.raises(ValueError, match="batch size 3"):
+        plan.merge_mask(torch.ones(3, 1, 16), -1)
+
+
+def test_keep_plan_copies_kept_tokens_back() -> None:
+    x = torch.randn(2, 10, 3)
+    plan = KeepPlan.build(2, 10, 6, x.device)
+    merged = plan.merge(x)
+    assert torch.equal(merged, x[:, :6])
+    restored = plan.unmerge(merged)
+    assert torch.equal(restored[:, :6], x[:, :6]) and torch.equal(restored[:, 6:], x[:, :4])
