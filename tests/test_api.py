@@ -59,9 +59,9 @@ def test_config_is_frozen_and_replace_validates() -> None:
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.ratio = 0.3  # type: ignore[misc]
     assert config.replace(ratio=0.3).ratio == 0.3 and config.ratio == 0.5
-    with pytest.raises(ValueError, match="ratio=0.9"):
+    with pytest.raises(ValueError, match=r"ratio=0.9"):
         config.replace(ratio=0.9)
-    with pytest.raises(TypeError, match="Unknown ToMeConfig option.*rato"):
+    with pytest.raises(TypeError, match=r"Unknown ToMeConfig option.*rato"):
         config.replace(rato=0.3)
 
 
@@ -112,7 +112,7 @@ def test_unexplained_token_counts_raise() -> None:
     tomediff.apply_tome(model)
     with torch.no_grad():
         assert model(torch.randn(2, 36, 16)).shape == (2, 36, 16)  # a square count is taken as 6x6
-        with pytest.raises(RuntimeError, match="cannot tell the token grid .* received 35 tokens"):
+        with pytest.raises(RuntimeError, match=r"cannot tell the token grid .* received 35 tokens"):
             model(torch.randn(2, 35, 16))
 
 
