@@ -90,8 +90,9 @@ class ClassPromptEncoder(nn.Module):
 
     PAD, BOS, EOS = 0, 1, 2
 
-    def __init__(self, class_names: Sequence[str] = CLASS_NAMES, dim: int = 64,
-                 length: int = PROMPT_LENGTH) -> None:
+    def __init__(
+        self, class_names: Sequence[str] = CLASS_NAMES, dim: int = 64, length: int = PROMPT_LENGTH
+    ) -> None:
         super().__init__()
         self.class_names = tuple(class_names)
         self.length = length
@@ -122,8 +123,11 @@ class ClassPromptEncoder(nn.Module):
         return self.norm(hidden)
 
     def config(self) -> dict[str, Any]:
-        return {"class_names": list(self.class_names), "dim": self.token_embedding.embedding_dim,
-                "length": self.length}
+        return {
+            "class_names": list(self.class_names),
+            "dim": self.token_embedding.embedding_dim,
+            "length": self.length,
+        }
 
 
 def images_to_latents(images: torch.Tensor) -> torch.Tensor:

@@ -16,6 +16,7 @@ import json
 import math
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch.nn import functional as F
@@ -34,10 +35,11 @@ __all__ = ["export_weights", "main", "train"]
 class _Denoiser(torch.nn.Module):
     """UNet + prompt encoder as one module, so one optimizer/EMA covers both."""
 
-    def __init__(self) -> None:
+    def __init__(self, unet_overrides: dict[str, Any] | None = None) -> None:
         super().__init__()
-        self.unet = build_demo_unet()
-        self.text_encoder = ClassPromptEncoder()
+        overrides = unet_overrides or {}
+        self.unet = build_demo_unet(**overrides)
+        self.text_encoder = ClassPromptEncoder(dim=overrides.get("cross_attention_dim", 64))
 
 
 def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
@@ -60,18 +62,25 @@ def train(
     log_every: int = 25,
     data_dir: str | None = None,
     device: str = "cpu",
+    unet_overrides: dict[str, Any] | None = None,
+    max_images: int | None = None,
 ) -> Path:
-    """Train (or resume) and return the checkpoint path."""
+    """Train (or resume) and return the checkpoint path.
+
+    ``unet_overrides`` and ``max_images`` (a prefix of the training split) exist for fast tests.
+    """
     from diffusers import DDPMScheduler
 
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pt"
     torch.manual_seed(seed)
     images, labels = load_fashion_mnist("train", data_dir)
+    if max_images is not None:
+        images, labels = images[:max_images], labels[:max_images]
     latents_all = images_to_latents(to_model_space(images))  # (60000, 4, 16, 16)
     labels_all = torch.from_numpy(labels)
 
-    model = _Denoiser().to(device)
+    model = _Denoiser(unet_overrides).to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     scheduler = DDPMScheduler(**build_scheduler_config())
@@ -91,8 +100,17 @@ def train(
     if step >= steps:
         return ckpt_path
 
-    meta = {"steps": steps, "batch_size": batch_size, "lr": lr, "warmup": warmup, "cfg_dropout": cfg_dropout,
-            "ema_decay": ema_decay, "seed": seed, "threads": torch.get_num_threads(), "device": device}
+    meta = {
+        "steps": steps,
+        "batch_size": batch_size,
+        "lr": lr,
+        "warmup": warmup,
+        "cfg_dropout": cfg_dropout,
+        "ema_decay": ema_decay,
+        "seed": seed,
+        "threads": torch.get_num_threads(),
+        "device": device,
+    }
     (out_dir / "train_config.json").write_text(json.dumps(meta, indent=2) + "\n")
     log = (out_dir / "log.jsonl").open("a")
     started, running, count = time.time(), 0.0, 0
@@ -107,7 +125,9 @@ def train(
         drop = torch.rand(batch_size, generator=rng) < cfg_dropout
         tokens[drop] = uncond_tokens
         noise = torch.randn(x0.shape, generator=rng).to(device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=rng).to(device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=rng).to(
+            device
+        )
         noisy = scheduler.add_noise(x0, noise, timesteps)
         target = scheduler.get_velocity(x0, noise, timesteps)
         for group in optimizer.param_groups:
@@ -129,15 +149,29 @@ def train(
         count += 1
         if step % log_every == 0 or step == steps:
             elapsed = time.time() - started
-            record = {"step": step, "loss": running / count, "lr": optimizer.param_groups[0]["lr"],
-                      "elapsed_s": round(elapsed, 1)}
+            record = {
+                "step": step,
+                "loss": running / count,
+                "lr": optimizer.param_groups[0]["lr"],
+                "elapsed_s": round(elapsed, 1),
+            }
             log.write(json.dumps(record) + "\n")
             log.flush()
-            print(f"step {step}/{steps} loss {record['loss']:.4f} lr {record['lr']:.2e} {elapsed:.0f}s", flush=True)
+            print(
+                f"step {step}/{steps} loss {record['loss']:.4f} lr {record['lr']:.2e} {elapsed:.0f}s",
+                flush=True,
+            )
             running, count = 0.0, 0
         if step % checkpoint_every == 0 or step == steps:
-            state = {"model": model.state_dict(), "ema": ema.state_dict(), "optimizer": optimizer.state_dict(),
-                     "rng": rng.get_state(), "step": step, "order": order, "cursor": cursor}
+            state = {
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "rng": rng.get_state(),
+                "step": step,
+                "order": order,
+                "cursor": cursor,
+            }
             tmp = ckpt_path.with_suffix(".tmp")
             torch.save(state, tmp)
             tmp.replace(ckpt_path)  # atomic: a kill mid-save never corrupts the checkpoint
@@ -145,7 +179,7 @@ def train(
     return ckpt_path
 
 
-def export_weights(checkpoint: Path, assets_dir: Path) -> None:
+def export_weights(checkpoint: Path, assets_dir: Path, unet_overrides: dict[str, Any] | None = None) -> None:
     """Write the EMA weights of a checkpoint as ``demo_unet.safetensors``, ``demo_text_encoder.safetensors``
     and ``demo_model.json`` (the configs) into ``assets_dir``."""
     from safetensors.torch import save_file
@@ -153,34 +187,55 @@ def export_weights(checkpoint: Path, assets_dir: Path) -> None:
     from tomediff.eval.model import DEMO_UNET_CONFIG
 
     state = torch.load(checkpoint, map_location="cpu", weights_only=False)
-    model = _Denoiser()
+    model = _Denoiser(unet_overrides)
     model.load_state_dict(state["ema"])
     assets_dir.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.unet.state_dict().items()}, assets_dir / "demo_unet.safetensors")
-    save_file({k: v.contiguous() for k, v in model.text_encoder.state_dict().items()},
-              assets_dir / "demo_text_encoder.safetensors")
-    meta = {"unet": DEMO_UNET_CONFIG, "text_encoder": model.text_encoder.config(),
-            "scheduler": build_scheduler_config(), "trained_steps": state["step"]}
+    save_file(
+        {k: v.contiguous() for k, v in model.unet.state_dict().items()}, assets_dir / "demo_unet.safetensors"
+    )
+    save_file(
+        {k: v.contiguous() for k, v in model.text_encoder.state_dict().items()},
+        assets_dir / "demo_text_encoder.safetensors",
+    )
+    meta = {
+        "unet": {**DEMO_UNET_CONFIG, **(unet_overrides or {})},
+        "text_encoder": model.text_encoder.config(),
+        "scheduler": build_scheduler_config(),
+        "trained_steps": state["step"],
+    }
     (assets_dir / "demo_model.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
     parser.add_argument("--steps", type=int, default=3500)
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=4e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (leave cores to others)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads (leave cores to others)"
+    )
     parser.add_argument("--checkpoint-every", type=int, default=250)
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--export", type=Path, default=None,
-                        help="after training, write the EMA weights to this directory")
+    parser.add_argument(
+        "--export", type=Path, default=None, help="after training, write the EMA weights to this directory"
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ckpt = train(args.out, steps=args.steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
-                 checkpoint_every=args.checkpoint_every, data_dir=args.data_dir, device=args.device)
+    ckpt = train(
+        args.out,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        seed=args.seed,
+        checkpoint_every=args.checkpoint_every,
+        data_dir=args.data_dir,
+        device=args.device,
+    )
     if args.export is not None:
         export_weights(ckpt, args.export)
         print(f"exported EMA weights to {args.export}", flush=True)

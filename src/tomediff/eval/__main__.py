@@ -1,0 +1,18 @@
+"""``python -m tomediff.eval`` and ``accelerate launch -m tomediff.eval``: options of ``tomediff eval``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tomediff.cli.eval_cmd import add_arguments, run
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m tomediff.eval", description=__doc__)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,184 @@
+"""``tomediff eval`` on the bundled Fashion-MNIST model: the quality protocol.
+
+For each setting (unmerged, a ratio sweep, option variants, tomesd) the same seeds generate
+``samples_per_class`` images per class; metrics (each with a bootstrap 95% CI):
+
+* ``accuracy`` — share of images the bundled classifier assigns to the prompted class (prompt adherence,
+  the stand-in for CLIP score);
+* ``frechet`` — Fréchet distance between classifier features of the images and of the 10,000 real
+  test images (the stand-in for FID);
+* ``psnr`` / ``ssim`` — paired against the unmerged image of the same seed (fidelity); the
+  "different seed" row shows what an unrelated image of the same class scores.
+"""
+
+from __future__ import annotations
+
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tomediff.eval.metrics import frechet_with_ci, mean_with_ci, psnr, ssim
+from tomediff.eval.report import markdown_table, plot_metrics, save_grid, write_csv, write_json
+from tomediff.eval.settings import Setting, build_settings
+from tomediff.eval.sharding import DistContext, Samples, generate_settings, plan_batches
+
+__all__ = ["QualityOptions", "evaluate_samples", "run_quality_eval"]
+
+METRIC_COLUMNS = [
+    ("accuracy", "class accuracy (%)", 1),
+    ("frechet", "Fréchet distance", 2),
+    ("psnr", "PSNR vs unmerged (dB)", 2),
+    ("ssim", "SSIM vs unmerged", 3),
+    ("seconds_per_step", "s / step", 4),
+    ("speedup", "speedup", 2),
+]
+
+
+@dataclass
+class QualityOptions:
+    out_dir: Path = Path("out/eval")
+    samples_per_class: int = 100
+    batch_size: int = 50
+    steps: int = 20
+    guidance: float = 3.0
+    scheduler: str = "dpm"
+    base_seed: int = 0
+    ratios: Sequence[float] = (0.0, 0.3, 0.5, 0.6, 0.7)
+    variants: Sequence[str] = ("no_rand", "max_downsample_2", "all_sites")
+    variant_ratio: float = 0.5
+    compare: Sequence[str] = ()
+    different_seed: bool = True
+    assets_dir: Path | None = None
+    cpu: bool = False
+    progress: bool = True
+    bootstrap: int = 1000
+    command: str = field(default_factory=lambda: " ".join(sys.argv))
+
+
+def evaluate_samples(
+    settings: Sequence[Setting],
+    samples: dict[str, Samples],
+    classifier: torch.nn.Module,
+    ref_mu: np.ndarray,
+    ref_sigma: np.ndarray,
+    bootstrap: int = 1000,
+) -> list[dict[str, Any]]:
+    """One metrics row per setting; paired metrics use the first ``method == "none"`` setting."""
+    from tomediff.eval.classifier import classify
+
+    baseline = next(s for s in settings if s.method == "none" and not s.seed_offset)
+    base = samples[baseline.slug]
+    base_speed = float(np.median(base.seconds_per_step))
+    rows = []
+    for setting in settings:
+        sample = samples[setting.slug]
+        predicted, features = classify(classifier, sample.images)
+        correct = (predicted == sample.class_ids).astype(np.float64) * 100
+        row: dict[str, Any] = setting.as_dict()
+        row["num_images"] = len(sample.images)
+        row["accuracy"] = mean_with_ci(correct, resamples=bootstrap).as_dict()
+        row["frechet"] = frechet_with_ci(
+            features, ref_mu, ref_sigma, resamples=max(50, bootstrap // 5)
+        ).as_dict()
+        if setting == baseline:
+            row["psnr"] = row["ssim"] = None
+        else:
+            row["psnr"] = mean_with_ci(psnr(sample.images, base.images), resamples=bootstrap).as_dict()
+            row["ssim"] = mean_with_ci(ssim(sample.images, base.images), resamples=bootstrap).as_dict()
+        speed = float(np.median(sample.seconds_per_step))
+        row["seconds_per_step"] = speed
+        row["speedup"] = base_speed / speed
+        rows.append(row)
+    return rows
+
+
+def _environment(dist: DistContext, threads: int) -> dict[str, Any]:
+    import tomediff
+
+    device = str(dist.device)
+    if dist.device.type == "cuda":
+        device += f" ({torch.cuda.get_device_name(dist.device)})"
+    return {
+        "tomediff": tomediff.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "processes": dist.world,
+        "device": device,
+        "torch_threads": threads,
+        "cpu_count": len(__import__("os").sched_getaffinity(0)),
+    }
+
+
+def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
+    """Generate (resumably, sharded), then on the main process compute metrics and write
+    ``results.json``, ``results.csv``, ``results.md``, ``grid.png`` and ``metrics_vs_ratio.png``."""
+    from tomediff.eval.classifier import load_classifier, load_reference_stats
+    from tomediff.eval.pipeline import ASSETS_DIR, load_demo_model
+
+    dist = DistContext(cpu=options.cpu)
+    assets = options.assets_dir or ASSETS_DIR
+    pipe = load_demo_model(assets, device=dist.device)
+    settings = build_settings(
+        options.ratios, options.variants, options.variant_ratio, options.compare, options.different_seed
+    )
+    batches = plan_batches(
+        options.samples_per_class, len(pipe.class_names), options.batch_size, options.base_seed
+    )
+
+    def sample_fn(class_ids: Sequence[int], seeds: Sequence[int]) -> np.ndarray:
+        return pipe(
+            class_ids,
+            seeds,
+            num_inference_steps=options.steps,
+            guidance_scale=options.guidance,
+            scheduler=options.scheduler,
+        )
+
+    started = time.time()
+    samples = generate_settings(
+        settings,
+        batches,
+        pipe.unet,
+        sample_fn,
+        options.steps,
+        options.out_dir,
+        dist,
+        progress=options.progress,
+    )
+    if samples is None:  # not the main process
+        return None
+    classifier = load_classifier(assets)
+    ref_mu, ref_sigma = load_reference_stats(assets)
+    rows = evaluate_samples(settings, samples, classifier, ref_mu, ref_sigma, bootstrap=options.bootstrap)
+    out = options.out_dir
+    meta = {
+        "command": options.command,
+        "protocol": "bundled",
+        "samples_per_class": options.samples_per_class,
+        "steps": options.steps,
+        "guidance": options.guidance,
+        "scheduler": options.scheduler,
+        "batch_size": options.batch_size,
+        "wall_seconds_this_run": round(time.time() - started, 1),
+        "environment": _environment(dist, torch.get_num_threads()),
+    }
+    write_json(out / "results.json", {"meta": meta, "rows": rows})
+    write_csv(out / "results.csv", rows)
+    table = markdown_table(rows, METRIC_COLUMNS)
+    (out / "results.md").write_text(table + "\n")
+    # Grid: one row per setting, the first sample of every class (same seeds in every row).
+    num_classes = len(pipe.class_names)
+    grid_rows = [(s.name, samples[s.slug].images[:num_classes]) for s in settings]
+    save_grid(grid_rows, pipe.class_names, out / "grid.png")
+    plot_metrics(rows, [(k, h) for k, h, _ in METRIC_COLUMNS[:4]], out / "metrics_vs_ratio.png")
+    print(table)
+    print(f"wrote {out}/results.json, results.csv, results.md, grid.png, metrics_vs_ratio.png")
+    return rows

@@ -1,0 +1,229 @@
+"""Resumable, sharded generation: batches split across processes with Hugging Face Accelerate.
+
+Launch with ``accelerate launch --num_processes N -m tomediff.eval ...`` (any mix of GPUs, CPUs and nodes
+Accelerate supports). Batch ``k`` runs on process ``k % N``; every sample's noise depends only on its seed
+and every batch's merge partitions only on ``(setting, k)``, so the union over processes equals a
+single-process run. Each batch is saved as ``OUT/images/<setting>/batch_<k>.npz`` and skipped when
+already there (resume); finished batches are gathered on the main process, which writes any it lacks
+(nodes without a shared filesystem) and computes the metrics.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tomediff.eval.settings import Setting
+
+__all__ = ["Batch", "DistContext", "Samples", "generate_settings", "load_samples", "plan_batches"]
+
+
+@dataclass(frozen=True)
+class Batch:
+    """Which samples one generation call makes: ``class_ids[i]`` with noise seed ``seeds[i]``."""
+
+    index: int
+    class_ids: tuple[int, ...]
+    seeds: tuple[int, ...]
+
+
+def plan_batches(
+    samples_per_class: int, num_classes: int, batch_size: int, base_seed: int = 0
+) -> list[Batch]:
+    """Sample ``j`` is class ``j % num_classes`` with seed ``base_seed + j``; consecutive samples batch.
+
+    The same plan is used for every setting, so settings differ only in merging (paired comparison).
+    """
+    total = samples_per_class * num_classes
+    batches = []
+    for index, start in enumerate(range(0, total, batch_size)):
+        js = range(start, min(start + batch_size, total))
+        batches.append(Batch(index, tuple(j % num_classes for j in js), tuple(base_seed + j for j in js)))
+    return batches
+
+
+@dataclass
+class Samples:
+    """All images of one setting, ordered like the plan."""
+
+    images: np.ndarray  # uint8 (N, H, W) or (N, H, W, 3)
+    class_ids: np.ndarray  # (N,)
+    seeds: np.ndarray  # (N,) noise seeds actually used (offset for the different-seed control)
+    seconds_per_step: np.ndarray  # (num_batches,) wall time of one denoising step per batch
+
+
+class DistContext:
+    """Process rank/count and device from Accelerate when it is installed and launched; else 1 process."""
+
+    def __init__(self, cpu: bool = False) -> None:
+        self.state: Any = None
+        try:
+            from accelerate import PartialState
+
+            self.state = PartialState(cpu=cpu)
+        except ImportError:
+            self.state = None
+        if self.state is not None:
+            self.rank, self.world, self.device = (
+                self.state.process_index,
+                self.state.num_processes,
+                self.state.device,
+            )
+        else:
+            self.rank, self.world = 0, 1
+            self.device = torch.device("cuda" if torch.cuda.is_available() and not cpu else "cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.state is not None and self.world > 1:
+            self.state.wait_for_everyone()
+
+    def gather(self, items: list[Any]) -> list[Any]:
+        """Concatenate every process's ``items`` (on all processes)."""
+        if self.state is None or self.world == 1:
+            return items
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
+
+
+def _batch_path(out_dir: Path, setting: Setting, batch: Batch) -> Path:
+    return out_dir / "images" / setting.slug / f"batch_{batch.index:05d}.npz"
+
+
+def _read_batch(path: Path, seeds: Sequence[int]) -> dict[str, np.ndarray] | None:
+    try:
+        with np.load(path) as data:
+            payload = {k: data[k] for k in data.files}
+    except (OSError, ValueError, EOFError):
+        return None  # a partial write from a killed run: regenerate it
+    if list(payload["seeds"]) != list(seeds):
+        return None
+    return payload
+
+
+def _write_batch(path: Path, payload: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.stem + ".tmp.npz")
+    np.savez(tmp, **payload)
+    tmp.replace(path)  # atomic, so an interrupted run never leaves a truncated batch behind
+
+
+SampleFn = Callable[[Sequence[int], Sequence[int]], np.ndarray]
+
+
+def generate_settings(
+    settings: Sequence[Setting],
+    batches: Sequence[Batch],
+    unet: torch.nn.Module,
+    sample_fn: SampleFn,
+    num_steps: int,
+    out_dir: Path,
+    dist: DistContext,
+    progress: bool = True,
+) -> dict[str, Samples] | None:
+    """Generate every (setting, batch) not already on disk; returns the samples on the main process.
+
+    ``sample_fn(class_ids, seeds) -> uint8 images`` runs one batch with whatever patch is on ``unet``.
+    """
+    mine = [b for b in batches if b.index % dist.world == dist.rank]
+    todo = [
+        (s, b)
+        for s in settings
+        for b in mine
+        if _read_batch(_batch_path(out_dir, s, b), _seeds(s, b)) is None
+    ]
+    made: list[tuple[str, int, dict[str, np.ndarray]]] = []
+    bar = _progress(len(todo), enabled=progress and dist.is_main)
+    for setting in settings:
+        pending = [b for s, b in todo if s == setting]
+        if not pending:
+            continue
+        patch = setting.apply(unet)
+        try:
+            for batch in pending:
+                patch.reseed(1_000_003 * batch.index + 17)
+                seeds = _seeds(setting, batch)
+                started = time.perf_counter()
+                images = sample_fn(batch.class_ids, seeds)
+                elapsed = time.perf_counter() - started
+                payload = {
+                    "images": images,
+                    "class_ids": np.array(batch.class_ids),
+                    "seeds": np.array(seeds),
+                    "seconds_per_step": np.array(elapsed / num_steps),
+                }
+                _write_batch(_batch_path(out_dir, setting, batch), payload)
+                made.append((setting.slug, batch.index, payload))
+                bar.advance(f"{setting.name} batch {batch.index}")
+        finally:
+            patch.remove()
+    bar.close()
+    # Gather what every process generated, so the main process has all of it even without a shared disk.
+    gathered = dist.gather(made)
+    if not dist.is_main:
+        dist.barrier()
+        return None
+    for slug, index, payload in gathered:
+        setting = next(s for s in settings if s.slug == slug)
+        path = _batch_path(out_dir, setting, batches[index])
+        if _read_batch(path, list(payload["seeds"])) is None:
+            _write_batch(path, payload)
+    result = {s.slug: load_samples(out_dir, s, batches) for s in settings}
+    dist.barrier()
+    return result
+
+
+def _seeds(setting: Setting, batch: Batch) -> list[int]:
+    return [s + setting.seed_offset for s in batch.seeds]
+
+
+def load_samples(out_dir: Path, setting: Setting, batches: Sequence[Batch]) -> Samples:
+    """Read a setting's batches back in plan order (raises if one is missing)."""
+    parts = []
+    for batch in batches:
+        payload = _read_batch(_batch_path(out_dir, setting, batch), _seeds(setting, batch))
+        if payload is None:
+            raise FileNotFoundError(f"missing {_batch_path(out_dir, setting, batch)}")
+        parts.append(payload)
+    return Samples(
+        images=np.concatenate([p["images"] for p in parts]),
+        class_ids=np.concatenate([p["class_ids"] for p in parts]),
+        seeds=np.concatenate([p["seeds"] for p in parts]),
+        seconds_per_step=np.array([float(p["seconds_per_step"]) for p in parts]),
+    )
+
+
+class _progress:
+    """A rich progress bar on the main process, silent elsewhere (or without rich)."""
+
+    def __init__(self, total: int, enabled: bool) -> None:
+        self._bar = None
+        if not enabled or total == 0:
+            return
+        try:
+            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        except ImportError:
+            return
+        self._bar = Progress(
+            TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
+        )
+        self._bar.start()
+        self._task = self._bar.add_task("generating", total=total)
+
+    def advance(self, description: str) -> None:
+        if self._bar is not None:
+            self._bar.update(self._task, advance=1, description=description)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.stop()
