@@ -60,7 +60,13 @@ def build_table(result: BenchResult) -> Any:
         f"tomediff bench — {env.get('gpu') or env.get('cpu')} ({env['device']}, {env['torch_threads']} "
         f"threads), torch {env['torch']}, diffusers {env['diffusers']}, tomesd {env['tomesd'] or 'n/a'}"
     )
-    table = Table(title=title, title_justify="left")
+    table = Table(
+        title=title,
+        title_justify="left",
+        caption="saving = saving realised (T_base - T) / (T_base - T_ideal); peak MiB = peak memory of one "
+        "call above the loaded model; Δ tomesd = max |out - out_tomesd| / max |out_tomesd|",
+        caption_justify="left",
+    )
     for name, justify in (
         ("model", "left"),
         ("res", "right"),
@@ -68,11 +74,11 @@ def build_table(result: BenchResult) -> Any:
         ("variant", "left"),
         ("median s", "right"),
         ("speedup", "right"),
-        ("saving realised", "right"),
+        ("saving", "right"),
         ("GFLOPs", "right"),
         ("peak MiB", "right"),
         ("mem/base", "right"),
-        ("Δ vs tomesd", "right"),
+        ("Δ tomesd", "right"),
     ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for record in sorted(result.records, key=_sort_key):

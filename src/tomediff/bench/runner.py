@@ -10,6 +10,7 @@ import os
 import platform
 import statistics
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,7 +23,7 @@ from tomediff.bench.measure import (
     forward,
     timed_forward,
 )
-from tomediff.bench.models import ModelSpec, build_model, get_model_spec, make_inputs
+from tomediff.bench.models import ModelSpec, build_model, get_model_spec, make_inputs, parameter_count
 from tomediff.bench.variants import ALL_VARIANTS, MergeSettings, Variant, make_variant, tomesd_version
 
 __all__ = ["DTYPES", "BenchConfig", "BenchResult", "Record", "environment", "run_benchmark"]
@@ -223,8 +224,7 @@ class _Runner:
             # fp32 (10 GB each) may not fit.
             del model
             gc.collect()
-            for resolution in cfg.resolutions:
-                self.cpu_memory(spec, resolution, table)
+            self.cpu_memory(spec, table)
         _derive(list(table.values()))
         return list(table.values())
 
@@ -321,13 +321,16 @@ class _Runner:
             if record.variant == "tomediff" and tomesd_out is not None and not self.config.use_rand:
                 record.max_rel_diff_vs_tomesd = _rel_diff(out, tomesd_out)
 
-    def cpu_memory(self, spec: ModelSpec, resolution: int, table: dict[tuple[int, str], Record]) -> None:
+    def cpu_memory(self, spec: ModelSpec, table: dict[tuple[int, str], Record]) -> None:
         cfg = self.config
-        label = f"{spec.name} {resolution}²"
-        for variant in self.variants_for(spec):
-            record = table[resolution, variant.key]
-            self.progress(f"{label} {variant.key}: peak memory (own process)", 0)
-            if record.status == "ok":
+        jobs: list[tuple[Record, dict[str, Any], str]] = []
+        for resolution in cfg.resolutions:
+            for variant in self.variants_for(spec):
+                record = table[resolution, variant.key]
+                label = f"{spec.name} {resolution}² {variant.key}: peak memory (own process)"
+                if record.status != "ok":
+                    self.progress(label, 1)
+                    continue
                 job = {
                     "model": spec.name,
                     "resolution": resolution,
@@ -338,13 +341,47 @@ class _Runner:
                     "threads": cfg.threads or torch.get_num_threads(),
                     "seed": cfg.seed,
                 }
-                result = cpu_peak_in_subprocess(job)
-                if "error" in result:
-                    record.status, record.error = "error", str(result["error"])
-                else:
-                    record.peak_mem_bytes = int(result["peak_bytes"])
-                    record.model_mem_bytes = int(result["model_bytes"])
-            self.progress(f"{label} {variant.key}: peak memory (own process)", 1)
+                jobs.append((record, job, label))
+
+        def measure(item: tuple[Record, dict[str, Any], str]) -> None:
+            record, job, label = item
+            self.progress(label, 0)
+            result = cpu_peak_in_subprocess(job)
+            if "error" in result:
+                record.status, record.error = "error", str(result["error"])
+            else:
+                record.peak_mem_bytes = int(result["peak_bytes"])
+                record.model_mem_bytes = int(result["model_bytes"])
+            self.progress(label, 1)
+
+        # Peak RSS is per process, so workers may overlap; that only saves wall time (mostly the
+        # seconds of importing torch and diffusers) and is done only when the copies of the model fit
+        # comfortably in memory.
+        with ThreadPoolExecutor(max_workers=_parallel_workers(spec, self.dtype, len(jobs))) as pool:
+            list(pool.map(measure, jobs))
+
+
+def _available_memory() -> int:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def _parallel_workers(spec: ModelSpec, dtype: torch.dtype, jobs: int) -> int:
+    from tomediff.bench.models import _model_class
+
+    with torch.device("meta"):
+        params = parameter_count(_model_class(spec.kind)(**dict(spec.config)))
+    model_bytes = params * torch.empty((), dtype=dtype).element_size()
+    workers = min(jobs, os.cpu_count() or 1, 2)
+    while workers > 1 and workers * model_bytes * 2 > _available_memory():
+        workers -= 1
+    return max(1, workers)
 
 
 def _derive(records: list[Record]) -> None:

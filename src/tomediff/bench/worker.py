@@ -1,7 +1,8 @@
 """Child process of the CPU memory measurement: one configuration, one call, peak RSS.
 
 Reads a JSON job on stdin, prints one JSON line: ``model_bytes`` (RSS with the model, inputs and
-patch loaded) and ``peak_bytes`` (peak RSS during one denoising call above that).
+patch loaded, after a small warm-up call) and ``peak_bytes`` (peak RSS during one denoising call at
+the requested resolution above that).
 Run by :func:`tomediff.bench.measure.cpu_peak_in_subprocess`; not meant to be called by hand.
 """
 
@@ -33,6 +34,12 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     settings = MergeSettings(**job["settings"]) if job.get("settings") else None
     variant = make_variant(job["variant"], settings)
     variant.apply(model)
+    # A small call first pages in the code of every kernel the variant uses (shared-library pages
+    # count in RSS, once per process); without it, a variant that uses more distinct kernels would
+    # look a few MB hungrier per call than it is. Its tensors are freed (see CPU_MEMORY_ENV).
+    small = make_inputs(spec, int(job["batch"]), 8 * spec.resolution_multiple, "cpu", dtype, seed=1)
+    forward(model, small)
+    del small
     gc.collect()
     if not reset_peak_rss():
         return {"error": "cannot reset the peak RSS (/proc/self/clear_refs): Linux >= 4.0 is needed"}

@@ -277,7 +277,8 @@ def run(args: argparse.Namespace) -> int:
     from tomediff.bench.report import build_table, write_outputs
     from tomediff.bench.runner import run_benchmark
 
-    console = Console()
+    # Piped or redirected output gets rich's default 80 columns, which truncates the table.
+    console = Console(width=None if sys.stdout.isatty() else 140)
     err_console = Console(stderr=True)
     resolutions = ", ".join(map(str, config.resolutions))
     ratios = ", ".join(f"{r:g}" for r in config.ratios)

@@ -1,0 +1,139 @@
+"""`tomediff bench` flag parsing and validation: every bad flag fails before any work starts."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+import torch
+
+from tomediff.bench import runner
+from tomediff.bench.models import MODELS
+from tomediff.cli import bench_cmd
+
+
+def make_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="tomediff")
+    bench_cmd.register(parser.add_subparsers(dest="command"))
+    return parser
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    return make_parser().parse_args(["bench", *argv])
+
+
+@pytest.fixture
+def no_work(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fail the test if a benchmark would actually start."""
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the benchmark started although the flags are invalid")
+
+    monkeypatch.setattr(runner, "run_benchmark", forbidden)
+
+
+def test_model_choices_match_the_registry() -> None:
+    assert set(bench_cmd.MODEL_CHOICES) == set(MODELS)
+
+
+def test_flags_become_a_config(tmp_path: Path) -> None:
+    args = parse(
+        "--model", "sd15", "sdxl", "--resolution", "512", "1024", "--ratio", "0.3", "0.5",
+        "--batch", "4", "--device", "cpu", "--dtype", "bf16", "--repeats", "5", "--warmup", "2",
+        "--compare", "tomesd", "--out", str(tmp_path), "--merge", "attn", "mlp", "--threads", "1",
+    )  # fmt: skip
+    config = bench_cmd.config_from_args(args)
+    assert list(config.models) == ["sd15", "sdxl"]
+    assert list(config.resolutions) == [512, 1024]
+    assert list(config.ratios) == [0.3, 0.5]
+    assert (config.batch, config.device, config.dtype) == (4, "cpu", "bf16")
+    assert (config.repeats, config.warmup, config.threads) == (5, 2, 1)
+    assert config.ordered_variants() == ["baseline", "tomediff", "tomesd", "ideal"]
+    assert (config.merge_attn, config.merge_crossattn, config.merge_mlp) == (True, False, True)
+    assert config.use_rand is False
+
+
+def test_defaults_follow_the_device() -> None:
+    config = bench_cmd.config_from_args(parse("--device", "cpu"))
+    assert (config.dtype, config.repeats, config.warmup, config.batch) == ("fp32", 3, 1, 2)
+    assert list(config.models) == ["sd15"] and list(config.resolutions) == [512]
+    assert "tomesd" not in config.variants  # only with --compare tomesd
+
+
+def test_quick_preset_and_explicit_overrides() -> None:
+    quick = bench_cmd.config_from_args(parse("--quick", "--device", "cpu"))
+    assert list(quick.models) == ["sd15"]
+    assert list(quick.resolutions) == [256]
+    assert list(quick.ratios) == [0.5]
+    assert quick.repeats == 1
+    overridden = bench_cmd.config_from_args(parse("--quick", "--device", "cpu", "--resolution", "128"))
+    assert list(overridden.resolutions) == [128] and overridden.repeats == 1
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--model", "sd3"], "invalid choice: 'sd3'"),
+        (["--resolution", "500"], "multiple of 8"),
+        (["--resolution", "abc"], "integer number of pixels"),
+        (["--resolution", "32"], "at least 64"),
+        (["--ratio", "0.9"], "out of range"),
+        (["--ratio", "0"], "out of range"),
+        (["--ratio", "half"], "must be a number"),
+        (["--batch", "0"], "positive integer"),
+        (["--repeats", "-1"], "positive integer"),
+        (["--dtype", "fp8"], "invalid choice"),
+        (["--device", "tpu"], "invalid choice"),
+        (["--compare", "deepcache"], "invalid choice"),
+    ],
+)
+def test_bad_flags_are_rejected_by_the_parser(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        parse(*argv)
+    assert exit_info.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_model_specific_resolution_is_rejected_before_work(
+    no_work: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = parse("--model", "pixart", "--resolution", "520", "--device", "cpu")
+    assert bench_cmd.run(args) == 2
+    err = capsys.readouterr().err
+    assert "--resolution 520" in err and "multiple of 16" in err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_cuda_without_a_gpu_is_rejected(no_work: None, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bench_cmd.run(parse("--device", "cuda")) == 2
+    assert "no CUDA device" in capsys.readouterr().err
+
+
+def test_out_must_be_a_directory(tmp_path: Path, no_work: None, capsys: pytest.CaptureFixture[str]) -> None:
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    assert bench_cmd.run(parse("--device", "cpu", "--out", str(a_file))) == 2
+    assert "not a directory" in capsys.readouterr().err
+
+
+def test_missing_tomesd_is_reported(
+    monkeypatch: pytest.MonkeyPatch, no_work: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import tomediff.bench.variants as variants
+
+    monkeypatch.setattr(variants, "tomesd_version", lambda: None)
+    assert bench_cmd.run(parse("--device", "cpu", "--compare", "tomesd")) == 2
+    assert "tomesd is not installed" in capsys.readouterr().err
+
+
+def test_help_explains_every_flag() -> None:
+    parser = make_parser()
+    sub = parser._subparsers._group_actions[0].choices["bench"]  # type: ignore[union-attr]
+    for action in sub._actions:
+        assert action.help, f"{action.option_strings} has no help text"
+    text = sub.format_help()
+    for word in ("saving realised", "ideal", "tomesd", "--quick", "peak memory"):
+        assert word in text
