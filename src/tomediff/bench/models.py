@@ -295,13 +295,16 @@ def build_model(
     cls = _model_class(spec.kind)
     with _parameters_on_meta():
         model = cls(**dict(spec.config))
-    generator = torch.Generator(device="cpu").manual_seed(seed)
+    # Drawn on the target device: initialising SDXL's 2.6B weights on a CPU first would dominate a
+    # GPU run. (Values differ between devices for the same seed; cost does not.)
+    init_device = torch.device(device)
+    generator = torch.Generator(device=init_device).manual_seed(seed)
     with torch.no_grad():
         for module in model.modules():
             for name, param in list(module._parameters.items()):
                 if param is None:
                     continue
-                real = torch.empty(param.shape, dtype=torch.float32)
+                real = torch.empty(param.shape, dtype=torch.float32, device=init_device)
                 if param.dim() > 1:
                     bound = 1.0 / math.sqrt(param[0].numel())
                     real.uniform_(-bound, bound, generator=generator)

@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["QUICK", "config_from_args", "register", "run"]
+__all__ = ["QUICK", "config_from_args", "main", "register", "run"]
 
 # Model names are listed here (not imported from tomediff.bench) so that `tomediff --help` does not
 # import torch; tests check that the two lists agree.
@@ -311,3 +311,15 @@ def run(args: argparse.Namespace) -> int:
             f"[yellow]{len(failed)} of {len(result.records)} configurations failed; see the table."
         )
     return 1 if len(failed) == len(result.records) else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tomediff.cli.bench_cmd ...``: the subcommand alone (used by benchmarks/gpu_bench.sh)."""
+    parser = argparse.ArgumentParser(prog="tomediff")
+    register(parser.add_subparsers(dest="command"))
+    args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
