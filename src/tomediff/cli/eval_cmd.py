@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--compare", type=_words, default=[], help="'tomesd': tomesd 0.1.3 at the same ratios"
     )
     parser.add_argument(
+        "--compare-ratios", type=_floats, default=None, help="ratios for --compare (default: --ratios)"
+    )
+    parser.add_argument(
         "--samples-per-class",
         type=int,
         default=None,
@@ -128,6 +131,7 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         bootstrap=args.bootstrap,
     )
+    options.compare_ratios = args.compare_ratios
     for name, value in (
         ("samples_per_class", args.samples_per_class),
         ("batch_size", args.batch_size),

@@ -54,6 +54,7 @@ class QualityOptions:
     variants: Sequence[str] = ("no_rand", "max_downsample_2", "all_sites")
     variant_ratio: float = 0.5
     compare: Sequence[str] = ()
+    compare_ratios: Sequence[float] | None = None
     different_seed: bool = True
     assets_dir: Path | None = None
     cpu: bool = False
@@ -127,7 +128,12 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
     assets = options.assets_dir or ASSETS_DIR
     pipe = load_demo_model(assets, device=dist.device)
     settings = build_settings(
-        options.ratios, options.variants, options.variant_ratio, options.compare, options.different_seed
+        options.ratios,
+        options.variants,
+        options.variant_ratio,
+        options.compare,
+        options.different_seed,
+        options.compare_ratios,
     )
     batches = plan_batches(
         options.samples_per_class, len(pipe.class_names), options.batch_size, options.base_seed

@@ -118,8 +118,10 @@ def build_settings(
     variant_ratio: float = 0.5,
     compare: Sequence[str] = (),
     different_seed: bool = True,
+    compare_ratios: Sequence[float] | None = None,
 ) -> list[Setting]:
-    """The unmerged baseline first, then the ratio sweep, the option variants, the comparisons."""
+    """The unmerged baseline first, then the ratio sweep, the option variants, the comparisons
+    (at ``compare_ratios``, default the sweep's ratios)."""
     settings = [Setting()]
     if different_seed:
         settings.append(Setting(seed_offset=DIFFERENT_SEED_OFFSET))
@@ -132,5 +134,6 @@ def build_settings(
     for method in compare:
         if method != "tomesd":
             raise ValueError(f"--compare supports 'tomesd', got {method!r}.")
-        settings += [Setting(method="tomesd", ratio=r) for r in nonzero]
+        others = nonzero if compare_ratios is None else [float(r) for r in compare_ratios if float(r) > 0]
+        settings += [Setting(method="tomesd", ratio=r) for r in others]
     return settings
