@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 # Module names under tomediff.cli; imported lazily so `tomediff --help` stays fast.
-SUBCOMMAND_MODULES: tuple[str, ...] = ()
+SUBCOMMAND_MODULES: tuple[str, ...] = ("bench_cmd", "demo_cmd", "eval_cmd")
 
 
 def build_parser() -> argparse.ArgumentParser:
