@@ -9,7 +9,11 @@ PYTHON ?= python3
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.tomediff-installed
 
-.PHONY: setup test test-all demo lint
+.PHONY: setup data test test-all demo lint
+
+# Fashion-MNIST (Debian's dataset-fashion-mnist) trains and evaluates the bundled demo model; the
+# tests that read it need it. Installed with apt when missing (needs root, as on this project's machines).
+FASHION_MNIST := /usr/share/datasets/fashion-mnist
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +24,10 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
-test: $(STAMP)
+data:
+	@test -d $(FASHION_MNIST) || { apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; }
+
+test: $(STAMP) data
 	$(PY) -m pytest -q
 
 test-all: $(STAMP)
