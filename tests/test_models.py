@@ -546,3 +546,18 @@ def test_all_unets_build_the_same_plan_for_all_sites_combinations() -> None:
         assert [records[n].counts[0] for n in ("attn1", "attn2", "ff")] == [
             512 if on else 1024 for on in (attn, cross, mlp)
         ]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_models_merge_in_their_dtype(dtype: torch.dtype) -> None:
+    unet = tiny_sd_unet().to(dtype)
+    sample, timestep, context = unet_inputs()
+    handle = tomediff.apply_tome(unet, ratio=0.5, use_rand=False)
+    with torch.no_grad():
+        out = unet(sample.to(dtype), timestep, context.to(dtype)).sample
+    assert out.dtype == dtype and torch.isfinite(out).all()
+    assert handle.report().blocks[0].last_call.tokens_after_merge == 512
+    handle.remove()
+    reference = tiny_sd_unet()
+    tomediff.apply_tome(reference, ratio=0.5, use_rand=False)
+    assert_close(out.float(), run_unet(reference), atol=0.1, rtol=0.1)
