@@ -129,6 +129,18 @@ def _version(package: str) -> str | None:
         return None
 
 
+def _cpu_name() -> str:
+    # platform.processor() is empty on most Linux systems; /proc/cpuinfo has the marketing name.
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            for line in cpuinfo:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def environment(device: torch.device) -> dict[str, Any]:
     """Machine and library versions, recorded with every result."""
     import tomediff
@@ -137,7 +149,7 @@ def environment(device: torch.device) -> dict[str, Any]:
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "python": platform.python_version(),
         "platform": platform.platform(),
-        "cpu": platform.processor() or platform.machine(),
+        "cpu": _cpu_name(),
         "cpu_count": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
         "torch": torch.__version__,

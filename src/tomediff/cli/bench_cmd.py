@@ -297,8 +297,16 @@ def run(args: argparse.Namespace) -> int:
     ) as progress:
         task = progress.add_task("starting", total=config.total_steps())
 
+        done = 0
+
         def on_progress(description: str, advance: int) -> None:
+            nonlocal done
             progress.update(task, description=description, advance=advance)
+            done += advance
+            # Redirected to a file (long runs under nohup), rich draws no live bar: log each step.
+            if advance and not err_console.is_terminal:
+                elapsed = progress.tasks[0].elapsed or 0.0
+                print(f"[{done}/{config.total_steps()}] {description} ({elapsed:.0f} s)", file=sys.stderr)
 
         result = run_benchmark(config, on_progress)
         progress.update(task, description="done", completed=config.total_steps())
