@@ -1,0 +1,110 @@
+"""Where tomediff's time goes inside a model call: matching, merge, unmerge, the rest of the model.
+
+Profiles calls of a benchmark model (default: SD 1.5's first transformer block, where all of SD 1.5's
+merging happens) patched with tomediff and with the ideal (zero-cost) merge, using torch.profiler with
+Python stacks; every operator's self CPU time is charged to the innermost tomediff function on its
+stack. Complements `tomediff bench`, which only sees whole-call latencies.
+
+    python benchmarks/profile_merge.py --model sd15-block --resolution 1024 --threads 1
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import statistics
+import time
+from collections import defaultdict
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+import tomediff
+from tomediff.bench.measure import forward
+from tomediff.bench.models import build_model, get_model_spec, make_inputs
+
+# (file, function) on the Python stack -> category. First match from the innermost frame wins.
+CATEGORIES: tuple[tuple[str, str, str], ...] = (
+    ("ops/matching.py", "", "matching"),
+    ("ops/partition.py", "", "partition"),
+    ("ops/merge.py", "unmerge", "unmerge"),
+    ("ops/merge.py", "merge", "merge"),
+    ("ops/merge.py", "", "merge (other)"),
+    ("tomediff/core/", "", "hooks / plan"),
+)
+FRAME = re.compile(r"^(?P<file>.*)\((?P<line>\d+)\): (?P<func>.*)$")
+
+
+def categorize(stack: list[str]) -> str:
+    for frame in stack:  # innermost first
+        match = FRAME.match(frame)
+        if match is None:
+            continue
+        for file_part, func_part, category in CATEGORIES:
+            if file_part in match["file"] and func_part in match["func"]:
+                return category
+    return "model"
+
+
+def profile_call(model: torch.nn.Module, inputs: object) -> dict[str, float]:
+    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+        forward(model, inputs)  # type: ignore[arg-type]
+    totals: dict[str, float] = defaultdict(float)
+    for event in prof.events():
+        totals[categorize(list(event.stack or []))] += event.self_cpu_time_total / 1e6
+    return dict(totals)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--model", default="sd15-block")
+    parser.add_argument("--resolution", type=int, default=1024)
+    parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    spec = get_model_spec(args.model)
+    model = build_model(spec)
+    inputs = make_inputs(spec, args.batch, args.resolution, seed=1)
+    cfg = tomediff.ToMeConfig(ratio=args.ratio, max_downsample=spec.max_downsample, use_rand=False)
+
+    def run(planner: str | None) -> float:
+        handle = None if planner is None else tomediff.apply_tome(model, cfg, planner=planner)
+        start = time.perf_counter()
+        forward(model, inputs)
+        seconds = time.perf_counter() - start
+        if handle is not None:
+            handle.remove()
+        return seconds
+
+    variants = {"baseline": None, "tomediff": "similarity", "ideal": "ideal"}
+    for planner in variants.values():
+        run(planner)  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.repeats):  # interleaved
+        for name, planner in variants.items():
+            times[name].append(run(planner))
+    medians = {name: statistics.median(t) for name, t in times.items()}
+    print(
+        f"{args.model} {args.resolution}² batch {args.batch} ratio {args.ratio} threads {args.threads}: "
+        + ", ".join(f"{name} {t:.3f} s" for name, t in medians.items())
+    )
+    base, ours, ideal = medians["baseline"], medians["tomediff"], medians["ideal"]
+    if base > ideal:
+        saving = 100 * (base - ours) / (base - ideal)
+        print(f"saving realised {saving:.0f}%  (overhead vs ideal {ours - ideal:.3f} s)")
+    for planner in ("similarity", "ideal"):
+        handle = tomediff.apply_tome(model, cfg, planner=planner)
+        totals = profile_call(model, inputs)
+        handle.remove()
+        total = sum(totals.values())
+        parts = ", ".join(f"{k} {v:.3f} s ({100 * v / total:.1f}%)" for k, v in sorted(totals.items()))
+        print(f"profile {planner:<10} (profiled total {total:.3f} s): {parts}")
+
+
+if __name__ == "__main__":
+    main()
