@@ -100,6 +100,43 @@ def evaluate_samples(
     return rows
 
 
+def real_images_row(
+    samples_per_class: int,
+    classifier: torch.nn.Module,
+    ref_mu: np.ndarray,
+    ref_sigma: np.ndarray,
+    bootstrap: int = 1000,
+    data_dir: str | None = None,
+) -> dict[str, Any] | None:
+    """Metrics of real training images, as many per class as each setting has: the floor a perfect
+    generator would reach with this sample size (None when the data set is not installed)."""
+    from tomediff.eval.classifier import classify
+    from tomediff.eval.data import DatasetMissingError, load_fashion_mnist
+
+    try:
+        images, labels = load_fashion_mnist("train", data_dir)
+    except DatasetMissingError:
+        return None
+    # The first samples_per_class images of each class, a fixed deterministic subset.
+    index = np.concatenate([np.flatnonzero(labels == c)[:samples_per_class] for c in range(10)])
+    predicted, features = classify(classifier, images[index])
+    correct = (predicted == labels[index]).astype(np.float64) * 100
+    return {
+        "name": "real train images",
+        "method": "real",
+        "ratio": None,
+        "variant": "reference",
+        "seed_offset": 0,
+        "num_images": len(index),
+        "accuracy": mean_with_ci(correct, resamples=bootstrap).as_dict(),
+        "frechet": frechet_with_ci(features, ref_mu, ref_sigma, resamples=max(50, bootstrap // 5)).as_dict(),
+        "psnr": None,
+        "ssim": None,
+        "seconds_per_step": None,
+        "speedup": None,
+    }
+
+
 def _environment(dist: DistContext, threads: int) -> dict[str, Any]:
     import tomediff
 
@@ -164,6 +201,8 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
     classifier = load_classifier(assets)
     ref_mu, ref_sigma = load_reference_stats(assets)
     rows = evaluate_samples(settings, samples, classifier, ref_mu, ref_sigma, bootstrap=options.bootstrap)
+    real = real_images_row(options.samples_per_class, classifier, ref_mu, ref_sigma, options.bootstrap)
+    all_rows = rows if real is None else [*rows, real]
     out = options.out_dir
     meta = {
         "command": options.command,
@@ -176,15 +215,15 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
         "wall_seconds_this_run": round(time.time() - started, 1),
         "environment": _environment(dist, torch.get_num_threads()),
     }
-    write_json(out / "results.json", {"meta": meta, "rows": rows})
-    write_csv(out / "results.csv", rows)
-    table = markdown_table(rows, METRIC_COLUMNS)
+    write_json(out / "results.json", {"meta": meta, "rows": all_rows})
+    write_csv(out / "results.csv", all_rows)
+    table = markdown_table(all_rows, METRIC_COLUMNS)
     (out / "results.md").write_text(table + "\n")
     # Grid: one row per setting, the first sample of every class (same seeds in every row).
     num_classes = len(pipe.class_names)
     grid_rows = [(s.name, samples[s.slug].images[:num_classes]) for s in settings]
     save_grid(grid_rows, pipe.class_names, out / "grid.png")
-    plot_metrics(rows, [(k, h) for k, h, _ in METRIC_COLUMNS[:4]], out / "metrics_vs_ratio.png")
+    plot_metrics(all_rows, [(k, h) for k, h, _ in METRIC_COLUMNS[:4]], out / "metrics_vs_ratio.png")
     print(table)
     print(f"wrote {out}/results.json, results.csv, results.md, grid.png, metrics_vs_ratio.png")
     return rows

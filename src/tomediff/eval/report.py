@@ -81,7 +81,7 @@ def write_csv(path: Path, rows: Sequence[dict[str, Any]]) -> None:
 
 def _fmt(metric: Any, digits: int) -> str:
     if metric is None:
-        return "n/a"
+        return "–"
     if isinstance(metric, dict):
         v, lo, hi = metric["value"], metric["ci_low"], metric["ci_high"]
         if v is None or not np.isfinite(v):
@@ -149,6 +149,8 @@ def plot_metrics(
                     linestyle="none",
                     label=r["variant"],
                 )
+            if r["method"] == "real" and isinstance(r.get(key), dict):
+                ax.axhline(r[key]["value"], color="green", linestyle="--", label="real images")
             if r["seed_offset"] and isinstance(r.get(key), dict):
                 ax.axhline(r[key]["value"], color="grey", linestyle=":", label="different seed")
         ax.set_xlabel("merge ratio")
