@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from tomediff.cli import demo_cmd, eval_cmd
+from tomediff.eval.data import DEFAULT_DATA_DIR
 from tomediff.eval.testing import make_tiny_assets
 
 
@@ -90,19 +91,21 @@ def test_eval_bundled_writes_every_output(tiny_assets: Path, tmp_path: Path) -> 
     )
     assert args.func(args) == 0
     result = json.loads((tmp_path / "results.json").read_text())
-    names = [r["name"] for r in result["rows"]]
-    assert names == [
+    rows = [r for r in result["rows"] if r["method"] != "real"]
+    assert [r["name"] for r in rows] == [
         "unmerged",
         "unmerged, different seed",
         "tomediff r=0.5",
         "tomediff r=0.5 max_downsample_2",
         "tomesd r=0.5",
     ]
-    for row in result["rows"]:
+    # The real-images floor row is there exactly when Fashion-MNIST is installed.
+    assert len(result["rows"]) - len(rows) == int(DEFAULT_DATA_DIR.is_dir())
+    for row in rows:
         assert row["num_images"] == 10
         assert 0 <= row["accuracy"]["ci_low"] <= row["accuracy"]["value"] <= row["accuracy"]["ci_high"] <= 100
         assert row["frechet"]["value"] > 0
-    assert result["rows"][1]["psnr"]["value"] < result["rows"][2]["psnr"]["value"]  # other seed = big change
+    assert rows[1]["psnr"]["value"] < rows[2]["psnr"]["value"]  # other seed = big change
     with (tmp_path / "results.csv").open() as handle:
         header = next(csv.reader(handle))
     assert {"name", "accuracy", "accuracy_ci_low", "frechet_ci_high", "psnr", "ssim", "speedup"} <= set(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -109,10 +110,13 @@ def test_two_accelerate_processes_produce_the_single_process_images(tmp_path: Pa
         capture_output=True,
         timeout=300,
     )
+    # On a machine without GPUs, --multi_gpu makes Accelerate start the processes with torchrun (gloo);
+    # --cpu (its own flag, or ours) alone would start a single process.
     launch = [
         sys.executable,
         "-m",
         "accelerate.commands.launch",
+        "--multi_gpu",
         "--num_processes",
         "2",
         "--num_machines",
@@ -121,7 +125,6 @@ def test_two_accelerate_processes_produce_the_single_process_images(tmp_path: Pa
         "no",
         "--dynamo_backend",
         "no",
-        "--cpu",
         "-m",
         "tomediff.eval",
     ]
@@ -140,7 +143,11 @@ def test_two_accelerate_processes_produce_the_single_process_images(tmp_path: Pa
             ):
                 np.testing.assert_array_equal(a["images"], b["images"])
                 np.testing.assert_array_equal(a["seeds"], b["seeds"])
-    assert (sharded / "results.json").is_file() and (sharded / "results.csv").is_file()
+    meta = json.loads((sharded / "results.json").read_text())["meta"]
+    assert meta["environment"]["processes"] == 2  # really sharded, not one process doing everything
+    single_rows = json.loads((single / "results.json").read_text())["rows"]
+    sharded_rows = json.loads((sharded / "results.json").read_text())["rows"]
+    assert [r["accuracy"] for r in single_rows] == [r["accuracy"] for r in sharded_rows]
 
 
 def _has_module(name: str) -> bool:

@@ -195,7 +195,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-class", type=int, default=1, help="images per class (grid shows the first)")
     parser.add_argument("--repeats", type=int, default=3, help="timed passes per ratio (fastest is reported)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch CPU threads (default 1: steady timings on a shared or busy machine)",
+    )
     parser.add_argument("--assets", type=Path, default=None, help="folder with other trained weights")
     parser.add_argument("--no-progress", action="store_true")
     parser.set_defaults(func=run)

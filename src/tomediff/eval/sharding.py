@@ -1,7 +1,9 @@
 """Resumable, sharded generation: batches split across processes with Hugging Face Accelerate.
 
-Launch with ``accelerate launch --num_processes N -m tomediff.eval ...`` (any mix of GPUs, CPUs and nodes
-Accelerate supports). Batch ``k`` runs on process ``k % N``; every sample's noise depends only on its seed
+Launch with ``accelerate launch --num_processes N -m tomediff.eval ...`` on GPUs (and across nodes as
+Accelerate supports); on CPUs use ``accelerate launch --multi_gpu --num_processes N -m tomediff.eval --cpu``
+(``--multi_gpu`` is what makes Accelerate start N processes with torchrun; they talk over gloo).
+Batch ``k`` runs on process ``k % N``; every sample's noise depends only on its seed
 and every batch's merge partitions only on ``(setting, k)``, so the union over processes equals a
 single-process run. Each batch is saved as ``OUT/images/<setting>/batch_<k>.npz`` and skipped when
 already there (resume); finished batches are gathered on the main process, which writes any it lacks

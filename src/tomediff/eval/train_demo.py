@@ -1,6 +1,6 @@
 """Train the bundled demo diffusion model on Fashion-MNIST (seeded, resumable).
 
-    python -m tomediff.eval.train_demo --out runs/demo --steps 3500 --threads 1
+    python -m tomediff.eval.train_demo --out runs/demo --threads 1          # the shipped model: 1400 steps
     python -m tomediff.eval.train_demo --out runs/demo --export src/tomediff/eval/assets   # ship EMA weights
 
 Progress and loss go to stdout and ``OUT/log.jsonl``; ``OUT/checkpoint.pt`` (model, EMA, optimizer,
@@ -51,9 +51,9 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
 
 def train(
     out_dir: Path,
-    steps: int = 3500,
+    steps: int = 1400,
     batch_size: int = 64,
-    lr: float = 4e-4,
+    lr: float = 5e-4,
     warmup: int = 100,
     cfg_dropout: float = 0.1,
     ema_decay: float = 0.999,
@@ -211,9 +211,9 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--steps", type=int, default=3500)
+    parser.add_argument("--steps", type=int, default=1400)
     parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=4e-4)
+    parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (leave cores to others)"
