@@ -234,12 +234,10 @@ def run_paper_eval(options: PaperOptions, pipe: Any = None) -> list[dict[str, An
         if setting == settings[0]:
             row["psnr"] = row["ssim"] = None
         else:
-
-            def gray(x):
-                return x.transpose(0, 3, 1, 2)  # (N, H, W, 3) → (N, 3, H, W) for the metrics
-
-            row["psnr"] = mean_with_ci(psnr(gray(sample.images), gray(base.images))).as_dict()
-            row["ssim"] = mean_with_ci(ssim(gray(sample.images), gray(base.images))).as_dict()
+            # (N, H, W, 3) → (N, 3, H, W): the metrics take channels first.
+            merged_chw, base_chw = sample.images.transpose(0, 3, 1, 2), base.images.transpose(0, 3, 1, 2)
+            row["psnr"] = mean_with_ci(psnr(merged_chw, base_chw)).as_dict()
+            row["ssim"] = mean_with_ci(ssim(merged_chw, base_chw)).as_dict()
         row["seconds_per_step"] = float(np.median(sample.seconds_per_step))
         row["speedup"] = base_speed / row["seconds_per_step"]
         rows.append(row)

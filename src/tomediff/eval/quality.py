@@ -13,6 +13,7 @@ For each setting (unmerged, a ratio sweep, option variants, tomesd) the same see
 
 from __future__ import annotations
 
+import os
 import platform
 import sys
 import time
@@ -151,7 +152,7 @@ def _environment(dist: DistContext, threads: int) -> dict[str, Any]:
         "processes": dist.world,
         "device": device,
         "torch_threads": threads,
-        "cpu_count": len(__import__("os").sched_getaffinity(0)),
+        "cpu_count": len(os.sched_getaffinity(0)),
     }
 
 
