@@ -46,13 +46,15 @@ def categorize(stack: list[str]) -> str:
     return "model"
 
 
-def profile_call(model: torch.nn.Module, inputs: object) -> dict[str, float]:
+def profile_call(model: torch.nn.Module, inputs: object) -> tuple[dict[str, float], dict[str, float]]:
+    """Self CPU seconds by category (from Python stacks, where the profiler records them) and by op."""
     with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
         forward(model, inputs)  # type: ignore[arg-type]
     totals: dict[str, float] = defaultdict(float)
     for event in prof.events():
         totals[categorize(list(event.stack or []))] += event.self_cpu_time_total / 1e6
-    return dict(totals)
+    by_op = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    return dict(totals), by_op
 
 
 def main() -> None:
@@ -97,13 +99,20 @@ def main() -> None:
     if base > ideal:
         saving = 100 * (base - ours) / (base - ideal)
         print(f"saving realised {saving:.0f}%  (overhead vs ideal {ours - ideal:.3f} s)")
+    ops: dict[str, dict[str, float]] = {}
     for planner in ("similarity", "ideal"):
         handle = tomediff.apply_tome(model, cfg, planner=planner)
-        totals = profile_call(model, inputs)
+        totals, ops[planner] = profile_call(model, inputs)
         handle.remove()
         total = sum(totals.values())
         parts = ", ".join(f"{k} {v:.3f} s ({100 * v / total:.1f}%)" for k, v in sorted(totals.items()))
         print(f"profile {planner:<10} (profiled total {total:.3f} s): {parts}")
+    # Ops whose time differs between ToMe and the ideal merge: where the overhead goes.
+    names = set(ops["similarity"]) | set(ops["ideal"])
+    diff = {n: ops["similarity"].get(n, 0.0) - ops["ideal"].get(n, 0.0) for n in names}
+    print("self CPU s, tomediff - ideal, by op (largest first):")
+    for name, delta in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:12]:
+        print(f"  {name:<40} {delta:+.3f}  (tomediff {ops['similarity'].get(name, 0.0):.3f})")
 
 
 if __name__ == "__main__":
