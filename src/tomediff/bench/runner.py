@@ -30,6 +30,9 @@ __all__ = ["DTYPES", "BenchConfig", "BenchResult", "Record", "environment", "run
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
+# Saving realised is reported only when the ideal is at least this much faster than the baseline.
+MIN_AVAILABLE_SAVING = 0.02
+
 # Progress callback: (description of the current step, number of steps just completed).
 ProgressFn = Callable[[str, int], None]
 
@@ -408,7 +411,9 @@ def _derive(records: list[Record]) -> None:
         if t_base and t:
             record.speedup = t_base / t
             t_ideal = ideal.latency_median_s if ideal is not None else None
-            if record.ratio is not None and t_ideal and t_base > t_ideal:
+            # When the ideal saves almost nothing (small images, where the merged attention is a
+            # sliver of the call), the ratio is noise divided by noise: leave it undefined.
+            if record.ratio is not None and t_ideal and t_base - t_ideal > MIN_AVAILABLE_SAVING * t_base:
                 record.saving_realised = (t_base - t) / (t_base - t_ideal)
         if base.flops and record.flops is not None:
             record.flops_vs_baseline = record.flops / base.flops
