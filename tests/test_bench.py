@@ -217,3 +217,25 @@ def test_failing_variant_is_recorded_and_the_rest_still_run() -> None:
     for name in ("baseline", "tomediff", "ideal"):
         assert records[name].status == "ok" and records[name].latency_median_s is not None
         assert records[name].flops and records[name].peak_mem_bytes is None
+
+
+def test_table_shows_results_and_errors() -> None:
+    from rich.console import Console
+
+    from tomediff.bench.report import build_table
+    from tomediff.bench.runner import BenchResult
+
+    def rec(variant: str, ratio: float | None, **fields: Any) -> Record:
+        return Record("sd15", 512, variant, ratio, 2, "cpu", "fp32", 4096, **fields)
+
+    records = [
+        rec("baseline", None, latency_median_s=2.0, latency_min_s=1.9, speedup=1.0, flops=3 * 10**9),
+        rec("tomediff", 0.5, latency_median_s=1.5, latency_min_s=1.4, speedup=4 / 3, saving_realised=0.9),
+        rec("tomesd", 0.5, status="error", error="AttributeError: no norm3"),
+    ]
+    env = {"device": "cpu", "torch_threads": 1, "torch": "t", "diffusers": "d", "tomesd": "0.1.3", "cpu": "c"}
+    console = Console(width=200, record=True)
+    console.print(build_table(BenchResult(BenchConfig(), env, records)))
+    text = console.export_text()
+    assert "1.33x" in text and "90%" in text and "3.0" in text
+    assert "AttributeError: no norm3" in text

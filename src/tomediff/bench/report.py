@@ -73,6 +73,7 @@ def build_table(result: BenchResult) -> Any:
         ("ratio", "right"),
         ("variant", "left"),
         ("median s", "right"),
+        ("min s", "right"),
         ("speedup", "right"),
         ("saving", "right"),
         ("GFLOPs", "right"),
@@ -83,7 +84,7 @@ def build_table(result: BenchResult) -> Any:
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
     for record in sorted(result.records, key=_sort_key):
         if record.status != "ok":
-            cells = ["-"] * 6 + [f"[red]{record.error or record.status}[/red]"]
+            cells = ["-"] * 7 + [f"[red]{record.error or record.status}[/red]"]
             table.add_row(
                 record.model, str(record.resolution), _fmt(record.ratio, "g"), record.variant, *cells
             )
@@ -94,6 +95,7 @@ def build_table(result: BenchResult) -> Any:
             _fmt(record.ratio, "g"),
             record.variant,
             _fmt(record.latency_median_s, ".3f"),
+            _fmt(record.latency_min_s, ".3f"),
             _fmt(record.speedup, ".2f", "x"),
             _fmt(None if record.saving_realised is None else 100 * record.saving_realised, ".0f", "%"),
             _fmt(None if record.flops is None else record.flops / 1e9, ",.1f"),
