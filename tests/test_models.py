@@ -561,3 +561,29 @@ def test_half_precision_models_merge_in_their_dtype(dtype: torch.dtype) -> None:
     reference = tiny_sd_unet()
     tomediff.apply_tome(reference, ratio=0.5, use_rand=False)
     assert_close(out.float(), run_unet(reference), atol=0.1, rtol=0.1)
+
+
+def test_plan_is_released_after_the_last_merged_site() -> None:
+    # The plan's index tensors must not stay alive through the (unmerged) feed-forward layer,
+    # where a block's memory peak usually is.
+    from tomediff.core.hooks import BlockPreHook
+
+    unet = tiny_sd_unet()
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    tomediff.apply_tome(unet, ratio=0.5)
+    block_call = next(h.call for h in block._forward_pre_hooks.values() if isinstance(h, BlockPreHook))
+    plan_alive_at_ff: list[bool] = []
+    block.ff.register_forward_pre_hook(
+        lambda module, args: plan_alive_at_ff.append(block_call.plan is not None)
+    )
+    plan_alive_at_attn2: list[bool] = []
+    block.attn2.register_forward_pre_hook(
+        lambda module, args: plan_alive_at_attn2.append(block_call.plan is not None)
+    )
+    run_unet(unet)
+    assert plan_alive_at_attn2 == [False] and plan_alive_at_ff == [False]
+    tomediff.apply_tome(unet, ratio=0.5, merge_mlp=True)
+    block_call = next(h.call for h in block._forward_pre_hooks.values() if isinstance(h, BlockPreHook))
+    plan_alive_at_ff.clear()
+    run_unet(unet)
+    assert plan_alive_at_ff == [True] and block_call.plan is None

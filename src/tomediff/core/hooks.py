@@ -81,6 +81,15 @@ class BlockCall:
         self.state = state
         self.spec = spec
         self.plan: TokenPlan | None = None
+        self.num_sites = 0  # merge sites hooked in this block
+        self.sites_left = 0  # of those, not yet unmerged in the current call
+
+    def site_done(self) -> None:
+        """Called after each unmerge: once the last site is done the plan's index tensors are released,
+        so they do not add to the memory peak of the rest of the block (e.g. an unmerged MLP)."""
+        self.sites_left -= 1
+        if self.sites_left <= 0:
+            self.plan = None
 
     def token_grid(self, num_tokens: int) -> tuple[int, int]:
         state, spec = self.state, self.spec
@@ -127,6 +136,7 @@ class BlockPreHook(ToMeHook):
             call.plan = None
         else:
             call.plan = state.make_plan(x, height, width)
+        call.sites_left = call.num_sites
         merged = call.plan.num_merged if call.plan is not None else x.shape[1]
         state.stats[spec.name] = BlockStats(height, width, level, int(x.shape[1]), merged)
 
@@ -198,6 +208,7 @@ class SitePostHook(ToMeHook):
         plan, self.call.plan = self.call.plan, None
         if plan is None:
             return None
+        self.call.block.site_done()
         if isinstance(output, tuple):
             return (plan.unmerge(output[0]), *output[1:])
         return plan.unmerge(output)
@@ -221,6 +232,7 @@ def install(
             if site.kind not in enabled_kinds:
                 continue
             site_call = SiteCall(block_call, site)
+            block_call.num_sites += 1
             handles.append(site.module.register_forward_pre_hook(SitePreHook(site_call), with_kwargs=True))
             handles.append(site.module.register_forward_hook(SitePostHook(site_call), with_kwargs=True))
     for source in grid_sources.values():

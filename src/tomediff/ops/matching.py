@@ -35,6 +35,9 @@ def best_dst_for_src(
         to its best dst; ``choice``: ``[B, Ns]`` int64 index into ``partition.dst_idx`` of that dst.
     """
     batch, _, _ = metric.shape
+    # The block input is often a channel-last view of a convolution output; index_select on it would
+    # copy the whole tensor for every row block, so make it contiguous once.
+    metric = metric.contiguous()
     num_src, num_dst = partition.num_src, partition.num_dst
     tiny = torch.finfo(metric.dtype).tiny
     dst = metric.index_select(1, partition.dst_idx)
@@ -92,13 +95,13 @@ def plan_merge(
         own_slots = torch.arange(num_dst, num_dst + num_src - num_remove, device=device)
         src_slot.scatter_(1, kept, own_slots.expand(batch, -1))
 
-        local_slot = torch.empty(batch, num_tokens, dtype=torch.int64, device=device)
-        local_slot[:, partition.dst_idx] = torch.arange(num_dst, device=device)
-        local_slot[:, partition.src_idx] = src_slot
+        slot = torch.empty(batch, num_tokens, dtype=torch.int64, device=device)
+        slot[:, partition.dst_idx] = torch.arange(num_dst, device=device)
+        slot[:, partition.src_idx] = src_slot
 
         num_merged = num_tokens - num_remove
-        flat_slot = (local_slot + torch.arange(batch, device=device).unsqueeze(1) * num_merged).flatten()
+        flat_slot = slot.add_(torch.arange(batch, device=device).unsqueeze(1) * num_merged).view(-1)
         counts = torch.zeros(batch * num_merged, dtype=torch.float32, device=device)
         counts.index_add_(0, flat_slot, torch.ones(flat_slot.shape[0], dtype=torch.float32, device=device))
         inv_count = counts.reciprocal_().to(metric.dtype).unsqueeze(1)
-    return MergePlan(flat_slot, local_slot, inv_count, batch, num_tokens, num_merged)
+    return MergePlan(flat_slot, inv_count, batch, num_tokens, num_merged)

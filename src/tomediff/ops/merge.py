@@ -66,19 +66,26 @@ def _merge_mask_by_slot(
 class MergePlan:
     """Mean-merge plan for ``batch`` sequences of ``num_tokens`` tokens onto ``num_merged`` slots.
 
+    Only the flat index and the reciprocal counts are stored (about ``9·B·N`` bytes), so a plan alive
+    during a block adds little to its peak memory.
+
     Attributes:
         flat_slot: ``[B*N]`` int64, ``b * M + slot[b, n]``: row of the flattened ``[B*M, C]`` output.
-        local_slot: ``[B, N]`` int64 slot of each token within its batch element.
         inv_count: ``[B*M, 1]`` reciprocal of the number of tokens in each slot (in the metric's
             dtype; the dst token itself counts, so a lone token keeps its exact value).
     """
 
     flat_slot: torch.Tensor
-    local_slot: torch.Tensor
     inv_count: torch.Tensor
     batch: int
     num_tokens: int
     num_merged: int
+
+    @property
+    def local_slot(self) -> torch.Tensor:
+        """``[B, N]`` int64 slot of each token within its batch element (computed on demand)."""
+        offsets = torch.arange(self.batch, device=self.flat_slot.device).unsqueeze(1) * self.num_merged
+        return self.flat_slot.view(self.batch, self.num_tokens) - offsets
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [B, N, C] -> [B, M, C]``, each slot the mean of its tokens."""
