@@ -3,7 +3,8 @@
 Measures, for x of shape (B, N, C):
   * merge+unmerge time (the per-site cost paid at every merged submodule),
   * matching time (partition + similarity + greedy selection: the per-block cost),
-  * peak memory of matching (CUDA: max_memory_allocated; CPU: peak RSS growth of a fresh process).
+  * peak memory of matching (CUDA: max_memory_allocated; CPU: peak RSS above the loaded input, in a
+    fresh process).
 
     python benchmarks/ops_bench.py                       # CPU, N = 4096 and 16384, memory at 65536
     python benchmarks/ops_bench.py --device cuda --dtype fp16
@@ -13,8 +14,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -103,7 +104,6 @@ def peak_memory_child(
     """Peak bytes the matching step adds (run in a fresh process on the CPU)."""
     dev = torch.device(device)
     side = int(tokens**0.5)
-    rss_before_input = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     x = torch.randn(batch, side * side, channels).to(dev, DTYPES[dtype])
     fn = tomesd_matching if impl == "tomesd" else tomediff_matching
     if dev.type == "cuda":
@@ -114,12 +114,23 @@ def peak_memory_child(
         torch.cuda.synchronize()
         del result
         return torch.cuda.max_memory_allocated() - before
+    fn(x[:, :1024].contiguous(), 32, ratio)  # page in the kernels' code before measuring
+    # Reset the peak RSS to the current RSS, run once, read the new peak (Linux /proc). The parent sets
+    # MALLOC_MMAP_THRESHOLD_ so every tensor is its own mapping, returned to the system when freed.
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = _status_kib("VmRSS")
     result = fn(x, side, ratio)
     del result
-    # Peak RSS over the process start, less the input itself (ru_maxrss is in KiB on Linux); measuring
-    # from before the input avoids counting pages the allocator had already touched as free.
-    peak = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss_before_input) * 1024
-    return peak - x.numel() * x.element_size()
+    return (_status_kib("VmHWM") - before) * 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
 
 
 def peak_memory(tokens: int, channels: int, batch: int, ratio: float, device: str, dtype: str) -> dict:
@@ -137,7 +148,10 @@ def peak_memory(tokens: int, channels: int, batch: int, ratio: float, device: st
             device,
             dtype,
         ]
-        out[impl] = int(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip())
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        out[impl] = int(
+            subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.strip()
+        )
     return {"shape": [batch, tokens, channels], "peak_bytes": out, "ratio": out["tomediff"] / out["tomesd"]}
 
 
