@@ -7,7 +7,7 @@ hook tables without any marker attribute on the module itself.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import torch
@@ -91,24 +91,27 @@ class BlockCall:
         if self.sites_left <= 0:
             self.plan = None
 
-    def token_grid(self, num_tokens: int) -> tuple[int, int]:
+    def _grid_candidates(self, num_tokens: int) -> Iterator[tuple[int, int] | None]:
+        """Possible token grids, most reliable first; produced lazily since the first usually fits."""
         state, spec = self.state, self.spec
-        candidates: list[tuple[int, int] | None] = []
         if spec.grid is not None:
-            candidates.append(state.grids.get(id(spec.grid)))
+            yield state.grids.get(id(spec.grid))
         if spec.downsample is not None:
-            candidates.append(state.grid_for_downsample(spec.downsample))
+            yield state.grid_for_downsample(spec.downsample)
         if state.input_size is not None:
             factor = 1
             while factor <= max(state.input_size):
-                candidates.append(state.grid_for_downsample(factor))
+                yield state.grid_for_downsample(factor)
                 factor *= 2
         side = math.isqrt(num_tokens)
         if side * side == num_tokens:
-            candidates.append((side, side))
-        for grid in candidates:
+            yield (side, side)
+
+    def token_grid(self, num_tokens: int) -> tuple[int, int]:
+        for grid in self._grid_candidates(num_tokens):
             if grid is not None and grid[0] * grid[1] == num_tokens:
                 return grid
+        state, spec = self.state, self.spec
         raise RuntimeError(
             f"tomediff cannot tell the token grid of block '{spec.name}': it received {num_tokens} "
             f"tokens, and the model input size {state.input_size} does not explain that count. Call the "
