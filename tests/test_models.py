@@ -571,7 +571,7 @@ def test_plan_is_released_after_the_last_merged_site() -> None:
     unet = tiny_sd_unet()
     block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
     tomediff.apply_tome(unet, ratio=0.5)
-    block_call = next(h.call for h in block._forward_pre_hooks.values() if isinstance(h, BlockPreHook))
+    block_call = next(h.block for h in block._forward_pre_hooks.values() if isinstance(h, BlockPreHook))
     plan_alive_at_ff: list[bool] = []
     block.ff.register_forward_pre_hook(
         lambda module, args: plan_alive_at_ff.append(block_call.plan is not None)
@@ -583,7 +583,7 @@ def test_plan_is_released_after_the_last_merged_site() -> None:
     run_unet(unet)
     assert plan_alive_at_attn2 == [False] and plan_alive_at_ff == [False]
     tomediff.apply_tome(unet, ratio=0.5, merge_mlp=True)
-    block_call = next(h.call for h in block._forward_pre_hooks.values() if isinstance(h, BlockPreHook))
+    block_call = next(h.block for h in block._forward_pre_hooks.values() if isinstance(h, BlockPreHook))
     plan_alive_at_ff.clear()
     run_unet(unet)
     assert plan_alive_at_ff == [True] and block_call.plan is None

@@ -210,7 +210,7 @@ def apply_tome(
             f"the enabled merge sites {sorted(enabled)} do not exist in the selected blocks of "
             f"{type(target).__name__} (they have {present}); enable one of those."
         )
-    state = ToMeState(cfg, max_downsample, planner)
+    state = ToMeState(cfg, max_downsample, len(selected), planner)
     handles = install(target, selected, state, enabled)
     return ToMeHandle(target, state, selected, adapter.name, levels, handles)
 

@@ -7,7 +7,7 @@ hook tables without any marker attribute on the module itself.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -15,7 +15,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tomediff.core.spec import BlockSpec, GridSource, Site
-from tomediff.core.state import BlockStats, ToMeState
+from tomediff.core.state import BlockStats, CallState, ToMeState
 from tomediff.ops import TokenPlan
 
 __all__ = ["ToMeHook", "install", "remove_hooks"]
@@ -45,87 +45,96 @@ def _replace_input(args: Args, kwargs: Kwargs, where: int | str, value: Any) -> 
 
 
 class RootHook(ToMeHook):
-    """Pre-hook on the patched model: starts a call, records the ``[B, C, H, W]`` input size."""
+    """Pre-hook on the patched model: starts a call (per thread), recording the ``[B, C, H, W]`` input size."""
 
     def __init__(self, state: ToMeState) -> None:
         self.state = state
 
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
         _, sample = _find_input(args, kwargs, ("sample", "hidden_states", "x"))
-        is_map = isinstance(sample, torch.Tensor) and sample.dim() == 4
-        self.state.input_size = (int(sample.shape[-2]), int(sample.shape[-1])) if is_map else None
-        self.state.grids.clear()
-        self.state.calls += 1
+        self.state.start_call(sample)
 
 
 class GridHook(ToMeHook):
     """Pre-hook on a grid source: records the token grid its blocks will see in this call."""
 
-    def __init__(self, state: ToMeState, source: GridSource) -> None:
+    def __init__(self, state: ToMeState, source: GridSource, index: int) -> None:
         self.state = state
         self.source = source
+        self.index = index
 
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
         _, x = _find_input(args, kwargs, self.source.input_names)
+        grid = None
         if isinstance(x, torch.Tensor) and x.dim() == 4:
             p = self.source.patch_size
-            self.state.grids[id(self.source)] = (int(x.shape[-2]) // p, int(x.shape[-1]) // p)
-        else:
-            self.state.grids.pop(id(self.source), None)
+            grid = (int(x.shape[-2]) // p, int(x.shape[-1]) // p)
+        self.state.call.grids[self.index] = grid
 
 
 class BlockCall:
-    """The merge plan of the block call in progress, shared by the block's site hooks."""
+    """How one block finds its grid and plan; the plan itself lives in the per-call state.
 
-    def __init__(self, state: ToMeState, spec: BlockSpec) -> None:
+    Attributes:
+        index: the block's position among the patched blocks (its row of per-call random offsets).
+        grid_index: index of the block's grid source, if it has one.
+        num_sites: merge sites hooked in this block.
+    """
+
+    def __init__(self, state: ToMeState, spec: BlockSpec, index: int, grid_index: int | None) -> None:
         self.state = state
         self.spec = spec
-        self.plan: TokenPlan | None = None
-        self.num_sites = 0  # merge sites hooked in this block
-        self.sites_left = 0  # of those, not yet unmerged in the current call
+        self.index = index
+        self.grid_index = grid_index
+        self.num_sites = 0
 
-    def site_done(self) -> None:
+    @property
+    def plan(self) -> TokenPlan | None:
+        """The calling thread's plan for this block (None outside the block or when it merges nothing)."""
+        return self.state.call.plans.get(self.index)
+
+    def site_done(self, call: CallState) -> None:
         """Called after each unmerge: once the last site is done the plan's index tensors are released,
         so they do not add to the memory peak of the rest of the block (e.g. an unmerged MLP)."""
-        self.sites_left -= 1
-        if self.sites_left <= 0:
-            self.plan = None
+        left = call.sites_left.get(self.index, 0) - 1
+        call.sites_left[self.index] = left
+        if left <= 0:
+            call.plans[self.index] = None
 
-    def _grid_candidates(self, num_tokens: int) -> Iterator[tuple[int, int] | None]:
+    def _grid_candidates(self, call: CallState, num_tokens: int) -> Iterator[tuple[int, int] | None]:
         """Possible token grids, most reliable first; produced lazily since the first usually fits."""
         state, spec = self.state, self.spec
-        if spec.grid is not None:
-            yield state.grids.get(id(spec.grid))
+        if self.grid_index is not None:
+            yield call.grids.get(self.grid_index)
         if spec.downsample is not None:
             yield state.grid_for_downsample(spec.downsample)
-        if state.input_size is not None:
+        if call.input_size is not None:
             factor = 1
-            while factor <= max(state.input_size):
+            while factor <= max(call.input_size):
                 yield state.grid_for_downsample(factor)
                 factor *= 2
         side = math.isqrt(num_tokens)
         if side * side == num_tokens:
             yield (side, side)
 
-    def token_grid(self, num_tokens: int) -> tuple[int, int]:
-        for grid in self._grid_candidates(num_tokens):
+    def token_grid(self, call: CallState, num_tokens: int) -> tuple[int, int]:
+        for grid in self._grid_candidates(call, num_tokens):
             if grid is not None and grid[0] * grid[1] == num_tokens:
                 return grid
-        state, spec = self.state, self.spec
         raise RuntimeError(
-            f"tomediff cannot tell the token grid of block '{spec.name}': it received {num_tokens} "
-            f"tokens, and the model input size {state.input_size} does not explain that count. Call the "
+            f"tomediff cannot tell the token grid of block '{self.spec.name}': it received {num_tokens} "
+            f"tokens, and the model input size {call.input_size} does not explain that count. Call the "
             "patched model with its [B, C, H, W] input (positionally or as sample=/hidden_states=)."
         )
 
 
 class BlockPreHook(ToMeHook):
-    def __init__(self, call: BlockCall) -> None:
-        self.call = call
+    def __init__(self, block: BlockCall) -> None:
+        self.block = block
 
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
-        call = self.call
-        state, spec = call.state, call.spec
+        block = self.block
+        state, spec = block.state, block.spec
         _, x = _find_input(args, kwargs, spec.input_names)
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
@@ -133,32 +142,33 @@ class BlockPreHook(ToMeHook):
                 f"tomediff expected block '{spec.name}' to receive hidden states of shape "
                 f"[batch, tokens, channels], got {shape}."
             )
-        height, width = call.token_grid(x.shape[1])
+        call = state.call
+        height, width = block.token_grid(call, x.shape[1])
         level = spec.downsample if spec.downsample is not None else state.infer_level(height, width)
-        if level is not None and level > state.max_downsample:
-            call.plan = None
-        else:
-            call.plan = state.make_plan(x, height, width)
-        call.sites_left = call.num_sites
-        merged = call.plan.num_merged if call.plan is not None else x.shape[1]
-        state.stats[spec.name] = BlockStats(height, width, level, int(x.shape[1]), merged)
+        plan = None
+        if level is None or level <= state.max_downsample:
+            plan = state.make_plan(x, height, width, block.index)
+        call.plans[block.index] = plan
+        call.sites_left[block.index] = block.num_sites
+        if not torch.compiler.is_compiling():  # a report entry; compiled graphs skip the bookkeeping
+            merged = plan.num_merged if plan is not None else x.shape[1]
+            state.stats[spec.name] = BlockStats(height, width, level, int(x.shape[1]), merged)
 
 
 class BlockPostHook(ToMeHook):
     """Drops the plan when the block returns (registered with ``always_call``, so errors do too)."""
 
-    def __init__(self, call: BlockCall) -> None:
-        self.call = call
+    def __init__(self, block: BlockCall) -> None:
+        self.block = block
 
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs, output: Any) -> None:
-        self.call.plan = None
+        self.block.state.call.plans[self.block.index] = None
 
 
 class SiteCall:
     def __init__(self, block: BlockCall, site: Site) -> None:
         self.block = block
         self.site = site
-        self.plan: TokenPlan | None = None
 
 
 class SitePreHook(ToMeHook):
@@ -169,7 +179,7 @@ class SitePreHook(ToMeHook):
 
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> tuple[Args, Kwargs] | None:
         call = self.call
-        plan = call.plan = call.block.plan
+        plan = call.block.plan
         if plan is None:
             return None
         site = call.site
@@ -208,25 +218,28 @@ class SitePostHook(ToMeHook):
         self.call = call
 
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs, output: Any) -> Any:
-        plan, self.call.plan = self.call.plan, None
+        block = self.call.block
+        state_call = block.state.call
+        plan = state_call.plans.get(block.index)
         if plan is None:
             return None
-        self.call.block.site_done()
+        block.site_done(state_call)
         if isinstance(output, tuple):
             return (plan.unmerge(output[0]), *output[1:])
         return plan.unmerge(output)
 
 
 def install(
-    root: nn.Module, specs: Iterable[BlockSpec], state: ToMeState, enabled_kinds: set[str]
+    root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState, enabled_kinds: set[str]
 ) -> list[RemovableHandle]:
     """Register the hooks of one patch; returns their handles."""
     handles = [root.register_forward_pre_hook(RootHook(state), with_kwargs=True, prepend=True)]
-    grid_sources: dict[int, GridSource] = {}
-    for spec in specs:
+    grid_sources: dict[int, tuple[int, GridSource]] = {}
+    for index, spec in enumerate(specs):
+        grid_index = None
         if spec.grid is not None:
-            grid_sources.setdefault(id(spec.grid), spec.grid)
-        block_call = BlockCall(state, spec)
+            grid_index = grid_sources.setdefault(id(spec.grid), (len(grid_sources), spec.grid))[0]
+        block_call = BlockCall(state, spec, index, grid_index)
         handles.append(spec.block.register_forward_pre_hook(BlockPreHook(block_call), with_kwargs=True))
         handles.append(
             spec.block.register_forward_hook(BlockPostHook(block_call), with_kwargs=True, always_call=True)
@@ -238,8 +251,9 @@ def install(
             block_call.num_sites += 1
             handles.append(site.module.register_forward_pre_hook(SitePreHook(site_call), with_kwargs=True))
             handles.append(site.module.register_forward_hook(SitePostHook(site_call), with_kwargs=True))
-    for source in grid_sources.values():
-        handles.append(source.module.register_forward_pre_hook(GridHook(state, source), with_kwargs=True))
+    for grid_index, source in grid_sources.values():
+        hook = GridHook(state, source, grid_index)
+        handles.append(source.module.register_forward_pre_hook(hook, with_kwargs=True))
     return handles
 
 

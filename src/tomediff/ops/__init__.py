@@ -1,16 +1,30 @@
 """Pure tensor functions of token merging: partition, matching, merge/unmerge. No model imports."""
 
-from tomediff.ops.matching import best_dst_for_src, plan_merge
+from tomediff.ops.kernels import triton_enabled
+from tomediff.ops.matching import (
+    Backend,
+    PlanConstants,
+    best_dst_for_src,
+    plan_constants,
+    plan_merge,
+    score_block_elements,
+)
 from tomediff.ops.merge import KeepPlan, MergePlan, TokenPlan
-from tomediff.ops.partition import Partition, draw_dst_offsets, grid_partition
+from tomediff.ops.partition import Partition, draw_dst_offsets, grid_partition, num_windows
 
 __all__ = [
+    "Backend",
     "KeepPlan",
     "MergePlan",
     "Partition",
+    "PlanConstants",
     "TokenPlan",
     "best_dst_for_src",
     "draw_dst_offsets",
     "grid_partition",
+    "num_windows",
+    "plan_constants",
     "plan_merge",
+    "score_block_elements",
+    "triton_enabled",
 ]

@@ -12,6 +12,8 @@ from typing import Protocol
 
 import torch
 
+from tomediff.ops.kernels import scatter_add_triton, triton_enabled
+
 __all__ = ["KeepPlan", "MergePlan", "TokenPlan"]
 
 
@@ -66,17 +68,17 @@ def _merge_mask_by_slot(
 class MergePlan:
     """Mean-merge plan for ``batch`` sequences of ``num_tokens`` tokens onto ``num_merged`` slots.
 
-    Only the flat index and the reciprocal counts are stored (about ``9·B·N`` bytes), so a plan alive
+    Only the flat index and the slot sizes are stored (about ``12·B·N`` bytes), so a plan alive
     during a block adds little to its peak memory.
 
     Attributes:
         flat_slot: ``[B*N]`` int64, ``b * M + slot[b, n]``: row of the flattened ``[B*M, C]`` output.
-        inv_count: ``[B*M, 1]`` reciprocal of the number of tokens in each slot (in the metric's
-            dtype; the dst token itself counts, so a lone token keeps its exact value).
+        counts: ``[B*M, 1]`` float32 number of tokens in each slot (the dst token itself counts, so a
+            lone token keeps its exact value).
     """
 
     flat_slot: torch.Tensor
-    inv_count: torch.Tensor
+    counts: torch.Tensor
     batch: int
     num_tokens: int
     num_merged: int
@@ -88,18 +90,26 @@ class MergePlan:
         return self.flat_slot.view(self.batch, self.num_tokens) - offsets
 
     def merge(self, x: torch.Tensor) -> torch.Tensor:
-        """``x: [B, N, C] -> [B, M, C]``, each slot the mean of its tokens."""
+        """``x: [B, N, C] -> [B, M, C]``, each slot the mean of its tokens.
+
+        Half-precision inputs are summed in float32 (a large group of large values would overflow
+        fp16 otherwise) and the mean is rounded once; float32/float64 inputs sum in their own dtype.
+        """
         _check_tokens(x, self.batch, self.num_tokens, "merge")
         channels = x.shape[-1]
         flat = x.reshape(self.batch * self.num_tokens, channels)
-        out = x.new_zeros(self.batch * self.num_merged, channels)
-        if x.is_cuda and torch.are_deterministic_algorithms_enabled():
-            # index_add_ uses atomics on CUDA; accumulate-put has a deterministic (sorted) kernel.
-            out.index_put_((self.flat_slot,), flat, accumulate=True)
+        num_slots = self.batch * self.num_merged
+        deterministic = x.is_cuda and torch.are_deterministic_algorithms_enabled()
+        if x.dtype in (torch.float16, torch.bfloat16):
+            if triton_enabled(x) and not deterministic:
+                sums = scatter_add_triton(flat, self.flat_slot, num_slots)
+            else:
+                sums = _scatter_add(flat.float(), self.flat_slot, num_slots, deterministic)
+            out = torch.div(sums, self.counts, out=x.new_empty(num_slots, channels))
         else:
-            out.index_add_(0, self.flat_slot, flat)
-        inv_count = self.inv_count if self.inv_count.dtype == x.dtype else self.inv_count.to(x.dtype)
-        return out.mul_(inv_count).view(self.batch, self.num_merged, channels)
+            counts = self.counts if self.counts.dtype == x.dtype else self.counts.to(x.dtype)
+            out = _scatter_add(flat, self.flat_slot, num_slots, deterministic).div_(counts)
+        return out.view(self.batch, self.num_merged, channels)
 
     def unmerge(self, y: torch.Tensor) -> torch.Tensor:
         """``y: [B, M, C] -> [B, N, C]``, every token gets its slot's value."""
@@ -111,6 +121,15 @@ class MergePlan:
     def merge_mask(self, mask: torch.Tensor, dim: int) -> torch.Tensor:
         """Reduce axis ``dim`` (size N) of an attention mask to the M slots."""
         return _merge_mask_by_slot(mask, dim, self.local_slot, self.batch, self.num_merged)
+
+
+def _scatter_add(flat: torch.Tensor, index: torch.Tensor, num_slots: int, deterministic: bool) -> torch.Tensor:
+    """``out[index[i]] += flat[i]`` into new ``[num_slots, C]`` zeros of ``flat``'s dtype."""
+    out = flat.new_zeros(num_slots, flat.shape[-1])
+    if deterministic:
+        # index_add_ uses atomics on CUDA; accumulate-put has a deterministic (sorted) kernel.
+        return out.index_put_((index,), flat, accumulate=True)
+    return out.index_add_(0, index, flat)
 
 
 @dataclass(frozen=True, eq=False)

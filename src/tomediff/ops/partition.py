@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Partition", "draw_dst_offsets", "grid_partition"]
+__all__ = ["Partition", "draw_dst_offsets", "grid_partition", "num_windows"]
 
 
 @dataclass(frozen=True)
@@ -14,27 +14,27 @@ class Partition:
     """Which tokens of a row-major ``height × width`` grid are dst and which are src.
 
     Attributes:
-        dst_idx: ``[Nd]`` int64 token indices of the dst tokens, one per full window.
-        src_idx: ``[Ns]`` int64 token indices of every other token (leftover rows and columns
-            of grids that are not multiples of the window are src), ``Nd + Ns = height * width``.
+        dst_idx: ``[Nd]`` int64 token indices of the dst tokens, one per full window, in row-major
+            window order.
+        src_idx: ``[Ns]`` int64 token indices of every other token, increasing (leftover rows and
+            columns of grids that are not multiples of the window are src), ``Nd + Ns = height * width``.
     """
 
     dst_idx: torch.Tensor
     src_idx: torch.Tensor
     height: int
     width: int
+    num_dst: int
+    num_src: int
 
     @property
     def num_tokens(self) -> int:
         return self.height * self.width
 
-    @property
-    def num_dst(self) -> int:
-        return int(self.dst_idx.shape[0])
 
-    @property
-    def num_src(self) -> int:
-        return int(self.src_idx.shape[0])
+def num_windows(height: int, width: int, sx: int, sy: int) -> int:
+    """How many full ``sy × sx`` windows (and so dst tokens) an ``height × width`` grid has."""
+    return (height // sy) * (width // sx)
 
 
 def draw_dst_offsets(
@@ -53,28 +53,42 @@ def draw_dst_offsets(
 
 
 def grid_partition(
-    height: int, width: int, sx: int, sy: int, offsets: torch.Tensor, device: torch.device | str = "cpu"
+    height: int,
+    width: int,
+    sx: int,
+    sy: int,
+    offsets: torch.Tensor,
+    device: torch.device | str | None = None,
 ) -> Partition:
-    """Build the dst/src index sets of a grid from per-window dst offsets.
+    """Build the dst/src index sets of a grid from per-window dst offsets, on the offsets' device.
+
+    Everything is shape-static tensor arithmetic (no ``nonzero``), so it needs no host sync and
+    traces into one graph under ``torch.compile``.
 
     Args:
         height, width: token grid size; need not be multiples of ``sy``/``sx``.
-        offsets: ``[height // sy, width // sx]`` int64, as from :func:`draw_dst_offsets`.
-        device: where the returned indices live. They are built on the CPU (cheap integer work)
-            and copied once, so no device-to-host synchronisation is needed.
+        offsets: ``[height // sy, width // sx]`` (or flat ``[Nd]``) integer offsets, as from
+            :func:`draw_dst_offsets`.
+        device: where the indices live; default the device of ``offsets``.
     """
     windows_y, windows_x = height // sy, width // sx
-    if tuple(offsets.shape) != (windows_y, windows_x):
+    num_dst = windows_y * windows_x
+    if offsets.numel() != num_dst or (offsets.dim() == 2 and tuple(offsets.shape) != (windows_y, windows_x)):
         raise ValueError(
             f"offsets must have shape {(windows_y, windows_x)} for a {height}x{width} grid with "
             f"sx={sx}, sy={sy}; got {tuple(offsets.shape)}."
         )
-    offsets = offsets.to("cpu", torch.int64)
-    rows = torch.arange(windows_y).mul_(sy).unsqueeze(1) + offsets // sx
-    cols = torch.arange(windows_x).mul_(sx).unsqueeze(0) + offsets % sx
-    dst_idx = (rows * width + cols).flatten()
-    is_dst = torch.zeros(height * width, dtype=torch.bool)
-    is_dst[dst_idx] = True
-    src_idx = torch.nonzero(~is_dst).flatten()
-    device = torch.device(device)
-    return Partition(dst_idx.to(device), src_idx.to(device), height, width)
+    device = offsets.device if device is None else torch.device(device)
+    offsets = offsets.to(device=device, dtype=torch.int64).view(windows_y, windows_x)
+    num_tokens = height * width
+    # Top-left token of each window plus the offset's row and column inside the window.
+    corner = (
+        torch.arange(windows_y, device=device).mul_(sy * width).unsqueeze(1)
+        + torch.arange(windows_x, device=device).mul_(sx).unsqueeze(0)
+    )
+    dst_idx = (corner + offsets.div(sx, rounding_mode="floor").mul_(width) + offsets.remainder(sx)).view(-1)
+    # A stable sort of "is src" puts the dst tokens first and the src tokens after them, each group in
+    # increasing token order; unlike nonzero() its output size is known without a sync.
+    is_src = torch.ones(num_tokens, dtype=torch.uint8, device=device).index_fill_(0, dst_idx, 0)
+    src_idx = torch.sort(is_src, stable=True).indices[num_dst:]
+    return Partition(dst_idx, src_idx, height, width, num_dst, num_tokens - num_dst)
