@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from tomediff.ops import draw_dst_offsets, grid_partition, plan_merge
+from tomediff.ops import Backend, draw_dst_offsets, grid_partition, plan_constants, plan_merge
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -35,9 +35,20 @@ def tomesd_matching(x: torch.Tensor, side: int, ratio: float) -> tuple[Callable,
     return bipartite_soft_matching_random2d(x, side, side, 2, 2, int(x.shape[1] * ratio), no_rand=True)
 
 
-def tomediff_matching(x: torch.Tensor, side: int, ratio: float):
-    partition = grid_partition(side, side, 2, 2, draw_dst_offsets(side, side, 2, 2, None), x.device)
-    return plan_merge(x, partition, int(x.shape[1] * ratio))
+_PLAN_INPUTS: dict[tuple, tuple] = {}
+
+
+def tomediff_matching(x: torch.Tensor, side: int, ratio: float, backend: Backend = "auto"):
+    """What a patched block pays per call: the partition and the plan's index constants are built once
+    per shape and reused (as ToMeState does with use_rand off); the plan itself is made every call."""
+    num_remove = int(x.shape[1] * ratio)
+    key = (side, x.shape[0], num_remove, str(x.device))
+    if key not in _PLAN_INPUTS:
+        partition = grid_partition(side, side, 2, 2, draw_dst_offsets(side, side, 2, 2, None), x.device)
+        constants = plan_constants(x.shape[0], partition.num_dst, partition.num_src, num_remove, x.device)
+        _PLAN_INPUTS[key] = (partition, constants)
+    partition, constants = _PLAN_INPUTS[key]
+    return plan_merge(x, partition, num_remove, constants=constants, backend=backend)
 
 
 def sync(device: torch.device) -> None:
@@ -81,11 +92,14 @@ def speed(
         repeats,
         device,
     )
+    matching_fns = {
+        "tomesd": lambda: tomesd_matching(x, side, ratio),
+        "tomediff": lambda: tomediff_matching(x, side, ratio),
+    }
+    if device.type == "cuda":  # the torch reference path too, to show what the Triton kernel buys
+        matching_fns["tomediff_torch"] = lambda: tomediff_matching(x, side, ratio, backend="torch")
     matching = interleaved_medians(
-        {
-            "tomesd": lambda: tomesd_matching(x, side, ratio),
-            "tomediff": lambda: tomediff_matching(x, side, ratio),
-        },
+        matching_fns,
         max(3, repeats // 3),
         device,
     )
@@ -95,7 +109,21 @@ def speed(
         "merge_unmerge_ratio": merge_unmerge["tomediff"] / merge_unmerge["tomesd"],
         "matching_s": matching,
         "matching_ratio": matching["tomediff"] / matching["tomesd"],
+        "attention_s": attention_times(x, ratio, repeats, device),
     }
+
+
+def attention_times(x: torch.Tensor, ratio: float, repeats: int, device: torch.device) -> dict[str, float]:
+    """SDPA over N and over N - r tokens (8 heads), to set the matching cost against what it saves."""
+    batch, tokens, channels = x.shape
+    kept = tokens - int(tokens * ratio)
+    heads = 8
+
+    def attend(n: int) -> None:
+        q = x[:, :n].reshape(batch, n, heads, channels // heads).transpose(1, 2)
+        torch.nn.functional.scaled_dot_product_attention(q, q, q)
+
+    return interleaved_medians({"full": lambda: attend(tokens), "merged": lambda: attend(kept)}, repeats, device)
 
 
 def peak_memory_child(
@@ -215,7 +243,10 @@ def main() -> int:
             m["tomediff"] * 1e3,
             row["matching_ratio"],
         )
-        print("{:<16} {:>24.2f} {:>8.2f} {:>12.3f} {:>19.1f} {:>8.1f} {:>12.3f}".format(*cells))
+        print("{:<16} {:>24.2f} {:>8.2f} {:>12.3f} {:>19.2f} {:>8.2f} {:>12.3f}".format(*cells))
+        extra = {name: f"{seconds * 1e3:.2f}" for name, seconds in m.items() if name not in ("tomesd", "tomediff")}
+        attention = {name: f"{seconds * 1e3:.2f}" for name, seconds in row["attention_s"].items()}
+        print(f"{'':<16} other matching ms: {extra or '-'}; SDPA ms (N, N-r): {attention}")
     mem = results["memory"]
     mib = {impl: value / 2**20 for impl, value in mem["peak_bytes"].items()}
     shape = "x".join(map(str, mem["shape"]))
