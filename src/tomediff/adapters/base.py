@@ -46,7 +46,8 @@ def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     """Class decorator adding an adapter to the registry."""
     if any(existing.name == cls.name for existing in _ADAPTERS):
         raise ValueError(  # a programming error in an adapter module, not a user error
-f"an adapter named {cls.name!r} is already registered")
+            f"an adapter named {cls.name!r} is already registered"
+        )
     _ADAPTERS.append(cls)
     _ADAPTERS.sort(key=lambda adapter: -adapter.priority)
     return cls
