@@ -13,8 +13,8 @@ class ProgressBar:
     """Counts ``total`` units of work named ``unit`` (e.g. "denoising steps", "batches generated").
 
     On a terminal (and with rich installed) it draws a transient bar ``description ━━━ 3/40 unit
-    elapsed remaining``; when stderr is redirected it prints one line per completed unit,
-    ``[3/40 unit] description (12 s elapsed)``, so logs of long runs say where they are. Disabled, it
+    elapsed remaining``; when stderr is redirected it prints a line ``[3/40 unit] description (12 s
+    elapsed)`` at most every 5 seconds and at the end, so logs of long runs say where they are. Disabled, it
     does nothing.
     """
 
@@ -22,7 +22,7 @@ class ProgressBar:
         self.total, self.unit, self.done = total, unit, 0
         self._bar: Any = None
         self._log = False
-        self._started = time.perf_counter()
+        self._started = self._logged = time.perf_counter()
         if not enabled or total <= 0:
             return
         try:
@@ -62,8 +62,9 @@ class ProgressBar:
         self.done += steps
         if self._bar is not None:
             self._bar.update(self._task, advance=steps, description=description)
-        elif self._log and steps:
-            elapsed = time.perf_counter() - self._started
+        elif self._log and steps and (self.done >= self.total or time.perf_counter() - self._logged >= 5):
+            self._logged = time.perf_counter()
+            elapsed = self._logged - self._started
             print(
                 f"[{self.done}/{self.total} {self.unit}] {description} ({elapsed:.0f} s elapsed)",
                 file=sys.stderr,

@@ -46,8 +46,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--protocol",
         choices=("bundled", "paper"),
         default=None,
-        help="'bundled' (default): the shipped Fashion-MNIST model with classifier metrics; "
-        "'paper': SD 1.5, 512², ImageNet prompts, FID/CLIP (implied by --model)",
+        help="'bundled': the shipped Fashion-MNIST model with classifier metrics; 'paper': SD 1.5, 512², "
+        "ImageNet prompts, FID/CLIP. Default: paper when --model is given, else bundled",
     )
     parser.add_argument(
         "--model",
@@ -101,7 +101,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--samples-per-class",
         type=positive_int,
         default=None,
-        help="bundled: images per class per setting (default 100); paper: per ImageNet class (default 2)",
+        help="images per class per setting. Default: 100 (paper: 2 per ImageNet class)",
     )
     parser.add_argument(
         "--batch-size",
