@@ -35,8 +35,10 @@ def _words(text: str) -> list[str]:
 
 def _resolution(text: str) -> int:
     value = positive_int(text)
-    if value < 64 or value % 8:
-        raise argparse.ArgumentTypeError(f"resolution {value} must be a multiple of 8 and at least 64")
+    if value % 8:
+        raise argparse.ArgumentTypeError(
+            f"resolution {value} must be a multiple of 8 (the VAE downsamples by 8)"
+        )
     return value
 
 
