@@ -174,3 +174,25 @@ def test_error_classes_are_also_the_builtin_ones() -> None:
         from conftest import tiny_sdxl_unet
 
         tomediff.apply_tome(tiny_sdxl_unet(), max_downsample=1)
+
+
+def test_settings_records_are_derived_from_tomeconfig() -> None:
+    import dataclasses
+    import inspect
+
+    from tomediff.bench.variants import MergeSettings
+    from tomediff.config import TOMESD_FIELDS, config_from, tomesd_arguments
+    from tomediff.eval.settings import Setting
+
+    tome_fields = {f.name for f in dataclasses.fields(ToMeConfig)}
+    assert {f.name for f in dataclasses.fields(MergeSettings)} <= tome_fields
+    assert {f.name for f in dataclasses.fields(Setting)} - {"method", "seed_offset", "variant"} <= tome_fields
+    assert tuple(inspect.signature(tomediff.apply_patch).parameters)[1:] == TOMESD_FIELDS
+    tomesd = pytest.importorskip("tomesd")
+    assert tuple(inspect.signature(tomesd.apply_patch).parameters)[1:] == TOMESD_FIELDS
+    settings = MergeSettings(ratio=0.5, max_downsample=2, merge_mlp=True)
+    assert settings.tome_config() == ToMeConfig(ratio=0.5, max_downsample=2, use_rand=False, merge_mlp=True)
+    assert tomesd_arguments(Setting(method="tomesd", ratio=0.3).tome_config())["max_downsample"] == 1
+    assert config_from(Setting(method="tomediff", ratio=0.3), seed=4).seed == 4
+    with pytest.raises(tomediff.ConfigError, match=r"ratio=0\.9 is outside"):
+        MergeSettings(ratio=0.9, max_downsample=1)

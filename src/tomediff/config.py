@@ -11,7 +11,27 @@ import torch
 
 from tomediff.errors import ConfigError, UnknownOptionError
 
-__all__ = ["SEED_MAX", "SEED_MIN", "ToMeConfig", "check_seed"]
+__all__ = [
+    "SEED_MAX",
+    "SEED_MIN",
+    "TOMESD_FIELDS",
+    "ToMeConfig",
+    "check_seed",
+    "config_from",
+    "tomesd_arguments",
+]
+
+# The settings tomesd.apply_patch takes, in its order (tomediff.apply_patch has the same signature).
+TOMESD_FIELDS = (
+    "ratio",
+    "max_downsample",
+    "sx",
+    "sy",
+    "use_rand",
+    "merge_attn",
+    "merge_crossattn",
+    "merge_mlp",
+)
 
 # What torch.Generator.manual_seed accepts (negative seeds wrap around to 2**64 + seed).
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -168,3 +188,26 @@ class ToMeConfig:
             valid = ", ".join(f.name for f in dataclasses.fields(self))
             raise UnknownOptionError(f"Unknown ToMeConfig option(s): {names}. Valid options: {valid}.")
         return dataclasses.replace(self, **overrides)  # type: ignore[arg-type]
+
+
+def config_from(source: object, **overrides: object) -> ToMeConfig:
+    """The :class:`ToMeConfig` described by ``source``: every attribute of ``source`` named like a
+    ToMeConfig field (a benchmark's or evaluation's settings record), then ``overrides``; validated.
+
+    This keeps the settings records of the CLIs, the benchmark and the evaluation derived from
+    ToMeConfig: they may hold a subset of its fields (with their own defaults), never a different meaning.
+    """
+    values = {
+        f.name: getattr(source, f.name) for f in dataclasses.fields(ToMeConfig) if hasattr(source, f.name)
+    }
+    values.update(overrides)
+    return ToMeConfig(**values)  # type: ignore[arg-type]
+
+
+def tomesd_arguments(config: ToMeConfig) -> dict[str, object]:
+    """Keyword arguments of ``tomesd.apply_patch`` for ``config`` (``max_downsample=None`` becomes 1,
+    tomesd's default; ``seed``/``generator`` have no tomesd counterpart)."""
+    args = {name: getattr(config, name) for name in TOMESD_FIELDS}
+    if args["max_downsample"] is None:
+        args["max_downsample"] = 1
+    return args
