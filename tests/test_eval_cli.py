@@ -170,6 +170,7 @@ def _exit_code(argv: list[str]) -> int:
         (["demo", "--out", "/proc/nope"], "--out /proc/nope is not a writable directory"),
         (["demo", "--steps", "-1"], "expected a positive integer, got -1"),
         (["demo", "--speed-resolution", "100"], "multiple of 8"),
+        (["demo", "--speed-model", "pixart", "--speed-resolution", "520"], "must be a multiple of 16"),
     ],
 )
 def test_bad_arguments_fail_in_one_line_before_any_work(

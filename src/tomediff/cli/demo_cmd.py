@@ -271,8 +271,15 @@ def run(args: argparse.Namespace) -> int:
             raise CLIUsageError(
                 f"--assets {args.assets} lacks demo_unet.safetensors; pass a folder of weights"
             )
-        if args.speed_resolution % 8:
-            raise CLIUsageError(f"--speed-resolution {args.speed_resolution} must be a multiple of 8")
+        if args.speed_model != "none":
+            from tomediff.bench.models import get_model_spec
+
+            multiple = get_model_spec(args.speed_model).resolution_multiple
+            if args.speed_resolution % multiple:
+                raise CLIUsageError(
+                    f"--speed-resolution {args.speed_resolution} does not fit --speed-model "
+                    f"{args.speed_model}: it must be a multiple of {multiple}"
+                )
         check_out_dir(args.out)
     except TomediffError as error:
         return fail("demo", error)
