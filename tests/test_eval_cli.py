@@ -44,12 +44,14 @@ def test_demo_writes_grid_and_table(
             "0.5",
             "--threads",
             "1",
+            "--speed-model",
+            "none",
             "--no-progress",
         ],
     )
     assert args.func(args) == 0
     printed = capsys.readouterr().out
-    assert "speedup" in printed and "PSNR" in printed
+    assert "speedup" in printed and "PSNR" in printed and "Speed" not in printed
     result = json.loads((tmp_path / "results.json").read_text())
     rows = result["rows"]
     assert [r["ratio"] for r in rows] == [0.0, 0.5]
@@ -58,7 +60,29 @@ def test_demo_writes_grid_and_table(
     from PIL import Image
 
     width, height = Image.open(tmp_path / "grid.png").size
-    assert width > 10 * 28 * 3 and height > 2 * 28 * 3  # 10 class columns, 2 ratio rows
+    # 10 class columns; rows: unmerged, ratio 0.5, |ratio 0.5 - unmerged| amplified
+    assert width > 10 * 28 * 3 and 3 * 28 * 3 < height < 4 * 28 * 3
+
+
+def test_difference_row_is_the_amplified_absolute_difference() -> None:
+    import numpy as np
+
+    merged = np.array([[[10, 200, 0]]], dtype=np.uint8)
+    unmerged = np.array([[[12, 100, 0]]], dtype=np.uint8)
+    diff = demo_cmd.amplified_difference(merged, unmerged, gain=8)
+    assert diff.dtype == np.uint8 and diff.tolist() == [[[16, 255, 0]]]
+
+
+def test_speed_section_times_baseline_merged_and_ideal_with_the_bench_runner() -> None:
+    from tomediff.bench.models import MODELS
+
+    assert set(demo_cmd.SPEED_MODELS) <= set(MODELS)
+    rows = demo_cmd.run_speed("tiny-unet", 64, 0.5, repeats=2, threads=1, progress=False)
+    assert [r["variant"] for r in rows] == ["baseline", "tomediff", "ideal"]
+    for row in rows:
+        assert row["error"] is None and len(row["latencies_s"]) == 2 and row["median_s"] > 0
+    assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] == rows[0]["median_s"] / rows[1]["median_s"]
+    assert rows[1]["ratio"] == 0.5 and rows[0]["tokens"] == 64
 
 
 def test_eval_bundled_writes_every_output(tiny_assets: Path, tmp_path: Path) -> None:
@@ -113,3 +137,158 @@ def test_eval_bundled_writes_every_output(tiny_assets: Path, tmp_path: Path) -> 
     )
     for name in ("results.md", "grid.png", "metrics_vs_ratio.png"):
         assert (tmp_path / name).is_file()
+
+
+def _exit_code(argv: list[str]) -> int:
+    from tomediff.cli import main
+
+    try:
+        return main.main(argv)
+    except SystemExit as exit_info:
+        return int(exit_info.code or 0)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["eval", "--out", "/proc/nope"], "--out /proc/nope is not a writable directory"),
+        (["eval", "--ratios", "0,1.5"], "ratio 1.5 is out of range: it must be in [0, 0.75]"),
+        (["eval", "--ratios", "0,abc"], "ratio must be a number, got 'abc'"),
+        (["eval", "--ratios", ","], "expected a comma-separated list"),
+        (["eval", "--variants", "bogus"], "--variants: unknown value(s) 'bogus'; choose from no_rand"),
+        (["eval", "--compare", "deepcache"], "--compare: unknown value(s) 'deepcache'; choose from tomesd"),
+        (["eval", "--compare-ratios", "0.5"], "--compare-ratios needs --compare tomesd"),
+        (["eval", "--steps", "0"], "expected a positive integer, got 0"),
+        (["eval", "--guidance", "nan"], "expected a finite number"),
+        (["eval", "--threads", "999"], "more than the"),
+        (["eval", "--fid-ref", "/nonexistent"], "--fid-ref applies to --protocol paper only"),
+        (["eval", "--model", "x", "--fid-ref", "/nonexistent"], "--fid-ref /nonexistent is not a directory"),
+        (["eval", "--assets", "/nonexistent"], "--assets /nonexistent lacks demo_unet.safetensors"),
+        (["eval", "--dtype", "fp8"], "invalid choice: 'fp8'"),
+        (["demo", "--ratios", "0.5,abc"], "ratio must be a number, got 'abc'"),
+        (["demo", "--ratios", "0.9"], "ratio 0.9 is out of range"),
+        (["demo", "--out", "/proc/nope"], "--out /proc/nope is not a writable directory"),
+        (["demo", "--steps", "-1"], "expected a positive integer, got -1"),
+        (["demo", "--speed-resolution", "100"], "multiple of 8"),
+        (["demo", "--speed-model", "pixart", "--speed-resolution", "520"], "must be a multiple of 16"),
+    ],
+)
+def test_bad_arguments_fail_in_one_line_before_any_work(
+    argv: list[str],
+    message: str,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    import tomediff.eval.quality as quality
+
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("work started although the arguments are invalid")
+
+    monkeypatch.setattr(quality, "run_quality_eval", forbidden)
+    monkeypatch.setattr(demo_cmd, "run_demo", forbidden)
+    if "--out" not in argv:
+        argv = [*argv, "--out", str(tmp_path / "out")]
+    assert _exit_code(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err
+    assert len(err.splitlines()) == 1 and err.startswith(f"tomediff {argv[0]}: error: ")
+    assert "Traceback" not in err
+
+
+def test_version_and_help_give_every_default(capsys: pytest.CaptureFixture[str]) -> None:
+    import tomediff
+    from tomediff.cli import main
+
+    assert _exit_code(["--version"]) == 0
+    assert capsys.readouterr().out.startswith(f"tomediff {tomediff.__version__} (torch ")
+    parser = main.build_parser()
+    subparsers = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for command in ("eval", "demo"):
+        for action in subparsers[command]._actions:
+            if action.option_strings and action.nargs != 0 and action.dest != "help":
+                assert action.help and "Default" in action.help, (command, action.option_strings)
+
+
+def test_eval_variant_names_match_the_settings() -> None:
+    from tomediff.eval.settings import VARIANTS
+
+    assert tuple(VARIANTS) == eval_cmd.VARIANT_NAMES
+
+
+def _small_eval(assets: Path, out: Path, *extra: str) -> list[str]:
+    return [
+        "eval", "--assets", str(assets), "--out", str(out), "--samples-per-class", "1", "--batch-size", "10",
+        "--steps", "2", "--ratios", "0", "--variants", "none", "--no-different-seed", "--threads", "1",
+        "--bootstrap", "20", "--no-progress", *extra,
+    ]  # fmt: skip
+
+
+def _batches(out: Path) -> dict[str, tuple[int, bytes]]:
+    return {str(p.relative_to(out)): (p.stat().st_mtime_ns, p.read_bytes()) for p in out.rglob("batch_*.npz")}
+
+
+def test_eval_resumes_only_exact_matches_and_never_overwrites(
+    tiny_assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "eval"
+    assert _exit_code(_small_eval(tiny_assets, out)) == 0
+    first = _batches(out)
+    results = (out / "results.json").read_bytes()
+    assert list(first) == ["images/unmerged/batch_00000.npz"]
+    capsys.readouterr()
+    # A changed setting that changes images: refused in one line, nothing touched.
+    for extra, said in (
+        (["--steps", "3"], "steps=2 (now 3)"),
+        (["--guidance", "2.5"], "guidance=3.0 (now 2.5)"),
+        (["--seed", "5"], "base_seed=0 (now 5)"),
+        (["--batch-size", "5"], "batch_size=10 (now 5)"),
+    ):
+        argv = _small_eval(tiny_assets, out)
+        flag = argv.index(extra[0]) if extra[0] in argv else None
+        if flag is not None:
+            argv[flag + 1] = extra[1]
+        else:
+            argv += extra
+        assert _exit_code(argv) == 2, extra
+        err = capsys.readouterr().err.strip()
+        assert said in err and "pass a new --out" in err and len(err.splitlines()) == 1, err
+        assert _batches(out) == first and (out / "results.json").read_bytes() == results
+    # Same settings: everything is reused (no batch rewritten); a new ratio adds only its own images.
+    assert _exit_code(_small_eval(tiny_assets, out, "--ratios", "0,0.5")) == 0
+    now = _batches(out)
+    assert now["images/unmerged/batch_00000.npz"] == first["images/unmerged/batch_00000.npz"]
+    assert set(now) == {"images/unmerged/batch_00000.npz", "images/tomediff_r0.5/batch_00000.npz"}
+    # Other model weights are another model: refused.
+    other = make_tiny_assets(tmp_path / "other", seed=1)
+    assert _exit_code(_small_eval(other, out)) == 2
+    assert "model=" in capsys.readouterr().err
+
+
+def test_images_of_an_older_run_without_a_record_are_not_reused(tmp_path: Path) -> None:
+    import numpy as np
+
+    from tomediff.errors import ResumeMismatchError
+    from tomediff.eval.settings import Setting
+    from tomediff.eval.sharding import DistContext, generate_settings, plan_batches
+
+    def sample_fn(class_ids: object, seeds: list[int]) -> np.ndarray:
+        return np.zeros((len(seeds), 4, 4), dtype=np.uint8)
+
+    batches = plan_batches(1, 2, 2)
+    old = tmp_path / "images" / "unmerged" / "batch_00000.npz"
+    old.parent.mkdir(parents=True)
+    old.write_bytes(b"made by an older version")
+    with pytest.raises(ResumeMismatchError, match="no record of the settings"):
+        generate_settings(
+            [Setting()],
+            batches,
+            None,
+            sample_fn,
+            1,
+            tmp_path,
+            DistContext(cpu=True),
+            False,
+            run_key={"steps": 1},
+        )
+    assert old.read_bytes() == b"made by an older version"

@@ -164,6 +164,7 @@ def test_paper_protocol_reports_fid_and_clip_from_the_metric_backends(
 
     monkeypatch.setattr(paper, "_fid", fake_fid)
     monkeypatch.setattr(paper, "_clip_score", fake_clip)
+    (tmp_path / "ref").mkdir()  # --fid-ref must exist: it is checked before any generation
     assert run(_args(model, names, tmp_path / "out", "--fid-ref", str(tmp_path / "ref"))) == 0
     rows = json.loads((tmp_path / "out" / "results.json").read_text())["rows"]
     assert [r["fid"] for r in rows] == [13.5, 14.5]
@@ -175,4 +176,4 @@ def test_missing_weights_give_a_clear_error(tmp_path: Path, capsys: pytest.Captu
     names = tmp_path / "classes.txt"
     names.write_text("tench\n")
     assert run(_args(tmp_path / "no-such-model", names, tmp_path / "out")) == 1
-    assert "Could not load Stable Diffusion weights" in capsys.readouterr().out
+    assert "Could not load Stable Diffusion weights" in capsys.readouterr().err

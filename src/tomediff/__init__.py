@@ -16,14 +16,34 @@ from tomediff.api import (
     tome,
 )
 from tomediff.config import ToMeConfig
+from tomediff.errors import (
+    CLIUsageError,
+    ConfigError,
+    ConflictingPatchError,
+    MergeCallError,
+    NothingToPatchError,
+    ResumeMismatchError,
+    TomediffError,
+    UnknownOptionError,
+    UnsupportedModelError,
+)
 
 __version__ = "0.1.0"
 
 __all__ = [
     "BlockReport",
+    "CLIUsageError",
+    "ConfigError",
+    "ConflictingPatchError",
+    "MergeCallError",
+    "NothingToPatchError",
+    "ResumeMismatchError",
     "ToMeConfig",
     "ToMeHandle",
     "ToMeReport",
+    "TomediffError",
+    "UnknownOptionError",
+    "UnsupportedModelError",
     "__version__",
     "apply_patch",
     "apply_tome",

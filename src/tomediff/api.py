@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,9 +12,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tomediff.adapters import find_adapter, resolve_model
-from tomediff.config import ToMeConfig
+from tomediff.config import ToMeConfig, check_seed
 from tomediff.core import BlockSpec, BlockStats, ToMeState, install, remove_hooks
 from tomediff.core.state import Planner
+from tomediff.errors import ConflictingPatchError, NothingToPatchError, UnknownOptionError
 
 __all__ = [
     "BlockReport",
@@ -111,7 +113,9 @@ class ToMeHandle:
 
     @property
     def active(self) -> bool:
-        return bool(self._handles)
+        """True only while this patch's own hooks are installed: False after :meth:`remove`,
+        :func:`remove_tome` or a later :func:`apply_tome` on the same model."""
+        return bool(self._handles) and all(_hook_installed(h) for h in self._handles)
 
     @property
     def num_blocks(self) -> int:
@@ -125,7 +129,7 @@ class ToMeHandle:
 
     def reseed(self, seed: int | None = None) -> None:
         """Restart the partition RNG, e.g. before each generation to reproduce it in one process."""
-        self.state.reseed(seed)
+        self.state.reseed(None if seed is None else check_seed(seed))
 
     def report(self) -> ToMeReport:
         blocks = tuple(
@@ -153,16 +157,35 @@ class ToMeHandle:
         return f"ToMeHandle({type(self.model).__name__}, {len(self._specs)} blocks, {status}, {self.config})"
 
 
+def _hook_installed(handle: RemovableHandle) -> bool:
+    """Whether the hook behind ``handle`` is still in its module's hook table."""
+    table = handle.hooks_dict_ref()
+    return table is not None and handle.id in table
+
+
+def _check_not_patched_by_tomesd(target: nn.Module) -> None:
+    """tomesd patches by swapping each block's class for a ``ToMeBlock`` subclass (keeping the original
+    in ``_parent``); merging on top of that would merge twice and fail with a shape error."""
+    for name, module in target.named_modules():
+        if type(module).__name__ == "ToMeBlock" and hasattr(module, "_parent"):
+            where = f"block '{name}'" if name else "it"
+            raise ConflictingPatchError(
+                f"{type(target).__name__} is already patched by tomesd ({where} is a tomesd ToMeBlock). "
+                "Call tomesd.remove_patch(model) first, then apply tomediff."
+            )
+
+
 def _make_config(config: ToMeConfig | None, overrides: dict[str, Any]) -> ToMeConfig:
     if config is None:
-        try:
-            return ToMeConfig(**overrides)
-        except TypeError as error:
-            raise TypeError(
-                f"{error}. Valid options: {', '.join(ToMeConfig.__dataclass_fields__)}."
-            ) from None
+        unknown = sorted(set(overrides) - set(ToMeConfig.__dataclass_fields__))
+        if unknown:
+            raise UnknownOptionError(
+                f"Unknown ToMeConfig option(s): {', '.join(unknown)}. "
+                f"Valid options: {', '.join(ToMeConfig.__dataclass_fields__)}."
+            )
+        return ToMeConfig(**overrides)
     if not isinstance(config, ToMeConfig):
-        raise TypeError(f"config must be a ToMeConfig, got {type(config).__name__}.")
+        raise UnknownOptionError(f"config must be a ToMeConfig, got {type(config).__name__}.")
     return config.replace(**overrides) if overrides else config
 
 
@@ -175,22 +198,27 @@ def apply_tome(
         model: a diffusers pipeline (its ``.unet`` or ``.transformer`` is patched), a diffusers model
             (``UNet2DConditionModel``, ``ControlNetModel``, ``PixArtTransformer2DModel``, ...), an
             LDM/CompVis model (``model.model.diffusion_model``), or any module containing
-            ``BasicTransformerBlock``s. A model that is already patched is first restored.
+            ``BasicTransformerBlock``s. A model that is already patched by tomediff is first restored,
+            but only once the new settings and model have been validated: when this call raises, the
+            previous patch is still in place.
         config: the settings; keyword ``overrides`` replace single fields (``ratio=0.6``).
         planner: ``"similarity"`` is ToMe. ``"ideal"`` keeps ``N - r`` tokens without any
             matching: the speed bound of merging at the same token counts, for benchmarks only.
 
     Raises:
-        ValueError: invalid settings, or a level limit that leaves no block to patch.
-        TypeError: an object that contains no supported transformer block.
+        ConfigError (a ValueError): invalid settings.
+        NothingToPatchError (a ValueError): a level limit or site selection that leaves nothing to merge.
+        UnknownOptionError, UnsupportedModelError (TypeErrors): an unknown keyword; an object that
+            contains no supported transformer block.
+        ConflictingPatchError (a RuntimeError): the model is patched by tomesd.
     """
     cfg = _make_config(config, overrides)
     target = resolve_model(model)
-    remove_hooks(target)
+    _check_not_patched_by_tomesd(target)
     adapter = find_adapter(target)
     specs = adapter.block_specs(target)
     if not specs:
-        raise ValueError(
+        raise NothingToPatchError(
             f"{type(target).__name__} contains no transformer block that adapter '{adapter.name}' can "
             "patch, so token merging would do nothing."
         )
@@ -198,7 +226,7 @@ def apply_tome(
     max_downsample = cfg.max_downsample if cfg.max_downsample is not None else (levels[0] if levels else 1)
     selected = [s for s in specs if s.downsample is None or s.downsample <= max_downsample]
     if not selected:
-        raise ValueError(
+        raise NothingToPatchError(
             f"max_downsample={cfg.max_downsample} selects none of the {len(specs)} transformer blocks of "
             f"{type(target).__name__}: they sit at downsample levels {list(levels)}. Use "
             f"max_downsample={levels[0]} or more, or max_downsample=None for the highest-resolution level."
@@ -206,11 +234,13 @@ def apply_tome(
     enabled = {kind for kind, switch in _SITE_SWITCHES.items() if getattr(cfg, switch)}
     if not any(site.kind in enabled for spec in selected for site in spec.sites):
         present = sorted({site.kind for spec in selected for site in spec.sites})
-        raise ValueError(
+        raise NothingToPatchError(
             f"the enabled merge sites {sorted(enabled)} do not exist in the selected blocks of "
             f"{type(target).__name__} (they have {present}); enable one of those."
         )
     state = ToMeState(cfg, max_downsample, len(selected), planner)
+    # Everything is validated: only now is the previous patch (if any) replaced.
+    remove_hooks(target)
     handles = install(target, selected, state, enabled)
     return ToMeHandle(target, state, selected, adapter.name, levels, handles)
 
@@ -245,23 +275,39 @@ def apply_patch(
 ) -> Any:
     """Drop-in replacement for ``tomesd.apply_patch`` (same signature and defaults); returns ``model``.
 
-    Unlike tomesd it raises instead of silently patching nothing (SDXL has no transformer block at
-    ``max_downsample=1``: pass ``max_downsample=2``, or use :func:`apply_tome`, which picks the level).
+    Accepts what tomesd accepts: numpy scalars (``np.float32(0.3)``, ``np.int64(2)``), any truthy or
+    falsy value for the switches (``merge_attn=1``), and a ``max_downsample`` that is not a power of two
+    (it selects the levels at most that downsampled, so ``3`` acts as ``2``, as in tomesd). Unlike tomesd
+    it raises instead of silently patching nothing (SDXL has no transformer block at
+    ``max_downsample=1``: pass ``max_downsample=2``, or use :func:`apply_tome`, which picks the level),
+    and it refuses a model still patched by tomesd (call ``tomesd.remove_patch(model)`` first).
     """
     apply_tome(
         model,
         ToMeConfig(
             ratio=ratio,
-            max_downsample=max_downsample,
+            max_downsample=_tomesd_level(max_downsample),
             sx=sx,
             sy=sy,
-            use_rand=use_rand,
-            merge_attn=merge_attn,
-            merge_crossattn=merge_crossattn,
-            merge_mlp=merge_mlp,
+            use_rand=bool(use_rand),
+            merge_attn=bool(merge_attn),
+            merge_crossattn=bool(merge_crossattn),
+            merge_mlp=bool(merge_mlp),
         ),
     )
     return model
+
+
+def _tomesd_level(max_downsample: Any) -> Any:
+    """tomesd patches the levels whose downsampling (1, 2, 4, 8) is ``<= max_downsample``: the same
+    blocks as the largest power of two not above it. Other values go on to ToMeConfig's own checks."""
+    if (
+        isinstance(max_downsample, numbers.Real)
+        and not isinstance(max_downsample, bool)
+        and max_downsample >= 1
+    ):
+        return 1 << (int(max_downsample).bit_length() - 1)
+    return max_downsample
 
 
 def remove_patch(model: Any) -> Any:

@@ -4,11 +4,80 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from dataclasses import dataclass
 
 import torch
 
-__all__ = ["ToMeConfig"]
+from tomediff.errors import ConfigError, UnknownOptionError
+
+__all__ = [
+    "SEED_MAX",
+    "SEED_MIN",
+    "TOMESD_FIELDS",
+    "ToMeConfig",
+    "check_seed",
+    "config_from",
+    "tomesd_arguments",
+]
+
+# The settings tomesd.apply_patch takes, in its order (tomediff.apply_patch has the same signature).
+TOMESD_FIELDS = (
+    "ratio",
+    "max_downsample",
+    "sx",
+    "sy",
+    "use_rand",
+    "merge_attn",
+    "merge_crossattn",
+    "merge_mlp",
+)
+
+# What torch.Generator.manual_seed accepts (negative seeds wrap around to 2**64 + seed).
+SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
+
+
+_WINDOW = "a positive integer window size"
+_LEVEL = (
+    "a power of two (1, 2, 4, 8, ...: how much a UNet level is downsampled) or None for the "
+    "highest-resolution level with transformer blocks"
+)
+
+
+def _is_numpy_bool(value: object) -> bool:
+    return type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")
+
+
+def _as_int(name: str, value: object, kind: str = "an integer") -> int:
+    """``value`` as a Python int: ints and numpy integers, never bools (a bool here is a mistake)."""
+    if isinstance(value, bool) or _is_numpy_bool(value) or not isinstance(value, numbers.Integral):
+        raise ConfigError(f"{name} must be {kind}, got {value!r} ({type(value).__name__}).")
+    return int(value)
+
+
+def _as_float(name: str, value: object) -> float:
+    """``value`` as a Python float: ints, floats and numpy numbers, never bools."""
+    if isinstance(value, bool) or _is_numpy_bool(value) or not isinstance(value, numbers.Real):
+        raise ConfigError(f"{name} must be a number, got {value!r} ({type(value).__name__}).")
+    return float(value)
+
+
+def _as_bool(name: str, value: object) -> bool:
+    """``value`` as a Python bool: True/False or numpy's ``np.bool_``."""
+    if isinstance(value, bool) or _is_numpy_bool(value):
+        return bool(value)
+    raise ConfigError(f"{name} must be True or False, got {value!r}.")
+
+
+def check_seed(seed: object, name: str = "seed") -> int:
+    """``seed`` as a Python int in the range ``torch.Generator.manual_seed`` accepts, else ConfigError."""
+    value = _as_int(name, seed)
+    if not SEED_MIN <= value <= SEED_MAX:
+        raise ConfigError(
+            f"{name}={value} is outside the range torch.Generator.manual_seed accepts, "
+            "[-2**63, 2**64 - 1]; pass a smaller seed (e.g. seed % 2**64)."
+        )
+    return value
 
 
 @dataclass(frozen=True)
@@ -21,9 +90,10 @@ class ToMeConfig:
             allowed value is ``1 - 1/(sx*sy)`` (every src token merged); 0.5 is the paper's
             recommended setting.
         max_downsample: merge only in transformer blocks whose token grid is downsampled at most
-            this much relative to the model's full-resolution token grid (1, 2, 4 or 8 in a
-            Stable Diffusion UNet). ``None`` (default) picks the highest-resolution level that has
-            transformer blocks: 1 for SD 1.x/2.x and DiTs, 2 for SDXL, whose first level has none.
+            this much relative to the model's full-resolution token grid: a power of two (1, 2, 4
+            or 8 in a Stable Diffusion UNet; other values raise). ``None`` (default) picks the
+            highest-resolution level that has transformer blocks: 1 for SD 1.x/2.x and DiTs, 2 for
+            SDXL, whose first level has none.
         sx: width of the window in which one destination (dst) token is chosen.
         sy: height of that window.
         use_rand: choose each window's dst token at random (from the library's own generator)
@@ -35,7 +105,11 @@ class ToMeConfig:
         merge_crossattn: merge tokens before cross-attention (its queries only).
         merge_mlp: merge tokens before the feed-forward layer (fast but hurts quality).
         seed: seed of the library's private generator for ``use_rand``. The same seed gives
-            the same partitions in every process; the global torch RNG is never touched.
+            the same partitions in every process; the global torch RNG is never touched. Any integer
+            ``torch.Generator.manual_seed`` accepts, ``[-2**63, 2**64 - 1]``.
+
+    Integers and floats may also be numpy scalars (``np.int64(3)``, ``np.float32(0.5)``); they are
+    stored as Python ``int``/``float``.
         generator: a ``torch.Generator`` to draw partitions from instead of a private one seeded
             with ``seed``. It is used as given (its state advances); must be a CPU generator so
             partitions do not depend on the model's device.
@@ -53,46 +127,50 @@ class ToMeConfig:
     generator: torch.Generator | None = dataclasses.field(default=None, compare=False)
 
     def __post_init__(self) -> None:
+        # numpy scalars (np.int64, np.float32, np.bool_) are accepted and stored as Python numbers, so
+        # the frozen config compares, hashes and serialises like one built from plain values.
+        for name in ("sx", "sy"):
+            object.__setattr__(self, name, _as_int(name, getattr(self, name), _WINDOW))
+        object.__setattr__(self, "seed", check_seed(self.seed))
+        md = self.max_downsample
+        if md is not None:
+            object.__setattr__(self, "max_downsample", _as_int("max_downsample", md, _LEVEL))
+        object.__setattr__(self, "ratio", _as_float("ratio", self.ratio))
+        for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
+            object.__setattr__(self, name, _as_bool(name, getattr(self, name)))
         for name in ("sx", "sy"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be a positive integer window size, got {value!r}.")
+            if value < 1:
+                raise ConfigError(f"{name} must be {_WINDOW}, got {value!r}.")
         if self.sx * self.sy < 2:
-            raise ValueError(
+            raise ConfigError(
                 f"sx*sy must be at least 2 so each window has a src token to merge, got sx={self.sx}, "
                 f"sy={self.sy}; use the default sx=2, sy=2."
             )
         ratio = self.ratio
-        if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or math.isnan(ratio):
-            raise ValueError(f"ratio must be a number in [0, {self.max_ratio:g}], got {ratio!r}.")
+        if math.isnan(ratio):
+            raise ConfigError(f"ratio must be a number in [0, {self.max_ratio:g}], got {ratio!r}.")
         if not 0.0 <= ratio <= self.max_ratio + 1e-12:
-            raise ValueError(
+            raise ConfigError(
                 f"ratio={ratio!r} is outside [0, {self.max_ratio:g}]: with sx={self.sx}, sy={self.sy} "
                 f"at most 1 - 1/(sx*sy) = {self.max_ratio:g} of the tokens can be merged. "
                 "Lower ratio or use larger sx/sy."
             )
         md = self.max_downsample
-        if md is not None and (isinstance(md, bool) or not isinstance(md, int) or md < 1):
-            raise ValueError(
-                f"max_downsample must be a positive integer (1, 2, 4, 8, ...) or None for "
-                f"'highest-resolution level with transformer blocks', got {md!r}."
-            )
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            raise ValueError(f"seed must be an integer, got {self.seed!r}.")
-        for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
-            if not isinstance(getattr(self, name), bool):
-                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}.")
+        if md is not None and (md < 1 or md & (md - 1)):
+            hint = f" Use {1 << (md.bit_length() - 1)}, which selects the same levels." if md > 1 else ""
+            raise ConfigError(f"max_downsample must be {_LEVEL}, got {md!r}.{hint}")
         if not (self.merge_attn or self.merge_crossattn or self.merge_mlp):
-            raise ValueError(
+            raise ConfigError(
                 "merge_attn, merge_crossattn and merge_mlp are all False, so nothing would be merged; "
                 "enable at least one (merge_attn=True is the recommended default)."
             )
         gen = self.generator
         if gen is not None:
             if not isinstance(gen, torch.Generator):
-                raise ValueError(f"generator must be a torch.Generator, got {type(gen).__name__}.")
+                raise ConfigError(f"generator must be a torch.Generator, got {type(gen).__name__}.")
             if gen.device.type != "cpu":
-                raise ValueError(
+                raise ConfigError(
                     f"generator must live on the CPU (got device {gen.device}); partitions are drawn "
                     "on the CPU so the same seed gives the same result on every device."
                 )
@@ -108,5 +186,28 @@ class ToMeConfig:
         if unknown:
             names = ", ".join(sorted(unknown))
             valid = ", ".join(f.name for f in dataclasses.fields(self))
-            raise TypeError(f"Unknown ToMeConfig option(s): {names}. Valid options: {valid}.")
+            raise UnknownOptionError(f"Unknown ToMeConfig option(s): {names}. Valid options: {valid}.")
         return dataclasses.replace(self, **overrides)  # type: ignore[arg-type]
+
+
+def config_from(source: object, **overrides: object) -> ToMeConfig:
+    """The :class:`ToMeConfig` described by ``source``: every attribute of ``source`` named like a
+    ToMeConfig field (a benchmark's or evaluation's settings record), then ``overrides``; validated.
+
+    This keeps the settings records of the CLIs, the benchmark and the evaluation derived from
+    ToMeConfig: they may hold a subset of its fields (with their own defaults), never a different meaning.
+    """
+    values = {
+        f.name: getattr(source, f.name) for f in dataclasses.fields(ToMeConfig) if hasattr(source, f.name)
+    }
+    values.update(overrides)
+    return ToMeConfig(**values)  # type: ignore[arg-type]
+
+
+def tomesd_arguments(config: ToMeConfig) -> dict[str, object]:
+    """Keyword arguments of ``tomesd.apply_patch`` for ``config`` (``max_downsample=None`` becomes 1,
+    tomesd's default; ``seed``/``generator`` have no tomesd counterpart)."""
+    args = {name: getattr(config, name) for name in TOMESD_FIELDS}
+    if args["max_downsample"] is None:
+        args["max_downsample"] = 1
+    return args

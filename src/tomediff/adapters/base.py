@@ -7,6 +7,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from tomediff.core import BlockSpec, GridSource, Site
+from tomediff.errors import UnsupportedModelError
 
 __all__ = [
     "Adapter",
@@ -44,7 +45,9 @@ _ADAPTERS: list[type[Adapter]] = []
 def register_adapter(cls: type[Adapter]) -> type[Adapter]:
     """Class decorator adding an adapter to the registry."""
     if any(existing.name == cls.name for existing in _ADAPTERS):
-        raise ValueError(f"an adapter named {cls.name!r} is already registered")
+        raise ValueError(  # a programming error in an adapter module, not a user error
+            f"an adapter named {cls.name!r} is already registered"
+        )
     _ADAPTERS.append(cls)
     _ADAPTERS.sort(key=lambda adapter: -adapter.priority)
     return cls
@@ -60,7 +63,7 @@ def find_adapter(model: nn.Module) -> type[Adapter]:
         if adapter.matches(model):
             return adapter
     names = ", ".join(a.name for a in _ADAPTERS)
-    raise TypeError(
+    raise UnsupportedModelError(
         f"tomediff has no adapter for {type(model).__name__}: it contains no transformer block it "
         f"knows (tried: {names}). Pass a diffusers pipeline, UNet2DConditionModel, ControlNetModel, "
         "PixArt/DiT transformer, an LDM model, or a module containing BasicTransformerBlocks."
@@ -84,7 +87,7 @@ def resolve_model(obj: Any) -> nn.Module:
         return inner
     if isinstance(obj, nn.Module):
         return obj
-    raise TypeError(
+    raise UnsupportedModelError(
         f"tomediff cannot patch a {type(obj).__name__}: expected a diffusers pipeline (with .unet or "
         ".transformer), a torch.nn.Module, or an LDM model with .model.diffusion_model."
     )
@@ -101,10 +104,15 @@ class ForwardChunkingCheck:
     def __call__(self) -> str | None:
         if getattr(self.block, "_chunk_size", None) is None:
             return None
+        # diffusers' UNet2DConditionModel and the DiT transformers have no disable_forward_chunking()
+        # (only UNet3D/motion/SD3 models do); every BasicTransformerBlock has set_chunk_feed_forward.
         return (
             f"merge_mlp=True cannot be used while feed-forward chunking is enabled on block '{self.name}' "
-            "(enable_forward_chunking splits the feed-forward input into chunks). Call "
-            "disable_forward_chunking() on the model or apply tomediff with merge_mlp=False."
+            f"(chunk size {self.block._chunk_size}: the feed-forward input is split into chunks before it "
+            "could be unmerged). Turn chunking off on that block with "
+            f"model.get_submodule('{self.name}').set_chunk_feed_forward(None) (on every block: "
+            "for m in model.modules(): hasattr(m, 'set_chunk_feed_forward') and "
+            "m.set_chunk_feed_forward(None)), or apply tomediff with merge_mlp=False."
         )
 
 

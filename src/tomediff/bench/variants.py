@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 import tomediff
+from tomediff.config import config_from, tomesd_arguments
 
 __all__ = [
     "ALL_VARIANTS",
@@ -44,7 +45,9 @@ class MergeSettings:
     """ToMe settings shared by every merging variant of one run, so they are compared like for like.
 
     ``max_downsample`` is explicit (from the model spec) because tomesd's default of 1 patches nothing
-    in SDXL; tomediff and the ideal get the same value.
+    in SDXL; tomediff and the ideal get the same value. Every field is a :class:`tomediff.ToMeConfig`
+    field (only ``use_rand``'s default differs: deterministic partitions, so tomediff and tomesd outputs
+    can be compared) and is validated by it on construction.
     """
 
     ratio: float
@@ -57,18 +60,11 @@ class MergeSettings:
     merge_mlp: bool = False
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        self.tome_config()  # raises ConfigError for a value ToMeConfig refuses
+
     def tome_config(self) -> tomediff.ToMeConfig:
-        return tomediff.ToMeConfig(
-            ratio=self.ratio,
-            max_downsample=self.max_downsample,
-            sx=self.sx,
-            sy=self.sy,
-            use_rand=self.use_rand,
-            merge_attn=self.merge_attn,
-            merge_crossattn=self.merge_crossattn,
-            merge_mlp=self.merge_mlp,
-            seed=self.seed,
-        )
+        return config_from(self)
 
 
 class Variant:
@@ -130,19 +126,8 @@ class TomesdVariant(Variant):
     def apply(self, model: nn.Module) -> None:
         import tomesd
 
-        s = self.settings
-        assert s is not None
-        tomesd.apply_patch(
-            model,
-            ratio=s.ratio,
-            max_downsample=s.max_downsample,
-            sx=s.sx,
-            sy=s.sy,
-            use_rand=s.use_rand,
-            merge_attn=s.merge_attn,
-            merge_crossattn=s.merge_crossattn,
-            merge_mlp=s.merge_mlp,
-        )
+        assert self.settings is not None
+        tomesd.apply_patch(model, **tomesd_arguments(self.settings.tome_config()))
 
     def remove(self, model: nn.Module) -> None:
         import tomesd

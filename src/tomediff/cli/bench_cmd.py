@@ -8,14 +8,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from tomediff.cli._args import MAX_RATIO, OnelineParser, non_negative_int, positive_int, ratio_value
+from tomediff.errors import CLIUsageError
+
 __all__ = ["QUICK", "config_from_args", "main", "register", "run"]
 
 # Model names are listed here (not imported from tomediff.bench) so that `tomediff --help` does not
 # import torch; tests check that the two lists agree.
 MODEL_CHOICES: tuple[str, ...] = ("sd15", "sd21", "sdxl", "pixart", "sd15-block", "tiny-unet", "tiny-pixart")
-MAX_RATIO = 0.75  # 1 - 1/(sx*sy) with the 2x2 windows the benchmark uses
 
-# --quick: one small configuration, about a minute on 2 CPU cores. Explicit flags override it.
+# --quick: one small configuration, about 2 minutes on 2 CPU cores (104 s measured: 30 s of timing,
+# 70 s of peak-memory processes). Explicit flags override it.
 QUICK: dict[str, Any] = {"model": ["sd15"], "resolution": [256], "ratio": [0.5], "repeats": 1, "warmup": 1}
 
 DESCRIPTION = """\
@@ -41,31 +44,11 @@ otherwise, with the deterministic top-left partition unless --use-rand.
 
 EPILOG = """\
 examples:
-  tomediff bench --quick                              # ~1 minute on a 2-core CPU
+  tomediff bench --quick                              # about 2 minutes on a 2-core CPU
   tomediff bench --model sd15 --resolution 512 768 1024 --compare tomesd --out runs/sd15
   tomediff bench --model sd15 sdxl --resolution 512 1024 2048 --device cuda --dtype fp16 --compare tomesd
 outputs in --out: bench.json (settings, machine, every record), bench.csv, speedup.png
 """
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
 
 
 def _resolution(text: str) -> int:
@@ -84,16 +67,7 @@ def _resolution(text: str) -> int:
 
 
 def _ratio(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"ratio must be a number, got {text!r}") from None
-    if not 0.0 < value <= MAX_RATIO:
-        raise argparse.ArgumentTypeError(
-            f"ratio {value:g} is out of range: it must be in (0, {MAX_RATIO}] - the fraction of tokens "
-            "merged away; with 2x2 windows at most 3 of every 4 tokens can be merged"
-        )
-    return value
+    return ratio_value(text, allow_zero=False)
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
@@ -129,7 +103,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "Default: 0.5",
     )
     parser.add_argument(
-        "--batch", type=_positive_int, default=2, help="batch size; 2 = one image with CFG. Default: 2"
+        "--batch", type=positive_int, default=2, help="batch size; 2 = one image with CFG. Default: 2"
     )
     parser.add_argument(
         "--device",
@@ -143,12 +117,12 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--repeats",
-        type=_positive_int,
+        type=positive_int,
         help="timed calls per variant; the median is reported. Default: 3 on cpu, 10 on cuda",
     )
     parser.add_argument(
         "--warmup",
-        type=_non_negative_int,
+        type=non_negative_int,
         help="untimed calls per variant before timing (the first also counts FLOPs). "
         "Default: 1 on cpu, 3 on cuda",
     )
@@ -168,8 +142,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="preset: sd15 at 256², ratio 0.5, one warm-up and one timed call per variant (about a "
-        "minute on 2 CPU cores); explicit --model/--resolution/--ratio/--repeats/--warmup override it",
+        help="preset: sd15 at 256², ratio 0.5, one warm-up and one timed call per variant (about 2 "
+        "minutes on 2 CPU cores: 104 s measured, 70 s of it the peak-memory processes, which --no-memory "
+        "skips); "
+        "explicit --model/--resolution/--ratio/--repeats/--warmup override it",
     )
     parser.add_argument(
         "--use-rand",
@@ -186,7 +162,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--threads",
-        type=_positive_int,
+        type=positive_int,
         help="torch CPU threads (torch.set_num_threads), also used by the memory processes. "
         "Default: torch's own choice",
     )
@@ -203,7 +179,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     """Validate the parsed flags against each other and the machine; returns a ``BenchConfig``.
 
     Raises:
-        ValueError: with a message naming the offending flag, before any model is built.
+        CLIUsageError (a ValueError): with a message naming the offending flag, before any model is built.
     """
     import torch
 
@@ -221,7 +197,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
 
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
+        raise CLIUsageError("--device cuda: no CUDA device is available (torch.cuda.is_available() is False)")
     on_gpu = device == "cuda"
     models = list(dict.fromkeys(pick("model", ["sd15"])))
     resolutions = list(dict.fromkeys(pick("resolution", [512])))
@@ -230,19 +206,21 @@ def config_from_args(args: argparse.Namespace) -> Any:
         spec = get_model_spec(name)
         for resolution in resolutions:
             if resolution % spec.resolution_multiple:
-                raise ValueError(
+                raise CLIUsageError(
                     f"--resolution {resolution} does not fit --model {name}: it must be a multiple of "
                     f"{spec.resolution_multiple}"
                 )
     variants = ["baseline", "tomediff", "ideal"]
     if "tomesd" in args.compare:
         if tomesd_version() is None:
-            raise ValueError("--compare tomesd: tomesd is not installed (pip install tomesd==0.1.3)")
+            raise CLIUsageError("--compare tomesd: tomesd is not installed (pip install tomesd==0.1.3)")
         variants.append("tomesd")
     if args.out.exists() and not args.out.is_dir():
-        raise ValueError(f"--out {args.out} exists and is not a directory")
+        raise CLIUsageError(f"--out {args.out} exists and is not a directory")
     if args.threads and args.threads > (os.cpu_count() or args.threads):
-        raise ValueError(f"--threads {args.threads} is more than the {os.cpu_count()} CPUs of this machine")
+        raise CLIUsageError(
+            f"--threads {args.threads} is more than the {os.cpu_count()} CPUs of this machine"
+        )
     return BenchConfig(
         models=models,
         resolutions=resolutions,
@@ -272,10 +250,10 @@ def run(args: argparse.Namespace) -> int:
         return 2
 
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
     from tomediff.bench.report import build_table, write_outputs
     from tomediff.bench.runner import run_benchmark
+    from tomediff.progress import ProgressBar
 
     # Piped or redirected output gets rich's default 80 columns, which truncates the table.
     console = Console(width=None if sys.stdout.isatty() else 140)
@@ -287,29 +265,9 @@ def run(args: argparse.Namespace) -> int:
         f"variants {', '.join(config.ordered_variants())}, {config.device} {config.dtype}, batch "
         f"{config.batch}, {config.warmup} warm-up + {config.repeats} timed calls each"
     )
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        console=err_console,
-        transient=False,
-    ) as progress:
-        task = progress.add_task("starting", total=config.total_steps())
-
-        done = 0
-
-        def on_progress(description: str, advance: int) -> None:
-            nonlocal done
-            progress.update(task, description=description, advance=advance)
-            done += advance
-            # Redirected to a file (long runs under nohup), rich draws no live bar: log each step.
-            if advance and not err_console.is_terminal:
-                elapsed = progress.tasks[0].elapsed or 0.0
-                print(f"[{done}/{config.total_steps()}] {description} ({elapsed:.0f} s)", file=sys.stderr)
-
-        result = run_benchmark(config, on_progress)
-        progress.update(task, description="done", completed=config.total_steps())
+    with ProgressBar(config.total_steps(), "model calls", transient=False) as bar:
+        result = run_benchmark(config, bar.advance)
+        bar.advance("done", 0)
     console.print(build_table(result))
     paths = write_outputs(result, args.out)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -323,7 +281,7 @@ def run(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python -m tomediff.cli.bench_cmd ...``: the subcommand alone (used by benchmarks/gpu_bench.sh)."""
-    parser = argparse.ArgumentParser(prog="tomediff")
+    parser = OnelineParser(prog="tomediff")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
     return int(args.func(args))

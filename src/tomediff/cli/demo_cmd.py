@@ -1,22 +1,43 @@
-"""``tomediff demo``: token merging on the bundled trained model, in about a minute on a laptop CPU.
+"""``tomediff demo``: what token merging does to images, and how much faster it makes a real architecture.
 
-Generates one image per Fashion-MNIST class with the same seeds unmerged and at a few merge ratios,
-saves a labelled grid (rows = ratio, columns = class) and prints time per step, speedup, and fidelity
-(PSNR/SSIM against the unmerged image, class accuracy under the bundled classifier) per ratio.
+1. Quality (bundled model, trained here): one image per Fashion-MNIST class with the same seeds,
+   unmerged and at a few merge ratios; a labelled grid (rows = ratio, then |merged - unmerged| x8 per
+   ratio so you see where merging changed the image; columns = class) and a table of fidelity (PSNR/SSIM
+   against the unmerged image, class accuracy under the bundled classifier). This model has only 256
+   tokens at its top level, too few for merging to save time: it shows quality, not speed.
+2. Speed (random weights, cost only): one denoising call of SD 1.5's highest-resolution transformer,
+   built from the published SD 1.5 config with random weights, at 1024x1024 pixels (16,384 tokens),
+   baseline vs tomediff vs the ideal (same token counts, zero-cost merge), timed interleaved by
+   `tomediff bench`'s own code; medians. Random weights cost exactly what trained ones do.
+
+About 2 minutes on a 2-core CPU (about 45 s quality, 50 s speed, the rest start-up), offline.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from pathlib import Path
 from typing import Any
 
-__all__ = ["register", "run", "run_demo"]
+from tomediff.cli._args import (
+    MAX_RATIO,
+    check_out_dir,
+    comma_list,
+    fail,
+    finite_float,
+    non_negative_int,
+    positive_int,
+    ratio_value,
+    threads_value,
+)
+from tomediff.errors import CLIUsageError, TomediffError
 
+__all__ = ["register", "run", "run_demo", "run_speed"]
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+DIFF_GAIN = 8  # |merged - unmerged| is multiplied by this in the grid so small changes are visible
+SPEED_MODELS = ("sd15-block", "sd15", "sd21", "sdxl", "pixart")  # tomediff bench model names, test-checked
 
 
 def run_demo(
@@ -31,8 +52,8 @@ def run_demo(
     progress: bool = True,
     assets_dir: Path | None = None,
 ) -> list[dict[str, Any]]:
-    """Run the demo; returns one row per ratio (``ratio``, ``seconds_per_step``, ``speedup``, ``psnr``,
-    ``ssim``, ``accuracy``) and writes ``grid.png`` and ``results.json`` to ``out_dir``."""
+    """Run the quality part; returns one row per ratio (``ratio``, ``seconds_per_step``, ``speedup``,
+    ``psnr``, ``ssim``, ``accuracy``) and writes ``grid.png`` and ``results.json`` to ``out_dir``."""
     import numpy as np
     import torch
 
@@ -41,6 +62,7 @@ def run_demo(
     from tomediff.eval.metrics import psnr, ssim
     from tomediff.eval.pipeline import load_demo_model
     from tomediff.eval.report import save_grid, write_json
+    from tomediff.progress import ProgressBar
 
     if threads is not None:
         torch.set_num_threads(threads)
@@ -50,7 +72,7 @@ def run_demo(
     class_ids = [c for _ in range(per_class) for c in range(num_classes)]
     seeds = [seed + i for i in range(len(class_ids))]
     ratios = sorted({0.0, *ratios})
-    bar = _Bar(len(ratios) * (repeats + 1) * steps, progress)
+    bar = ProgressBar(len(ratios) * (repeats + 1) * steps, "denoising steps", enabled=progress)
     rows, images_by_ratio = [], {}
     for ratio in ratios:
         handle = tomediff.apply_tome(pipe, ratio=ratio) if ratio > 0 else None
@@ -67,7 +89,9 @@ def run_demo(
                     seeds,
                     num_inference_steps=steps,
                     guidance_scale=guidance,
-                    step_callback=lambda _i, r=ratio: bar.advance(f"ratio {r:g}"),
+                    step_callback=lambda _i, r=ratio, a=attempt: bar.advance(
+                        f"quality: ratio {r:g}, " + (f"timed pass {a}/{repeats}" if a else "warm-up pass")
+                    ),
                 )
                 if attempt > 0:
                     timings.append((time.perf_counter() - started) / steps)
@@ -91,11 +115,13 @@ def run_demo(
         row["psnr"] = float(np.mean(psnr(merged, base))) if row["ratio"] > 0 else None
         row["ssim"] = float(np.mean(ssim(merged, base))) if row["ratio"] > 0 else None
     labels = [f"ratio {r:g}" + (" (unmerged)" if r == 0 else "") for r in ratios]
-    grid = save_grid(
-        [(label, images_by_ratio[r][:num_classes]) for label, r in zip(labels, ratios, strict=True)],
-        pipe.class_names,
-        out_dir / "grid.png",
-    )
+    grid_rows = [(label, images_by_ratio[r][:num_classes]) for label, r in zip(labels, ratios, strict=True)]
+    grid_rows += [
+        (f"|r={r:g} - unmerged| x{DIFF_GAIN}", amplified_difference(images_by_ratio[r], base)[:num_classes])
+        for r in ratios
+        if r > 0
+    ]
+    grid = save_grid(grid_rows, pipe.class_names, out_dir / "grid.png")
     write_json(
         out_dir / "results.json",
         {
@@ -112,7 +138,10 @@ def run_demo(
 
 
 def _print_table(rows: list[dict[str, Any]], steps: int, batch: int, threads: int) -> None:
-    title = f"tomediff demo — bundled Fashion-MNIST model, {batch} images, {steps} steps, {threads} threads"
+    title = (
+        f"Quality - bundled Fashion-MNIST model (trained here), {batch} images, {steps} steps, {threads} "
+        "threads (256 tokens: too few for a speed-up, see the speed section)"
+    )
     headers = ["ratio", "ms / step", "speedup", "PSNR vs r=0 (dB)", "SSIM vs r=0", "class acc. (%)"]
     cells = [
         [
@@ -125,6 +154,101 @@ def _print_table(rows: list[dict[str, Any]], steps: int, batch: int, threads: in
         ]
         for r in rows
     ]
+    _table(title, headers, cells)
+
+
+def amplified_difference(merged: Any, unmerged: Any, gain: int = DIFF_GAIN) -> Any:
+    """``min(255, gain * |merged - unmerged|)`` per pixel, uint8: where merging changed the image."""
+    import numpy as np
+
+    diff = np.abs(merged.astype(np.int16) - unmerged.astype(np.int16)) * gain
+    return np.minimum(diff, 255).astype(np.uint8)
+
+
+def run_speed(
+    model: str = "sd15-block",
+    resolution: int = 1024,
+    ratio: float = 0.5,
+    repeats: int = 3,
+    threads: int | None = None,
+    progress: bool = True,
+) -> list[dict[str, Any]]:
+    """Time one denoising call of a published architecture (random weights) with ``tomediff bench``'s
+    runner: baseline, tomediff and the ideal at ``ratio``, one warm-up each, then ``repeats``
+    interleaved rounds. Returns one row per variant (``variant``, ``median_s``, ``min_s``,
+    ``speedup``, ``saving_realised``)."""
+    import torch
+
+    from tomediff.bench.runner import BenchConfig, run_benchmark
+    from tomediff.progress import ProgressBar
+
+    config = BenchConfig(
+        models=(model,),
+        resolutions=(resolution,),
+        ratios=(ratio,),
+        repeats=repeats,
+        warmup=1,
+        threads=threads,
+        memory=False,
+        flops=False,
+    )
+    previous = torch.get_num_threads()
+    try:
+        with ProgressBar(config.total_steps(), "model calls", enabled=progress) as bar:
+            result = run_benchmark(config, lambda text, n: bar.advance(f"speed: {text}", n))
+    finally:
+        torch.set_num_threads(previous)
+    return [
+        {
+            "variant": r.variant,
+            "model": r.model,
+            "resolution": r.resolution,
+            "tokens": r.tokens,
+            "ratio": r.ratio,
+            "median_s": r.latency_median_s,
+            "min_s": r.latency_min_s,
+            "latencies_s": r.latencies_s,
+            "speedup": r.speedup,
+            "saving_realised": r.saving_realised,
+            "threads": result.environment["torch_threads"],
+            "error": r.error,
+        }
+        for r in result.records
+    ]
+
+
+def _print_speed(rows: list[dict[str, Any]], title_model: str) -> None:
+    first = rows[0]
+    title = (
+        f"Speed - {title_model}, RANDOM WEIGHTS (cost only), one denoising call, batch 2, "
+        f"{first['resolution']}² px = {first['tokens']:,} tokens, {first['threads']} threads, "
+        "median of the interleaved calls"
+    )
+    headers = ["variant", "s / call (median)", "min", "speedup", "saving realised"]
+    cells = [
+        [
+            r["variant"] + ("" if r["ratio"] is None else f" r={r['ratio']:g}"),
+            "failed" if r["median_s"] is None else f"{r['median_s']:.2f}",
+            "-" if r["min_s"] is None else f"{r['min_s']:.2f}",
+            "-" if r["speedup"] is None else f"{r['speedup']:.2f}x",
+            "-" if r["saving_realised"] is None else f"{r['saving_realised'] * 100:.0f}%",
+        ]
+        for r in rows
+    ]
+    _table(title, headers, cells)
+    by = {r["variant"]: r for r in rows}
+    tome, ideal = by.get("tomediff"), by.get("ideal")
+    if tome and ideal and tome["speedup"] and ideal["speedup"]:
+        saving = tome["saving_realised"]
+        realised = "" if saving is None else f"; tomediff realises {saving * 100:.0f}% of the possible saving"
+        print(
+            f"-> merging makes this call {tome['speedup']:.2f}x faster (a zero-cost merge of the same "
+            f"tokens would be {ideal['speedup']:.2f}x){realised}. Whole-UNet numbers: `tomediff bench`, "
+            "docs/benchmarks.md"
+        )
+
+
+def _table(title: str, headers: list[str], cells: list[list[str]]) -> None:
     try:
         from rich.console import Console
         from rich.table import Table
@@ -141,29 +265,25 @@ def _print_table(rows: list[dict[str, Any]], steps: int, batch: int, threads: in
     Console().print(table)
 
 
-class _Bar:
-    def __init__(self, total: int, enabled: bool) -> None:
-        self._progress = None
-        if not enabled:
-            return
-        try:
-            from rich.progress import Progress
-        except ImportError:
-            return
-        self._progress = Progress(transient=True)
-        self._progress.start()
-        self._task = self._progress.add_task("demo", total=total)
-
-    def advance(self, description: str) -> None:
-        if self._progress is not None:
-            self._progress.update(self._task, advance=1, description=description)
-
-    def close(self) -> None:
-        if self._progress is not None:
-            self._progress.stop()
-
-
 def run(args: argparse.Namespace) -> int:
+    try:
+        if args.assets is not None and not (args.assets / "demo_unet.safetensors").is_file():
+            raise CLIUsageError(
+                f"--assets {args.assets} lacks demo_unet.safetensors; pass a folder of weights"
+            )
+        if args.speed_model != "none":
+            from tomediff.bench.models import get_model_spec
+
+            multiple = get_model_spec(args.speed_model).resolution_multiple
+            if args.speed_resolution % multiple:
+                raise CLIUsageError(
+                    f"--speed-resolution {args.speed_resolution} does not fit --speed-model "
+                    f"{args.speed_model}: it must be a multiple of {multiple}"
+                )
+        check_out_dir(args.out)
+    except TomediffError as error:
+        return fail("demo", error)
+    started = time.perf_counter()
     run_demo(
         args.ratios,
         args.out,
@@ -176,31 +296,117 @@ def run(args: argparse.Namespace) -> int:
         progress=not args.no_progress,
         assets_dir=args.assets,
     )
+    if args.speed_model != "none":
+        speed = run_speed(
+            args.speed_model,
+            args.speed_resolution,
+            args.speed_ratio,
+            repeats=args.speed_repeats,
+            threads=args.speed_threads,
+            progress=not args.no_progress,
+        )
+        from tomediff.bench.models import get_model_spec
+        from tomediff.eval.report import write_json
+
+        _print_speed(speed, get_model_spec(args.speed_model).title)
+        results = args.out / "results.json"
+        import json
+
+        payload = json.loads(results.read_text())
+        write_json(results, {**payload, "speed": speed})
+    print(f"demo took {time.perf_counter() - started:.0f} s")
     return 0
+
+
+def _speed_resolution(text: str) -> int:
+    value = positive_int(text)
+    if value < 64 or value % 8:
+        raise argparse.ArgumentTypeError(f"resolution {value} must be a multiple of 8 and at least 64")
+    return value
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
         "demo",
-        help="see what token merging does to images (bundled model, offline)",
+        help="see what token merging does to images and how much faster it makes SD 1.5 (offline)",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument(
-        "--ratios", type=_floats, default=[0.3, 0.5, 0.7], help="merge ratios (0 always added)"
+        "--ratios",
+        type=comma_list(lambda t: ratio_value(t, allow_zero=False), f"ratios in (0, {MAX_RATIO}]"),
+        default=[0.3, 0.5, 0.7],
+        metavar="R,R,...",
+        help="quality: comma-separated merge ratios; 0 (unmerged) is always added. Default: 0.3,0.5,0.7",
     )
-    parser.add_argument("--out", type=Path, default=Path("out/demo"))
-    parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--guidance", type=float, default=3.0)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--per-class", type=int, default=1, help="images per class (grid shows the first)")
-    parser.add_argument("--repeats", type=int, default=3, help="timed passes per ratio (fastest is reported)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path("out/demo"),
+        help="folder for grid.png and results.json, created if missing. Default: out/demo",
+    )
+    parser.add_argument("--steps", type=positive_int, default=20, help="quality: sampling steps. Default: 20")
+    parser.add_argument("--guidance", type=finite_float, default=3.0, help="quality: CFG scale. Default: 3.0")
+    parser.add_argument(
+        "--seed", type=non_negative_int, default=0, help="quality: noise seed of the first image. Default: 0"
+    )
+    parser.add_argument(
+        "--per-class",
+        type=positive_int,
+        default=1,
+        help="quality: images per class (grid shows the first). Default: 1",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=positive_int,
+        default=3,
+        help="quality: timed passes per ratio after one warm-up (fastest is reported). Default: 3",
+    )
     parser.add_argument(
         "--threads",
-        type=int,
+        type=threads_value,
         default=1,
-        help="torch CPU threads (default 1: steady timings on a shared or busy machine)",
+        help="quality: torch CPU threads. Default: 1 (steady timings on a shared or busy machine)",
     )
-    parser.add_argument("--assets", type=Path, default=None, help="folder with other trained weights")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--assets",
+        type=Path,
+        default=None,
+        help="quality: folder with other trained weights. Default: the shipped ones",
+    )
+    parser.add_argument(
+        "--speed-model",
+        choices=(*SPEED_MODELS, "none"),
+        default="sd15-block",
+        help="speed: architecture to time (tomediff bench names; sd15-block = SD 1.5's highest-resolution "
+        "transformer; sd15 = the whole UNet, about 10x slower on a CPU), or none to skip. "
+        "Default: sd15-block",
+    )
+    parser.add_argument(
+        "--speed-resolution",
+        type=_speed_resolution,
+        default=1024,
+        metavar="PX",
+        help="speed: image size in pixels (latent PX/8). Default: 1024",
+    )
+    parser.add_argument(
+        "--speed-ratio",
+        type=lambda t: ratio_value(t, allow_zero=False),
+        default=0.5,
+        metavar="R",
+        help="speed: merge ratio. Default: 0.5",
+    )
+    parser.add_argument(
+        "--speed-repeats",
+        type=positive_int,
+        default=3,
+        help="speed: interleaved timed rounds after one warm-up per variant (median reported). Default: 3",
+    )
+    parser.add_argument(
+        "--speed-threads",
+        type=threads_value,
+        default=os.cpu_count() or 1,
+        help="speed: torch CPU threads. Default: all CPUs of this machine",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
     parser.set_defaults(func=run)

@@ -6,90 +6,229 @@ Also runnable as ``python -m tomediff.eval`` and, sharded, ``accelerate launch -
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-__all__ = ["add_arguments", "register", "run"]
+from tomediff.cli._args import (
+    MAX_RATIO,
+    check_choices,
+    check_out_dir,
+    comma_list,
+    fail,
+    finite_float,
+    non_negative_int,
+    positive_int,
+    ratio_value,
+    threads_value,
+)
+from tomediff.errors import TomediffError
 
+__all__ = ["add_arguments", "register", "run", "validate"]
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+VARIANT_NAMES = ("no_rand", "max_downsample_2", "all_sites")  # tomediff.eval.settings.VARIANTS; test-checked
+DTYPES = ("float16", "bfloat16", "float32")
 
 
 def _words(text: str) -> list[str]:
     return [x.strip() for x in text.split(",") if x.strip()]
 
 
+def _resolution(text: str) -> int:
+    value = positive_int(text)
+    if value % 8:
+        raise argparse.ArgumentTypeError(
+            f"resolution {value} must be a multiple of 8 (the VAE downsamples by 8)"
+        )
+    return value
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    ratios = comma_list(ratio_value, f"ratios in [0, {MAX_RATIO}]")
     parser.add_argument(
         "--protocol",
         choices=("bundled", "paper"),
         default=None,
-        help="'bundled' (default): the shipped Fashion-MNIST model with classifier metrics; "
-        "'paper': SD 1.5, 512², ImageNet prompts, FID/CLIP (implied by --model)",
+        help="'bundled': the shipped Fashion-MNIST model with classifier metrics; 'paper': SD 1.5, 512², "
+        "ImageNet prompts, FID/CLIP. Default: paper when --model is given, else bundled",
     )
-    parser.add_argument("--model", default=None, help="paper protocol: local diffusers folder or Hub id")
-    parser.add_argument("--out", type=Path, default=None, help="output folder (default out/eval[-paper])")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="paper protocol only: local diffusers folder or Hub id. Default: runwayml/stable-diffusion-v1-5",
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="output folder, created if missing; rerunning into it resumes when every setting matches "
+        "and refuses otherwise. Default: out/eval (paper: out/eval-paper)",
+    )
     parser.add_argument(
         "--ratios",
-        type=_floats,
+        type=ratios,
         default=None,
-        help="comma-separated merge ratios (default 0,0.3,0.5,0.6,0.7; paper: 0,0.5)",
+        metavar="R,R,...",
+        help=f"comma-separated merge ratios in [0, {MAX_RATIO}]. Default: 0,0.3,0.5,0.6,0.7 (paper: 0,0.5)",
     )
     parser.add_argument(
         "--variants",
         type=_words,
         default=None,
-        help="bundled: option variants at --variant-ratio (default no_rand,max_downsample_2,"
-        "all_sites; 'none' for none)",
-    )
-    parser.add_argument("--variant-ratio", type=float, default=0.5)
-    parser.add_argument(
-        "--compare", type=_words, default=[], help="'tomesd': tomesd 0.1.3 at the same ratios"
+        metavar="NAME,...",
+        help="bundled: option variants run at --variant-ratio, comma-separated from "
+        f"{', '.join(VARIANT_NAMES)}, or 'none'. Default: all three",
     )
     parser.add_argument(
-        "--compare-ratios", type=_floats, default=None, help="ratios for --compare (default: --ratios)"
+        "--variant-ratio",
+        type=lambda t: ratio_value(t, allow_zero=False),
+        default=0.5,
+        metavar="R",
+        help="ratio of the option variants. Default: 0.5",
+    )
+    parser.add_argument(
+        "--compare",
+        type=_words,
+        default=[],
+        metavar="NAME",
+        help="'tomesd': tomesd 0.1.3 at the same ratios (must be installed). Default: none",
+    )
+    parser.add_argument(
+        "--compare-ratios",
+        type=ratios,
+        default=None,
+        metavar="R,R,...",
+        help="ratios for --compare. Default: those of --ratios",
     )
     parser.add_argument(
         "--samples-per-class",
-        type=int,
+        type=positive_int,
         default=None,
-        help="bundled: images per class per setting (default 100); paper: per ImageNet class (default 2)",
-    )
-    parser.add_argument("--batch-size", type=int, default=None)
-    parser.add_argument("--steps", type=int, default=None, help="sampling steps (default 20; paper: 50)")
-    parser.add_argument("--guidance", type=float, default=None, help="CFG scale (default 3.0; paper: 7.5)")
-    parser.add_argument("--seed", type=int, default=0, help="first noise seed")
-    parser.add_argument(
-        "--no-different-seed", action="store_true", help="bundled: skip the different-seed row"
+        help="images per class per setting. Default: 100 (paper: 2 per ImageNet class)",
     )
     parser.add_argument(
-        "--assets", type=Path, default=None, help="bundled: folder with other trained weights"
+        "--batch-size",
+        type=positive_int,
+        default=None,
+        help="images per sampling call. Default: 50 (paper: 8)",
     )
-    parser.add_argument("--resolution", type=int, default=512, help="paper: image size")
-    parser.add_argument("--num-classes", type=int, default=None, help="paper: use only the first N classes")
     parser.add_argument(
-        "--class-names", type=Path, default=None, help="paper: file with one class name a line"
+        "--steps", type=positive_int, default=None, help="sampling steps. Default: 20 (paper: 50)"
     )
-    parser.add_argument("--fid-ref", type=Path, default=None, help="paper: folder of real images for FID")
-    parser.add_argument("--dtype", default=None, help="paper: float16/float32 (default fp16 on GPU)")
+    parser.add_argument(
+        "--guidance", type=finite_float, default=None, help="CFG scale. Default: 3.0 (paper: 7.5)"
+    )
+    parser.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="noise seed of the first image (image j: seed + j). Default: 0",
+    )
+    parser.add_argument(
+        "--no-different-seed", action="store_true", help="bundled: skip the different-seed control row"
+    )
+    parser.add_argument(
+        "--assets",
+        type=Path,
+        default=None,
+        help="bundled: folder with other trained weights. Default: the shipped ones",
+    )
+    parser.add_argument(
+        "--resolution", type=_resolution, default=512, help="paper: image size in pixels. Default: 512"
+    )
+    parser.add_argument(
+        "--num-classes",
+        type=positive_int,
+        default=None,
+        help="paper: use only the first N classes. Default: all 1000",
+    )
+    parser.add_argument(
+        "--class-names",
+        type=Path,
+        default=None,
+        help="paper: file with one class name a line. Default: torchvision's ImageNet list",
+    )
+    parser.add_argument(
+        "--fid-ref", type=Path, default=None, help="paper: folder of real images for FID. Default: no FID"
+    )
+    parser.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default=None,
+        help="paper: weights and activations. Default: float16 on GPU, float32 on CPU",
+    )
     parser.add_argument("--cpu", action="store_true", help="run on CPU even when a GPU is present")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads per process")
-    parser.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CIs")
-    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=threads_value,
+        default=None,
+        help="torch CPU threads per process. Default: torch's choice",
+    )
+    parser.add_argument(
+        "--bootstrap",
+        type=positive_int,
+        default=1000,
+        help="bootstrap resamples for the 95%% CIs. Default: 1000",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+
+
+def validate(args: argparse.Namespace) -> str:
+    """Check the arguments against each other and the file system, before any work; returns the
+    protocol. Raises CLIUsageError with a one-line message naming the flag."""
+    from tomediff.errors import CLIUsageError
+
+    protocol = args.protocol or ("paper" if args.model else "bundled")
+    paper_only = ("model", "num_classes", "class_names", "fid_ref", "dtype")
+    bundled_only = ("variants", "assets")
+    wrong = paper_only if protocol == "bundled" else bundled_only
+    for name in wrong:
+        if getattr(args, name) not in (None, False):
+            flag = "--" + name.replace("_", "-")
+            other = "paper" if protocol == "bundled" else "bundled"
+            raise CLIUsageError(f"{flag} applies to --protocol {other} only, not {protocol}")
+    if args.variants is not None:
+        check_choices([v for v in args.variants if v != "none"], VARIANT_NAMES, "--variants")
+    check_choices(args.compare, ("tomesd",), "--compare")
+    if "tomesd" in args.compare:
+        from tomediff.bench.variants import tomesd_version
+
+        if tomesd_version() is None:
+            raise CLIUsageError("--compare tomesd: tomesd is not installed (pip install tomesd==0.1.3)")
+    if args.compare_ratios is not None and not args.compare:
+        raise CLIUsageError("--compare-ratios needs --compare tomesd")
+    if args.assets is not None:
+        missing = [n for n in ("demo_unet.safetensors", "demo_model.json") if not (args.assets / n).is_file()]
+        if missing:
+            raise CLIUsageError(
+                f"--assets {args.assets} lacks {', '.join(missing)}; pass a folder of trained weights"
+            )
+    if args.class_names is not None and not args.class_names.is_file():
+        raise CLIUsageError(f"--class-names {args.class_names} is not a file")
+    if args.fid_ref is not None and not args.fid_ref.is_dir():
+        raise CLIUsageError(f"--fid-ref {args.fid_ref} is not a directory")
+    if args.model and protocol == "paper" and Path(args.model).exists() and not Path(args.model).is_dir():
+        raise CLIUsageError(f"--model {args.model} is a file; pass a diffusers folder or a Hub id")
+    if args.out is None:
+        args.out = Path("out/eval-paper" if protocol == "paper" else "out/eval")
+    check_out_dir(args.out)
+    return protocol
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        protocol = validate(args)
+    except TomediffError as error:
+        return fail("eval", error)
     import torch
 
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    protocol = args.protocol or ("paper" if args.model else "bundled")
     if protocol == "paper":
         from tomediff.eval.paper import PaperOptions, run_paper_eval
 
         options = PaperOptions(
             model=args.model or PaperOptions.model,
-            out_dir=args.out or Path("out/eval-paper"),
+            out_dir=args.out,
             ratios=args.ratios or (0.0, 0.5),
             compare=args.compare,
             base_seed=args.seed,
@@ -111,15 +250,17 @@ def run(args: argparse.Namespace) -> int:
                 setattr(options, name, value)
         try:
             run_paper_eval(options)
+        except TomediffError as error:
+            return fail("eval", error)
         except RuntimeError as error:
-            print(f"error: {error}")
+            print(f"tomediff eval: error: {error}", file=sys.stderr)
             return 1
         return 0
     from tomediff.eval.quality import QualityOptions, run_quality_eval
 
     variants = args.variants if args.variants is not None else list(QualityOptions.variants)
     options = QualityOptions(
-        out_dir=args.out or Path("out/eval"),
+        out_dir=args.out,
         ratios=args.ratios or QualityOptions.ratios,
         variants=[v for v in variants if v != "none"],
         variant_ratio=args.variant_ratio,
@@ -140,7 +281,10 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             setattr(options, name, value)
-    run_quality_eval(options)
+    try:
+        run_quality_eval(options)
+    except TomediffError as error:
+        return fail("eval", error)
     return 0
 
 

@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 
+from tomediff.cli._args import OnelineParser
 from tomediff.cli.eval_cmd import add_arguments, run
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m tomediff.eval", description=__doc__)
+    parser = OnelineParser(prog="python -m tomediff.eval", description=__doc__)
     add_arguments(parser)
     return run(parser.parse_args(argv))
 

@@ -203,6 +203,28 @@ def run_paper_eval(options: PaperOptions, pipe: Any = None) -> list[dict[str, An
         )
         return (np.clip(result.images, 0, 1) * 255).round().astype(np.uint8)
 
+    import hashlib
+
+    import diffusers
+
+    import tomediff
+
+    key = {
+        "protocol": "paper",
+        "model": options.model,
+        "scheduler": type(pipe.scheduler).__name__,
+        "resolution": options.resolution,
+        "steps": options.steps,
+        "guidance": options.guidance,
+        "prompts": hashlib.sha256("\n".join(prompts).encode()).hexdigest()[:16],
+        "base_seed": options.base_seed,
+        "batch_size": options.batch_size,
+        "dtype": str(dtype),
+        "device": dist.device.type,
+        "tomediff": tomediff.__version__,
+        "torch": torch.__version__,
+        "diffusers": diffusers.__version__,
+    }
     samples = generate_settings(
         settings,
         batches,
@@ -212,6 +234,7 @@ def run_paper_eval(options: PaperOptions, pipe: Any = None) -> list[dict[str, An
         options.out_dir,
         dist,
         progress=options.progress,
+        run_key=key,
     )
     if samples is None:
         return None

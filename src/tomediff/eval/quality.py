@@ -13,8 +13,6 @@ For each setting (unmerged, a ratio sweep, option variants, tomesd) the same see
 
 from __future__ import annotations
 
-import os
-import platform
 import sys
 import time
 from collections.abc import Sequence
@@ -28,7 +26,7 @@ import torch
 from tomediff.eval.metrics import frechet_with_ci, mean_with_ci, psnr, ssim
 from tomediff.eval.report import markdown_table, plot_metrics, save_grid, write_csv, write_json
 from tomediff.eval.settings import Setting, build_settings
-from tomediff.eval.sharding import DistContext, Samples, generate_settings, plan_batches
+from tomediff.eval.sharding import DistContext, Samples, check_resume, generate_settings, plan_batches
 
 __all__ = ["QualityOptions", "evaluate_samples", "run_quality_eval"]
 
@@ -138,21 +136,46 @@ def real_images_row(
     }
 
 
-def _environment(dist: DistContext, threads: int) -> dict[str, Any]:
-    import tomediff
+def environment(dist: DistContext) -> dict[str, Any]:
+    """The benchmark's machine and version record plus the process count of this run."""
+    from tomediff.bench.runner import environment as machine_environment
 
-    device = str(dist.device)
-    if dist.device.type == "cuda":
-        device += f" ({torch.cuda.get_device_name(dist.device)})"
+    return {**machine_environment(dist.device), "processes": dist.world}
+
+
+def files_digest(paths: Sequence[Path]) -> str:
+    """SHA-256 over the contents of ``paths`` (the model's weights and config): identifies the model."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).name.encode())
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def run_key(options: QualityOptions, device: torch.device) -> dict[str, Any]:
+    """Everything besides the setting that changes a bundled-protocol image (see ``check_resume``)."""
+    import diffusers
+
+    import tomediff
+    from tomediff.eval.pipeline import ASSETS_DIR
+
+    assets = Path(options.assets_dir or ASSETS_DIR)
+    names = ("demo_unet.safetensors", "demo_text_encoder.safetensors", "demo_model.json")
+    files = [assets / name for name in names]
     return {
+        "protocol": "bundled",
+        "model": files_digest([f for f in files if f.is_file()]),
+        "steps": options.steps,
+        "guidance": options.guidance,
+        "scheduler": options.scheduler,
+        "base_seed": options.base_seed,
+        "batch_size": options.batch_size,
+        "device": device.type,
         "tomediff": tomediff.__version__,
         "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "processes": dist.world,
-        "device": device,
-        "torch_threads": threads,
-        "cpu_count": len(os.sched_getaffinity(0)),
+        "diffusers": diffusers.__version__,
     }
 
 
@@ -164,7 +187,6 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
 
     dist = DistContext(cpu=options.cpu)
     assets = options.assets_dir or ASSETS_DIR
-    pipe = load_demo_model(assets, device=dist.device)
     settings = build_settings(
         options.ratios,
         options.variants,
@@ -173,6 +195,9 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
         options.different_seed,
         options.compare_ratios,
     )
+    key = run_key(options, dist.device)
+    check_resume(options.out_dir, settings, key)  # before loading anything
+    pipe = load_demo_model(assets, device=dist.device)
     batches = plan_batches(
         options.samples_per_class, len(pipe.class_names), options.batch_size, options.base_seed
     )
@@ -196,6 +221,7 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
         options.out_dir,
         dist,
         progress=options.progress,
+        run_key=key,
     )
     if samples is None:  # not the main process
         return None
@@ -214,7 +240,7 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
         "scheduler": options.scheduler,
         "batch_size": options.batch_size,
         "wall_seconds_this_run": round(time.time() - started, 1),
-        "environment": _environment(dist, torch.get_num_threads()),
+        "environment": environment(dist),
     }
     write_json(out / "results.json", {"meta": meta, "rows": all_rows})
     write_csv(out / "results.csv", all_rows)

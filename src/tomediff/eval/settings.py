@@ -8,6 +8,8 @@ from typing import Any
 
 import torch
 
+from tomediff.config import ToMeConfig, config_from, tomesd_arguments
+
 __all__ = ["DIFFERENT_SEED_OFFSET", "VARIANTS", "Patch", "Setting", "build_settings"]
 
 # Added to every seed of the "different seed" control row: far from any seed a run uses otherwise.
@@ -23,7 +25,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 
 @dataclass(frozen=True)
 class Setting:
-    """One row of the evaluation: how (and whether) the UNet is merged while sampling."""
+    """One row of the evaluation: how (and whether) the UNet is merged while sampling.
+
+    The merging fields are :class:`~tomediff.ToMeConfig` fields (see :meth:`tome_config`); ``method``,
+    ``seed_offset`` and ``variant`` describe the row.
+    """
 
     method: str = "none"  # "none" (unmerged), "tomediff" or "tomesd"
     ratio: float = 0.0
@@ -49,6 +55,10 @@ class Setting:
         """Filesystem-safe unique id."""
         return self.name.replace(", ", "_").replace(" ", "_").replace("=", "")
 
+    def tome_config(self) -> ToMeConfig:
+        """The merging this setting applies (its fields are ToMeConfig fields, validated by it)."""
+        return config_from(self)
+
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self)}
 
@@ -65,15 +75,7 @@ class Patch:
         if setting.method == "tomediff":
             import tomediff
 
-            cfg = tomediff.ToMeConfig(
-                ratio=setting.ratio,
-                max_downsample=setting.max_downsample,
-                use_rand=setting.use_rand,
-                merge_attn=setting.merge_attn,
-                merge_crossattn=setting.merge_crossattn,
-                merge_mlp=setting.merge_mlp,
-            )
-            self._handle = tomediff.apply_tome(unet, cfg)
+            self._handle = tomediff.apply_tome(unet, setting.tome_config())
         elif setting.method == "tomesd":
             try:
                 import tomesd
@@ -81,15 +83,7 @@ class Patch:
                 raise ImportError(
                     "--compare tomesd needs the tomesd package: pip install tomesd==0.1.3"
                 ) from error
-            tomesd.apply_patch(
-                unet,
-                ratio=setting.ratio,
-                max_downsample=setting.max_downsample or 1,
-                use_rand=setting.use_rand,
-                merge_attn=setting.merge_attn,
-                merge_crossattn=setting.merge_crossattn,
-                merge_mlp=setting.merge_mlp,
-            )
+            tomesd.apply_patch(unet, **tomesd_arguments(setting.tome_config()))
         elif setting.method != "none":
             raise ValueError(f"unknown method {setting.method!r}; use 'none', 'tomediff' or 'tomesd'.")
 

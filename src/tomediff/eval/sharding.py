@@ -6,14 +6,20 @@ Accelerate supports); on CPUs use ``accelerate launch --multi_gpu --num_processe
 Batch ``k`` runs on process ``k % N``; every sample's noise depends only on its seed
 and every batch's merge partitions only on ``(setting, k)``, so the union over processes equals a
 single-process run. Each batch is saved as ``OUT/images/<setting>/batch_<k>.npz`` and skipped when
-already there (resume); finished batches are gathered on the main process, which writes any it lacks
+already there (resume); ``OUT/images/<setting>/settings.json`` records everything that made those
+images (model, steps, guidance, sampler, seeds and batching, method settings, device, library
+versions), and a rerun whose settings differ in any of these is refused before any work
+(:class:`~tomediff.errors.ResumeMismatchError`), so finished results are never mixed with or overwritten
+by others. Finished batches are gathered on the main process, which writes any it lacks
 (nodes without a shared filesystem) and computes the metrics.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,9 +27,24 @@ from typing import Any
 import numpy as np
 import torch
 
+from tomediff.errors import ResumeMismatchError
 from tomediff.eval.settings import Setting
+from tomediff.progress import ProgressBar
 
-__all__ = ["Batch", "DistContext", "Samples", "generate_settings", "load_samples", "plan_batches"]
+__all__ = [
+    "SETTINGS_FILE",
+    "Batch",
+    "DistContext",
+    "Samples",
+    "check_resume",
+    "generate_settings",
+    "load_samples",
+    "plan_batches",
+    "setting_key",
+]
+
+# Next to a setting's batches: the settings that made them (what resuming must match).
+SETTINGS_FILE = "settings.json"
 
 
 @dataclass(frozen=True)
@@ -123,6 +144,60 @@ def _write_batch(path: Path, payload: dict[str, np.ndarray]) -> None:
 SampleFn = Callable[[Sequence[int], Sequence[int]], np.ndarray]
 
 
+def setting_key(setting: Setting, run_key: Mapping[str, Any]) -> dict[str, Any]:
+    """Everything that decides a setting's images: the run's ``run_key`` (model, sampler, seeds,
+    device, versions) plus the setting's own fields, as JSON values."""
+    key = {**run_key, **{f"setting.{k}": v for k, v in setting.as_dict().items() if k != "name"}}
+    if setting.method == "tomesd":
+        from tomediff.bench.variants import tomesd_version
+
+        key["tomesd"] = tomesd_version()
+    return json.loads(json.dumps(key, sort_keys=True, default=str))
+
+
+def _setting_dir(out_dir: Path, setting: Setting) -> Path:
+    return out_dir / "images" / setting.slug
+
+
+def check_resume(out_dir: Path, settings: Sequence[Setting], run_key: Mapping[str, Any]) -> None:
+    """Raise :class:`ResumeMismatchError` if ``out_dir`` holds images of one of ``settings`` that were
+    made with anything different (or by a run that recorded nothing); a no-op for a fresh ``out_dir``."""
+    for setting in settings:
+        folder = _setting_dir(out_dir, setting)
+        record = folder / SETTINGS_FILE
+        finished = any(folder.glob("batch_*.npz"))
+        if not finished:
+            continue  # nothing to reuse or to protect; the record is (re)written before generating
+        if not record.is_file():
+            if finished:
+                raise ResumeMismatchError(
+                    f"--out {out_dir} holds finished '{setting.name}' images with no record of the settings "
+                    f"that made them ({record} is missing: an older tomediff made them), so they cannot be "
+                    "reused safely; pass a new --out (or delete that folder to regenerate it)"
+                )
+            continue
+        try:
+            recorded = json.loads(record.read_text())
+        except (OSError, ValueError) as error:
+            raise ResumeMismatchError(f"cannot read {record} ({error}); pass a new --out") from None
+        expected = setting_key(setting, run_key)
+        changed = [k for k in sorted(set(recorded) | set(expected)) if recorded.get(k) != expected.get(k)]
+        if changed:
+            diffs = ", ".join(f"{k}={recorded.get(k)!r} (now {expected.get(k)!r})" for k in changed)
+            raise ResumeMismatchError(
+                f"--out {out_dir} holds '{setting.name}' images made with other settings: {diffs}; "
+                "pass a new --out to keep both (finished results are never overwritten), or rerun with "
+                "the same settings to resume"
+            )
+
+
+def _write_setting_key(folder: Path, key: Mapping[str, Any]) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tmp = folder / f".{SETTINGS_FILE}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(key, indent=1, sort_keys=True) + "\n")
+    tmp.replace(folder / SETTINGS_FILE)
+
+
 def generate_settings(
     settings: Sequence[Setting],
     batches: Sequence[Batch],
@@ -132,11 +207,18 @@ def generate_settings(
     out_dir: Path,
     dist: DistContext,
     progress: bool = True,
+    run_key: Mapping[str, Any] | None = None,
 ) -> dict[str, Samples] | None:
     """Generate every (setting, batch) not already on disk; returns the samples on the main process.
 
     ``sample_fn(class_ids, seeds) -> uint8 images`` runs one batch with whatever patch is on ``unet``.
+    ``run_key`` describes everything besides the setting that changes an image (see
+    :func:`check_resume`); batches on disk are reused only when it and the setting match exactly.
     """
+    run_key = dict(run_key or {})
+    check_resume(out_dir, settings, run_key)
+    for setting in settings:
+        _write_setting_key(_setting_dir(out_dir, setting), setting_key(setting, run_key))
     mine = [b for b in batches if b.index % dist.world == dist.rank]
     todo = [
         (s, b)
@@ -145,7 +227,7 @@ def generate_settings(
         if _read_batch(_batch_path(out_dir, s, b), _seeds(s, b)) is None
     ]
     made: list[tuple[str, int, dict[str, np.ndarray]]] = []
-    bar = _progress(len(todo), enabled=progress and dist.is_main)
+    bar = ProgressBar(len(todo), "batches generated", enabled=progress and dist.is_main)
     for setting in settings:
         pending = [b for s, b in todo if s == setting]
         if not pending:
@@ -166,7 +248,7 @@ def generate_settings(
                 }
                 _write_batch(_batch_path(out_dir, setting, batch), payload)
                 made.append((setting.slug, batch.index, payload))
-                bar.advance(f"{setting.name} batch {batch.index}")
+                bar.advance(f"{setting.name}: batch {batch.index + 1} of {len(batches)}")
         finally:
             patch.remove()
     bar.close()
@@ -203,29 +285,3 @@ def load_samples(out_dir: Path, setting: Setting, batches: Sequence[Batch]) -> S
         seeds=np.concatenate([p["seeds"] for p in parts]),
         seconds_per_step=np.array([float(p["seconds_per_step"]) for p in parts]),
     )
-
-
-class _progress:
-    """A rich progress bar on the main process, silent elsewhere (or without rich)."""
-
-    def __init__(self, total: int, enabled: bool) -> None:
-        self._bar = None
-        if not enabled or total == 0:
-            return
-        try:
-            from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-        except ImportError:
-            return
-        self._bar = Progress(
-            TextColumn("{task.description:<40}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn()
-        )
-        self._bar.start()
-        self._task = self._bar.add_task("generating", total=total)
-
-    def advance(self, description: str) -> None:
-        if self._bar is not None:
-            self._bar.update(self._task, advance=1, description=description)
-
-    def close(self) -> None:
-        if self._bar is not None:
-            self._bar.stop()
