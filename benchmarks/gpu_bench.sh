@@ -1,42 +1,47 @@
 #!/usr/bin/env bash
-# GPU numbers for docs/benchmarks.md (issue 3): SD 1.5 and SDXL base UNets at 512², 1024² and 2048²,
-# fp16, diffusers' default SDPA attention processor, batch 2 (one image with CFG), ratio 0.5,
-# merge_attn only, use_rand off; baseline vs tomediff vs tomesd 0.1.3 vs ideal, in one run per model.
-# SDXL merges at max_downsample=2 (its 1x level has no transformer blocks; tomesd's default of 1 would
-# patch nothing there) for all three merging variants alike.
+# GPU numbers for docs/benchmarks.md (issue 7), as one prepared command that fits in about 8 minutes of
+# an H100/H200. Parts (all by default; pick with PARTS="tests ops eager compiled"):
+#   tests     pytest -m gpu plus the Triton kernel tests on CUDA (tests/test_kernels.py, test_gpu.py)
+#   ops       benchmarks/ops_bench.py: matching and merge+unmerge vs tomesd at N = 4096/16384/65536, fp16,
+#             the torch reference path beside the Triton kernel, SDPA on N and N-r, peak memory at 65536
+#   eager     tomediff bench, fp16, batch 2, ratio 0.5, self-attention only, use_rand off, baseline vs
+#             tomediff vs tomesd 0.1.3 vs ideal in one interleaved run per model: SD 1.5 at 512/1024/2048,
+#             SDXL (max_downsample 2) at 1024/2048, PixArt-alpha at 1024/2048
+#   compiled  the same for SD 1.5 with every variant torch.compile'd (default mode) at 2048 and 1024
+# Every part has its own time cap, so one that overruns leaves the others' results.
 #
-# Budget: under 10 minutes on one H100 (each model run is capped with `timeout`; a capped run still
-# leaves the other model's results). Results go to $OUT (default runs/gpu_bench): per model
-# bench.json / bench.csv / speedup.png / the terminal table, plus versions.txt (card, driver, libraries).
-#
-# The GPU machine has no internet. It needs a Python with CUDA-enabled torch (>= 2.1); the other
-# dependencies are installed from wheels carried in .whl/ (gitignored), prepared on a machine with
-# internet and the same Python version, e.g.:
-#   pip download --dest .whl --only-binary=:all: diffusers==0.42.1 tomesd==0.1.3 rich matplotlib numpy \
-#       safetensors huggingface_hub
-# (drop torch and its nvidia-* wheels if pip pulls them in: the machine's own torch is used).
+# The GPU machine has no internet. It needs a Python with CUDA torch and triton; diffusers, tomesd and
+# importlib_metadata come as wheels in .whl/ (gitignored), prepared on a machine with internet:
+#   pip download --no-deps --only-binary=:all: --python-version 3.12 -d .whl \
+#       diffusers==0.42.1 tomesd==0.1.3 importlib_metadata==8.7.0
+# Results go to $OUT (default runs/gpu_bench): per part a log, per bench run bench.json/csv/png, and
+# versions.txt (card, driver, libraries).
 #
 # Usage:  bash benchmarks/gpu_bench.sh            (PYTHON=/path/to/python to pick the interpreter)
-set -euo pipefail
+set -uo pipefail
 cd "$(dirname "$0")/.."
 
 PY="${PYTHON:-python3}"
 OUT_DIR="${OUT:-runs/gpu_bench}"
+PARTS="${PARTS:-tests ops eager compiled}"
 mkdir -p "$OUT_DIR"
+export PYTHONUNBUFFERED=1
 
 if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     echo "gpu_bench.sh: $PY has no CUDA-enabled torch or sees no GPU" >&2
     exit 1
 fi
-if ! "$PY" -c "import diffusers, tomesd, rich, matplotlib" 2>/dev/null; then
-    if [ -d .whl ]; then
-        "$PY" -m pip install --quiet --no-index --find-links .whl diffusers tomesd rich matplotlib numpy
+SITE=/tmp/tomediff-gpu-site
+if ! "$PY" -c "import diffusers, tomesd" 2>/dev/null; then
+    if ls .whl/*.whl >/dev/null 2>&1; then
+        "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target "$SITE" \
+            .whl/*.whl || exit 1
+        export PYTHONPATH="$SITE${PYTHONPATH:+:$PYTHONPATH}"
     else
-        echo "gpu_bench.sh: diffusers/tomesd/rich/matplotlib missing and no .whl/ directory to install from" >&2
+        echo "gpu_bench.sh: diffusers/tomesd missing and no .whl/ directory to install from" >&2
         exit 1
     fi
 fi
-
 # The package from this checkout, whether or not it is pip-installed there.
 export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 
@@ -47,23 +52,44 @@ import importlib.metadata as md, platform, torch
 print("python", platform.python_version())
 print("torch", torch.__version__, "cuda", torch.version.cuda, "cudnn", torch.backends.cudnn.version())
 print("gpu", torch.cuda.get_device_name(0))
-for name in ("diffusers", "tomesd"):
-    print(name, md.version(name))
+for name in ("diffusers", "tomesd", "triton"):
+    try:
+        print(name, md.version(name))
+    except md.PackageNotFoundError:
+        print(name, "missing")
 EOF
     echo "git $(git rev-parse --short HEAD 2>/dev/null || echo unknown)"
 } | tee "$OUT_DIR/versions.txt"
 
-run_model() {  # model, time cap in seconds
-    local model="$1" cap="$2"
-    echo "== $model (cap ${cap}s)"
-    timeout "$cap" "$PY" -m tomediff.cli.bench_cmd \
-        --model "$model" --resolution 512 1024 2048 --ratio 0.5 \
-        --device cuda --dtype fp16 --batch 2 --repeats 10 --warmup 3 \
-        --compare tomesd --out "$OUT_DIR/$model" 2>&1 | tee "$OUT_DIR/$model.log" || \
-        echo "gpu_bench.sh: $model run failed or hit its ${cap}s cap; see $OUT_DIR/$model.log" >&2
+start=$SECONDS
+has_part() { [[ " $PARTS " == *" $1 "* ]]; }
+
+bench() {  # name, cap in seconds, bench flags...
+    local name="$1" cap="$2"
+    shift 2
+    echo "== $name (cap ${cap}s, at $((SECONDS - start)) s)"
+    timeout "$cap" "$PY" -m tomediff.cli.bench_cmd --device cuda --dtype fp16 --batch 2 --ratio 0.5 \
+        --no-flops --out "$OUT_DIR/$name" "$@" 2>&1 | grep -v "^\[" | tee "$OUT_DIR/$name.log" \
+        || echo "gpu_bench.sh: $name failed or hit its ${cap}s cap; see $OUT_DIR/$name.log" >&2
 }
 
-start=$SECONDS
-run_model sd15 210
-run_model sdxl 330
+if has_part tests; then
+    echo "== tests (at $((SECONDS - start)) s)"
+    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels.py \
+        tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT_DIR/tests.log"
+fi
+if has_part ops; then
+    echo "== ops (at $((SECONDS - start)) s)"
+    timeout 90 "$PY" benchmarks/ops_bench.py --device cuda --dtype fp16 --tokens 4096 16384 65536 \
+        --memory-tokens 65536 --repeats 21 --json "$OUT_DIR/ops.json" 2>&1 | tee "$OUT_DIR/ops.log"
+fi
+if has_part eager; then
+    bench sd15 120 --model sd15 --resolution 512 1024 2048 --repeats 7 --warmup 2 --compare tomesd
+    bench sdxl 120 --model sdxl --resolution 1024 2048 --repeats 7 --warmup 2 --compare tomesd
+    bench pixart 90 --model pixart --resolution 1024 2048 --repeats 7 --warmup 2
+fi
+if has_part compiled; then
+    bench sd15_compiled_2048 150 --model sd15 --resolution 2048 --repeats 5 --warmup 2 --compile
+    bench sd15_compiled_1024 110 --model sd15 --resolution 1024 --repeats 7 --warmup 2 --compile
+fi
 echo "gpu_bench.sh: done in $((SECONDS - start)) s; results in $OUT_DIR"

@@ -123,7 +123,9 @@ def attention_times(x: torch.Tensor, ratio: float, repeats: int, device: torch.d
         q = x[:, :n].reshape(batch, n, heads, channels // heads).transpose(1, 2)
         torch.nn.functional.scaled_dot_product_attention(q, q, q)
 
-    return interleaved_medians({"full": lambda: attend(tokens), "merged": lambda: attend(kept)}, repeats, device)
+    return interleaved_medians(
+        {"full": lambda: attend(tokens), "merged": lambda: attend(kept)}, repeats, device
+    )
 
 
 def peak_memory_child(
@@ -244,7 +246,9 @@ def main() -> int:
             row["matching_ratio"],
         )
         print("{:<16} {:>24.2f} {:>8.2f} {:>12.3f} {:>19.2f} {:>8.2f} {:>12.3f}".format(*cells))
-        extra = {name: f"{seconds * 1e3:.2f}" for name, seconds in m.items() if name not in ("tomesd", "tomediff")}
+        extra = {
+            name: f"{seconds * 1e3:.2f}" for name, seconds in m.items() if name not in ("tomesd", "tomediff")
+        }
         attention = {name: f"{seconds * 1e3:.2f}" for name, seconds in row["attention_s"].items()}
         print(f"{'':<16} other matching ms: {extra or '-'}; SDPA ms (N, N-r): {attention}")
     mem = results["memory"]

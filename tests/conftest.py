@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from typing import Any
 
 import pytest
 import torch
 from torch import nn
+
+# Without a GPU the Triton kernels run in Triton's CPU interpreter, which is chosen when triton is
+# first imported; tomediff imports it, so this must come before any tomediff import.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers.models.attention import BasicTransformerBlock  # noqa: E402

@@ -60,6 +60,8 @@ def build_table(result: BenchResult) -> Any:
         f"tomediff bench — {env.get('gpu') or env.get('cpu')} ({env['device']}, {env['torch_threads']} "
         f"threads), torch {env['torch']}, diffusers {env['diffusers']}, tomesd {env['tomesd'] or 'n/a'}"
     )
+    if result.config.compile:
+        title += f", every variant torch.compile'd (mode {result.config.compile_mode})"
     table = Table(
         title=title,
         title_justify="left",

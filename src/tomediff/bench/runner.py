@@ -58,6 +58,8 @@ class BenchConfig:
     memory: bool = True
     flops: bool = True
     seed: int = 0
+    compile: bool = False
+    compile_mode: str = "default"
 
     def settings(self, spec: ModelSpec, ratio: float) -> MergeSettings:
         return MergeSettings(
@@ -183,6 +185,21 @@ def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
     return float((out - ref).abs().max() / scale)
 
 
+def compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:
+    """``torch.compile(model)`` with room in dynamo's cache for every variant: each patch (and each
+    resolution) is its own set of guards, and the variants alternate on one model."""
+    config = torch._dynamo.config
+    for name in (
+        "cache_size_limit",
+        "recompile_limit",
+        "accumulated_cache_size_limit",
+        "accumulated_recompile_limit",
+    ):
+        if hasattr(config, name):
+            setattr(config, name, max(256, getattr(config, name)))
+    return torch.compile(model, mode=None if mode == "default" else mode)
+
+
 def _error_text(error: BaseException) -> str:
     text = f"{type(error).__name__}: {error}".strip()
     return text if len(text) <= 300 else text[:297] + "..."
@@ -232,8 +249,9 @@ class _Runner:
                 record.status, record.error = "error", f"building the model: {_error_text(error)}"
             self.progress(spec.name, cfg.total_steps() // max(1, len(cfg.models)))
             return list(table.values())
+        caller = compiled(model, cfg.compile_mode) if cfg.compile else model
         for resolution in cfg.resolutions:
-            self.time_resolution(spec, model, resolution, table)
+            self.time_resolution(spec, model, resolution, table, caller)
         if cfg.memory and self.device.type == "cpu":
             # Free the timing model first: the worker builds its own copy, and two SDXL copies in
             # fp32 (10 GB each) may not fit.
@@ -244,9 +262,17 @@ class _Runner:
         return list(table.values())
 
     def time_resolution(
-        self, spec: ModelSpec, model: torch.nn.Module, resolution: int, table: dict[tuple[int, str], Record]
+        self,
+        spec: ModelSpec,
+        model: torch.nn.Module,
+        resolution: int,
+        table: dict[tuple[int, str], Record],
+        caller: torch.nn.Module | None = None,
     ) -> None:
+        """Time every variant at one resolution. Variants patch ``model``; calls go through ``caller``
+        (the same model, or its ``torch.compile`` wrapper, which then compiles once per variant)."""
         cfg = self.config
+        caller = model if caller is None else caller
         inputs = make_inputs(spec, cfg.batch, resolution, self.device, self.dtype, seed=1)
         variants = self.variants_for(spec)
         outputs: dict[str, torch.Tensor] = {}
@@ -262,9 +288,9 @@ class _Runner:
                     for i in range(cfg.warmup):
                         self.progress(f"{label} {variant.key}: warm-up", 0)
                         if i == 0 and cfg.flops:
-                            record.flops, out = count_flops(model, inputs)
+                            record.flops, out = count_flops(caller, inputs)
                         else:
-                            out = forward(model, inputs)
+                            out = forward(caller, inputs)
                         if i == 0:
                             outputs[variant.key] = out.detach().float().cpu()
                         del out
@@ -280,7 +306,7 @@ class _Runner:
             for variant in alive:
                 variant.apply(model)
                 try:
-                    table[resolution, variant.key].flops, out = count_flops(model, inputs)
+                    table[resolution, variant.key].flops, out = count_flops(caller, inputs)
                     outputs[variant.key] = out.detach().float().cpu()
                 finally:
                     variant.remove(model)
@@ -293,7 +319,7 @@ class _Runner:
                 self.progress(f"{label} {variant.key}: timing {round_index + 1}/{cfg.repeats}", 0)
                 variant.apply(model)
                 try:
-                    seconds, out = timed_forward(model, inputs, self.device)
+                    seconds, out = timed_forward(caller, inputs, self.device)
                     del out
                 finally:
                     variant.remove(model)
@@ -312,7 +338,7 @@ class _Runner:
                 self.progress(f"{label} {variant.key}: peak memory", 0)
                 variant.apply(model)
                 try:
-                    peak, before = cuda_peak_bytes(model, inputs, self.device)
+                    peak, before = cuda_peak_bytes(caller, inputs, self.device)
                 finally:
                     variant.remove(model)
                 record = table[resolution, variant.key]

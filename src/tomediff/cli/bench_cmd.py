@@ -169,6 +169,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     parser.add_argument("--no-flops", action="store_true", help="skip FLOP counting")
     parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="time torch.compile'd calls: the baseline and every variant compiled alike, in the same run "
+        "(each variant and resolution compiles once during its warm-up; FLOPs are not counted)",
+    )
+    parser.add_argument(
+        "--compile-mode",
+        choices=("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"),
+        default="default",
+        help="torch.compile mode with --compile (reduce-overhead uses CUDA graphs). Default: default",
+    )
+    parser.add_argument(
         "--seed", type=int, default=0, help="seed of the random weights and inputs. Default: 0"
     )
     parser.set_defaults(func=run)
@@ -237,8 +249,10 @@ def config_from_args(args: argparse.Namespace) -> Any:
         merge_mlp="mlp" in args.merge,
         threads=args.threads,
         memory=not args.no_memory,
-        flops=not args.no_flops,
+        flops=not args.no_flops and not args.compile,
         seed=args.seed,
+        compile=args.compile,
+        compile_mode=args.compile_mode,
     )
 
 

@@ -45,7 +45,7 @@ def _replace_input(args: Args, kwargs: Kwargs, where: int | str, value: Any) -> 
 
 
 class RootHook(ToMeHook):
-    """Pre-hook on the patched model: starts a call (per thread), recording the ``[B, C, H, W]`` input size."""
+    """Pre-hook on the patched model: starts a call (per thread) and records its ``[B, C, H, W]`` size."""
 
     def __init__(self, state: ToMeState) -> None:
         self.state = state

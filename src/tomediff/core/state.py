@@ -20,6 +20,7 @@ from tomediff.ops import (
     num_windows,
     plan_constants,
     plan_merge,
+    window_tokens,
 )
 
 __all__ = ["BlockStats", "CallState", "Planner", "ToMeState", "downsampled_size"]
@@ -99,6 +100,7 @@ class ToMeState:
         self._local = threading.local()
         # Built once per shape and device and shared by the threads; the values are constant tensors.
         self._partitions: dict[tuple[int, int, str], Partition] = {}
+        self._window_tables: dict[tuple[int, int, str], torch.Tensor] = {}
         self._constants: dict[tuple[int, int, int, int, str], PlanConstants] = {}
         self._keep_plans: dict[tuple[int, int, int, str], KeepPlan] = {}
 
@@ -146,10 +148,8 @@ class ToMeState:
             return None
         height, width = int(sample.shape[-2]), int(sample.shape[-1])
         windows = max(1, num_windows(height, width, cfg.sx, cfg.sy))
-        dtype = torch.uint8 if cfg.sx * cfg.sy <= 256 else torch.int32
-        offsets = torch.randint(
-            cfg.sx * cfg.sy, (self.num_blocks, windows), generator=self.generator, dtype=dtype
-        )
+        # int64: the blocks use them as gather indices as they are, without a conversion kernel.
+        offsets = torch.randint(cfg.sx * cfg.sy, (self.num_blocks, windows), generator=self.generator)
         return offsets.to(sample.device, non_blocking=True)
 
     def reseed(self, seed: int | None = None) -> None:
@@ -208,7 +208,9 @@ class ToMeState:
                 offsets = table[block_index, :windows]
             else:  # no per-call draw (no [B, C, H, W] model input): draw for this block alone
                 offsets = draw_dst_offsets(height, width, cfg.sx, cfg.sy, self.generator).to(device)
-            return grid_partition(height, width, cfg.sx, cfg.sy, offsets)
+            return grid_partition(
+                height, width, cfg.sx, cfg.sy, offsets, windows=self._windows(height, width, device)
+            )
         if torch.compiler.is_compiling():  # traced once into the graph; a cache would add guards
             return self._fixed_partition(height, width, device)
         key = (height, width, str(device))
@@ -216,6 +218,16 @@ class ToMeState:
         if part is None:
             part = self._partitions[key] = self._fixed_partition(height, width, device)
         return part
+
+    def _windows(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        cfg = self.config
+        if torch.compiler.is_compiling():
+            return window_tokens(height, width, cfg.sx, cfg.sy, device)
+        key = (height, width, str(device))
+        windows = self._window_tables.get(key)
+        if windows is None:
+            windows = self._window_tables[key] = window_tokens(height, width, cfg.sx, cfg.sy, device)
+        return windows
 
     def _fixed_partition(self, height: int, width: int, device: torch.device) -> Partition:
         cfg = self.config

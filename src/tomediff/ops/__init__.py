@@ -10,7 +10,7 @@ from tomediff.ops.matching import (
     score_block_elements,
 )
 from tomediff.ops.merge import KeepPlan, MergePlan, TokenPlan
-from tomediff.ops.partition import Partition, draw_dst_offsets, grid_partition, num_windows
+from tomediff.ops.partition import Partition, draw_dst_offsets, grid_partition, num_windows, window_tokens
 
 __all__ = [
     "Backend",
@@ -27,4 +27,5 @@ __all__ = [
     "plan_merge",
     "score_block_elements",
     "triton_enabled",
+    "window_tokens",
 ]

@@ -8,7 +8,6 @@ can be turned off with the environment variable ``TOMEDIFF_DISABLE_TRITON=1``.
 
 from __future__ import annotations
 
-import functools
 import os
 from types import SimpleNamespace
 from typing import Any
@@ -22,7 +21,11 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
 
-__all__ = ["best_dst_triton", "scatter_add_triton", "triton_enabled"]
+__all__ = ["BEST_DST_LABEL", "SCATTER_ADD_LABEL", "best_dst_triton", "scatter_add_triton", "triton_enabled"]
+
+# Profiler labels around each launch (one kernel each), also used by the tests that count launches.
+BEST_DST_LABEL = "tomediff::best_dst_triton"
+SCATTER_ADD_LABEL = "tomediff::scatter_add_triton"
 
 # Tile sizes used on the CPU interpreter (tests): small, so odd sizes exercise the masks.
 _INTERPRETER_TILES = {"BLOCK_S": 16, "BLOCK_D": 16, "BLOCK_C": 16}
@@ -40,12 +43,19 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
-@functools.cache
-def _kernels() -> SimpleNamespace:
-    """The kernels, defined on first use. Whether they run compiled or in Triton's CPU interpreter is
-    fixed by ``TRITON_INTERPRET`` when triton is imported (its own library functions depend on it)."""
-    if triton is None:
-        raise RuntimeError("the Triton kernels need the 'triton' package; install it or use backend='torch'.")
+# The kernels are defined at import. Whether they run compiled or in Triton's CPU interpreter is fixed
+# by TRITON_INTERPRET when triton is imported (its own library functions depend on it).
+if triton is not None:
+
+    @triton.jit
+    def load_rows(ptr, mask, BF16_BITS: tl.constexpr):
+        if BF16_BITS:
+            # bfloat16 given as its int16 bits (Triton's interpreter cannot read bfloat16): the bits are
+            # the top half of the equal float32.
+            bits = tl.load(ptr, mask=mask, other=0)
+            return (bits.to(tl.int32) << 16).to(tl.float32, bitcast=True)
+        return tl.load(ptr, mask=mask, other=0.0)
+
     @triton.jit
     def best_dst_kernel(
         metric_ptr,
@@ -60,6 +70,7 @@ def _kernels() -> SimpleNamespace:
         stride_n,
         tiny,
         IEEE: tl.constexpr,
+        BF16_BITS: tl.constexpr,
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_C: tl.constexpr,
@@ -77,7 +88,7 @@ def _kernels() -> SimpleNamespace:
         src_sq = tl.zeros([BLOCK_S], dtype=tl.float32)
         for c0 in range(0, channels, BLOCK_C):
             ch_ok = (c0 + chan) < channels
-            s = tl.load(src_ptr + (c0 + chan)[None, :], mask=row_ok[:, None] & ch_ok[None, :], other=0.0)
+            s = load_rows(src_ptr + (c0 + chan)[None, :], row_ok[:, None] & ch_ok[None, :], BF16_BITS)
             s = s.to(tl.float32)
             src_sq += tl.sum(s * s, axis=1)
 
@@ -93,12 +104,8 @@ def _kernels() -> SimpleNamespace:
             dst_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
             for c0 in range(0, channels, BLOCK_C):
                 ch_ok = (c0 + chan) < channels
-                s = tl.load(
-                    src_ptr + (c0 + chan)[None, :], mask=row_ok[:, None] & ch_ok[None, :], other=0.0
-                )
-                d = tl.load(
-                    dst_ptr + (c0 + chan)[None, :], mask=col_ok[:, None] & ch_ok[None, :], other=0.0
-                )
+                s = load_rows(src_ptr + (c0 + chan)[None, :], row_ok[:, None] & ch_ok[None, :], BF16_BITS)
+                d = load_rows(dst_ptr + (c0 + chan)[None, :], col_ok[:, None] & ch_ok[None, :], BF16_BITS)
                 if IEEE:
                     acc = tl.dot(s, tl.trans(d), acc, input_precision="ieee")
                 else:
@@ -122,7 +129,14 @@ def _kernels() -> SimpleNamespace:
 
     @triton.jit
     def scatter_add_kernel(
-        x_ptr, slot_ptr, out_ptr, num_rows, channels, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+        x_ptr,
+        slot_ptr,
+        out_ptr,
+        num_rows,
+        channels,
+        BF16_BITS: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
     ):
         # out[slot[i], :] += float32(x[i, :]): the group sums accumulate in fp32 whatever x's dtype.
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
@@ -132,10 +146,8 @@ def _kernels() -> SimpleNamespace:
         for c0 in range(0, channels, BLOCK_C):
             ch = c0 + chan
             ok = row_ok[:, None] & (ch < channels)[None, :]
-            x = tl.load(x_ptr + rows[:, None] * channels + ch[None, :], mask=ok, other=0.0)
+            x = load_rows(x_ptr + rows[:, None] * channels + ch[None, :], ok, BF16_BITS)
             tl.atomic_add(out_ptr + slot[:, None] * channels + ch[None, :], x.to(tl.float32), mask=ok)
-
-    return SimpleNamespace(best_dst=best_dst_kernel, scatter_add=scatter_add_kernel, cdiv=triton.cdiv)
 
 
 def _kernels_for(tensor: torch.Tensor) -> SimpleNamespace:
@@ -145,7 +157,9 @@ def _kernels_for(tensor: torch.Tensor) -> SimpleNamespace:
             f"(TRITON_INTERPRET=1 set before triton is imported); got a tensor on {tensor.device}. "
             "Use backend='torch' on this device."
         )
-    return _kernels()
+    if triton is None:
+        raise RuntimeError("the Triton kernels need the 'triton' package; install it or use backend='torch'.")
+    return SimpleNamespace(best_dst=best_dst_kernel, scatter_add=scatter_add_kernel, cdiv=triton.cdiv)
 
 
 def _best_dst_tiles(num_dst: int, dtype: torch.dtype) -> dict[str, Any]:
@@ -171,7 +185,7 @@ def best_dst_triton(
     """
     if metric.stride(-1) != 1:
         metric = metric.contiguous()
-    batch, _, channels = metric.shape
+    batch = metric.shape[0]
     num_src, num_dst = int(src_idx.shape[0]), int(dst_idx.shape[0])
     kernels = _kernels_for(metric)
     score = torch.empty(batch, num_src, dtype=torch.float32, device=metric.device)
@@ -179,23 +193,42 @@ def best_dst_triton(
     if num_src == 0:
         return score, choice
     tiles = _INTERPRETER_TILES if not metric.is_cuda else _best_dst_tiles(num_dst, metric.dtype)
+    bf16_bits = _interpreting() and metric.dtype == torch.bfloat16
+    if bf16_bits:
+        metric = metric.view(torch.int16)
     grid = (kernels.cdiv(num_src, tiles["BLOCK_S"]), batch)
+    with torch.profiler.record_function(BEST_DST_LABEL):
+        _launch_best_dst(kernels, grid, metric, src_idx, dst_idx, score, choice, tiles, bf16_bits)
+    return score, choice
+
+
+def _launch_best_dst(
+    kernels: SimpleNamespace,
+    grid: tuple[int, int],
+    metric: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst_idx: torch.Tensor,
+    score: torch.Tensor,
+    choice: torch.Tensor,
+    tiles: dict[str, Any],
+    bf16_bits: bool,
+) -> None:
     kernels.best_dst[grid](
         metric,
         src_idx,
         dst_idx,
         score,
         choice,
-        num_src,
-        num_dst,
-        channels,
+        src_idx.shape[0],
+        dst_idx.shape[0],
+        metric.shape[2],
         metric.stride(0),
         metric.stride(1),
         torch.finfo(torch.float32).tiny,
-        IEEE=metric.dtype == torch.float32,
+        IEEE=metric.dtype == torch.float32 or bf16_bits,
+        BF16_BITS=bf16_bits,
         **tiles,
     )
-    return score, choice
 
 
 def scatter_add_triton(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -210,5 +243,10 @@ def scatter_add_triton(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> t
     kernels = _kernels_for(x)
     block_r, block_c = (16, 16) if not x.is_cuda else (32, 128)
     grid = (kernels.cdiv(rows, block_r),)
-    kernels.scatter_add[grid](x, slot, out, rows, channels, BLOCK_R=block_r, BLOCK_C=block_c)
+    bf16_bits = _interpreting() and x.dtype == torch.bfloat16
+    if bf16_bits:
+        x = x.view(torch.int16)
+    kernels.scatter_add[grid](
+        x, slot, out, rows, channels, BF16_BITS=bf16_bits, BLOCK_R=block_r, BLOCK_C=block_c
+    )
     return out

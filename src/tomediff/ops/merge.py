@@ -123,7 +123,9 @@ class MergePlan:
         return _merge_mask_by_slot(mask, dim, self.local_slot, self.batch, self.num_merged)
 
 
-def _scatter_add(flat: torch.Tensor, index: torch.Tensor, num_slots: int, deterministic: bool) -> torch.Tensor:
+def _scatter_add(
+    flat: torch.Tensor, index: torch.Tensor, num_slots: int, deterministic: bool
+) -> torch.Tensor:
     """``out[index[i]] += flat[i]`` into new ``[num_slots, C]`` zeros of ``flat``'s dtype."""
     out = flat.new_zeros(num_slots, flat.shape[-1])
     if deterministic:

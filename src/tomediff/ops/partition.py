@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["Partition", "draw_dst_offsets", "grid_partition", "num_windows"]
+__all__ = ["Partition", "draw_dst_offsets", "grid_partition", "num_windows", "window_tokens"]
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,21 @@ def draw_dst_offsets(
     return torch.randint(sx * sy, shape, generator=generator, dtype=torch.int64)
 
 
+def window_tokens(
+    height: int, width: int, sx: int, sy: int, device: torch.device | str | None = None
+) -> torch.Tensor:
+    """Token index of every position of every full window: ``[Nd, sx*sy]`` int64, row ``w`` for the
+    w-th window in row-major order, column ``k = row * sx + col`` inside it. Depends only on the shape,
+    so callers cache it and pass it to :func:`grid_partition`."""
+    windows_y, windows_x = height // sy, width // sx
+    corner = (
+        torch.arange(windows_y, device=device).mul_(sy * width).unsqueeze(1)
+        + torch.arange(windows_x, device=device).mul_(sx).unsqueeze(0)
+    ).view(-1, 1)
+    k = torch.arange(sx * sy, device=device)
+    return corner + (k.div(sx, rounding_mode="floor") * width + k.remainder(sx)).unsqueeze(0)
+
+
 def grid_partition(
     height: int,
     width: int,
@@ -59,6 +74,7 @@ def grid_partition(
     sy: int,
     offsets: torch.Tensor,
     device: torch.device | str | None = None,
+    windows: torch.Tensor | None = None,
 ) -> Partition:
     """Build the dst/src index sets of a grid from per-window dst offsets, on the offsets' device.
 
@@ -70,6 +86,7 @@ def grid_partition(
         offsets: ``[height // sy, width // sx]`` (or flat ``[Nd]``) integer offsets, as from
             :func:`draw_dst_offsets`.
         device: where the indices live; default the device of ``offsets``.
+        windows: :func:`window_tokens` for this grid, if the caller keeps it (saves its construction).
     """
     windows_y, windows_x = height // sy, width // sx
     num_dst = windows_y * windows_x
@@ -79,14 +96,10 @@ def grid_partition(
             f"sx={sx}, sy={sy}; got {tuple(offsets.shape)}."
         )
     device = offsets.device if device is None else torch.device(device)
-    offsets = offsets.to(device=device, dtype=torch.int64).view(windows_y, windows_x)
+    if windows is None:
+        windows = window_tokens(height, width, sx, sy, device)
     num_tokens = height * width
-    # Top-left token of each window plus the offset's row and column inside the window.
-    corner = (
-        torch.arange(windows_y, device=device).mul_(sy * width).unsqueeze(1)
-        + torch.arange(windows_x, device=device).mul_(sx).unsqueeze(0)
-    )
-    dst_idx = (corner + offsets.div(sx, rounding_mode="floor").mul_(width) + offsets.remainder(sx)).view(-1)
+    dst_idx = windows.gather(1, offsets.to(device=device, dtype=torch.int64).view(-1, 1)).view(-1)
     # A stable sort of "is src" puts the dst tokens first and the src tokens after them, each group in
     # increasing token order; unlike nonzero() its output size is known without a sync.
     is_src = torch.ones(num_tokens, dtype=torch.uint8, device=device).index_fill_(0, dst_idx, 0)
