@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# GPU numbers for docs/benchmarks.md (issue 7), as one prepared command that fits in about 8 minutes of
+# GPU numbers for docs/benchmarks.md (issue 7), as one prepared command that fits in about 9 minutes of
 # an H100/H200. Parts (all by default; pick with PARTS="tests ops eager compiled"):
 #   tests     pytest -m gpu plus the Triton kernel tests on CUDA (tests/test_kernels.py, test_gpu.py)
 #   ops       benchmarks/ops_bench.py: matching and merge+unmerge vs tomesd at N = 4096/16384/65536, fp16,
@@ -75,21 +75,22 @@ bench() {  # name, cap in seconds, bench flags...
 
 if has_part tests; then
     echo "== tests (at $((SECONDS - start)) s)"
-    timeout 150 "$PY" -m pytest -q -p no:cacheprovider -m "gpu or not gpu" tests/test_kernels.py \
-        tests/test_gpu.py 2>&1 | tail -25 | tee "$OUT_DIR/tests.log"
+    timeout 70 "$PY" -m pytest -q -rf --tb=short -p no:cacheprovider -m "gpu or not gpu" \
+        tests/test_kernels.py tests/test_gpu.py > "$OUT_DIR/tests.log" 2>&1
+    grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/tests.log"
 fi
 if has_part ops; then
     echo "== ops (at $((SECONDS - start)) s)"
-    timeout 90 "$PY" benchmarks/ops_bench.py --device cuda --dtype fp16 --tokens 4096 16384 65536 \
+    timeout 45 "$PY" benchmarks/ops_bench.py --device cuda --dtype fp16 --tokens 4096 16384 65536 \
         --memory-tokens 65536 --repeats 21 --json "$OUT_DIR/ops.json" 2>&1 | tee "$OUT_DIR/ops.log"
 fi
 if has_part eager; then
-    bench sd15 120 --model sd15 --resolution 512 1024 2048 --repeats 7 --warmup 2 --compare tomesd
-    bench sdxl 120 --model sdxl --resolution 1024 2048 --repeats 7 --warmup 2 --compare tomesd
-    bench pixart 90 --model pixart --resolution 1024 2048 --repeats 7 --warmup 2
+    bench sd15 90 --model sd15 --resolution 512 1024 2048 --repeats 7 --warmup 2 --compare tomesd
+    bench sdxl 90 --model sdxl --resolution 1024 2048 --repeats 7 --warmup 2 --compare tomesd
+    bench pixart 60 --model pixart --resolution 1024 2048 --repeats 7 --warmup 2
 fi
 if has_part compiled; then
-    bench sd15_compiled_2048 150 --model sd15 --resolution 2048 --repeats 5 --warmup 2 --compile
-    bench sd15_compiled_1024 110 --model sd15 --resolution 1024 --repeats 7 --warmup 2 --compile
+    bench sd15_compiled_2048 130 --model sd15 --resolution 2048 --repeats 5 --warmup 2 --compile
+    bench sd15_compiled_1024 80 --model sd15 --resolution 1024 --repeats 7 --warmup 2 --compile
 fi
 echo "gpu_bench.sh: done in $((SECONDS - start)) s; results in $OUT_DIR"

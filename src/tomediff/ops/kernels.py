@@ -9,8 +9,6 @@ can be turned off with the environment variable ``TOMEDIFF_DISABLE_TRITON=1``.
 from __future__ import annotations
 
 import os
-from types import SimpleNamespace
-from typing import Any
 
 import torch
 
@@ -117,7 +115,7 @@ if triton is not None:
             sim = tl.where(col_ok[None, :], sim, float("-inf"))
             tile_best = tl.max(sim, axis=1)
             # First column reaching the tile's max: ties resolve to the lowest dst index, as torch.max.
-            tile_idx = tl.min(tl.where(sim == tile_best[:, None], cols[None, :], num_dst), axis=1)
+            tile_idx = d0 + tl.argmax(sim, axis=1, tie_break_left=True)
             better = tile_best > best
             best = tl.where(better, tile_best, best)
             best_idx = tl.where(better, tile_idx.to(tl.int64), best_idx)
@@ -149,26 +147,108 @@ if triton is not None:
             x = load_rows(x_ptr + rows[:, None] * channels + ch[None, :], ok, BF16_BITS)
             tl.atomic_add(out_ptr + slot[:, None] * channels + ch[None, :], x.to(tl.float32), mask=ok)
 
+    # On a GPU the tile shape is tuned once per (Nd, C, dtype) on first use (about a second), over
+    # configurations that keep the tensor cores fed; the interpreter runs the plain kernel with small tiles.
+    _TUNED_CONFIGS = [
+        triton.Config({"BLOCK_S": bs, "BLOCK_D": bd, "BLOCK_C": bc}, num_warps=w, num_stages=st)
+        for bs, bd, bc, w, st in (
+            (128, 128, 64, 8, 3),
+            (128, 64, 64, 4, 3),
+            (64, 128, 64, 4, 3),
+            (128, 128, 32, 8, 4),
+            (64, 64, 64, 4, 3),
+            (256, 64, 64, 8, 3),
+            (64, 64, 32, 4, 2),
+        )
+    ]
+    best_dst_tuned = triton.autotune(
+        configs=_TUNED_CONFIGS, key=["num_dst", "channels", "IEEE", "BF16_BITS"]
+    )(best_dst_kernel)
 
-def _kernels_for(tensor: torch.Tensor) -> SimpleNamespace:
+
+def _check_launchable(tensor: torch.Tensor) -> None:
+    if triton is None:
+        raise RuntimeError("the Triton kernels need the 'triton' package; install it or use backend='torch'.")
     if not tensor.is_cuda and not _interpreting():
         raise RuntimeError(
             f"the Triton kernels run on CUDA tensors, or on CPU tensors only under Triton's interpreter "
             f"(TRITON_INTERPRET=1 set before triton is imported); got a tensor on {tensor.device}. "
             "Use backend='torch' on this device."
         )
-    if triton is None:
-        raise RuntimeError("the Triton kernels need the 'triton' package; install it or use backend='torch'.")
-    return SimpleNamespace(best_dst=best_dst_kernel, scatter_add=scatter_add_kernel, cdiv=triton.cdiv)
 
 
-def _best_dst_tiles(num_dst: int, dtype: torch.dtype) -> dict[str, Any]:
-    """Launch parameters on a GPU: wide tiles for the tensor cores, fewer rows when fp32 (registers)."""
-    if dtype == torch.float32:
-        return {"BLOCK_S": 64, "BLOCK_D": 64, "BLOCK_C": 32, "num_warps": 4, "num_stages": 2}
-    if num_dst <= 1024:
-        return {"BLOCK_S": 64, "BLOCK_D": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_S": 128, "BLOCK_D": 64, "BLOCK_C": 64, "num_warps": 8, "num_stages": 2}
+def _best_dst_impl(
+    metric: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_launchable(metric)
+    if metric.stride(-1) != 1:
+        metric = metric.contiguous()
+    batch, channels = metric.shape[0], metric.shape[2]
+    num_src, num_dst = int(src_idx.shape[0]), int(dst_idx.shape[0])
+    score = torch.empty(batch, num_src, dtype=torch.float32, device=metric.device)
+    choice = torch.empty(batch, num_src, dtype=torch.int64, device=metric.device)
+    if num_src == 0 or batch == 0:
+        return score, choice
+    bf16_bits = _interpreting() and metric.dtype == torch.bfloat16
+    ieee = metric.dtype == torch.float32 or bf16_bits
+    if bf16_bits:
+        metric = metric.view(torch.int16)
+    args = (metric, src_idx, dst_idx, score, choice, num_src, num_dst, channels)
+    args += (metric.stride(0), metric.stride(1), torch.finfo(torch.float32).tiny)
+    with torch.profiler.record_function(BEST_DST_LABEL):
+        if _interpreting():
+            grid = (triton.cdiv(num_src, _INTERPRETER_TILES["BLOCK_S"]), batch)
+            best_dst_kernel[grid](*args, IEEE=ieee, BF16_BITS=bf16_bits, **_INTERPRETER_TILES)
+        else:
+            best_dst_tuned[lambda meta: (triton.cdiv(num_src, meta["BLOCK_S"]), batch)](
+                *args, IEEE=ieee, BF16_BITS=bf16_bits
+            )
+    return score, choice
+
+
+def _scatter_add_impl(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
+    _check_launchable(x)
+    x = x.contiguous()
+    rows, channels = x.shape
+    out = torch.zeros(num_slots, channels, dtype=torch.float32, device=x.device)
+    if rows == 0:
+        return out
+    block_r, block_c = (16, 16) if _interpreting() else (32, 128)
+    bf16_bits = _interpreting() and x.dtype == torch.bfloat16
+    if bf16_bits:
+        x = x.view(torch.int16)
+    with torch.profiler.record_function(SCATTER_ADD_LABEL):
+        scatter_add_kernel[(triton.cdiv(rows, block_r),)](
+            x, slot, out, rows, channels, BF16_BITS=bf16_bits, BLOCK_R=block_r, BLOCK_C=block_c
+        )
+    return out
+
+
+# Registered as torch custom ops so that torch.compile treats each launch as one opaque operation
+# (no tracing into Triton's launcher) and CUDA graphs capture it like any other kernel.
+@torch.library.custom_op("tomediff::best_dst", mutates_args=())
+def _best_dst_op(
+    metric: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _best_dst_impl(metric, src_idx, dst_idx)
+
+
+@_best_dst_op.register_fake
+def _(
+    metric: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    shape = (metric.shape[0], src_idx.shape[0])
+    return metric.new_empty(shape, dtype=torch.float32), metric.new_empty(shape, dtype=torch.int64)
+
+
+@torch.library.custom_op("tomediff::scatter_add_fp32", mutates_args=())
+def _scatter_add_op(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
+    return _scatter_add_impl(x, slot, num_slots)
+
+
+@_scatter_add_op.register_fake
+def _(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
+    return x.new_empty((num_slots, x.shape[1]), dtype=torch.float32)
 
 
 def best_dst_triton(
@@ -183,70 +263,13 @@ def best_dst_triton(
     Returns:
         ``score: [B, Ns]`` float32 and ``choice: [B, Ns]`` int64 (position in ``dst_idx``).
     """
-    if metric.stride(-1) != 1:
-        metric = metric.contiguous()
-    batch = metric.shape[0]
-    num_src, num_dst = int(src_idx.shape[0]), int(dst_idx.shape[0])
-    kernels = _kernels_for(metric)
-    score = torch.empty(batch, num_src, dtype=torch.float32, device=metric.device)
-    choice = torch.empty(batch, num_src, dtype=torch.int64, device=metric.device)
-    if num_src == 0:
-        return score, choice
-    tiles = _INTERPRETER_TILES if not metric.is_cuda else _best_dst_tiles(num_dst, metric.dtype)
-    bf16_bits = _interpreting() and metric.dtype == torch.bfloat16
-    if bf16_bits:
-        metric = metric.view(torch.int16)
-    grid = (kernels.cdiv(num_src, tiles["BLOCK_S"]), batch)
-    with torch.profiler.record_function(BEST_DST_LABEL):
-        _launch_best_dst(kernels, grid, metric, src_idx, dst_idx, score, choice, tiles, bf16_bits)
-    return score, choice
-
-
-def _launch_best_dst(
-    kernels: SimpleNamespace,
-    grid: tuple[int, int],
-    metric: torch.Tensor,
-    src_idx: torch.Tensor,
-    dst_idx: torch.Tensor,
-    score: torch.Tensor,
-    choice: torch.Tensor,
-    tiles: dict[str, Any],
-    bf16_bits: bool,
-) -> None:
-    kernels.best_dst[grid](
-        metric,
-        src_idx,
-        dst_idx,
-        score,
-        choice,
-        src_idx.shape[0],
-        dst_idx.shape[0],
-        metric.shape[2],
-        metric.stride(0),
-        metric.stride(1),
-        torch.finfo(torch.float32).tiny,
-        IEEE=metric.dtype == torch.float32 or bf16_bits,
-        BF16_BITS=bf16_bits,
-        **tiles,
-    )
+    return _best_dst_op(metric, src_idx, dst_idx)
 
 
 def scatter_add_triton(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
-    """``out[slot[i]] += x[i]`` into a new float32 ``[num_slots, C]`` tensor.
+    """``out[slot[i]] += x[i]`` into a new float32 ``[num_slots, C]`` tensor (fp32 sums of any dtype).
 
     Args:
-        x: ``[R, C]`` contiguous rows; slot: ``[R]`` int64 in ``[0, num_slots)``.
+        x: ``[R, C]`` rows; slot: ``[R]`` int64 in ``[0, num_slots)``.
     """
-    x = x.contiguous()
-    rows, channels = x.shape
-    out = torch.zeros(num_slots, channels, dtype=torch.float32, device=x.device)
-    kernels = _kernels_for(x)
-    block_r, block_c = (16, 16) if not x.is_cuda else (32, 128)
-    grid = (kernels.cdiv(rows, block_r),)
-    bf16_bits = _interpreting() and x.dtype == torch.bfloat16
-    if bf16_bits:
-        x = x.view(torch.int16)
-    kernels.scatter_add[grid](
-        x, slot, out, rows, channels, BF16_BITS=bf16_bits, BLOCK_R=block_r, BLOCK_C=block_c
-    )
-    return out
+    return _scatter_add_op(x, slot, num_slots)
