@@ -186,9 +186,13 @@ def _rel_diff(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:
-    """``torch.compile(model)`` with room in dynamo's cache for every variant: each patch (and each
-    resolution) is its own set of guards, and the variants alternate on one model."""
+    """``torch.compile(model)`` for variants that patch the model after it is compiled.
+
+    Dynamo does not guard on module hooks by default (``skip_nnmodule_hook_guards``), so a graph traced
+    for one variant would silently run for all: turn the hook guards on, and leave room in dynamo's
+    cache for every variant, since each patch (and each resolution) is its own set of guards."""
     config = torch._dynamo.config
+    config.skip_nnmodule_hook_guards = False
     for name in (
         "cache_size_limit",
         "recompile_limit",
