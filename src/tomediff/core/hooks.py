@@ -16,6 +16,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tomediff.core.spec import BlockSpec, GridSource, Site
 from tomediff.core.state import BlockStats, CallState, ToMeState
+from tomediff.errors import MergeCallError
 from tomediff.ops import TokenPlan
 
 __all__ = ["ToMeHook", "install", "remove_hooks"]
@@ -121,7 +122,7 @@ class BlockCall:
         for grid in self._grid_candidates(call, num_tokens):
             if grid is not None and grid[0] * grid[1] == num_tokens:
                 return grid
-        raise RuntimeError(
+        raise MergeCallError(
             f"tomediff cannot tell the token grid of block '{self.spec.name}': it received {num_tokens} "
             f"tokens, and the model input size {call.input_size} does not explain that count. Call the "
             "patched model with its [B, C, H, W] input (positionally or as sample=/hidden_states=)."
@@ -138,7 +139,7 @@ class BlockPreHook(ToMeHook):
         _, x = _find_input(args, kwargs, spec.input_names)
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise RuntimeError(
+            raise MergeCallError(
                 f"tomediff expected block '{spec.name}' to receive hidden states of shape "
                 f"[batch, tokens, channels], got {shape}."
             )
@@ -184,11 +185,11 @@ class SitePreHook(ToMeHook):
             return None
         site = call.site
         if site.unsupported is not None and (reason := site.unsupported()) is not None:
-            raise RuntimeError(reason)
+            raise MergeCallError(reason)
         where, x = _find_input(args, kwargs, site.input_names)
         if where is None or not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != plan.num_tokens:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise RuntimeError(
+            raise MergeCallError(
                 f"tomediff cannot merge the input of {site.kind} site in block '{call.block.spec.name}': "
                 f"expected [batch, {plan.num_tokens}, channels], got {shape}."
             )

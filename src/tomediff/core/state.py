@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 
 from tomediff.config import ToMeConfig
+from tomediff.errors import ConfigError
 from tomediff.ops import (
     KeepPlan,
     Partition,
@@ -87,7 +88,7 @@ class ToMeState:
         self, config: ToMeConfig, max_downsample: int, num_blocks: int, planner: Planner = "similarity"
     ) -> None:
         if planner not in ("similarity", "ideal"):
-            raise ValueError(f"planner must be 'similarity' or 'ideal', got {planner!r}.")
+            raise ConfigError(f"planner must be 'similarity' or 'ideal', got {planner!r}.")
         self.config = config
         self.max_downsample = max_downsample
         self.num_blocks = num_blocks
@@ -98,6 +99,7 @@ class ToMeState:
         self.stats: dict[str, BlockStats] = {}
         self.calls = 0
         self._local = threading.local()
+        self._latest_call: CallState | None = None
         # Built once per shape and device and shared by the threads; the values are constant tensors.
         self._partitions: dict[tuple[int, int, str], Partition] = {}
         self._window_tables: dict[tuple[int, int, str], torch.Tensor] = {}
@@ -106,20 +108,27 @@ class ToMeState:
 
     def __getstate__(self) -> dict[str, object]:
         # Per-call state is private to the threads of this process; a copy starts without calls.
-        return {k: v for k, v in self.__dict__.items() if k != "_local"}
+        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_latest_call")}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+        self._latest_call = None
 
     # Per-call state -------------------------------------------------------------------------------
 
     @property
     def call(self) -> CallState:
-        """The state of the calling thread's current model call."""
+        """The state of the calling thread's current model call.
+
+        A thread that started no call sees the latest call of any thread: that is how gradient
+        checkpointing's recomputation, run by autograd's device threads during backward, reproduces
+        the partitions of the forward call it recomputes."""
         call = getattr(self._local, "call", None)
-        if call is None:  # a block called directly, outside a patched model call
-            call = self._local.call = CallState(None)
+        if call is None:
+            call = self._latest_call
+            if call is None:  # a block called directly, outside a patched model call
+                call = self._latest_call = CallState(None)
         return call
 
     def start_call(self, sample: object) -> None:
@@ -127,6 +136,7 @@ class ToMeState:
         is_map = isinstance(sample, torch.Tensor) and sample.dim() == 4
         input_size = (int(sample.shape[-2]), int(sample.shape[-1])) if is_map else None
         call = self._local.call = CallState(input_size)
+        self._latest_call = call
         if not torch.compiler.is_compiling():
             self.calls += 1
             call.offsets = self._draw_call_offsets(sample)

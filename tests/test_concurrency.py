@@ -1,0 +1,63 @@
+"""A patched model shared by threads, and training with gradient checkpointing."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+
+import tomediff
+from conftest import assert_close, tiny_sd_unet, unet_inputs
+
+
+def test_concurrent_calls_equal_sequential_calls() -> None:
+    unet = tiny_sd_unet()
+    handle = tomediff.apply_tome(unet, ratio=0.5, use_rand=False)
+    # Different inputs and two resolutions, as a server sharing one pipeline would see.
+    cases = [unet_inputs(height=32, width=32, seed=s) for s in range(3)]
+    cases += [unet_inputs(height=24, width=40, seed=s) for s in range(3, 6)]
+    with torch.no_grad():
+        expected = [unet(*case).sample for case in cases]
+    results: dict[int, torch.Tensor] = {}
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(cases))
+
+    def worker(index: int) -> None:
+        try:
+            barrier.wait()
+            with torch.no_grad():
+                for _ in range(3):  # overlapping calls, each thread repeating its own
+                    results[index] = unet(*cases[index]).sample
+        except BaseException as error:  # re-raised below, in the test's thread
+            errors.append(error)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(len(cases))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors, errors
+    for index, reference in enumerate(expected):
+        assert torch.equal(results[index], reference), f"case {index} differs from its sequential output"
+    assert handle.report().effective_ratio is not None
+
+
+@pytest.mark.parametrize("use_rand", [True, False])
+def test_gradient_checkpointing_reproduces_the_forward_partition(use_rand: bool) -> None:
+    sample, timestep, context = unet_inputs()
+
+    def gradients(checkpointing: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        unet = tiny_sd_unet().train()
+        if checkpointing:
+            unet.enable_gradient_checkpointing()
+        tomediff.apply_tome(unet, ratio=0.5, use_rand=use_rand, seed=7)
+        x = sample.clone().requires_grad_(True)
+        unet(x, timestep, context).sample.square().mean().backward()
+        weight = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q.weight
+        return x.grad, weight.grad
+
+    plain_input, plain_weight = gradients(checkpointing=False)
+    ckpt_input, ckpt_weight = gradients(checkpointing=True)
+    assert_close(ckpt_input, plain_input, atol=1e-6, rtol=1e-4)
+    assert_close(ckpt_weight, plain_weight, atol=1e-6, rtol=1e-4)
