@@ -61,3 +61,16 @@ def test_gradient_checkpointing_reproduces_the_forward_partition(use_rand: bool)
     ckpt_input, ckpt_weight = gradients(checkpointing=True)
     assert_close(ckpt_input, plain_input, atol=1e-6, rtol=1e-4)
     assert_close(ckpt_weight, plain_weight, atol=1e-6, rtol=1e-4)
+
+
+def test_settings_that_merge_nothing_say_so() -> None:
+    unet = tiny_sd_unet()
+    sample, timestep, context = unet_inputs(height=20, width=28)
+    tomediff.apply_tome(unet, ratio=0.5, sx=64, sy=1, use_rand=False)
+    with (
+        pytest.warns(
+            UserWarning, match=r"merges nothing in block .*20x28 token grid has no full 64x1 window"
+        ),
+        torch.no_grad(),
+    ):
+        unet(sample, timestep, context)

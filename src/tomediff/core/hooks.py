@@ -149,6 +149,8 @@ class BlockPreHook(ToMeHook):
         plan = None
         if level is None or level <= state.max_downsample:
             plan = state.make_plan(x, height, width, block.index)
+            if plan is None and not torch.compiler.is_compiling():
+                state.warn_merges_nothing(spec.name, height, width)
         call.plans[block.index] = plan
         call.sites_left[block.index] = block.num_sites
         if not torch.compiler.is_compiling():  # a report entry; compiled graphs skip the bookkeeping

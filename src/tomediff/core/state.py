@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import threading
+import warnings
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -100,6 +101,7 @@ class ToMeState:
         self.calls = 0
         self._local = threading.local()
         self._latest_call: CallState | None = None
+        self._warned: set[tuple[str, int, int]] = set()
         # Built once per shape and device and shared by the threads; the values are constant tensors.
         self._partitions: dict[tuple[int, int, str], Partition] = {}
         self._window_tables: dict[tuple[int, int, str], torch.Tensor] = {}
@@ -204,6 +206,25 @@ class ToMeState:
             return None
         constants = self._plan_constants(batch, partition, num_remove, device)
         return plan_merge(metric, partition, num_remove, constants=constants)
+
+    def warn_merges_nothing(self, block_name: str, height: int, width: int) -> None:
+        """Say (once per block and grid) that a patched block ran unmerged because of the settings."""
+        key = (block_name, height, width)
+        if key in self._warned or self.config.ratio == 0:  # ratio 0 turns merging off on purpose
+            return
+        self._warned.add(key)
+        cfg = self.config
+        reason = (
+            f"its {height}x{width} token grid has no full {cfg.sx}x{cfg.sy} window (sx={cfg.sx}, sy={cfg.sy})"
+            if height < cfg.sy or width < cfg.sx
+            else f"ratio={cfg.ratio} removes less than one of its {height * width} tokens"
+        )
+        warnings.warn(
+            f"tomediff merges nothing in block '{block_name}': {reason}. Use smaller sx/sy or a larger "
+            "ratio, or limit max_downsample to the levels where merging applies.",
+            UserWarning,
+            stacklevel=2,
+        )
 
     def partition(
         self, height: int, width: int, batch: int, device: torch.device, block_index: int = 0
