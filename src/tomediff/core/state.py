@@ -5,8 +5,9 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal, TypeVar
 
 import torch
 
@@ -28,6 +29,7 @@ from tomediff.ops import (
 __all__ = ["BlockStats", "CallState", "Planner", "ToMeState", "downsampled_size"]
 
 Planner = Literal["similarity", "ideal"]
+T = TypeVar("T")
 
 
 def downsampled_size(size: int, factor: int) -> int:
@@ -242,23 +244,13 @@ class ToMeState:
             return grid_partition(
                 height, width, cfg.sx, cfg.sy, offsets, windows=self._windows(height, width, device)
             )
-        if torch.compiler.is_compiling():  # traced once into the graph; a cache would add guards
-            return self._fixed_partition(height, width, device)
         key = (height, width, str(device))
-        part = self._partitions.get(key)
-        if part is None:
-            part = self._partitions[key] = self._fixed_partition(height, width, device)
-        return part
+        return self._cached(self._partitions, key, lambda: self._fixed_partition(height, width, device))
 
     def _windows(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        cfg = self.config
-        if torch.compiler.is_compiling():
-            return window_tokens(height, width, cfg.sx, cfg.sy, device)
+        sx, sy = self.config.sx, self.config.sy
         key = (height, width, str(device))
-        windows = self._window_tables.get(key)
-        if windows is None:
-            windows = self._window_tables[key] = window_tokens(height, width, cfg.sx, cfg.sy, device)
-        return windows
+        return self._cached(self._window_tables, key, lambda: window_tokens(height, width, sx, sy, device))
 
     def _fixed_partition(self, height: int, width: int, device: torch.device) -> Partition:
         cfg = self.config
@@ -268,21 +260,25 @@ class ToMeState:
     def _plan_constants(
         self, batch: int, partition: Partition, num_remove: int, device: torch.device
     ) -> PlanConstants:
-        if torch.compiler.is_compiling():
-            return plan_constants(batch, partition.num_dst, partition.num_src, num_remove, device)
-        key = (batch, partition.num_dst, partition.num_src, num_remove, str(device))
-        constants = self._constants.get(key)
-        if constants is None:
-            constants = self._constants[key] = plan_constants(
-                batch, partition.num_dst, partition.num_src, num_remove, device
-            )
-        return constants
+        num_dst, num_src = partition.num_dst, partition.num_src
+        key = (batch, num_dst, num_src, num_remove, str(device))
+        return self._cached(
+            self._constants, key, lambda: plan_constants(batch, num_dst, num_src, num_remove, device)
+        )
 
     def _keep_plan(self, batch: int, num_tokens: int, num_merged: int, device: torch.device) -> KeepPlan:
-        if torch.compiler.is_compiling():
-            return KeepPlan.build(batch, num_tokens, num_merged, device)
         key = (batch, num_tokens, num_merged, str(device))
-        plan = self._keep_plans.get(key)
-        if plan is None:
-            plan = self._keep_plans[key] = KeepPlan.build(batch, num_tokens, num_merged, device)
-        return plan
+        return self._cached(
+            self._keep_plans, key, lambda: KeepPlan.build(batch, num_tokens, num_merged, device)
+        )
+
+    @staticmethod
+    def _cached(cache: dict[Any, T], key: Any, build: Callable[[], T]) -> T:
+        """``build()``, kept in ``cache`` under ``key`` in eager mode. Under torch.compile it is built
+        inline: it is traced once into the graph, and reading a cache would add guards on it."""
+        if torch.compiler.is_compiling():
+            return build()
+        value = cache.get(key)
+        if value is None:
+            value = cache[key] = build()
+        return value
