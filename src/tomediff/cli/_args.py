@@ -24,6 +24,7 @@ __all__ = [
     "fail",
     "non_negative_int",
     "positive_int",
+    "positive_ratio",
     "ratio_value",
     "threads_value",
 ]
@@ -45,24 +46,22 @@ def fail(command: str, error: Exception) -> int:
     return 2
 
 
-def positive_int(text: str) -> int:
+def _int_at_least(text: str, minimum: int, expected: str) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}") from None
+    if value < minimum:
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {value}")
     return value
+
+
+def positive_int(text: str) -> int:
+    return _int_at_least(text, 1, "a positive integer")
 
 
 def non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
-    return value
+    return _int_at_least(text, 0, "an integer >= 0")
 
 
 def finite_float(text: str) -> float:
@@ -89,6 +88,11 @@ def ratio_value(text: str, allow_zero: bool = True) -> float:
             "with 2x2 windows at most 3 of every 4 tokens can be merged"
         )
     return value
+
+
+def positive_ratio(text: str) -> float:
+    """A merge ratio in (0, MAX_RATIO]: the flags where 0 (no merging) would measure nothing."""
+    return ratio_value(text, allow_zero=False)
 
 
 def comma_list(item: Callable[[str], object], what: str) -> Callable[[str], list]:

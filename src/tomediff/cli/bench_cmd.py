@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tomediff.cli._args import MAX_RATIO, OnelineParser, non_negative_int, positive_int, ratio_value
+from tomediff.cli._args import MAX_RATIO, OnelineParser, non_negative_int, positive_int, positive_ratio
 from tomediff.errors import CLIUsageError
 
 __all__ = ["QUICK", "config_from_args", "main", "register", "run"]
@@ -66,10 +66,6 @@ def _resolution(text: str) -> int:
     return value
 
 
-def _ratio(text: str) -> float:
-    return ratio_value(text, allow_zero=False)
-
-
 def register(subparsers: Any) -> argparse.ArgumentParser:
     parser = subparsers.add_parser(
         "bench",
@@ -97,7 +93,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--ratio",
         nargs="+",
-        type=_ratio,
+        type=positive_ratio,
         metavar="R",
         help=f"merge ratios in (0, {MAX_RATIO}]: fraction of tokens removed in each merged block. "
         "Default: 0.5",

@@ -29,7 +29,7 @@ from tomediff.cli._args import (
     finite_float,
     non_negative_int,
     positive_int,
-    ratio_value,
+    positive_ratio,
     threads_value,
 )
 from tomediff.errors import CLIUsageError, TomediffError
@@ -334,7 +334,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--ratios",
-        type=comma_list(lambda t: ratio_value(t, allow_zero=False), f"ratios in (0, {MAX_RATIO}]"),
+        type=comma_list(positive_ratio, f"ratios in (0, {MAX_RATIO}]"),
         default=[0.3, 0.5, 0.7],
         metavar="R,R,...",
         help="quality: comma-separated merge ratios; 0 (unmerged) is always added. Default: 0.3,0.5,0.7",
@@ -391,7 +391,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     parser.add_argument(
         "--speed-ratio",
-        type=lambda t: ratio_value(t, allow_zero=False),
+        type=positive_ratio,
         default=0.5,
         metavar="R",
         help="speed: merge ratio. Default: 0.5",

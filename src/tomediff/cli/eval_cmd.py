@@ -18,6 +18,7 @@ from tomediff.cli._args import (
     finite_float,
     non_negative_int,
     positive_int,
+    positive_ratio,
     ratio_value,
     threads_value,
 )
@@ -80,7 +81,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--variant-ratio",
-        type=lambda t: ratio_value(t, allow_zero=False),
+        type=positive_ratio,
         default=0.5,
         metavar="R",
         help="ratio of the option variants. Default: 0.5",
