@@ -159,6 +159,14 @@ def _check_launchable(tensor: torch.Tensor) -> None:
         )
 
 
+def _kernel_view(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
+    """The tensor as the kernels read it, and whether it is bfloat16 passed as int16 bits (the
+    interpreter cannot load bfloat16; ``load_rows`` widens the bits in the kernel)."""
+    if _interpreting() and tensor.dtype == torch.bfloat16:
+        return tensor.view(torch.int16), True
+    return tensor, False
+
+
 def _best_dst_tiles(num_dst: int, dtype: torch.dtype) -> dict[str, int]:
     """Launch parameters on a GPU (measured on an H100: a per-shape autotuner over 3 candidates picked
     slower tiles than these, 5.2 ms against 4.6 ms at N = 65,536)."""
@@ -181,10 +189,8 @@ def _best_dst_impl(
     choice = torch.empty(batch, num_src, dtype=torch.int64, device=metric.device)
     if num_src == 0 or batch == 0:
         return score, choice
-    bf16_bits = _interpreting() and metric.dtype == torch.bfloat16
+    metric, bf16_bits = _kernel_view(metric)
     ieee = metric.dtype == torch.float32 or bf16_bits
-    if bf16_bits:
-        metric = metric.view(torch.int16)
     args = (metric, src_idx, dst_idx, score, choice, num_src, num_dst, channels)
     args += (metric.stride(0), metric.stride(1), torch.finfo(torch.float32).tiny)
     with torch.profiler.record_function(BEST_DST_LABEL):
@@ -202,9 +208,7 @@ def _scatter_add_impl(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> to
     if rows == 0:
         return out
     block_r, block_c = (16, 16) if _interpreting() else (32, 128)
-    bf16_bits = _interpreting() and x.dtype == torch.bfloat16
-    if bf16_bits:
-        x = x.view(torch.int16)
+    x, bf16_bits = _kernel_view(x)
     with torch.profiler.record_function(SCATTER_ADD_LABEL):
         scatter_add_kernel[(triton.cdiv(rows, block_r),)](
             x, slot, out, rows, channels, BF16_BITS=bf16_bits, BLOCK_R=block_r, BLOCK_C=block_c

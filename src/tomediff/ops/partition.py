@@ -89,7 +89,7 @@ def grid_partition(
         windows: :func:`window_tokens` for this grid, if the caller keeps it (saves its construction).
     """
     windows_y, windows_x = height // sy, width // sx
-    num_dst = windows_y * windows_x
+    num_dst = num_windows(height, width, sx, sy)
     if offsets.numel() != num_dst or (offsets.dim() == 2 and tuple(offsets.shape) != (windows_y, windows_x)):
         raise ValueError(
             f"offsets must have shape {(windows_y, windows_x)} for a {height}x{width} grid with "
