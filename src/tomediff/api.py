@@ -177,13 +177,8 @@ def _check_not_patched_by_tomesd(target: nn.Module) -> None:
 
 def _make_config(config: ToMeConfig | None, overrides: dict[str, Any]) -> ToMeConfig:
     if config is None:
-        unknown = sorted(set(overrides) - set(ToMeConfig.__dataclass_fields__))
-        if unknown:
-            raise UnknownOptionError(
-                f"Unknown ToMeConfig option(s): {', '.join(unknown)}. "
-                f"Valid options: {', '.join(ToMeConfig.__dataclass_fields__)}."
-            )
-        return ToMeConfig(**overrides)
+        # replace() names unknown options the same way whether or not a config was given.
+        return ToMeConfig().replace(**overrides) if overrides else ToMeConfig()
     if not isinstance(config, ToMeConfig):
         raise UnknownOptionError(f"config must be a ToMeConfig, got {type(config).__name__}.")
     return config.replace(**overrides) if overrides else config
