@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import numbers
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
@@ -13,7 +13,7 @@ from torch.utils.hooks import RemovableHandle
 
 from tomediff.adapters import find_adapter, resolve_model
 from tomediff.config import ToMeConfig, check_seed
-from tomediff.core import BlockSpec, BlockStats, ToMeState, install, remove_hooks
+from tomediff.core import BlockSpec, BlockStats, PlanEvent, ToMeState, install, remove_hooks
 from tomediff.core.state import Planner
 from tomediff.errors import ConflictingPatchError, NothingToPatchError, UnknownOptionError
 
@@ -126,6 +126,23 @@ class ToMeHandle:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+
+    def watch(self, observer: Callable[[PlanEvent], None]) -> Callable[[], None]:
+        """Call ``observer(event)`` with every plan a block makes in an eager model call (a
+        :class:`tomediff.core.PlanEvent`: block name, call number, token grid, the plan).
+
+        For inspection and visualisation (``tomediff.eval.visualize``); the observer runs inside the
+        model call, so it should be quick and must not change the plan. Returns a function that
+        stops the observation. Observers are not called while the model runs compiled.
+        """
+        observers = self.state.observers
+        observers.append(observer)
+
+        def stop() -> None:
+            if observer in observers:
+                observers.remove(observer)
+
+        return stop
 
     def reseed(self, seed: int | None = None) -> None:
         """Restart the partition RNG, e.g. before each generation to reproduce it in one process."""

@@ -2,12 +2,13 @@
 
 from tomediff.core.hooks import ToMeHook, install, remove_hooks
 from tomediff.core.spec import BlockSpec, GridSource, Site, SiteKind
-from tomediff.core.state import BlockStats, ToMeState
+from tomediff.core.state import BlockStats, PlanEvent, ToMeState
 
 __all__ = [
     "BlockSpec",
     "BlockStats",
     "GridSource",
+    "PlanEvent",
     "Site",
     "SiteKind",
     "ToMeHook",

@@ -156,6 +156,8 @@ class BlockPreHook(ToMeHook):
         if not torch.compiler.is_compiling():  # a report entry; compiled graphs skip the bookkeeping
             merged = plan.num_merged if plan is not None else x.shape[1]
             state.stats[spec.name] = BlockStats(height, width, level, int(x.shape[1]), merged)
+            if plan is not None and state.observers:
+                state.notify(spec.name, height, width, plan)
 
 
 class BlockPostHook(ToMeHook):

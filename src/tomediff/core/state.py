@@ -26,7 +26,7 @@ from tomediff.ops import (
     window_tokens,
 )
 
-__all__ = ["BlockStats", "CallState", "Planner", "ToMeState", "downsampled_size"]
+__all__ = ["BlockStats", "CallState", "PlanEvent", "Planner", "ToMeState", "downsampled_size"]
 
 Planner = Literal["similarity", "ideal"]
 T = TypeVar("T")
@@ -53,6 +53,25 @@ class BlockStats:
     @property
     def removed(self) -> int:
         return self.tokens - self.tokens_after_merge
+
+
+@dataclass(frozen=True)
+class PlanEvent:
+    """A plan made for one block call, as seen by an observer (see ``ToMeHandle.watch``).
+
+    Attributes:
+        block: the block's qualified name.
+        call: which model call of the patch made it (1 for the first call).
+        height, width: the block's token grid (``N = height * width`` tokens, row-major).
+        plan: the plan itself (for merging, a :class:`tomediff.ops.MergePlan`, whose ``local_slot``
+            gives each token's group).
+    """
+
+    block: str
+    call: int
+    height: int
+    width: int
+    plan: TokenPlan
 
 
 @dataclass
@@ -104,6 +123,7 @@ class ToMeState:
         self._local = threading.local()
         self._latest_call: CallState | None = None
         self._warned: set[tuple[str, int, int]] = set()
+        self.observers: list[Callable[[PlanEvent], None]] = []
         # Built once per shape and device and shared by the threads; the values are constant tensors.
         self._partitions: dict[tuple[int, int, str], Partition] = {}
         self._window_tables: dict[tuple[int, int, str], torch.Tensor] = {}
@@ -112,12 +132,21 @@ class ToMeState:
 
     def __getstate__(self) -> dict[str, object]:
         # Per-call state is private to the threads of this process; a copy starts without calls.
-        return {k: v for k, v in self.__dict__.items() if k not in ("_local", "_latest_call")}
+        # Observers are callbacks of this process (often closures), so a copy starts without them.
+        skip = ("_local", "_latest_call", "observers")
+        return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
         self._latest_call = None
+        self.observers = []
+
+    def notify(self, block: str, height: int, width: int, plan: TokenPlan) -> None:
+        """Pass a new plan to the observers (eager calls only; compiled graphs skip observers)."""
+        event = PlanEvent(block, self.calls, height, width, plan)
+        for observer in list(self.observers):
+            observer(event)
 
     # Per-call state -------------------------------------------------------------------------------
 
