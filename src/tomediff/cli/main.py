@@ -16,7 +16,7 @@ from typing import Any
 from tomediff.cli._args import OnelineParser
 
 # Module names under tomediff.cli; imported lazily so `tomediff --help` stays fast.
-SUBCOMMAND_MODULES: tuple[str, ...] = ("bench_cmd", "demo_cmd", "eval_cmd")
+SUBCOMMAND_MODULES: tuple[str, ...] = ("bench_cmd", "demo_cmd", "eval_cmd", "visualize_cmd")
 
 
 class _VersionAction(argparse.Action):
