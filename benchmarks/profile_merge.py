@@ -22,6 +22,7 @@ from torch.profiler import ProfilerActivity, profile
 import tomediff
 from tomediff.bench.measure import forward
 from tomediff.bench.models import build_model, get_model_spec, make_inputs
+from tomediff.bench.variants import KeepReducer
 
 # (file, function) on the Python stack -> category. First match from the innermost frame wins.
 CATEGORIES: tuple[tuple[str, str, str], ...] = (
@@ -74,8 +75,15 @@ def main() -> None:
     inputs = make_inputs(spec, args.batch, args.resolution, seed=1)
     cfg = tomediff.ToMeConfig(ratio=args.ratio, max_downsample=spec.max_downsample, use_rand=False)
 
-    def run(planner: str | None) -> float:
-        handle = None if planner is None else tomediff.apply_tome(model, cfg, planner=planner)
+    def patch(variant: str) -> tomediff.ToMeHandle | None:
+        if variant == "baseline":
+            return None
+        if variant == "ideal":
+            return tomediff.apply_reducer(model, KeepReducer(), cfg)
+        return tomediff.apply_tome(model, cfg)
+
+    def run(variant: str) -> float:
+        handle = patch(variant)
         start = time.perf_counter()
         forward(model, inputs)
         seconds = time.perf_counter() - start
@@ -83,13 +91,13 @@ def main() -> None:
             handle.remove()
         return seconds
 
-    variants = {"baseline": None, "tomediff": "similarity", "ideal": "ideal"}
-    for planner in variants.values():
-        run(planner)  # warm-up
+    variants = ("baseline", "tomediff", "ideal")
+    for name in variants:
+        run(name)  # warm-up
     times: dict[str, list[float]] = {name: [] for name in variants}
     for _ in range(args.repeats):  # interleaved
-        for name, planner in variants.items():
-            times[name].append(run(planner))
+        for name in variants:
+            times[name].append(run(name))
     medians = {name: statistics.median(t) for name, t in times.items()}
     print(
         f"{args.model} {args.resolution}² batch {args.batch} ratio {args.ratio} threads {args.threads}: "
@@ -100,14 +108,15 @@ def main() -> None:
         saving = 100 * (base - ours) / (base - ideal)
         print(f"saving realised {saving:.0f}%  (overhead vs ideal {ours - ideal:.3f} s)")
     ops: dict[str, dict[str, float]] = {}
-    for planner in ("similarity", "ideal"):
-        handle = tomediff.apply_tome(model, cfg, planner=planner)
-        totals, ops[planner] = profile_call(model, inputs)
+    for variant in ("tomediff", "ideal"):
+        handle = patch(variant)
+        assert handle is not None
+        totals, ops[variant] = profile_call(model, inputs)
         handle.remove()
         total = sum(totals.values())
         parts = ", ".join(f"{k} {v:.3f} s ({100 * v / total:.1f}%)" for k, v in sorted(totals.items()))
         if len(totals) > 1:  # some torch builds record no Python stacks on operator events
-            print(f"profile {planner:<10} (profiled total {total:.3f} s): {parts}")
+            print(f"profile {variant:<10} (profiled total {total:.3f} s): {parts}")
     # Ops whose time differs between ToMe and the ideal merge: where the overhead goes.
     names = set(ops["similarity"]) | set(ops["ideal"])
     diff = {n: ops["similarity"].get(n, 0.0) - ops["ideal"].get(n, 0.0) for n in names}

@@ -37,7 +37,8 @@ def tome_hooks(model: nn.Module) -> list[ToMeHook]:
         dict(max_downsample=3),
         dict(ratoi=0.5),
         dict(merge_attn=False),
-        dict(planner="bogus"),
+        dict(method="bogus"),
+        dict(reuse_steps=0),
     ],
 )
 def test_a_failed_apply_leaves_the_previous_patch_in_place(bad: dict[str, object]) -> None:
@@ -186,13 +187,17 @@ def test_settings_records_are_derived_from_tomeconfig() -> None:
 
     tome_fields = {f.name for f in dataclasses.fields(ToMeConfig)}
     assert {f.name for f in dataclasses.fields(MergeSettings)} <= tome_fields
-    assert {f.name for f in dataclasses.fields(Setting)} - {"method", "seed_offset", "variant"} <= tome_fields
+    assert {f.name for f in dataclasses.fields(Setting)} - {
+        "library",
+        "seed_offset",
+        "variant",
+    } <= tome_fields
     assert tuple(inspect.signature(tomediff.apply_patch).parameters)[1:] == TOMESD_FIELDS
     tomesd = pytest.importorskip("tomesd")
     assert tuple(inspect.signature(tomesd.apply_patch).parameters)[1:] == TOMESD_FIELDS
     settings = MergeSettings(ratio=0.5, max_downsample=2, merge_mlp=True)
     assert settings.tome_config() == ToMeConfig(ratio=0.5, max_downsample=2, use_rand=False, merge_mlp=True)
-    assert tomesd_arguments(Setting(method="tomesd", ratio=0.3).tome_config())["max_downsample"] == 1
-    assert config_from(Setting(method="tomediff", ratio=0.3), seed=4).seed == 4
+    assert tomesd_arguments(Setting(library="tomesd", ratio=0.3).tome_config())["max_downsample"] == 1
+    assert config_from(Setting(library="tomediff", ratio=0.3), seed=4).seed == 4
     with pytest.raises(tomediff.ConfigError, match=r"ratio=0\.9 is outside"):
         MergeSettings(ratio=0.9, max_downsample=1)

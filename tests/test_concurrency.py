@@ -69,7 +69,7 @@ def test_settings_that_merge_nothing_say_so() -> None:
     tomediff.apply_tome(unet, ratio=0.5, sx=64, sy=1, use_rand=False)
     with (
         pytest.warns(
-            UserWarning, match=r"merges nothing in block .*20x28 token grid has no full 64x1 window"
+            UserWarning, match=r"reduces nothing in block .*20x28 token grid has no full 64x1 window"
         ),
         torch.no_grad(),
     ):

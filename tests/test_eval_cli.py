@@ -115,7 +115,7 @@ def test_eval_bundled_writes_every_output(tiny_assets: Path, tmp_path: Path) -> 
     )
     assert args.func(args) == 0
     result = json.loads((tmp_path / "results.json").read_text())
-    rows = [r for r in result["rows"] if r["method"] != "real"]
+    rows = [r for r in result["rows"] if r["library"] != "real"]
     assert [r["name"] for r in rows] == [
         "unmerged",
         "unmerged, different seed",

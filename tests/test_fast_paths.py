@@ -240,7 +240,7 @@ def test_compiles_without_graph_breaks_or_recompiles(case: str) -> None:
 def test_random_partitions_break_only_at_the_per_call_draw(case: str) -> None:
     breaks, after_first, after_all = _compile_counts(case, use_rand=True)
     # The CPU generator's draw runs eagerly once per call, before any block; nothing inside blocks.
-    assert breaks and all("_count_and_draw" in reason for reason in breaks)
+    assert breaks and all("ToMeState._begin" in reason for reason in breaks)
     assert after_all == after_first
 
 

@@ -14,7 +14,8 @@ from torch.utils.hooks import RemovableHandle
 from tomediff.adapters import find_adapter, resolve_model
 from tomediff.config import ToMeConfig, check_seed
 from tomediff.core import BlockSpec, BlockStats, PlanEvent, ToMeState, install, remove_hooks
-from tomediff.core.state import Planner
+from tomediff.core.methods import Reducer, build_method
+from tomediff.core.selection import Selection
 from tomediff.errors import ConflictingPatchError, NothingToPatchError, UnknownOptionError
 
 __all__ = [
@@ -22,13 +23,12 @@ __all__ = [
     "ToMeHandle",
     "ToMeReport",
     "apply_patch",
+    "apply_reducer",
     "apply_tome",
     "remove_patch",
     "remove_tome",
     "tome",
 ]
-
-_SITE_SWITCHES = {"attn": "merge_attn", "crossattn": "merge_crossattn", "mlp": "merge_mlp"}
 
 
 @dataclass(frozen=True)
@@ -61,13 +61,12 @@ class ToMeReport:
         return sum(s.removed for s in seen) / total if total else None
 
     def __str__(self) -> str:
-        cfg = self.config
         lines = [
-            f"tomediff on {self.model} (adapter {self.adapter}): ratio={cfg.ratio}, "
+            f"tomediff on {self.model} (adapter {self.adapter}): {_describe_method(self.config)}, "
             f"max_downsample={self.max_downsample} (levels with transformer blocks: "
-            f"{list(self.levels_found) or 'found at call time'}), use_rand={cfg.use_rand}, "
-            f"sx={cfg.sx}, sy={cfg.sy}, {len(self.blocks)} blocks patched, {self.calls} calls so far",
-            f"{'block':<58} {'level':>5} {'sites':<20} {'grid':>9} {'tokens':>7} {'merged':>7} {'r':>6}",
+            f"{list(self.levels_found) or 'found at call time'}), {len(self.blocks)} blocks patched, "
+            f"{self.calls} calls so far",
+            f"{'block':<58} {'level':>5} {'sites':<20} {'grid':>9} {'tokens':>7} {'reduced':>7} {'r':>6}",
         ]
         for block in self.blocks:
             stats = block.last_call
@@ -82,6 +81,31 @@ class ToMeReport:
         if ratio is not None:
             lines.append(f"effective ratio over the last call: {ratio:.3f}")
         return "\n".join(lines)
+
+
+def _describe_method(cfg: ToMeConfig) -> str:
+    """The settings that matter for ``cfg.method``, for the report's first line."""
+    if cfg.method == "downsample":
+        parts = [
+            "method=downsample (keys/values of self-attention from a downsampled grid)",
+            f"downsample_factor={cfg.downsample_factor}",
+            f"downsample_factor_next={cfg.downsample_factor_next}",
+            f"downsample_mode={cfg.downsample_mode}",
+        ]
+    else:
+        ratio = (
+            f"level_ratios={dict(cfg.level_ratios)}" if cfg.level_ratios is not None else f"ratio={cfg.ratio}"
+        )
+        parts = [f"method=merge, {ratio}", f"use_rand={cfg.use_rand}", f"sx={cfg.sx}, sy={cfg.sy}"]
+        reuse = [f"reuse_level={cfg.reuse_level}"] if cfg.reuse_level else []
+        reuse += [f"reuse_steps={cfg.reuse_steps}"] if cfg.reuse_steps > 1 else []
+        reuse += [f"reuse_cfg={cfg.reuse_cfg}"] if cfg.reuse_cfg else []
+        parts += reuse
+    if cfg.min_tokens:
+        parts.append(f"min_tokens={cfg.min_tokens}")
+    if cfg.start > 0 or cfg.stop < 1:
+        parts.append(f"active for denoising progress in [{cfg.start:g}, {cfg.stop:g})")
+    return ", ".join(parts)
 
 
 class ToMeHandle:
@@ -102,10 +126,8 @@ class ToMeHandle:
         self._specs = specs
         self._levels = levels
         self._handles = handles
-        self._sites = {
-            spec.name: tuple(s.kind for s in spec.sites if getattr(state.config, _SITE_SWITCHES[s.kind]))
-            for spec in specs
-        }
+        actions = state.method.actions
+        self._sites = {spec.name: tuple(s.kind for s in spec.sites if s.kind in actions) for spec in specs}
 
     @property
     def config(self) -> ToMeConfig:
@@ -201,10 +223,8 @@ def _make_config(config: ToMeConfig | None, overrides: dict[str, Any]) -> ToMeCo
     return config.replace(**overrides) if overrides else config
 
 
-def apply_tome(
-    model: Any, config: ToMeConfig | None = None, *, planner: Planner = "similarity", **overrides: Any
-) -> ToMeHandle:
-    """Patch ``model`` with token merging, in place; returns a handle.
+def apply_tome(model: Any, config: ToMeConfig | None = None, **overrides: Any) -> ToMeHandle:
+    """Patch ``model`` with token reduction (ToMe merging by default), in place; returns a handle.
 
     Args:
         model: a diffusers pipeline (its ``.unet`` or ``.transformer`` is patched), a diffusers model
@@ -214,8 +234,6 @@ def apply_tome(
             but only once the new settings and model have been validated: when this call raises, the
             previous patch is still in place.
         config: the settings; keyword ``overrides`` replace single fields (``ratio=0.6``).
-        planner: ``"similarity"`` is ToMe. ``"ideal"`` keeps ``N - r`` tokens without any
-            matching: the speed bound of merging at the same token counts, for benchmarks only.
 
     Raises:
         ConfigError (a ValueError): invalid settings.
@@ -224,7 +242,24 @@ def apply_tome(
             contains no supported transformer block.
         ConflictingPatchError (a RuntimeError): the model is patched by tomesd.
     """
-    cfg = _make_config(config, overrides)
+    return _patch(model, _make_config(config, overrides), None)
+
+
+def apply_reducer(
+    model: Any, reducer: Reducer, config: ToMeConfig | None = None, **overrides: Any
+) -> ToMeHandle:
+    """Like :func:`apply_tome`, with the plan of every block call coming from ``reducer`` (a
+    :class:`tomediff.core.methods.Reducer`) instead of the config's method: the seam for research
+    methods and benchmark references. The config still selects blocks, sites, levels and schedule, and
+    its site actions apply (merge/unmerge for ``method="merge"``), so the plans must suit them."""
+    if not isinstance(reducer, Reducer):
+        raise UnknownOptionError(
+            f"reducer must be a tomediff.core.methods.Reducer, got {type(reducer).__name__}."
+        )
+    return _patch(model, _make_config(config, overrides), reducer)
+
+
+def _patch(model: Any, cfg: ToMeConfig, reducer: Reducer | None) -> ToMeHandle:
     target = resolve_model(model)
     _check_not_patched_by_tomesd(target)
     adapter = find_adapter(target)
@@ -235,25 +270,13 @@ def apply_tome(
             "patch, so token merging would do nothing."
         )
     levels = tuple(sorted({s.downsample for s in specs if s.downsample is not None}))
-    max_downsample = cfg.max_downsample if cfg.max_downsample is not None else (levels[0] if levels else 1)
-    selected = [s for s in specs if s.downsample is None or s.downsample <= max_downsample]
-    if not selected:
-        raise NothingToPatchError(
-            f"max_downsample={cfg.max_downsample} selects none of the {len(specs)} transformer blocks of "
-            f"{type(target).__name__}: they sit at downsample levels {list(levels)}. Use "
-            f"max_downsample={levels[0]} or more, or max_downsample=None for the highest-resolution level."
-        )
-    enabled = {kind for kind, switch in _SITE_SWITCHES.items() if getattr(cfg, switch)}
-    if not any(site.kind in enabled for spec in selected for site in spec.sites):
-        present = sorted({site.kind for spec in selected for site in spec.sites})
-        raise NothingToPatchError(
-            f"the enabled merge sites {sorted(enabled)} do not exist in the selected blocks of "
-            f"{type(target).__name__} (they have {present}); enable one of those."
-        )
-    state = ToMeState(cfg, max_downsample, len(selected), planner)
+    selection = Selection(cfg, levels)
+    selected = selection.blocks(specs, type(target).__name__)
+    method = build_method(cfg, selection.enabled_kinds(), reducer)
+    state = ToMeState(cfg, selection, method, len(selected), adapter.timestep_scale)
     # Everything is validated: only now is the previous patch (if any) replaced.
     remove_hooks(target)
-    handles = install(target, selected, state, enabled)
+    handles = install(target, selected, state)
     return ToMeHandle(target, state, selected, adapter.name, levels, handles)
 
 

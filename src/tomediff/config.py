@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import numbers
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -12,6 +13,8 @@ import torch
 from tomediff.errors import ConfigError, UnknownOptionError
 
 __all__ = [
+    "DOWNSAMPLE_MODES",
+    "METHODS",
     "SEED_MAX",
     "SEED_MIN",
     "TOMESD_FIELDS",
@@ -32,6 +35,10 @@ TOMESD_FIELDS = (
     "merge_crossattn",
     "merge_mlp",
 )
+
+# Token-reduction methods: ToMe's merge/unmerge, and ToDo's keys/values from a downsampled grid.
+METHODS = ("merge", "downsample")
+DOWNSAMPLE_MODES = ("nearest", "avg", "bilinear")
 
 # What torch.Generator.manual_seed accepts (negative seeds wrap around to 2**64 + seed).
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -108,6 +115,33 @@ class ToMeConfig:
             the same partitions in every process; the global torch RNG is never touched. Any integer
             ``torch.Generator.manual_seed`` accepts, ``[-2**63, 2**64 - 1]``.
 
+        method: ``"merge"`` (ToMe, default): merge similar tokens before the enabled sites and copy the
+            result back after them. ``"downsample"`` (ToDo, Smith et al. 2024): self-attention keeps every
+            query, its keys and values come from the token grid downsampled by ``downsample_factor``; no
+            matching, nothing to unmerge. Only ``merge_attn`` applies to it (``ratio`` is not used).
+        downsample_factor: ``method="downsample"``: the grid downsampling factor at the
+            highest-resolution level patched (1 = off).
+        downsample_factor_next: ``method="downsample"``: the factor at the deeper levels; above 1 it
+            also extends the default level selection to the next level (1 = those levels are left alone).
+        downsample_mode: ``"nearest"`` (top-left token of each window, default), ``"avg"`` or
+            ``"bilinear"``.
+        level_ratios: a ratio per level, ``{1: 0.6, 2: 0.3}``: exactly the listed levels are merged, each
+            with its own ratio (instead of ``ratio`` and ``max_downsample``, which must stay at their
+            defaults). Stored as a sorted tuple of ``(level, ratio)`` pairs.
+        min_tokens: leave a block alone when it receives fewer tokens than this (on a fast GPU, merging
+            a few thousand tokens costs more than it saves). 0 = every selected block merges.
+        reuse_level: one matching per level per model call: the first block of a level plans, the
+            other blocks of the level (same grid) reuse its plan.
+        reuse_steps: recompute a block's plan only every ``k``-th model call (denoising step) and
+            reuse it in between; 1 = every call. A plan is never reused across a new generation (told
+            by the timestep going up) or a change of batch or grid.
+        reuse_cfg: both halves of a classifier-free-guidance batch share one plan, matched on the
+            conditional (second) half; odd batches plan per sample as usual.
+        start, stop: active only while the denoising progress ``p = 1 - t / T`` is in ``[start, stop)``,
+            with ``t`` the timestep the model receives and ``T`` its training horizon (1000 for the
+            Stable Diffusion family). Defaults 0 and 1: always active; ``start == stop`` never is.
+            Reading the timestep costs one host synchronisation per model call, only when set.
+
     Integers and floats may also be numpy scalars (``np.int64(3)``, ``np.float32(0.5)``); they are
     stored as Python ``int``/``float``.
         generator: a ``torch.Generator`` to draw partitions from instead of a private one seeded
@@ -125,8 +159,23 @@ class ToMeConfig:
     merge_mlp: bool = False
     seed: int = 0
     generator: torch.Generator | None = dataclasses.field(default=None, compare=False)
+    method: str = "merge"
+    downsample_factor: int = 2
+    downsample_factor_next: int = 1
+    downsample_mode: str = "nearest"
+    level_ratios: Mapping[int, float] | tuple[tuple[int, float], ...] | None = None
+    min_tokens: int = 0
+    reuse_level: bool = False
+    reuse_steps: int = 1
+    reuse_cfg: bool = False
+    start: float = 0.0
+    stop: float = 1.0
 
     def __post_init__(self) -> None:
+        self._check_merge_fields()
+        self._check_method_fields()
+
+    def _check_merge_fields(self) -> None:
         # numpy scalars (np.int64, np.float32, np.bool_) are accepted and stored as Python numbers, so
         # the frozen config compares, hashes and serialises like one built from plain values.
         for name in ("sx", "sy"):
@@ -174,6 +223,88 @@ class ToMeConfig:
                     f"generator must live on the CPU (got device {gen.device}); partitions are drawn "
                     "on the CPU so the same seed gives the same result on every device."
                 )
+
+    def _check_method_fields(self) -> None:
+        for name in ("downsample_factor", "downsample_factor_next", "min_tokens", "reuse_steps"):
+            object.__setattr__(self, name, _as_int(name, getattr(self, name)))
+        for name in ("reuse_level", "reuse_cfg"):
+            object.__setattr__(self, name, _as_bool(name, getattr(self, name)))
+        for name in ("start", "stop"):
+            object.__setattr__(self, name, _as_float(name, getattr(self, name)))
+        if self.method not in METHODS:
+            raise ConfigError(f"method must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}.")
+        if self.downsample_mode not in DOWNSAMPLE_MODES:
+            modes = ", ".join(map(repr, DOWNSAMPLE_MODES))
+            raise ConfigError(f"downsample_mode must be one of {modes}, got {self.downsample_mode!r}.")
+        for name in ("downsample_factor", "downsample_factor_next", "reuse_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be a positive integer, got {getattr(self, name)!r}.")
+        if self.min_tokens < 0:
+            raise ConfigError(
+                f"min_tokens must be 0 (no minimum) or a positive integer, got {self.min_tokens}."
+            )
+        if not (0.0 <= self.start <= self.stop <= 1.0):  # also refuses NaN
+            raise ConfigError(
+                f"start={self.start!r} and stop={self.stop!r} must satisfy 0 <= start <= stop <= 1 "
+                "(fractions of the denoising; start=0, stop=1 is always active)."
+            )
+        object.__setattr__(self, "level_ratios", self._checked_level_ratios())
+        if self.method == "downsample":
+            if self.merge_crossattn or self.merge_mlp:
+                raise ConfigError(
+                    "method='downsample' reduces the keys and values of self-attention only; set "
+                    "merge_crossattn=False and merge_mlp=False (or use method='merge')."
+                )
+            if not self.merge_attn:
+                raise ConfigError("method='downsample' needs merge_attn=True (it acts on self-attention).")
+            reuse = [n for n in ("reuse_level", "reuse_cfg") if getattr(self, n)] + (
+                ["reuse_steps"] if self.reuse_steps > 1 else []
+            )
+            if reuse or self.level_ratios is not None:
+                names = ", ".join(reuse + (["level_ratios"] if self.level_ratios is not None else []))
+                raise ConfigError(
+                    f"{names} apply to method='merge' only: method='downsample' makes no matching plan to "
+                    "reuse and takes downsample_factor / downsample_factor_next instead of ratios."
+                )
+
+    def _checked_level_ratios(self) -> tuple[tuple[int, float], ...] | None:
+        value = self.level_ratios
+        if value is None:
+            return None
+        items = value.items() if isinstance(value, Mapping) else value
+        try:
+            pairs = [(level, ratio) for level, ratio in items]
+        except (TypeError, ValueError):
+            raise ConfigError(
+                f"level_ratios must map levels to ratios, e.g. {{1: 0.6, 2: 0.3}}, got {value!r}."
+            ) from None
+        if not pairs:
+            raise ConfigError(
+                "level_ratios is empty, so no level would be merged; pass None or e.g. {1: 0.5}."
+            )
+        checked: dict[int, float] = {}
+        for level, ratio in pairs:
+            level = _as_int("a level_ratios key", level, _LEVEL)
+            if level < 1 or level & (level - 1):
+                raise ConfigError(f"level_ratios key {level!r} must be {_LEVEL}.")
+            ratio = _as_float(f"level_ratios[{level}]", ratio)
+            if not 0.0 <= ratio <= self.max_ratio + 1e-12:  # also refuses NaN
+                raise ConfigError(
+                    f"level_ratios[{level}]={ratio!r} is outside [0, {self.max_ratio:g}] "
+                    f"(sx={self.sx}, sy={self.sy})."
+                )
+            checked[level] = ratio
+        if self.max_downsample is not None:
+            raise ConfigError(
+                "level_ratios chooses the merged levels itself; leave max_downsample=None "
+                f"(got max_downsample={self.max_downsample})."
+            )
+        if self.ratio != ToMeConfig.ratio:
+            raise ConfigError(
+                f"level_ratios replaces ratio; leave ratio at its default (got ratio={self.ratio}) and put "
+                "each level's ratio in level_ratios."
+            )
+        return tuple(sorted(checked.items()))
 
     @property
     def max_ratio(self) -> float:

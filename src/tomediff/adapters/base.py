@@ -29,6 +29,8 @@ class Adapter:
 
     name: ClassVar[str] = "adapter"
     priority: ClassVar[int] = 0
+    # The timestep horizon T of the family (the step schedule's progress is 1 - t / T).
+    timestep_scale: ClassVar[float] = 1000.0
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

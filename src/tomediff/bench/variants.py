@@ -11,14 +11,18 @@ import importlib.util
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from torch import nn
 
 import tomediff
 from tomediff.config import config_from, tomesd_arguments
+from tomediff.core.methods import PlanRequest, Reducer, cached
+from tomediff.ops import KeepPlan
 
 __all__ = [
     "ALL_VARIANTS",
     "MERGING_VARIANTS",
+    "KeepReducer",
     "MergeSettings",
     "Variant",
     "make_variant",
@@ -101,18 +105,41 @@ class Baseline(Variant):
         pass
 
 
-class TomediffVariant(Variant):
-    """tomediff through its public API; ``planner="ideal"`` is the zero-cost reference merge."""
+class KeepReducer(Reducer):
+    """The zero-cost reference ("ideal"): each block keeps ``N - r`` tokens with no matching at all
+    (:class:`tomediff.ops.KeepPlan`), so a model patched with it runs as fast as any merging method
+    could at the same token counts. Its outputs are not meaningful images."""
 
-    def __init__(self, settings: MergeSettings, planner: str) -> None:
+    def __init__(self) -> None:
+        self._plans: dict[tuple[int, int, int, str], KeepPlan] = {}
+
+    def plan(self, state: Any, request: PlanRequest) -> KeepPlan | None:
+        batch, num_tokens, _ = request.metric.shape
+        num_kept = num_tokens - int(num_tokens * request.setting.ratio)
+        if num_kept >= num_tokens:
+            return None
+        device: torch.device = request.metric.device
+        key = (batch, num_tokens, num_kept, str(device))
+        return cached(self._plans, key, lambda: KeepPlan.build(batch, num_tokens, num_kept, device))
+
+
+class TomediffVariant(Variant):
+    """tomediff through its public API; ``ideal=True`` is the zero-cost reference merge
+    (:class:`KeepReducer`) at the same settings."""
+
+    def __init__(self, settings: MergeSettings, ideal: bool = False) -> None:
         super().__init__(settings)
-        self.planner = planner
-        self.name = "ideal" if planner == "ideal" else "tomediff"
+        self.ideal = ideal
+        self.name = "ideal" if ideal else "tomediff"
         self._handle: Any = None
 
     def apply(self, model: nn.Module) -> None:
         assert self.settings is not None
-        self._handle = tomediff.apply_tome(model, self.settings.tome_config(), planner=self.planner)
+        config = self.settings.tome_config()
+        if self.ideal:
+            self._handle = tomediff.apply_reducer(model, KeepReducer(), config)
+        else:
+            self._handle = tomediff.apply_tome(model, config)
 
     def remove(self, model: nn.Module) -> None:
         if self._handle is not None:
@@ -141,9 +168,9 @@ def make_variant(name: str, settings: MergeSettings | None) -> Variant:
     if settings is None:
         raise ValueError(f"variant {name!r} needs merge settings")
     if name == "tomediff":
-        return TomediffVariant(settings, planner="similarity")
+        return TomediffVariant(settings)
     if name == "ideal":
-        return TomediffVariant(settings, planner="ideal")
+        return TomediffVariant(settings, ideal=True)
     if name == "tomesd":
         if tomesd_version() is None:
             raise ValueError("--compare tomesd needs tomesd installed: pip install tomesd==0.1.3")

@@ -7,53 +7,43 @@ hook tables without any marker attribute on the module itself.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from tomediff.core.calls import Args, Kwargs, find_input
+from tomediff.core.methods import PlanRequest, SiteAction
 from tomediff.core.spec import BlockSpec, GridSource, Site
 from tomediff.core.state import BlockStats, CallState, ToMeState
 from tomediff.errors import MergeCallError
-from tomediff.ops import TokenPlan
 
 __all__ = ["ToMeHook", "install", "remove_hooks"]
 
-Args = tuple[Any, ...]
-Kwargs = dict[str, Any]
+_TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 
 
 class ToMeHook:
     """Base class of every hook tomediff registers (what :func:`remove_hooks` looks for)."""
 
 
-def _find_input(args: Args, kwargs: Kwargs, names: Iterable[str]) -> tuple[int | str | None, Any]:
-    """The token input of a call: positional 0, else the first of ``names`` given by keyword."""
-    if args:
-        return 0, args[0]
-    for name in names:
-        if kwargs.get(name) is not None:
-            return name, kwargs[name]
-    return None, None
-
-
-def _replace_input(args: Args, kwargs: Kwargs, where: int | str, value: Any) -> tuple[Args, Kwargs]:
-    if isinstance(where, int):
-        return (value, *args[1:]), kwargs
-    return args, {**kwargs, where: value}
-
-
 class RootHook(ToMeHook):
-    """Pre-hook on the patched model: starts a call (per thread) and records its ``[B, C, H, W]`` size."""
+    """Pre-hook on the patched model: starts a call (per thread) and records its ``[B, C, H, W]`` size
+    and its timestep (the second positional argument or a ``timestep`` keyword)."""
 
     def __init__(self, state: ToMeState) -> None:
         self.state = state
 
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
-        _, sample = _find_input(args, kwargs, ("sample", "hidden_states", "x"))
-        self.state.start_call(sample)
+        _, sample = find_input(args, kwargs, ("sample", "hidden_states", "x"))
+        timestep = (
+            args[1]
+            if len(args) > 1
+            else next((kwargs[name] for name in _TIMESTEP_NAMES if kwargs.get(name) is not None), None)
+        )
+        self.state.start_call(sample, timestep)
 
 
 class GridHook(ToMeHook):
@@ -65,7 +55,7 @@ class GridHook(ToMeHook):
         self.index = index
 
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
-        _, x = _find_input(args, kwargs, self.source.input_names)
+        _, x = find_input(args, kwargs, self.source.input_names)
         grid = None
         if isinstance(x, torch.Tensor) and x.dim() == 4:
             p = self.source.patch_size
@@ -90,13 +80,13 @@ class BlockCall:
         self.num_sites = 0
 
     @property
-    def plan(self) -> TokenPlan | None:
+    def plan(self) -> Any:
         """The calling thread's plan for this block (None outside the block or when it merges nothing)."""
         return self.state.call.plans.get(self.index)
 
     def site_done(self, call: CallState) -> None:
-        """Called after each unmerge: once the last site is done the plan's index tensors are released,
-        so they do not add to the memory peak of the rest of the block (e.g. an unmerged MLP)."""
+        """Called after each site that used the plan: once the last is done the plan's tensors are
+        released, so they do not add to the memory peak of the rest of the block (e.g. an unmerged MLP)."""
         left = call.sites_left.get(self.index, 0) - 1
         call.sites_left[self.index] = left
         if left <= 0:
@@ -136,7 +126,7 @@ class BlockPreHook(ToMeHook):
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
         block = self.block
         state, spec = block.state, block.spec
-        _, x = _find_input(args, kwargs, spec.input_names)
+        _, x = find_input(args, kwargs, spec.input_names)
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise MergeCallError(
@@ -144,13 +134,14 @@ class BlockPreHook(ToMeHook):
                 f"[batch, tokens, channels], got {shape}."
             )
         call = state.call
-        height, width = block.token_grid(call, x.shape[1])
+        num_tokens = int(x.shape[1])
+        height, width = block.token_grid(call, num_tokens)
         level = spec.downsample if spec.downsample is not None else state.infer_level(height, width)
+        setting = state.selection.setting(level)
         plan = None
-        if level is None or level <= state.max_downsample:
-            plan = state.make_plan(x, height, width, block.index)
-            if plan is None and not torch.compiler.is_compiling():
-                state.warn_merges_nothing(spec.name, height, width)
+        if setting is not None and call.active and state.selection.block_active(num_tokens):
+            request = PlanRequest(x, height, width, level, setting, block.index, spec.name)
+            plan = state.make_plan(request)
         call.plans[block.index] = plan
         call.sites_left[block.index] = block.num_sites
         if not torch.compiler.is_compiling():  # a report entry; compiled graphs skip the bookkeeping
@@ -171,13 +162,14 @@ class BlockPostHook(ToMeHook):
 
 
 class SiteCall:
-    def __init__(self, block: BlockCall, site: Site) -> None:
+    def __init__(self, block: BlockCall, site: Site, action: SiteAction) -> None:
         self.block = block
         self.site = site
+        self.action = action
 
 
 class SitePreHook(ToMeHook):
-    """Merges the site's token input (and a self-attention mask) with the block's plan."""
+    """Runs the site action's ``before`` with the block's plan (e.g. merges the token input)."""
 
     def __init__(self, call: SiteCall) -> None:
         self.call = call
@@ -190,34 +182,11 @@ class SitePreHook(ToMeHook):
         site = call.site
         if site.unsupported is not None and (reason := site.unsupported()) is not None:
             raise MergeCallError(reason)
-        where, x = _find_input(args, kwargs, site.input_names)
-        if where is None or not isinstance(x, torch.Tensor) or x.dim() != 3 or x.shape[1] != plan.num_tokens:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise MergeCallError(
-                f"tomediff cannot merge the input of {site.kind} site in block '{call.block.spec.name}': "
-                f"expected [batch, {plan.num_tokens}, channels], got {shape}."
-            )
-        args, kwargs = _replace_input(args, kwargs, where, plan.merge(x))
-        is_self_attention = not any(kwargs.get(name) is not None for name in site.context_names)
-        if is_self_attention:
-            for name in site.mask_names:
-                mask = kwargs.get(name)
-                if isinstance(mask, torch.Tensor):
-                    kwargs = {**kwargs, name: _merge_mask(mask, plan)}
-        return args, kwargs
-
-
-def _merge_mask(mask: torch.Tensor, plan: TokenPlan) -> torch.Tensor:
-    n = plan.num_tokens
-    if mask.dim() >= 2 and mask.shape[-1] == n:
-        mask = plan.merge_mask(mask, -1)
-    if mask.dim() >= 3 and mask.shape[-2] == n:
-        mask = plan.merge_mask(mask, -2)
-    return mask
+        return call.action.before(plan, site, call.block.spec.name, args, kwargs)
 
 
 class SitePostHook(ToMeHook):
-    """Copies the site's merged output back to every token."""
+    """Runs the site action's ``after`` with the block's plan (e.g. unmerges the output)."""
 
     def __init__(self, call: SiteCall) -> None:
         self.call = call
@@ -229,15 +198,13 @@ class SitePostHook(ToMeHook):
         if plan is None:
             return None
         block.site_done(state_call)
-        if isinstance(output, tuple):
-            return (plan.unmerge(output[0]), *output[1:])
-        return plan.unmerge(output)
+        return self.call.action.after(plan, output)
 
 
-def install(
-    root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState, enabled_kinds: set[str]
-) -> list[RemovableHandle]:
-    """Register the hooks of one patch; returns their handles."""
+def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> list[RemovableHandle]:
+    """Register the hooks of one patch (a site gets hooks when the method has an action for its
+    kind); returns their handles."""
+    actions = state.method.actions
     handles = [root.register_forward_pre_hook(RootHook(state), with_kwargs=True, prepend=True)]
     grid_sources: dict[int, tuple[int, GridSource]] = {}
     for index, spec in enumerate(specs):
@@ -250,12 +217,14 @@ def install(
             spec.block.register_forward_hook(BlockPostHook(block_call), with_kwargs=True, always_call=True)
         )
         for site in spec.sites:
-            if site.kind not in enabled_kinds:
+            action = actions.get(site.kind)
+            if action is None:
                 continue
-            site_call = SiteCall(block_call, site)
-            block_call.num_sites += 1
+            site_call = SiteCall(block_call, site, action)
             handles.append(site.module.register_forward_pre_hook(SitePreHook(site_call), with_kwargs=True))
-            handles.append(site.module.register_forward_hook(SitePostHook(site_call), with_kwargs=True))
+            if action.uses_output:
+                block_call.num_sites += 1
+                handles.append(site.module.register_forward_hook(SitePostHook(site_call), with_kwargs=True))
     for grid_index, source in grid_sources.values():
         hook = GridHook(state, source, grid_index)
         handles.append(source.module.register_forward_pre_hook(hook, with_kwargs=True))

@@ -7,29 +7,16 @@ import threading
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypeVar
+from typing import Any
 
 import torch
 
 from tomediff.config import ToMeConfig
-from tomediff.errors import ConfigError
-from tomediff.ops import (
-    KeepPlan,
-    Partition,
-    PlanConstants,
-    TokenPlan,
-    draw_dst_offsets,
-    grid_partition,
-    num_windows,
-    plan_constants,
-    plan_merge,
-    window_tokens,
-)
+from tomediff.core.methods import Method, PlanRequest
+from tomediff.core.selection import Selection
+from tomediff.errors import MergeCallError
 
-__all__ = ["BlockStats", "CallState", "PlanEvent", "Planner", "ToMeState", "downsampled_size"]
-
-Planner = Literal["similarity", "ideal"]
-T = TypeVar("T")
+__all__ = ["BlockStats", "CallState", "PlanEvent", "ThreadMemory", "ToMeState", "downsampled_size"]
 
 
 def downsampled_size(size: int, factor: int) -> int:
@@ -71,7 +58,7 @@ class PlanEvent:
     call: int
     height: int
     width: int
-    plan: TokenPlan
+    plan: Any
 
 
 @dataclass
@@ -84,14 +71,35 @@ class CallState:
         offsets: ``[blocks, windows]`` dst offsets drawn for this call when partitions are random
             (row ``i`` for block ``i``, as many windows as the full-resolution grid has); else None.
         plans: the plan of each block (by index) while that block runs.
-        sites_left: merge sites of each running block not yet unmerged.
+        sites_left: sites of each running block whose action still needs the plan.
+        active: whether the step schedule has the method on in this call.
+        shared_plans: plans shared by several blocks within this call (``reuse_level``).
     """
 
     input_size: tuple[int, int] | None
     grids: dict[int, tuple[int, int] | None] = field(default_factory=dict)
     offsets: torch.Tensor | None = None
-    plans: dict[int, TokenPlan | None] = field(default_factory=dict)
+    plans: dict[int, Any] = field(default_factory=dict)
     sites_left: dict[int, int] = field(default_factory=dict)
+    active: bool = True
+    shared_plans: dict[tuple[object, ...], Any] = field(default_factory=dict)
+
+
+@dataclass
+class ThreadMemory:
+    """What one thread's calls remember of earlier calls (plans kept by ``reuse_steps``).
+
+    Attributes:
+        calls: model calls this thread made.
+        generation: generations this thread started; a generation ends when the timestep goes up.
+        last_timestep: the timestep of the thread's previous call (None if unknown).
+        plans: kept plans, by reuse key: ``(plan, call made at, generation)``.
+    """
+
+    calls: int = 0
+    generation: int = 0
+    last_timestep: float | None = None
+    plans: dict[tuple[object, ...], tuple[Any, int, int]] = field(default_factory=dict)
 
 
 class ToMeState:
@@ -99,36 +107,42 @@ class ToMeState:
 
     Attributes:
         config: the validated settings.
-        max_downsample: the resolved level limit (``config.max_downsample`` or the highest-resolution
-            level with transformer blocks).
-        planner: ``"similarity"`` (ToMe) or ``"ideal"`` (keep-and-copy reference, for benchmarks).
+        selection: which blocks, sites and levels are active, and when.
+        method: the reducer and the site actions.
+        num_blocks: blocks patched.
+        timestep_scale: the model's timestep horizon ``T`` (schedule progress is ``1 - t / T``).
         stats: what each block's last call did, by block name (not updated while compiled).
-        calls: model calls so far (counted in eager mode and, with ``use_rand``, compiled too).
+        calls: model calls so far (counted in eager mode, and compiled when a call draws or schedules).
+        observers: called with a :class:`PlanEvent` for every plan made in an eager call.
     """
 
     def __init__(
-        self, config: ToMeConfig, max_downsample: int, num_blocks: int, planner: Planner = "similarity"
+        self,
+        config: ToMeConfig,
+        selection: Selection,
+        method: Method,
+        num_blocks: int,
+        timestep_scale: float = 1000.0,
     ) -> None:
-        if planner not in ("similarity", "ideal"):
-            raise ConfigError(f"planner must be 'similarity' or 'ideal', got {planner!r}.")
         self.config = config
-        self.max_downsample = max_downsample
+        self.selection = selection
+        self.method = method
         self.num_blocks = num_blocks
-        self.planner: Planner = planner
+        self.timestep_scale = timestep_scale
         self.generator = config.generator if config.generator is not None else torch.Generator()
         if config.generator is None:
             self.generator.manual_seed(config.seed)
         self.stats: dict[str, BlockStats] = {}
         self.calls = 0
+        self.observers: list[Callable[[PlanEvent], None]] = []
         self._local = threading.local()
         self._latest_call: CallState | None = None
         self._warned: set[tuple[str, int, int]] = set()
-        self.observers: list[Callable[[PlanEvent], None]] = []
-        # Built once per shape and device and shared by the threads; the values are constant tensors.
-        self._partitions: dict[tuple[int, int, str], Partition] = {}
-        self._window_tables: dict[tuple[int, int, str], torch.Tensor] = {}
-        self._constants: dict[tuple[int, int, int, int, str], PlanConstants] = {}
-        self._keep_plans: dict[tuple[int, int, int, str], KeepPlan] = {}
+        self._reads_timestep = selection.has_schedule or config.reuse_steps > 1
+
+    @property
+    def max_downsample(self) -> int:
+        return self.selection.max_downsample
 
     def __getstate__(self) -> dict[str, object]:
         # Per-call state is private to the threads of this process; a copy starts without calls.
@@ -142,7 +156,7 @@ class ToMeState:
         self._latest_call = None
         self.observers = []
 
-    def notify(self, block: str, height: int, width: int, plan: TokenPlan) -> None:
+    def notify(self, block: str, height: int, width: int, plan: Any) -> None:
         """Pass a new plan to the observers (eager calls only; compiled graphs skip observers)."""
         event = PlanEvent(block, self.calls, height, width, plan)
         for observer in list(self.observers):
@@ -164,36 +178,54 @@ class ToMeState:
                 call = self._latest_call = CallState(None)
         return call
 
-    def start_call(self, sample: object) -> None:
-        """Begin a model call whose main input is ``sample`` (a ``[B, C, H, W]`` map for UNets/DiTs)."""
+    def thread_memory(self) -> ThreadMemory:
+        """The calling thread's memory of its earlier calls."""
+        memory = getattr(self._local, "memory", None)
+        if memory is None:
+            memory = self._local.memory = ThreadMemory()
+        return memory
+
+    def start_call(self, sample: object, timestep: object = None) -> None:
+        """Begin a model call whose main input is ``sample`` (a ``[B, C, H, W]`` map for UNets/DiTs)
+        at ``timestep`` (read only when a schedule or ``reuse_steps`` needs it)."""
         is_map = isinstance(sample, torch.Tensor) and sample.dim() == 4
         input_size = (int(sample.shape[-2]), int(sample.shape[-1])) if is_map else None
         call = self._local.call = CallState(input_size)
         self._latest_call = call
         if not torch.compiler.is_compiling():
-            self.calls += 1
-            call.offsets = self._draw_call_offsets(sample)
-        elif self.config.use_rand:
-            # The draw from the CPU generator cannot be traced: it runs eagerly, before the blocks.
-            call.offsets = self._count_and_draw(sample)
+            self._begin(call, sample, timestep)
+        elif self._reads_timestep or self.method.reducer.draws_per_call():
+            # Drawing from the CPU generator or reading the timestep cannot be traced: it runs
+            # eagerly, before the blocks.
+            self._begin_eagerly(call, sample, timestep)
 
     @torch.compiler.disable
-    def _count_and_draw(self, sample: object) -> torch.Tensor | None:
-        self.calls += 1
-        return self._draw_call_offsets(sample)
+    def _begin_eagerly(self, call: CallState, sample: object, timestep: object) -> None:
+        self._begin(call, sample, timestep)
 
-    def _draw_call_offsets(self, sample: object) -> torch.Tensor | None:
-        """One draw per call for every block's random partition (one host-to-device copy per call)."""
-        cfg = self.config
-        if not cfg.use_rand or self.planner != "similarity":
-            return None
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 4 or sample.shape[0] % 2:
-            return None
-        height, width = int(sample.shape[-2]), int(sample.shape[-1])
-        windows = max(1, num_windows(height, width, cfg.sx, cfg.sy))
-        # int64: the blocks use them as gather indices as they are, without a conversion kernel.
-        offsets = torch.randint(cfg.sx * cfg.sy, (self.num_blocks, windows), generator=self.generator)
-        return offsets.to(sample.device, non_blocking=True)
+    def _begin(self, call: CallState, sample: object, timestep: object) -> None:
+        self.calls += 1
+        memory = self.thread_memory()
+        memory.calls += 1
+        selection = self.selection
+        if self._reads_timestep:
+            t = _timestep_value(timestep)
+            if t is not None and memory.last_timestep is not None and t > memory.last_timestep:
+                memory.generation += 1
+                memory.plans.clear()
+            memory.last_timestep = t
+            if selection.has_schedule:
+                if t is None:
+                    raise MergeCallError(
+                        f"start={self.config.start}/stop={self.config.stop} need the timestep of each "
+                        f"model call, but this call passed none ({type(timestep).__name__}); call the "
+                        "model with its timestep (positionally after the sample, or as timestep=)."
+                    )
+                call.active = selection.active_at(1.0 - t / self.timestep_scale)
+        elif not selection.active_at(None):
+            call.active = False
+        if call.active:
+            self.method.reducer.begin_call(self, call, sample)
 
     def reseed(self, seed: int | None = None) -> None:
         """Restart the partition RNG (from ``seed``, default the config's seed)."""
@@ -222,92 +254,27 @@ class ToMeState:
 
     # Plans ----------------------------------------------------------------------------------------
 
-    def make_plan(self, metric: torch.Tensor, height: int, width: int, block_index: int) -> TokenPlan | None:
-        """The merge plan for one block call whose input is ``metric: [B, N, C]``, ``N = h * w``."""
-        batch, num_tokens, _ = metric.shape
-        num_remove = int(num_tokens * self.config.ratio)
-        if num_remove <= 0:
-            return None
-        device = metric.device
-        if self.planner == "ideal":
-            return self._keep_plan(batch, num_tokens, num_tokens - num_remove, device)
-        partition = self.partition(height, width, batch, device, block_index)
-        num_remove = min(num_remove, partition.num_src)
-        if num_remove <= 0 or partition.num_dst == 0:
-            return None
-        constants = self._plan_constants(batch, partition, num_remove, device)
-        return plan_merge(metric, partition, num_remove, constants=constants)
+    def make_plan(self, request: PlanRequest) -> Any:
+        """The plan of one block call (None: the block runs unreduced), warning once when the
+        settings leave a selected block unreduced."""
+        plan = self.method.reducer.plan(self, request)
+        if plan is None and not torch.compiler.is_compiling():
+            reason = self.method.reducer.nothing_reason(request)
+            key = (request.block_name, request.height, request.width)
+            if reason is not None and key not in self._warned:
+                self._warned.add(key)
+                warnings.warn(
+                    f"tomediff reduces nothing in block '{request.block_name}': {reason}.",
+                    UserWarning,
+                    stacklevel=3,
+                )
+        return plan
 
-    def warn_merges_nothing(self, block_name: str, height: int, width: int) -> None:
-        """Say (once per block and grid) that a patched block ran unmerged because of the settings."""
-        key = (block_name, height, width)
-        if key in self._warned or self.config.ratio == 0:  # ratio 0 turns merging off on purpose
-            return
-        self._warned.add(key)
-        cfg = self.config
-        reason = (
-            f"its {height}x{width} token grid has no full {cfg.sx}x{cfg.sy} window (sx={cfg.sx}, sy={cfg.sy})"
-            if height < cfg.sy or width < cfg.sx
-            else f"ratio={cfg.ratio} removes less than one of its {height * width} tokens"
-        )
-        warnings.warn(
-            f"tomediff merges nothing in block '{block_name}': {reason}. Use smaller sx/sy or a larger "
-            "ratio, or limit max_downsample to the levels where merging applies.",
-            UserWarning,
-            stacklevel=2,
-        )
 
-    def partition(
-        self, height: int, width: int, batch: int, device: torch.device, block_index: int = 0
-    ) -> Partition:
-        cfg = self.config
-        # An odd batch means cond and uncond halves of CFG run in separate calls; a random partition
-        # would then differ between them, so (as tomesd does) fall back to the fixed top-left one.
-        if cfg.use_rand and batch % 2 == 0:
-            windows = num_windows(height, width, cfg.sx, cfg.sy)
-            table = self.call.offsets
-            if table is not None and table.shape[1] >= windows and table.device == device:
-                offsets = table[block_index, :windows]
-            else:  # no per-call draw (no [B, C, H, W] model input): draw for this block alone
-                offsets = draw_dst_offsets(height, width, cfg.sx, cfg.sy, self.generator).to(device)
-            return grid_partition(
-                height, width, cfg.sx, cfg.sy, offsets, windows=self._windows(height, width, device)
-            )
-        key = (height, width, str(device))
-        return self._cached(self._partitions, key, lambda: self._fixed_partition(height, width, device))
-
-    def _windows(self, height: int, width: int, device: torch.device) -> torch.Tensor:
-        sx, sy = self.config.sx, self.config.sy
-        key = (height, width, str(device))
-        return self._cached(self._window_tables, key, lambda: window_tokens(height, width, sx, sy, device))
-
-    def _fixed_partition(self, height: int, width: int, device: torch.device) -> Partition:
-        cfg = self.config
-        offsets = torch.zeros(height // cfg.sy, width // cfg.sx, dtype=torch.int64, device=device)
-        return grid_partition(height, width, cfg.sx, cfg.sy, offsets)
-
-    def _plan_constants(
-        self, batch: int, partition: Partition, num_remove: int, device: torch.device
-    ) -> PlanConstants:
-        num_dst, num_src = partition.num_dst, partition.num_src
-        key = (batch, num_dst, num_src, num_remove, str(device))
-        return self._cached(
-            self._constants, key, lambda: plan_constants(batch, num_dst, num_src, num_remove, device)
-        )
-
-    def _keep_plan(self, batch: int, num_tokens: int, num_merged: int, device: torch.device) -> KeepPlan:
-        key = (batch, num_tokens, num_merged, str(device))
-        return self._cached(
-            self._keep_plans, key, lambda: KeepPlan.build(batch, num_tokens, num_merged, device)
-        )
-
-    @staticmethod
-    def _cached(cache: dict[Any, T], key: Any, build: Callable[[], T]) -> T:
-        """``build()``, kept in ``cache`` under ``key`` in eager mode. Under torch.compile it is built
-        inline: it is traced once into the graph, and reading a cache would add guards on it."""
-        if torch.compiler.is_compiling():
-            return build()
-        value = cache.get(key)
-        if value is None:
-            value = cache[key] = build()
-        return value
+def _timestep_value(timestep: object) -> float | None:
+    """The call's timestep as a float (the first one of a per-sample tensor); None when absent."""
+    if isinstance(timestep, torch.Tensor):
+        return float(timestep.reshape(-1)[0]) if timestep.numel() else None
+    if isinstance(timestep, (int, float)) and not isinstance(timestep, bool):
+        return float(timestep)
+    return None

@@ -70,10 +70,10 @@ def evaluate_samples(
     ref_sigma: np.ndarray,
     bootstrap: int = 1000,
 ) -> list[dict[str, Any]]:
-    """One metrics row per setting; paired metrics use the first ``method == "none"`` setting."""
+    """One metrics row per setting; paired metrics use the first ``library == "none"`` setting."""
     from tomediff.eval.classifier import classify
 
-    baseline = next(s for s in settings if s.method == "none" and not s.seed_offset)
+    baseline = next(s for s in settings if s.library == "none" and not s.seed_offset)
     base = samples[baseline.slug]
     base_speed = float(np.median(base.seconds_per_step))
     rows = []
@@ -122,7 +122,7 @@ def real_images_row(
     correct = (predicted == labels[index]).astype(np.float64) * 100
     return {
         "name": "real train images",
-        "method": "real",
+        "library": "real",
         "ratio": None,
         "variant": "reference",
         "seed_offset": 0,

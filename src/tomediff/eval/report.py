@@ -116,13 +116,13 @@ def plot_metrics(
     if not available:
         return None
     fig, axes = plt.subplots(1, len(available), figsize=(4.2 * len(available), 3.6), squeeze=False)
-    baseline = next((r for r in rows if r["method"] == "none" and not r["seed_offset"]), None)
+    baseline = next((r for r in rows if r["library"] == "none" and not r["seed_offset"]), None)
     for ax, (key, title) in zip(axes[0], available, strict=True):
         for method, marker in (("tomediff", "o"), ("tomesd", "s")):
             line = [
                 r
                 for r in rows
-                if r["method"] == method and r["variant"] == "default" and isinstance(r.get(key), dict)
+                if r["library"] == method and r["variant"] == "default" and isinstance(r.get(key), dict)
             ]
             if baseline is not None and isinstance(baseline.get(key), dict):
                 line = [baseline, *line]
@@ -136,7 +136,7 @@ def plot_metrics(
             ]
             ax.errorbar(xs, ys, yerr=err, marker=marker, capsize=3, label=method)
         for r in rows:
-            if r["method"] == "tomediff" and r["variant"] != "default" and isinstance(r.get(key), dict):
+            if r["library"] == "tomediff" and r["variant"] != "default" and isinstance(r.get(key), dict):
                 ax.errorbar(
                     [r["ratio"]],
                     [r[key]["value"]],
@@ -149,7 +149,7 @@ def plot_metrics(
                     linestyle="none",
                     label=r["variant"],
                 )
-            if r["method"] == "real" and isinstance(r.get(key), dict):
+            if r["library"] == "real" and isinstance(r.get(key), dict):
                 ax.axhline(r[key]["value"], color="green", linestyle="--", label="real images")
             if r["seed_offset"] and isinstance(r.get(key), dict):
                 ax.axhline(r[key]["value"], color="grey", linestyle=":", label="different seed")

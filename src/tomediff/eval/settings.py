@@ -27,11 +27,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
 class Setting:
     """One row of the evaluation: how (and whether) the UNet is merged while sampling.
 
-    The merging fields are :class:`~tomediff.ToMeConfig` fields (see :meth:`tome_config`); ``method``,
+    The merging fields are :class:`~tomediff.ToMeConfig` fields (see :meth:`tome_config`); ``library``,
     ``seed_offset`` and ``variant`` describe the row.
     """
 
-    method: str = "none"  # "none" (unmerged), "tomediff" or "tomesd"
+    library: str = "none"  # "none" (unmerged), "tomediff" or "tomesd"
     ratio: float = 0.0
     use_rand: bool = True
     max_downsample: int | None = None
@@ -45,10 +45,10 @@ class Setting:
     def name(self) -> str:
         if self.seed_offset:
             return "unmerged, different seed"
-        if self.method == "none":
+        if self.library == "none":
             return "unmerged"
         extra = "" if self.variant == "default" else f" {self.variant}"
-        return f"{self.method} r={self.ratio:g}{extra}"
+        return f"{self.library} r={self.ratio:g}{extra}"
 
     @property
     def slug(self) -> str:
@@ -72,11 +72,11 @@ class Patch:
 
     def __init__(self, setting: Setting, unet: torch.nn.Module) -> None:
         self.setting, self.unet, self._handle = setting, unet, None
-        if setting.method == "tomediff":
+        if setting.library == "tomediff":
             import tomediff
 
             self._handle = tomediff.apply_tome(unet, setting.tome_config())
-        elif setting.method == "tomesd":
+        elif setting.library == "tomesd":
             try:
                 import tomesd
             except ImportError as error:
@@ -84,23 +84,23 @@ class Patch:
                     "--compare tomesd needs the tomesd package: pip install tomesd==0.1.3"
                 ) from error
             tomesd.apply_patch(unet, **tomesd_arguments(setting.tome_config()))
-        elif setting.method != "none":
-            raise ValueError(f"unknown method {setting.method!r}; use 'none', 'tomediff' or 'tomesd'.")
+        elif setting.library != "none":
+            raise ValueError(f"unknown library {setting.library!r}; use 'none', 'tomediff' or 'tomesd'.")
 
     def reseed(self, seed: int) -> None:
         """Restart the partition RNG so a batch's merges depend only on (setting, batch index), not on
         which process ran it or what ran before — sharded and single-process runs then agree."""
-        if self.setting.method == "tomediff":
+        if self.setting.library == "tomediff":
             self._handle.reseed(seed)
-        elif self.setting.method == "tomesd":
+        elif self.setting.library == "tomesd":
             # tomesd keeps its generator in the patched model's _tome_info; replace it with a seeded one.
             device = next(self.unet.parameters()).device
             self.unet._tome_info["args"]["generator"] = torch.Generator(device).manual_seed(seed)
 
     def remove(self) -> None:
-        if self.setting.method == "tomediff":
+        if self.setting.library == "tomediff":
             self._handle.remove()
-        elif self.setting.method == "tomesd":
+        elif self.setting.library == "tomesd":
             import tomesd
 
             tomesd.remove_patch(self.unet)
@@ -120,14 +120,16 @@ def build_settings(
     if different_seed:
         settings.append(Setting(seed_offset=DIFFERENT_SEED_OFFSET))
     nonzero = [float(r) for r in ratios if float(r) > 0]
-    settings += [Setting(method="tomediff", ratio=r) for r in nonzero]
+    settings += [Setting(library="tomediff", ratio=r) for r in nonzero]
     for variant in variants:
         if variant not in VARIANTS:
             raise ValueError(f"unknown variant {variant!r}; choose from {', '.join(VARIANTS)}.")
-        settings.append(Setting(method="tomediff", ratio=variant_ratio, variant=variant, **VARIANTS[variant]))
+        settings.append(
+            Setting(library="tomediff", ratio=variant_ratio, variant=variant, **VARIANTS[variant])
+        )
     for method in compare:
         if method != "tomesd":
             raise ValueError(f"--compare supports 'tomesd', got {method!r}.")
         others = nonzero if compare_ratios is None else [float(r) for r in compare_ratios if float(r) > 0]
-        settings += [Setting(method="tomesd", ratio=r) for r in others]
+        settings += [Setting(library="tomesd", ratio=r) for r in others]
     return settings

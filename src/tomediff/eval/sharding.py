@@ -148,7 +148,7 @@ def setting_key(setting: Setting, run_key: Mapping[str, Any]) -> dict[str, Any]:
     """Everything that decides a setting's images: the run's ``run_key`` (model, sampler, seeds,
     device, versions) plus the setting's own fields, as JSON values."""
     key = {**run_key, **{f"setting.{k}": v for k, v in setting.as_dict().items() if k != "name"}}
-    if setting.method == "tomesd":
+    if setting.library == "tomesd":
         from tomediff.bench.variants import tomesd_version
 
         key["tomesd"] = tomesd_version()

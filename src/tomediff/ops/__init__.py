@@ -1,5 +1,12 @@
 """Pure tensor functions of token merging: partition, matching, merge/unmerge. No model imports."""
 
+from tomediff.ops.downsample import (
+    DOWNSAMPLE_MODES,
+    DownsampleMode,
+    GridDownsample,
+    downsample_grid,
+    downsampled_grid,
+)
 from tomediff.ops.kernels import triton_enabled
 from tomediff.ops.matching import (
     Backend,
@@ -13,13 +20,18 @@ from tomediff.ops.merge import KeepPlan, MergePlan, TokenPlan
 from tomediff.ops.partition import Partition, draw_dst_offsets, grid_partition, num_windows, window_tokens
 
 __all__ = [
+    "DOWNSAMPLE_MODES",
     "Backend",
+    "DownsampleMode",
+    "GridDownsample",
     "KeepPlan",
     "MergePlan",
     "Partition",
     "PlanConstants",
     "TokenPlan",
     "best_dst_for_src",
+    "downsample_grid",
+    "downsampled_grid",
     "draw_dst_offsets",
     "grid_partition",
     "num_windows",

@@ -122,6 +122,17 @@ class MergePlan:
         """Reduce axis ``dim`` (size N) of an attention mask to the M slots."""
         return _merge_mask_by_slot(mask, dim, self.local_slot, self.batch, self.num_merged)
 
+    def repeat_batch(self, times: int) -> MergePlan:
+        """The same grouping for ``times`` stacked copies of the batch: sample ``b + k * B`` is merged
+        like sample ``b`` (e.g. one plan for both halves of classifier-free guidance)."""
+        if times == 1:
+            return self
+        slots = self.flat_slot.view(1, self.batch * self.num_tokens)
+        offsets = torch.arange(times, device=slots.device).unsqueeze(1) * (self.batch * self.num_merged)
+        flat_slot = (slots + offsets).view(-1)
+        counts = self.counts.repeat(times, 1)
+        return MergePlan(flat_slot, counts, self.batch * times, self.num_tokens, self.num_merged)
+
 
 def _scatter_add(
     flat: torch.Tensor, index: torch.Tensor, num_slots: int, deterministic: bool
