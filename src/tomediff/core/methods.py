@@ -270,12 +270,7 @@ class ReusingReducer(Reducer):
         if self.level and key in call.shared_plans:
             return call.shared_plans[key]
         plan: Any = _MISSING
-        if self.steps > 1:
-            if torch.compiler.is_compiling():
-                raise MergeCallError(
-                    f"reuse_steps={self.steps} keeps plans between model calls, which a compiled graph "
-                    "cannot; use reuse_steps=1 with torch.compile (reuse_level and reuse_cfg compile)."
-                )
+        if self.steps > 1:  # eager only: ToMeState refuses reuse_steps in compiled calls
             memory = state.thread_memory()
             kept = memory.plans.get(key)
             if kept is not None and memory.calls - kept[1] < self.steps and kept[2] == memory.generation:

@@ -201,6 +201,12 @@ class ToMeState:
 
     @torch.compiler.disable
     def _begin_eagerly(self, call: CallState, sample: object, timestep: object) -> None:
+        if self.config.reuse_steps > 1:
+            # Checked here, outside the traced code: a raise inside it would only break the graph.
+            raise MergeCallError(
+                f"reuse_steps={self.config.reuse_steps} keeps plans between model calls, which a compiled "
+                "graph cannot; use reuse_steps=1 with torch.compile (reuse_level and reuse_cfg compile)."
+            )
         self._begin(call, sample, timestep)
 
     def _begin(self, call: CallState, sample: object, timestep: object) -> None:
