@@ -103,6 +103,8 @@ def _describe_method(cfg: ToMeConfig) -> str:
         parts += reuse
     if cfg.min_tokens:
         parts.append(f"min_tokens={cfg.min_tokens}")
+    if cfg.skip_blocks != (0, 0):
+        parts.append(f"skip_blocks={cfg.skip_blocks} (first, last blocks left unreduced)")
     if cfg.start > 0 or cfg.stop < 1:
         parts.append(f"active for denoising progress in [{cfg.start:g}, {cfg.stop:g})")
     return ", ".join(parts)
@@ -126,8 +128,11 @@ class ToMeHandle:
         self._specs = specs
         self._levels = levels
         self._handles = handles
-        actions = state.method.actions
-        self._sites = {spec.name: tuple(s.kind for s in spec.sites if s.kind in actions) for spec in specs}
+        method = state.method
+        self._sites = {
+            spec.name: tuple(dict.fromkeys(s.kind for s in spec.sites if method.action_for(s, spec.name)))
+            for spec in specs
+        }
 
     @property
     def config(self) -> ToMeConfig:
@@ -273,6 +278,7 @@ def _patch(model: Any, cfg: ToMeConfig, reducer: Reducer | None) -> ToMeHandle:
     selection = Selection(cfg, levels)
     selected = selection.blocks(specs, type(target).__name__)
     method = build_method(cfg, selection.enabled_kinds(), reducer)
+    method.check(selected)
     state = ToMeState(cfg, selection, method, len(selected), adapter.timestep_scale)
     # Everything is validated: only now is the previous patch (if any) replaced.
     remove_hooks(target)

@@ -141,6 +141,9 @@ class ToMeConfig:
             with ``t`` the timestep the model receives and ``T`` its training horizon (1000 for the
             Stable Diffusion family). Defaults 0 and 1: always active; ``start == stop`` never is.
             Reading the timestep costs one host synchronisation per model call, only when set.
+        skip_blocks: ``(first, last)``: leave the first ``first`` and the last ``last`` of the blocks
+            the other settings select (in the model's order) unreduced. Diffusion transformers have no
+            levels; this is how to spare their most sensitive blocks. ``(0, 0)`` (default) keeps all.
 
     Integers and floats may also be numpy scalars (``np.int64(3)``, ``np.float32(0.5)``); they are
     stored as Python ``int``/``float``.
@@ -170,6 +173,7 @@ class ToMeConfig:
     reuse_cfg: bool = False
     start: float = 0.0
     stop: float = 1.0
+    skip_blocks: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
         self._check_merge_fields()
@@ -249,6 +253,7 @@ class ToMeConfig:
                 "(fractions of the denoising; start=0, stop=1 is always active)."
             )
         object.__setattr__(self, "level_ratios", self._checked_level_ratios())
+        object.__setattr__(self, "skip_blocks", self._checked_skip_blocks())
         if self.method == "downsample":
             if self.merge_crossattn or self.merge_mlp:
                 raise ConfigError(
@@ -305,6 +310,16 @@ class ToMeConfig:
                 "each level's ratio in level_ratios."
             )
         return tuple(sorted(checked.items()))
+
+    def _checked_skip_blocks(self) -> tuple[int, int]:
+        value = self.skip_blocks
+        fix = "pass two non-negative integers (first, last), e.g. skip_blocks=(1, 1)"
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+            raise ConfigError(f"skip_blocks must be a pair (first, last), got {value!r}; {fix}.")
+        first, last = (_as_int("skip_blocks", v, "a non-negative integer") for v in value)
+        if first < 0 or last < 0:
+            raise ConfigError(f"skip_blocks={value!r} has a negative count; {fix}.")
+        return first, last
 
     @property
     def max_ratio(self) -> float:

@@ -6,13 +6,14 @@ custom :class:`~tomediff.core.Site`s where only image tokens merge) and is decor
 :func:`register_adapter`; the core does not change.
 """
 
-from tomediff.adapters import diffusers_dit, diffusers_unet, generic, ldm
+from tomediff.adapters import diffusers_dit, diffusers_mmdit, diffusers_unet, generic, ldm
 from tomediff.adapters.base import Adapter, adapters, find_adapter, register_adapter, resolve_model
 
 __all__ = [
     "Adapter",
     "adapters",
     "diffusers_dit",
+    "diffusers_mmdit",
     "diffusers_unet",
     "find_adapter",
     "generic",

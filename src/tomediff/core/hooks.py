@@ -55,12 +55,7 @@ class GridHook(ToMeHook):
         self.index = index
 
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
-        _, x = find_input(args, kwargs, self.source.input_names)
-        grid = None
-        if isinstance(x, torch.Tensor) and x.dim() == 4:
-            p = self.source.patch_size
-            grid = (int(x.shape[-2]) // p, int(x.shape[-1]) // p)
-        self.state.call.grids[self.index] = grid
+        self.state.call.grids[self.index] = self.source.read(args, kwargs)
 
 
 class BlockCall:
@@ -140,7 +135,9 @@ class BlockPreHook(ToMeHook):
         setting = state.selection.setting(level)
         plan = None
         if setting is not None and call.active and state.selection.block_active(num_tokens):
-            request = PlanRequest(x, height, width, level, setting, block.index, spec.name)
+            request = PlanRequest(
+                x, height, width, level, setting, block.index, spec.name, batch_shared=spec.batch_shared
+            )
             plan = state.make_plan(request)
         call.plans[block.index] = plan
         call.sites_left[block.index] = block.num_sites
@@ -204,7 +201,6 @@ class SitePostHook(ToMeHook):
 def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> list[RemovableHandle]:
     """Register the hooks of one patch (a site gets hooks when the method has an action for its
     kind); returns their handles."""
-    actions = state.method.actions
     handles = [root.register_forward_pre_hook(RootHook(state), with_kwargs=True, prepend=True)]
     grid_sources: dict[int, tuple[int, GridSource]] = {}
     for index, spec in enumerate(specs):
@@ -217,7 +213,7 @@ def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> li
             spec.block.register_forward_hook(BlockPostHook(block_call), with_kwargs=True, always_call=True)
         )
         for site in spec.sites:
-            action = actions.get(site.kind)
+            action = state.method.action_for(site, spec.name)
             if action is None:
                 continue
             site_call = SiteCall(block_call, site, action)

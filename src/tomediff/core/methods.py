@@ -14,7 +14,7 @@ neither by name.
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
@@ -24,18 +24,23 @@ from torch import nn
 from tomediff.config import ToMeConfig
 from tomediff.core.calls import Args, Kwargs, find_input, replace_input
 from tomediff.core.selection import LevelSetting
-from tomediff.core.spec import Site, SiteKind
-from tomediff.errors import MergeCallError
+from tomediff.core.spec import BlockSpec, Site, SiteKind
+from tomediff.errors import ConfigError, MergeCallError
 from tomediff.ops import (
     GridDownsample,
     Partition,
     PlanConstants,
+    SharedMergePlan,
     TokenPlan,
     draw_dst_offsets,
     grid_partition,
+    merge_trailing,
     num_windows,
     plan_constants,
     plan_merge,
+    reduce_rotary,
+    shared_metric,
+    unmerge_trailing,
     window_tokens,
 )
 
@@ -44,11 +49,13 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DownsampleReducer",
+    "ImageTokensMergeAction",
     "KeyValueAction",
     "MatchReducer",
     "MergeAction",
     "Method",
     "PlanRequest",
+    "ReduceInputAction",
     "Reducer",
     "ReusingReducer",
     "SiteAction",
@@ -80,6 +87,8 @@ class PlanRequest:
         setting: the ratio / factor the selection gives that level.
         block_index: the block's position among the patched blocks.
         block_name: its qualified name (for messages).
+        batch_shared: the plan must reduce every batch element alike and say which token's position
+            each slot keeps (a rotary table shared by the batch is reduced with it).
     """
 
     metric: torch.Tensor
@@ -89,6 +98,7 @@ class PlanRequest:
     setting: LevelSetting
     block_index: int
     block_name: str
+    batch_shared: bool = False
 
 
 class Reducer:
@@ -153,6 +163,10 @@ class MatchReducer(Reducer):
         share = self.config.reuse_cfg and batch % 2 == 0
         if share:  # diffusers stacks [unconditional, conditional]: match on the conditional half
             metric = metric[batch // 2 :]
+        if request.batch_shared:  # one plan for the batch, matched on the mean cosine similarity
+            constants = self._plan_constants(1, partition, num_remove, device)
+            shared = plan_merge(shared_metric(metric), partition, num_remove, constants=constants)
+            return None if shared is None else SharedMergePlan.build(shared, partition.dst_idx, batch)
         constants = self._plan_constants(metric.shape[0], partition, num_remove, device)
         plan = plan_merge(metric, partition, num_remove, constants=constants)
         return plan.repeat_batch(2) if share and plan is not None else plan
@@ -294,6 +308,11 @@ class SiteAction:
 
     uses_output: ClassVar[bool] = True
 
+    def for_site(self, site: Site, block_name: str) -> SiteAction | None:
+        """The action for ``site`` (by its role and layout): this one, a variant, or None to leave the
+        site alone. Raises :class:`ConfigError` when the method cannot act on such a site."""
+        return self
+
     def before(
         self, plan: Any, site: Site, block_name: str, args: Args, kwargs: Kwargs
     ) -> tuple[Args, Kwargs] | None:
@@ -324,6 +343,13 @@ def _is_self_attention(site: Site, kwargs: Kwargs) -> bool:
 
 class MergeAction(SiteAction):
     """Merge the input (and a self-attention mask) with the plan; unmerge ``output`` / ``output[0]``."""
+
+    def for_site(self, site: Site, block_name: str) -> SiteAction | None:
+        if site.role == "key_value":  # merging reduces the whole attention at its own site
+            return None
+        if site.text_first or site.rotary_names:
+            return ImageTokensMergeAction()
+        return self
 
     def before(
         self, plan: TokenPlan, site: Site, block_name: str, args: Args, kwargs: Kwargs
@@ -360,6 +386,20 @@ class KeyValueAction(SiteAction):
 
     def __init__(self) -> None:
         self._context_names: dict[int, str] = {}
+
+    def for_site(self, site: Site, block_name: str) -> SiteAction | None:
+        if site.role == "key_value":
+            return ReduceInputAction()
+        if site.role == "tokens":
+            return self
+        if site.rotary_names:
+            raise ConfigError(
+                f"method='downsample' cannot reduce the keys and values of the {site.kind} site of block "
+                f"'{block_name}' ({type(site.module).__name__}): its attention processor applies one "
+                "rotary position table to queries and keys alike, so keys from a downsampled grid cannot "
+                "keep their own positions from outside the processor. Use method='merge' for this model."
+            )
+        return None  # an attention computing its keys inside: its key_value sites are reduced
 
     def before(
         self, plan: GridDownsample, site: Site, block_name: str, args: Args, kwargs: Kwargs
@@ -400,12 +440,99 @@ def _accepted_name(module: nn.Module, names: tuple[str, ...]) -> str:
     return names[0]
 
 
+class ImageTokensMergeAction(SiteAction):
+    """Merge only the image tokens of a site: the last ``N`` of its token input (after text tokens,
+    for Flux's single-stream blocks), with the rotary table's image rows reduced alike, so every kept
+    token attends with its own position (a merged token with its dst's); unmerge the last tokens of
+    ``output`` / ``output[0]``. Needs a plan with ``positions`` when a rotary table is passed."""
+
+    def before(
+        self, plan: TokenPlan, site: Site, block_name: str, args: Args, kwargs: Kwargs
+    ) -> tuple[Args, Kwargs]:
+        where, x = find_input(args, kwargs, site.input_names)
+        num = plan.num_tokens
+        if not isinstance(x, torch.Tensor) or x.dim() != 3 or (x.shape[1] != num and not site.text_first):
+            return _token_input(plan, site, block_name, args, kwargs)  # raises with the shapes
+        prefix = int(x.shape[1]) - num
+        if prefix < 0:
+            raise MergeCallError(
+                f"tomediff cannot reduce the input of the {site.kind} site in block '{block_name}': it "
+                f"has {x.shape[1]} tokens, fewer than the block's {num} image tokens."
+            )
+        if len(args) > 1 and site.rotary_names:
+            raise MergeCallError(
+                f"the {site.kind} site of block '{block_name}' was called with positional arguments after "
+                "its tokens; tomediff finds its rotary table only by keyword "
+                f"({', '.join(site.rotary_names)})."
+            )
+        for name in site.mask_names:
+            if isinstance(kwargs.get(name), torch.Tensor):
+                raise MergeCallError(
+                    f"tomediff cannot merge the image tokens of block '{block_name}' under the attention "
+                    f"mask '{name}' (its rows mix text and image tokens); call the model without it, or "
+                    "apply tomediff with merge_attn=False."
+                )
+        assert where is not None
+        args, kwargs = replace_input(args, kwargs, where, merge_trailing(x, plan, prefix))
+        for name in site.rotary_names:
+            table = kwargs.get(name)
+            if table is None:
+                continue
+            positions = getattr(plan, "positions", None)
+            if positions is None:
+                raise MergeCallError(
+                    f"block '{block_name}' passes rotary positions ('{name}') shared by the batch, but its "
+                    f"plan ({type(plan).__name__}) reduces samples differently and has no positions; "
+                    "a reducer for such blocks must honour PlanRequest.batch_shared."
+                )
+            rows = [t.shape[0] for t in (table if isinstance(table, tuple) else (table,))]
+            if any(r < num for r in rows):
+                raise MergeCallError(
+                    f"the rotary table '{name}' of block '{block_name}' has {rows} rows, fewer than its "
+                    f"{num} image tokens; tomediff expects [text rows, image rows]."
+                )
+            kwargs = {**kwargs, name: reduce_rotary(table, positions, num)}
+        return args, kwargs
+
+    def after(self, plan: TokenPlan, output: Any) -> Any:
+        first = output[0] if isinstance(output, tuple) else output
+        restored = unmerge_trailing(first, plan, int(first.shape[1]) - plan.num_merged)
+        return (restored, *output[1:]) if isinstance(output, tuple) else restored
+
+
+class ReduceInputAction(SiteAction):
+    """Replace a key or value projection's input by the plan's reduced tokens (``plan.reduce``): the
+    attention around it then has every query and fewer image keys/values; its other inputs (text)
+    are untouched."""
+
+    uses_output = False
+
+    def before(
+        self, plan: GridDownsample, site: Site, block_name: str, args: Args, kwargs: Kwargs
+    ) -> tuple[Args, Kwargs]:
+        where, x = _token_input(plan, site, block_name, args, kwargs)
+        return replace_input(args, kwargs, where, plan.reduce(x))
+
+
 @dataclass(frozen=True)
 class Method:
-    """A reducer and the action each enabled site kind gets."""
+    """A reducer and the action each enabled site kind gets (adjusted per site by
+    :meth:`SiteAction.for_site`)."""
 
     reducer: Reducer
     actions: Mapping[SiteKind, SiteAction]
+
+    def action_for(self, site: Site, block_name: str) -> SiteAction | None:
+        """The action ``site`` gets, or None when the method leaves it alone."""
+        action = self.actions.get(site.kind)
+        return None if action is None else action.for_site(site, block_name)
+
+    def check(self, specs: Sequence[BlockSpec]) -> None:
+        """Raise :class:`ConfigError` now (before anything is hooked) for a site the method cannot
+        act on."""
+        for spec in specs:
+            for site in spec.sites:
+                self.action_for(site, spec.name)
 
 
 def build_method(config: ToMeConfig, enabled: set[SiteKind], reducer: Reducer | None = None) -> Method:

@@ -73,7 +73,8 @@ class Selection:
         return {kind for kind in _SITE_SWITCHES if self.site_enabled(kind)}
 
     def blocks(self, specs: Sequence[BlockSpec], model_name: str) -> list[BlockSpec]:
-        """The blocks to hook: those at a selected level (or whose level only a call can tell).
+        """The blocks to hook: those at a selected level (or whose level only a call can tell), less the
+        first and last ``skip_blocks`` of them.
 
         Raises:
             NothingToPatchError: the levels or sites selected leave nothing to reduce.
@@ -93,6 +94,15 @@ class Selection:
                 f"{chosen} selects none of the {len(specs)} transformer blocks of {model_name}: they sit "
                 f"at downsample levels {levels}. To merge, {fix}."
             )
+        first, last = self.config.skip_blocks
+        if first or last:
+            kept = selected[first : len(selected) - last]
+            if not kept:
+                raise NothingToPatchError(
+                    f"skip_blocks={self.config.skip_blocks} skips all {len(selected)} selected transformer "
+                    f"blocks of {model_name}; skip fewer (first + last < {len(selected)})."
+                )
+            selected = kept
         enabled = self.enabled_kinds()
         if not any(site.kind in enabled for spec in selected for site in spec.sites):
             present = sorted({site.kind for spec in selected for site in spec.sites})

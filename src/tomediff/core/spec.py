@@ -4,13 +4,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
+from typing import Any, Literal
 
+import torch
 from torch import nn
 
-__all__ = ["BlockSpec", "GridSource", "Site", "SiteKind"]
+from tomediff.core.calls import find_input
+
+__all__ = ["BlockSpec", "GridSource", "PositionIdsGrid", "Site", "SiteKind", "SiteRole"]
 
 SiteKind = Literal["attn", "crossattn", "mlp"]
+SiteRole = Literal["tokens", "attention", "key_value"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -24,6 +28,46 @@ class GridSource:
     module: nn.Module
     patch_size: int = 1
     input_names: tuple[str, ...] = ("hidden_states", "x", "sample")
+
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+        """The token grid ``(h, w)`` of one call of :attr:`module`, or None when its input is not a map."""
+        _, x = find_input(args, kwargs, self.input_names)
+        if not isinstance(x, torch.Tensor) or x.dim() != 4:
+            return None
+        return int(x.shape[-2]) // self.patch_size, int(x.shape[-1]) // self.patch_size
+
+
+@dataclass(frozen=True, eq=False)
+class PositionIdsGrid(GridSource):
+    """A module given the position ids of its image tokens (Flux's ``img_ids``): ``[N, A]`` (or the
+    deprecated ``[B, N, A]``) integer coordinates, row-major, with the row in column ``row_axis`` and
+    the column in ``row_axis + 1``. The grid is read from the first and last id (one small copy to the
+    host per model call) and checked against ``N``; ids that are not one full row-major grid (e.g.
+    extra reference-image tokens) give None, and the blocks then say they cannot tell their grid.
+
+    Attributes:
+        position: the ids' positional index in the module's call (when not passed by keyword).
+    """
+
+    input_names: tuple[str, ...] = ("img_ids",)
+    position: int = 4
+    row_axis: int = 1
+
+    @torch.compiler.disable  # reads two values: one host copy, outside any compiled graph
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+        ids = args[self.position] if len(args) > self.position else None
+        if ids is None:
+            ids = next((kwargs[n] for n in self.input_names if kwargs.get(n) is not None), None)
+        if not isinstance(ids, torch.Tensor) or ids.dim() not in (2, 3) or ids.shape[-1] < self.row_axis + 2:
+            return None
+        if ids.dim() == 3:
+            ids = ids[0]
+        corners = ids[[0, -1], self.row_axis : self.row_axis + 2].tolist()
+        height = int(corners[1][0] - corners[0][0]) + 1
+        width = int(corners[1][1] - corners[0][1]) + 1
+        if height < 1 or width < 1 or height * width != ids.shape[0]:
+            return None
+        return height, width
 
 
 @dataclass(frozen=True, eq=False)
@@ -40,6 +84,20 @@ class Site:
             the merged tokens and the mask is left alone.
         unsupported: called at each merge; a returned message means the site cannot merge in the
             module's current configuration and is raised as an error (never skipped silently).
+        role: what the site computes from the block's image tokens, which decides what each method
+            does there. ``"tokens"``: its input is the token sequence, and a self-attention takes its
+            keys from it (``attn1``, feed-forwards): merged, or for ``method="downsample"`` given
+            reduced keys/values as its context. ``"attention"``: an attention that computes keys and
+            values inside from the image tokens and others (MMDiT joint attention): merged; methods
+            that reduce keys and values alone act on its ``"key_value"`` sites instead.
+            ``"key_value"``: a projection computing keys or values from the image tokens (``to_k``,
+            ``to_v``): reduced by ``method="downsample"``, left alone by merging.
+        text_first: the token input is ``[other tokens (text), the block's N image tokens]``
+            concatenated (Flux's single-stream blocks); only the last N tokens are reduced.
+        rotary_names: keyword names of a rotary position table (a tensor or diffusers' ``(cos, sin)``
+            tuple, each ``[S, D]`` and shared by the batch) whose last N rows belong to the image
+            tokens: reduced along with them, so each kept token keeps its own position. Such a block
+            needs one plan for the whole batch (:attr:`BlockSpec.batch_shared`).
     """
 
     module: nn.Module
@@ -48,6 +106,9 @@ class Site:
     mask_names: tuple[str, ...] = ("attention_mask", "mask")
     context_names: tuple[str, ...] = ("encoder_hidden_states", "context")
     unsupported: Callable[[], str | None] | None = None
+    role: SiteRole = "tokens"
+    text_first: bool = False
+    rotary_names: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, eq=False)
@@ -62,6 +123,8 @@ class BlockSpec:
         grid: where its ``h × w`` token grid comes from; None infers it from the patched model's
             input size (``ceil`` halving per level, as in a UNet).
         sites: the merge sites inside the block.
+        batch_shared: every batch element must be reduced alike (one plan for the batch), because a
+            table shared by the batch is reduced with the tokens (rotary positions).
     """
 
     name: str
@@ -70,3 +133,4 @@ class BlockSpec:
     grid: GridSource | None
     sites: tuple[Site, ...]
     input_names: tuple[str, ...] = ("hidden_states", "x")
+    batch_shared: bool = False

@@ -18,6 +18,14 @@ from tomediff.ops.matching import (
 )
 from tomediff.ops.merge import KeepPlan, MergePlan, TokenPlan
 from tomediff.ops.partition import Partition, draw_dst_offsets, grid_partition, num_windows, window_tokens
+from tomediff.ops.tokens import (
+    SharedMergePlan,
+    merge_trailing,
+    reduce_rotary,
+    shared_metric,
+    slot_positions,
+    unmerge_trailing,
+)
 
 __all__ = [
     "DOWNSAMPLE_MODES",
@@ -28,16 +36,22 @@ __all__ = [
     "MergePlan",
     "Partition",
     "PlanConstants",
+    "SharedMergePlan",
     "TokenPlan",
     "best_dst_for_src",
     "downsample_grid",
     "downsampled_grid",
     "draw_dst_offsets",
     "grid_partition",
+    "merge_trailing",
     "num_windows",
     "plan_constants",
     "plan_merge",
+    "reduce_rotary",
     "score_block_elements",
+    "shared_metric",
+    "slot_positions",
     "triton_enabled",
+    "unmerge_trailing",
     "window_tokens",
 ]

@@ -179,3 +179,9 @@ class KeepPlan:
 
     def merge_mask(self, mask: torch.Tensor, dim: int) -> torch.Tensor:
         return mask.narrow(dim, 0, self.num_merged)
+
+    @property
+    def positions(self) -> torch.Tensor:
+        """``[M]`` the token whose position each slot keeps (the kept tokens themselves; the same in
+        every sample, so a rotary table shared by the batch can be reduced with it)."""
+        return torch.arange(self.num_merged, device=self.source.device)

@@ -1,0 +1,119 @@
+"""diffusers' multimodal diffusion transformers: SD3/SD3.5 (``SD3Transformer2DModel`` with MMDiT
+``JointTransformerBlock``s) and Flux (``FluxTransformer2DModel``, double-stream
+``FluxTransformerBlock``s then single-stream ``FluxSingleTransformerBlock``s).
+
+Only image tokens are reduced; text tokens and their projections are never touched. All blocks see
+the full-resolution token grid (level 1): SD3's from its patchified ``[B, C, H, W]`` latent, Flux's
+from the ``img_ids`` of its packed latent. Which blocks merge is chosen with ``skip_blocks``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from tomediff.adapters.base import Adapter, ForwardChunkingCheck, class_name_in, register_adapter
+from tomediff.core import BlockSpec, GridSource, Site
+from tomediff.core.spec import PositionIdsGrid
+
+__all__ = ["FluxAdapter", "SD3Adapter"]
+
+_ROTARY = ("image_rotary_emb",)
+
+
+class _FusedProjectionCheck:
+    """Refuses key/value reduction while an attention uses fused projections (``to_qkv``): its
+    ``to_k``/``to_v`` are then never called, and the reduction would silently do nothing."""
+
+    def __init__(self, attn: nn.Module, name: str) -> None:
+        self.attn = attn
+        self.name = name
+
+    def __call__(self) -> str | None:
+        if not getattr(self.attn, "fused_projections", False):
+            return None
+        return (
+            f"method='downsample' reduces the keys and values at '{self.name}.to_k'/'to_v', but that "
+            "attention uses fused QKV projections; call model.unfuse_qkv_projections() first, or use "
+            "method='merge'."
+        )
+
+
+def _key_value_sites(attn: nn.Module, name: str) -> list[Site]:
+    check = _FusedProjectionCheck(attn, name)
+    return [
+        Site(getattr(attn, proj), "attn", role="key_value", unsupported=check)
+        for proj in ("to_k", "to_v")
+        if isinstance(getattr(attn, proj, None), nn.Module)
+    ]
+
+
+@register_adapter
+class SD3Adapter(Adapter):
+    """SD3 / SD3.5: the joint attention's image tokens (``attn``; queries, keys and values of the image
+    stream), SD3.5's image-only ``attn2``, and the image feed-forward ``ff`` (``merge_mlp``). The text
+    stream (``encoder_hidden_states``, ``ff_context``) is never reduced. ``method="downsample"``
+    reduces the image keys/values at ``to_k``/``to_v``; the text keys/values stay intact."""
+
+    name = "diffusers-sd3"
+    priority = 30
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"SD3Transformer2DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        patch_size = int(getattr(getattr(model, "config", None), "patch_size", None) or 1)
+        grid = GridSource(model, patch_size=patch_size)
+        specs = []
+        for index, block in enumerate(model.transformer_blocks):
+            if not class_name_in(block, {"JointTransformerBlock"}):
+                continue
+            name = f"transformer_blocks.{index}"
+            sites = [Site(block.attn, "attn", role="attention")]
+            sites += _key_value_sites(block.attn, f"{name}.attn")
+            attn2 = getattr(block, "attn2", None)
+            if isinstance(attn2, nn.Module):  # SD3.5: self-attention over the image tokens alone
+                sites += [Site(attn2, "attn", role="attention"), *_key_value_sites(attn2, f"{name}.attn2")]
+            sites.append(Site(block.ff, "mlp", unsupported=ForwardChunkingCheck(block, name)))
+            specs.append(BlockSpec(name, block, 1, grid, tuple(sites)))
+        return specs
+
+
+@register_adapter
+class FluxAdapter(Adapter):
+    """Flux.1: in double-stream blocks the joint attention's image tokens (``attn``) and the image
+    feed-forward ``ff`` (``merge_mlp``); in single-stream blocks, which concatenate ``[text, image]``
+    before ``attn``, the image part of that sequence in ``attn`` and in the parallel MLP's input
+    projection ``proj_mlp`` (``merge_mlp``). The rotary table ``image_rotary_emb`` is reduced with the
+    image tokens, so one plan serves the whole batch. Flux pipelines pass ``timestep / 1000``."""
+
+    name = "diffusers-flux"
+    priority = 30
+    timestep_scale = 1.0
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"FluxTransformer2DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        grid = PositionIdsGrid(model)
+        specs = []
+        for index, block in enumerate(model.transformer_blocks):
+            if class_name_in(block, {"FluxTransformerBlock"}):
+                sites = (
+                    Site(block.attn, "attn", role="attention", rotary_names=_ROTARY),
+                    Site(block.ff, "mlp"),
+                )
+                name = f"transformer_blocks.{index}"
+                specs.append(BlockSpec(name, block, 1, grid, sites, batch_shared=True))
+        for index, block in enumerate(getattr(model, "single_transformer_blocks", ())):
+            if class_name_in(block, {"FluxSingleTransformerBlock"}):
+                sites = (
+                    Site(block.attn, "attn", role="attention", text_first=True, rotary_names=_ROTARY),
+                    Site(block.proj_mlp, "mlp", text_first=True),
+                )
+                name = f"single_transformer_blocks.{index}"
+                specs.append(BlockSpec(name, block, 1, grid, sites, batch_shared=True))
+        return specs
