@@ -76,6 +76,22 @@ def test_equals_tomesd_without_randomness(
     assert_close(ours, reference, atol=2e-5, rtol=1e-4)
 
 
+def test_random_partitions_equal_tomesd_with_the_same_seed() -> None:
+    """One draw per call for every block consumes tomesd's per-block stream in the same order, so with
+    the same CPU seed both libraries pick the same random dst tokens, call after call."""
+    unet = tiny_sd_unet()
+    handle = tomediff.apply_tome(unet, ratio=0.5, seed=5)
+    ours = [run_unet(unet) for _ in range(3)]
+    handle.remove()
+    tomesd.apply_patch(unet, ratio=0.5)
+    unet._tome_info["args"]["generator"] = torch.Generator().manual_seed(5)
+    reference = [run_unet(unet) for _ in range(3)]
+    tomesd.remove_patch(unet)
+    assert not torch.equal(reference[0], reference[1]), "the partitions did not change between calls"
+    for mine, theirs in zip(ours, reference, strict=True):
+        assert_close(mine, theirs, atol=2e-5, rtol=1e-4)
+
+
 def test_equals_tomesd_on_non_square_latents() -> None:
     unet = tiny_sd_unet_3level()
     tomesd.apply_patch(unet, ratio=0.4, use_rand=False, max_downsample=2)
