@@ -138,6 +138,42 @@ PIXART_ALPHA_1024: dict[str, Any] = {
     "use_additional_conditions": True,
 }
 
+# stabilityai/stable-diffusion-3-medium-diffusers, transformer/config.json (MMDiT, 24 joint blocks).
+SD3_MEDIUM: dict[str, Any] = {
+    "attention_head_dim": 64,
+    "caption_projection_dim": 1536,
+    "in_channels": 16,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 24,
+    "out_channels": 16,
+    "patch_size": 2,
+    "pooled_projection_dim": 2048,
+    "pos_embed_max_size": 192,
+    "sample_size": 128,
+}
+
+# black-forest-labs/FLUX.1-dev, transformer/config.json (19 double-stream + 38 single-stream blocks).
+FLUX_DEV: dict[str, Any] = {
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": True,
+    "in_channels": 64,
+    "joint_attention_dim": 4096,
+    "num_attention_heads": 24,
+    "num_layers": 19,
+    "num_single_layers": 38,
+    "patch_size": 1,
+    "pooled_projection_dim": 768,
+}
+
+# On a CPU the DiTs keep only a few of their (identical) blocks: a call at 1024² of all 24 SD3 blocks
+# takes minutes there, and Flux's 12B weights do not fit in memory. Each block costs the same, so the
+# per-call speed-up of a few blocks is that of the whole stack less the (small) embedding and output
+# layers, which are not reduced.
+SD3_CPU_BLOCKS: dict[str, Any] = {"num_layers": 2}
+FLUX_CPU_BLOCKS: dict[str, Any] = {"num_layers": 1, "num_single_layers": 2}
+
 # SD 1.5's first transformer (down_blocks[0].attentions[0]): the full-resolution level where ToMe
 # merges. Lets the 2048² case be measured on a CPU, where the whole UNet at 2048² takes minutes.
 SD15_TOP_BLOCK: dict[str, Any] = {
@@ -191,6 +227,8 @@ class ModelSpec:
             transformers).
         resolution_multiple: image resolutions must be a multiple of this (latent /8, patches).
         published_params: parameter count of the released checkpoint, to check the config.
+        cpu_overrides: config fields replaced when the model is built on the CPU (fewer blocks of a
+            large transformer; see ``SD3_CPU_BLOCKS``).
     """
 
     name: str
@@ -203,12 +241,21 @@ class ModelSpec:
     published_params: int | None = None
     tiny: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
+    cpu_overrides: Mapping[str, Any] = field(default_factory=dict)
 
     @property
     def text_dim(self) -> int:
         if self.kind == "pixart":
             return int(self.config["caption_channels"])
+        if self.kind in ("sd3", "flux"):
+            return int(self.config["joint_attention_dim"])
         return int(self.config["cross_attention_dim"])
+
+    def config_for(self, device: str | torch.device) -> dict[str, Any]:
+        """The constructor arguments on ``device`` (with :attr:`cpu_overrides` on the CPU)."""
+        if torch.device(device).type == "cpu":
+            return {**self.config, **self.cpu_overrides}
+        return dict(self.config)
 
 
 MODELS: dict[str, ModelSpec] = {
@@ -226,6 +273,24 @@ MODELS: dict[str, ModelSpec] = {
             PIXART_ALPHA_1024,
             text_tokens=120,
             resolution_multiple=16,
+        ),
+        ModelSpec(
+            "sd3",
+            "SD3-medium transformer",
+            "sd3",
+            SD3_MEDIUM,
+            text_tokens=333,  # 77 CLIP + 256 T5 tokens, StableDiffusion3Pipeline's defaults
+            resolution_multiple=16,
+            cpu_overrides=SD3_CPU_BLOCKS,
+        ),
+        ModelSpec(
+            "flux",
+            "FLUX.1-dev transformer",
+            "flux",
+            FLUX_DEV,
+            text_tokens=512,  # FluxPipeline's max_sequence_length for FLUX.1-dev
+            resolution_multiple=16,
+            cpu_overrides=FLUX_CPU_BLOCKS,
         ),
         ModelSpec("sd15-block", "SD 1.5 top transformer block", "transformer2d", SD15_TOP_BLOCK),
         ModelSpec("tiny-unet", "tiny UNet (tests)", "unet", TINY_UNET, text_tokens=8, tiny=True),
@@ -279,6 +344,8 @@ def _model_class(kind: str) -> type[nn.Module]:
         "unet": diffusers.UNet2DConditionModel,
         "pixart": diffusers.PixArtTransformer2DModel,
         "transformer2d": diffusers.Transformer2DModel,
+        "sd3": diffusers.SD3Transformer2DModel,
+        "flux": diffusers.FluxTransformer2DModel,
     }
     return classes[kind]
 
@@ -294,7 +361,7 @@ def build_model(
     """
     cls = _model_class(spec.kind)
     with _parameters_on_meta():
-        model = cls(**dict(spec.config))
+        model = cls(**spec.config_for(device))
     # Drawn on the target device: initialising SDXL's 2.6B weights on a CPU first would dominate a
     # GPU run. (Values differ between devices for the same seed; cost does not.)
     init_device = torch.device(device)
@@ -396,6 +463,33 @@ def make_inputs(
     if spec.kind == "transformer2d":
         sample = randn(batch, int(spec.config["in_channels"]), latent, latent)
         return ModelInputs((sample,), {"encoder_hidden_states": text, "return_dict": False})
+    if spec.kind == "sd3":
+        sample = randn(batch, int(spec.config["in_channels"]), latent, latent)
+        kwargs = {
+            "encoder_hidden_states": text,
+            "pooled_projections": randn(batch, int(spec.config["pooled_projection_dim"])),
+            "timestep": timestep.to(dtype),
+            "return_dict": False,
+        }
+        return ModelInputs((sample,), kwargs)
+    if spec.kind == "flux":
+        # FluxPipeline packs 2x2 latent patches into tokens; img_ids hold each token's (0, row, column).
+        side = latent // 2
+        packed = randn(batch, side * side, int(spec.config["in_channels"]))
+        img_ids = torch.zeros(side, side, 3)
+        img_ids[..., 1] = torch.arange(side)[:, None]
+        img_ids[..., 2] = torch.arange(side)[None, :]
+        kwargs = {
+            "encoder_hidden_states": text,
+            "pooled_projections": randn(batch, int(spec.config["pooled_projection_dim"])),
+            "timestep": torch.full((batch,), 0.999, dtype=dtype, device=device),  # the pipeline's t / 1000
+            "img_ids": img_ids.reshape(-1, 3).to(device=device, dtype=dtype),
+            "txt_ids": torch.zeros(spec.text_tokens, 3, dtype=dtype, device=device),
+            "return_dict": False,
+        }
+        if spec.config.get("guidance_embeds"):
+            kwargs["guidance"] = torch.full((batch,), 3.5, dtype=dtype, device=device)
+        return ModelInputs((packed,), kwargs)
     raise ValueError(f"Unknown model kind {spec.kind!r}.")
 
 
