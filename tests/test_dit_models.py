@@ -448,3 +448,172 @@ def test_compiles_without_graph_breaks_inside_patched_blocks(family: str) -> Non
         assert breaks and all("PositionIdsGrid.read" in reason for reason in breaks), breaks
     assert counters["stats"]["unique_graphs"] == unique
     assert_close(out, eager, atol=1e-5, rtol=1e-5)
+
+
+# pipelines, caches, offloading --------------------------------------------------------------------------
+# The pipelines run without tokenizers or text encoders (diffusers' tiny test checkpoints would have to
+# be downloaded): they get prompt embeddings built here, and return latents (no VAE).
+
+
+def flux_pipeline() -> tuple[Any, Callable[[], torch.Tensor]]:
+    pipe = diffusers.FluxPipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        transformer=tiny_flux(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(2)
+    embeds, pooled = torch.randn(1, TEXT, 32, generator=gen), torch.randn(1, 8, generator=gen)
+
+    def generate() -> torch.Tensor:
+        return pipe(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            height=96,
+            width=128,
+            num_inference_steps=4,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(1),
+        ).images
+
+    return pipe, generate
+
+
+def sd3_pipeline() -> tuple[Any, Callable[[], torch.Tensor]]:
+    pipe = diffusers.StableDiffusion3Pipeline(
+        scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
+        vae=None,
+        text_encoder=None,
+        tokenizer=None,
+        text_encoder_2=None,
+        tokenizer_2=None,
+        text_encoder_3=None,
+        tokenizer_3=None,
+        transformer=tiny_sd3(),
+    )
+    pipe.set_progress_bar_config(disable=True)
+    gen = torch.Generator().manual_seed(2)
+    embeds, pooled = torch.randn(1, TEXT, 16, generator=gen), torch.randn(1, 8, generator=gen)
+
+    def generate() -> torch.Tensor:
+        return pipe(
+            prompt_embeds=embeds,
+            pooled_prompt_embeds=pooled,
+            negative_prompt_embeds=torch.zeros_like(embeds),
+            negative_pooled_prompt_embeds=torch.zeros_like(pooled),
+            height=128,
+            width=96,
+            num_inference_steps=3,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(1),
+        ).images
+
+    return pipe, generate
+
+
+@pytest.mark.parametrize("make", [sd3_pipeline, flux_pipeline], ids=["sd3", "flux"])
+def test_patched_pipelines_generate_and_restore(make: Callable[[], tuple[Any, Any]]) -> None:
+    pipe, generate = make()
+    with torch.no_grad():
+        reference = generate()
+        handle = tomediff.apply_tome(pipe, ratio=0.5)
+        merged = generate()
+        report = handle.report()
+        handle.remove()
+        restored = generate()
+    assert torch.isfinite(merged).all() and not torch.equal(merged, reference)
+    steps = 3 if type(pipe.transformer).__name__.startswith("SD3") else 4
+    assert report.calls == steps  # one transformer call per step (SD3's CFG halves share a call)
+    assert report.effective_ratio == 0.5
+    assert torch.equal(restored, reference)
+
+
+def _calls_of(module: nn.Module) -> list[int]:
+    count = [0]
+    module.register_forward_pre_hook(lambda m, a: count.__setitem__(0, count[0] + 1))
+    return count
+
+
+@pytest.mark.parametrize("tome_first", [True, False])
+def test_first_block_cache_and_tome_compose_in_both_orders(tome_first: bool) -> None:
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe, generate = flux_pipeline()
+    model = pipe.transformer
+    cache = FirstBlockCacheConfig(threshold=10.0)  # large: every step after the first reuses the cache
+
+    def patch() -> tomediff.ToMeHandle:
+        return tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+
+    with torch.no_grad():
+        plain = generate()
+        model.enable_cache(cache)
+        cached = generate()
+        model.disable_cache()
+        handle = patch()
+        merged = generate()
+        handle.remove()
+        last_attn = _calls_of(model.single_transformer_blocks[-1].attn)
+        if tome_first:
+            handle = patch()
+            model.enable_cache(cache)
+        else:
+            model.enable_cache(cache)
+            handle = patch()
+        both = generate()
+        assert last_attn[0] == 1  # the cache skipped the later blocks in every step but the first
+        assert torch.isfinite(both).all() and not torch.equal(both, cached)
+        if tome_first:  # each removed alone leaves the other's exact outputs
+            handle.remove()
+            assert torch.equal(generate(), cached)
+            model.disable_cache()
+        else:
+            model.disable_cache()
+            assert torch.equal(generate(), merged)
+            handle.remove()
+        assert torch.equal(generate(), plain)
+    assert tome_hooks(model) == 0
+
+
+def test_pyramid_attention_broadcast_is_refused_with_a_clear_error() -> None:
+    from diffusers.hooks import PyramidAttentionBroadcastConfig
+
+    pipe, generate = flux_pipeline()
+    tomediff.apply_tome(pipe, ratio=0.5)
+    pipe.transformer.enable_cache(
+        PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2,
+            spatial_attention_timestep_skip_range=(-1, 1001),
+            current_timestep_callback=lambda: pipe.current_timestep,
+        )
+    )
+    with pytest.raises(tomediff.MergeCallError, match="Pyramid Attention Broadcast"), torch.no_grad():
+        generate()
+
+
+@pytest.mark.parametrize("tome_first", [True, False])
+def test_group_offloading_and_tome_compose_in_both_orders(tome_first: bool) -> None:
+    pipe, generate = flux_pipeline()
+    model = pipe.transformer
+
+    def offload() -> None:
+        model.enable_group_offload(torch.device("cpu"), offload_type="block_level", num_blocks_per_group=1)
+
+    with torch.no_grad():
+        plain = generate()
+        handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+        merged = generate()
+        handle.remove()
+        if tome_first:
+            handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+            offload()
+        else:
+            offload()
+            handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+        assert torch.equal(generate(), merged)  # offloading moves weights, never changes values
+        handle.remove()
+        assert torch.equal(generate(), plain)

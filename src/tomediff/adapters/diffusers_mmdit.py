@@ -9,6 +9,8 @@ from the ``img_ids`` of its packed latent. Which blocks merge is chosen with ``s
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from tomediff.adapters.base import Adapter, ForwardChunkingCheck, class_name_in, register_adapter
@@ -36,6 +38,30 @@ class _FusedProjectionCheck:
             "attention uses fused QKV projections; call model.unfuse_qkv_projections() first, or use "
             "method='merge'."
         )
+
+
+class _OutputCacheCheck:
+    """Refuses merging at an attention whose output diffusers' Pyramid Attention Broadcast caches: on
+    the steps it skips it returns an output merged with an earlier step's plan, which cannot be
+    unmerged with the current one (its tokens would land in the wrong places)."""
+
+    def __init__(self, attn: nn.Module, name: str) -> None:
+        self.attn = attn
+        self.name = name
+
+    def __call__(self) -> str | None:
+        registry = getattr(self.attn, "_diffusers_hook", None)
+        if registry is None or registry.get_hook("pyramid_attention_broadcast") is None:
+            return None
+        return (
+            f"diffusers' Pyramid Attention Broadcast caches the output of '{self.name}', which tomediff "
+            "merges with a plan that changes every step, so a broadcast output could not be unmerged. "
+            "Use model.enable_cache(FirstBlockCacheConfig(...)) with tomediff, or model.disable_cache()."
+        )
+
+
+def _attention_site(attn: nn.Module, name: str, **fields: Any) -> Site:
+    return Site(attn, "attn", role="attention", unsupported=_OutputCacheCheck(attn, name), **fields)
 
 
 def _key_value_sites(attn: nn.Module, name: str) -> list[Site]:
@@ -70,11 +96,11 @@ class SD3Adapter(Adapter):
             if not class_name_in(block, {"JointTransformerBlock"}):
                 continue
             name = f"transformer_blocks.{index}"
-            sites = [Site(block.attn, "attn", role="attention")]
+            sites = [_attention_site(block.attn, f"{name}.attn")]
             sites += _key_value_sites(block.attn, f"{name}.attn")
             attn2 = getattr(block, "attn2", None)
             if isinstance(attn2, nn.Module):  # SD3.5: self-attention over the image tokens alone
-                sites += [Site(attn2, "attn", role="attention"), *_key_value_sites(attn2, f"{name}.attn2")]
+                sites += [_attention_site(attn2, f"{name}.attn2"), *_key_value_sites(attn2, f"{name}.attn2")]
             sites.append(Site(block.ff, "mlp", unsupported=ForwardChunkingCheck(block, name)))
             specs.append(BlockSpec(name, block, 1, grid, tuple(sites)))
         return specs
@@ -102,18 +128,18 @@ class FluxAdapter(Adapter):
         specs = []
         for index, block in enumerate(model.transformer_blocks):
             if class_name_in(block, {"FluxTransformerBlock"}):
+                name = f"transformer_blocks.{index}"
                 sites = (
-                    Site(block.attn, "attn", role="attention", rotary_names=_ROTARY),
+                    _attention_site(block.attn, f"{name}.attn", rotary_names=_ROTARY),
                     Site(block.ff, "mlp"),
                 )
-                name = f"transformer_blocks.{index}"
                 specs.append(BlockSpec(name, block, 1, grid, sites, batch_shared=True))
         for index, block in enumerate(getattr(model, "single_transformer_blocks", ())):
             if class_name_in(block, {"FluxSingleTransformerBlock"}):
+                name = f"single_transformer_blocks.{index}"
                 sites = (
-                    Site(block.attn, "attn", role="attention", text_first=True, rotary_names=_ROTARY),
+                    _attention_site(block.attn, f"{name}.attn", text_first=True, rotary_names=_ROTARY),
                     Site(block.proj_mlp, "mlp", text_first=True),
                 )
-                name = f"single_transformer_blocks.{index}"
                 specs.append(BlockSpec(name, block, 1, grid, sites, batch_shared=True))
         return specs
