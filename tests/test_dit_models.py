@@ -423,6 +423,26 @@ def test_flux_schedule_reads_the_pipeline_timestep_scale() -> None:
         assert stats is not None and (stats.tokens_after_merge < stats.tokens) == merges, t
 
 
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_schedule_reads_a_positional_timestep_at_its_place_in_forward(family: str) -> None:
+    """SD3/Flux take the timestep fourth (after text and pooled embeddings), not second as a UNet."""
+    build, inputs = FAMILIES[family]
+    model = build()
+    x, kwargs = inputs()
+    scale = 1.0 if family == "flux" else 1000.0
+    handle = tomediff.apply_tome(model, ratio=0.5, start=0.4, stop=0.6, use_rand=False)
+    names = ["encoder_hidden_states", "pooled_projections", "timestep"]
+    if family == "flux":
+        names += ["img_ids", "txt_ids"]
+    for progress, merges in [(0.1, False), (0.5, True), (0.9, False)]:
+        timestep = torch.full((x.shape[0],), (1 - progress) * scale)
+        values = {**kwargs, "timestep": timestep}
+        with torch.no_grad():
+            model(x, *(values[n] for n in names), return_dict=False)
+        stats = handle.report().blocks[0].last_call
+        assert stats is not None and (stats.tokens_after_merge < stats.tokens) == merges, progress
+
+
 # torch.compile ----------------------------------------------------------------------------------------
 
 

@@ -6,6 +6,7 @@ hook tables without any marker attribute on the module itself.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -31,19 +32,33 @@ class ToMeHook:
 
 class RootHook(ToMeHook):
     """Pre-hook on the patched model: starts a call (per thread) and records its ``[B, C, H, W]`` size
-    and its timestep (the second positional argument or a ``timestep`` keyword)."""
+    and its timestep (a ``timestep`` keyword, or the positional argument at that parameter's place in
+    the model's ``forward``: second in a UNet, fourth in SD3/Flux transformers)."""
 
-    def __init__(self, state: ToMeState) -> None:
+    def __init__(self, state: ToMeState, root: nn.Module) -> None:
         self.state = state
+        self.timestep_position = _timestep_position(root)
 
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
         _, sample = find_input(args, kwargs, ("sample", "hidden_states", "x"))
-        timestep = (
-            args[1]
-            if len(args) > 1
-            else next((kwargs[name] for name in _TIMESTEP_NAMES if kwargs.get(name) is not None), None)
-        )
+        timestep = next((kwargs[name] for name in _TIMESTEP_NAMES if kwargs.get(name) is not None), None)
+        position = self.timestep_position
+        if timestep is None and position is not None and len(args) > position:
+            timestep = args[position]
         self.state.start_call(sample, timestep)
+
+
+def _timestep_position(root: nn.Module) -> int | None:
+    """Index among the positional arguments of ``root.forward`` of its timestep parameter."""
+    try:
+        parameters = list(inspect.signature(root.forward).parameters.values())
+    except (TypeError, ValueError):
+        return 1
+    positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
+    for index, parameter in enumerate(positional):
+        if parameter.name in _TIMESTEP_NAMES:
+            return index
+    return None
 
 
 class GridHook(ToMeHook):
@@ -201,7 +216,7 @@ class SitePostHook(ToMeHook):
 def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> list[RemovableHandle]:
     """Register the hooks of one patch (a site gets hooks when the method has an action for its
     kind); returns their handles."""
-    handles = [root.register_forward_pre_hook(RootHook(state), with_kwargs=True, prepend=True)]
+    handles = [root.register_forward_pre_hook(RootHook(state, root), with_kwargs=True, prepend=True)]
     grid_sources: dict[int, tuple[int, GridSource]] = {}
     for index, spec in enumerate(specs):
         grid_index = None
