@@ -191,6 +191,7 @@ def test_settings_records_are_derived_from_tomeconfig() -> None:
         "library",
         "seed_offset",
         "variant",
+        "label",
     } <= tome_fields
     assert tuple(inspect.signature(tomediff.apply_patch).parameters)[1:] == TOMESD_FIELDS
     tomesd = pytest.importorskip("tomesd")
@@ -201,3 +202,40 @@ def test_settings_records_are_derived_from_tomeconfig() -> None:
     assert config_from(Setting(library="tomediff", ratio=0.3), seed=4).seed == 4
     with pytest.raises(tomediff.ConfigError, match=r"ratio=0\.9 is outside"):
         MergeSettings(ratio=0.9, max_downsample=1)
+
+
+def test_every_settings_description_is_derived_from_tomeconfig_fields() -> None:
+    """Bench records, eval rows, the CLI flags and --setting keys all come from ToMeConfig's fields:
+    a new field appears in each without being declared again."""
+    import dataclasses
+
+    from tomediff.bench.variants import MergeSettings
+    from tomediff.cli import bench_cmd, eval_cmd
+    from tomediff.config import TOMESD_FIELDS
+    from tomediff.eval.settings import METHOD_FIELDS, SETTING_FIELDS, Setting, parse_setting
+
+    names = [f.name for f in dataclasses.fields(ToMeConfig) if f.name != "generator"]
+    assert [f.name for f in SETTING_FIELDS] == names
+    assert [f.name for f in dataclasses.fields(MergeSettings)] == names
+    assert [f.name for f in dataclasses.fields(Setting)][: len(names)] == names
+    assert set(METHOD_FIELDS) == set(names) - set(TOMESD_FIELDS) - {"seed"}
+    defaults = {f.name: f.default for f in dataclasses.fields(ToMeConfig)}
+    assert all(
+        f.default == defaults[f.name] for f in dataclasses.fields(MergeSettings) if f.name != "use_rand"
+    )
+    for module in (bench_cmd, eval_cmd):
+        import argparse
+
+        parser = argparse.ArgumentParser()
+        module.register(parser.add_subparsers())
+        sub = next(iter(parser._subparsers._group_actions[0].choices.values()))  # type: ignore[union-attr]
+        flags = {o for a in sub._actions for o in a.option_strings}
+        assert {"--" + n.replace("_", "-") for n in METHOD_FIELDS} <= flags, module.__name__
+    # Every field is a --setting key, parsed into the same ToMeConfig.
+    custom = parse_setting("x:method=downsample,downsample_factor=4,downsample_mode=avg,min_tokens=8")
+    assert custom.config() == ToMeConfig(
+        method="downsample", downsample_factor=4, downsample_mode="avg", min_tokens=8
+    )
+    row = Setting.named(parse_setting("merge-levels"))
+    assert row.tome_config() == ToMeConfig(level_ratios={1: 0.6, 2: 0.3})
+    assert MergeSettings.of(row.tome_config()).tome_config() == row.tome_config()

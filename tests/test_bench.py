@@ -239,3 +239,45 @@ def test_table_shows_results_and_errors() -> None:
     text = console.export_text()
     assert "1.33x" in text and "90%" in text and "3.0" in text
     assert "AttributeError: no norm3" in text
+
+
+def test_trajectory_timesteps_split_the_denoising_evenly() -> None:
+    from tomediff.bench.runner import trajectory_timesteps
+
+    assert trajectory_timesteps(2) == [750, 250]
+    assert trajectory_timesteps(6) == [917, 750, 583, 417, 250, 83]
+
+
+def test_named_settings_run_with_their_ideals() -> None:
+    """A downsample and a reuse setting give rows; the reuse and schedule settings are timed over a
+    trajectory against the ideal of their selection; downsampling has no ideal."""
+    from tomediff.eval.settings import parse_setting
+
+    named = [parse_setting(t) for t in ("downsample", "merge+reuse", "merge", "merge+schedule")]
+    config = BenchConfig(
+        models=["tiny-unet"], resolutions=[64], repeats=1, memory=False, named=named, trajectory=2
+    )
+    records = {r.key: r for r in run_benchmark(config).records}
+    assert list(records) == [
+        "baseline",
+        "tomediff:downsample",
+        "tomediff:merge+reuse",
+        "ideal:merge+reuse",
+        "tomediff:merge",
+        "tomediff:merge+schedule",
+        "ideal:merge+schedule",
+    ]
+    assert all(r.status == "ok" and r.latency_median_s for r in records.values())
+    assert config.total_steps() == 2 * (1 + 1 + 2 + 1 + 1 + 2 + 2)  # calls x (warm-up + timed)
+    down = records["tomediff:downsample"]
+    assert down.reference is None and down.saving_realised is None and "no ideal" in (down.note or "")
+    assert down.ratio is None and down.flops < records["baseline"].flops
+    reuse = records["tomediff:merge+reuse"]
+    assert reuse.calls_per_sample == 2 and "matched in 1" in (reuse.note or "")
+    assert reuse.reference == records["tomediff:merge"].reference == "ideal:merge+reuse"
+    assert records["ideal:merge+reuse"].calls_per_sample == 1  # no reuse to time in the ideal
+    assert records["tomediff:merge+schedule"].reference == "ideal:merge+schedule"
+    assert "reduced in 1" in (records["ideal:merge+schedule"].note or "")
+    # The schedule is off in one of the two calls: half the ideal's FLOPs saving per call.
+    base, ideal = records["baseline"].flops, records["ideal:merge+reuse"].flops
+    assert records["ideal:merge+schedule"].flops == pytest.approx((base + ideal) / 2, rel=0.01)

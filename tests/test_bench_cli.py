@@ -74,7 +74,7 @@ def test_quick_preset_and_explicit_overrides() -> None:
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--model", "sd3"], "invalid choice: 'sd3'"),
+        (["--model", "sd9"], "invalid choice: 'sd9'"),
         (["--resolution", "500"], "multiple of 8"),
         (["--resolution", "abc"], "integer number of pixels"),
         (["--resolution", "32"], "at least 64"),
@@ -137,3 +137,94 @@ def test_help_explains_every_flag() -> None:
     text = sub.format_help()
     for word in ("saving realised", "ideal", "tomesd", "--quick", "peak memory"):
         assert word in text
+
+
+def test_method_flags_become_the_tomediff_options(tmp_path: Path) -> None:
+    args = parse(
+        "--device", "cpu", "--out", str(tmp_path), "--reuse-steps", "3", "--reuse-level", "--start", "0.2",
+        "--stop", "0.8", "--min-tokens", "64", "--downsample-mode", "avg",
+    )  # fmt: skip
+    config = bench_cmd.config_from_args(args)
+    assert dict(config.options) == {
+        "reuse_steps": 3,
+        "reuse_level": True,
+        "start": 0.2,
+        "stop": 0.8,
+        "min_tokens": 64,
+        "downsample_mode": "avg",
+    }
+    levels = bench_cmd.config_from_args(parse("--device", "cpu", "--level-ratios", "1:0.6,2:0.3"))
+    assert levels.options["level_ratios"] == ((1, 0.6), (2, 0.3)) and list(levels.ratios) == [0.5]
+
+
+def test_named_settings_replace_the_classic_rows(tmp_path: Path) -> None:
+    args = parse(
+        "--device", "cpu", "--out", str(tmp_path), "--setting", "tomesd-default", "--setting", "downsample",
+        "--setting", "merge+reuse:reuse_steps=3", "--setting", "r7:ratio=0.7,use_rand=false",
+    )  # fmt: skip
+    config = bench_cmd.config_from_args(args)
+    named = {n.name: n for n in config.named}
+    assert list(named) == ["tomesd-default", "downsample", "merge+reuse", "r7"]
+    assert named["tomesd-default"].library == "tomesd"
+    assert named["tomesd-default"].config().use_rand is True
+    assert named["tomesd-default"].config().max_downsample == 1
+    assert named["merge+reuse"].config().reuse_steps == 3 and named["merge+reuse"].config().reuse_level
+    assert named["r7"].config().ratio == 0.7
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--reuse-steps", "0"], "reuse_steps must be a positive integer"),
+        (["--method", "prune"], "method must be one of merge, downsample"),
+        (["--stop", "1.5"], "0 <= start <= stop <= 1"),
+        (["--start", "nan"], "start must be a finite number"),
+        (["--level-ratios", "1:0.9"], "level_ratios[1]=0.9 is outside"),
+        (["--level-ratios", "top"], "LEVEL:RATIO pairs"),
+        (["--downsample-mode", "cubic"], "downsample_mode must be one of"),
+        (["--setting", "bogus"], "unknown preset 'bogus'"),
+        (["--setting", "x:ratoi=0.5"], "unknown option 'ratoi'"),
+        (["--setting", "x y:ratio=0.5"], "setting name 'x y'"),
+        (["--setting", "tomesd-default:reuse_steps=2"], "tomesd takes only"),
+    ],
+)
+def test_bad_method_flags_fail_in_one_line(
+    argv: list[str], message: str, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from tomediff.cli.main import main
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", *argv])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("tomediff bench: error: ")
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--setting", "merge", "--ratio", "0.3"], "--ratio: options of the classic rows"),
+        (["--setting", "merge", "--reuse-steps", "2"], "--reuse-steps: options of the classic rows"),
+        (["--setting", "a:ratio=0.3", "--setting", "a:ratio=0.4"], "given twice"),
+        (["--start", "0.7", "--stop", "0.5"], "--start, --stop: start=0.7 and stop=0.5"),
+        (["--level-ratios", "1:0.6", "--ratio", "0.3"], "replaces --ratio"),
+        (["--method", "downsample", "--merge", "mlp"], "reduces the keys and values of self-attention"),
+    ],
+)
+def test_conflicting_method_flags_are_rejected_before_work(
+    argv: list[str], message: str, tmp_path: Path, no_work: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert bench_cmd.run(parse("--device", "cpu", "--out", str(tmp_path), *argv)) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+
+
+def test_every_method_field_has_a_flag_with_its_default() -> None:
+    from tomediff.eval.settings import METHOD_FIELDS
+
+    sub = make_parser()._subparsers._group_actions[0].choices["bench"]  # type: ignore[union-attr]
+    by_flag = {option: action for action in sub._actions for option in action.option_strings}
+    for name in METHOD_FIELDS:
+        action = by_flag["--" + name.replace("_", "-")]
+        assert action.default is None and "Default: " in action.help, name
+    assert "Presets: tomesd-default" in by_flag["--setting"].help

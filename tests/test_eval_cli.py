@@ -292,3 +292,38 @@ def test_images_of_an_older_run_without_a_record_are_not_reused(tmp_path: Path) 
             run_key={"steps": 1},
         )
     assert old.read_bytes() == b"made by an older version"
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--reuse-steps", "0"], "reuse_steps must be a positive integer"),
+        (["--setting", "nope"], "unknown preset 'nope'"),
+        (["--setting", "merge", "--ratios", "0,0.5"], "--ratios: options of the classic rows"),
+        (["--setting", "merge", "--stop", "0.5"], "--stop: options of the classic rows"),
+        (["--start", "0.8", "--stop", "0.5"], "--start, --stop: start=0.8 and stop=0.5"),
+        (["--level-ratios", "1:0.6", "--ratios", "0,0.5"], "replaces the ratio sweep"),
+    ],
+)
+def test_bad_method_arguments_fail_in_one_line(
+    argv: list[str], message: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert _exit_code(["eval", "--out", str(tmp_path), *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1 and err.startswith("tomediff eval: error: ")
+
+
+def test_eval_compares_named_settings(tiny_assets: Path, tmp_path: Path) -> None:
+    argv = [
+        "eval", "--assets", str(tiny_assets), "--out", str(tmp_path), "--samples-per-class", "1",
+        "--batch-size", "10", "--steps", "2", "--no-different-seed", "--threads", "1", "--bootstrap", "20",
+        "--no-progress", "--setting", "downsample", "--setting", "merge+reuse:reuse_steps=2",
+    ]  # fmt: skip
+    assert _exit_code(argv) == 0
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+    by_name = {r["name"]: r for r in rows}
+    assert [r["name"] for r in rows if r["library"] != "real"] == ["unmerged", "downsample", "merge+reuse"]
+    assert by_name["downsample"]["method"] == "downsample" and by_name["downsample"]["downsample_factor"] == 2
+    assert by_name["merge+reuse"]["reuse_steps"] == 2 and by_name["merge+reuse"]["reuse_level"] is True
+    for name in ("downsample", "merge+reuse"):
+        assert by_name[name]["psnr"]["value"] > 0 and (tmp_path / "images" / name / "settings.json").is_file()

@@ -11,7 +11,15 @@ from typing import Any
 from tomediff.bench.runner import BenchResult, Record
 from tomediff.bench.variants import ALL_VARIANTS
 
-__all__ = ["CSV_FIELDS", "build_table", "plot_speedup", "write_csv", "write_json", "write_outputs"]
+__all__ = [
+    "CSV_FIELDS",
+    "build_table",
+    "notes_text",
+    "plot_speedup",
+    "write_csv",
+    "write_json",
+    "write_outputs",
+]
 
 CSV_FIELDS: tuple[str, ...] = (
     "model",
@@ -35,12 +43,34 @@ CSV_FIELDS: tuple[str, ...] = (
     "mem_vs_baseline",
     "max_rel_diff_vs_baseline",
     "max_rel_diff_vs_tomesd",
+    "setting",
+    "options",
+    "key",
+    "reference",
+    "calls_per_sample",
+    "note",
     "error",
 )
 
 
 def _sort_key(record: Record) -> tuple[Any, ...]:
+    if record.setting is not None or record.variant == "baseline":  # named settings: in run order
+        return (record.model, record.resolution, 0.0, 0)
     return (record.model, record.resolution, record.ratio or 0.0, ALL_VARIANTS.index(record.variant))
+
+
+def _setting(record: Record) -> str:
+    if record.setting is None:
+        return _fmt(record.ratio, "g")
+    return record.setting if record.variant != "ideal" else f"ideal ({record.setting})"
+
+
+def _saving(record: Record) -> str:
+    if record.saving_realised is not None:
+        return f"{100 * record.saving_realised:.0f}%"
+    if record.variant != "baseline" and record.key is not None and record.reference is None:
+        return "n/a: no ideal"
+    return "-"
 
 
 def _fmt(value: float | None, spec: str, suffix: str = "") -> str:
@@ -65,15 +95,20 @@ def build_table(result: BenchResult) -> Any:
     table = Table(
         title=title,
         title_justify="left",
-        caption="saving = saving realised (T_base - T) / (T_base - T_ideal); peak MiB = peak memory of one "
-        "call above the loaded model; Δ tomesd = max |out - out_tomesd| / max |out_tomesd|",
+        caption="saving = saving realised (T_base - T) / (T_base - T_ideal), against the ideal at the same "
+        "blocks, ratios and schedule (none for downsampling: it keeps every query, there is no merge to make "
+        "free); peak MiB = peak memory of one call above the loaded model; Δ tomesd = max |out - out_tomesd| "
+        "/ max |out_tomesd|; calls = calls per timed sample (a trajectory of evenly spaced timesteps for a "
+        "schedule or reuse_steps; the mean per call is shown)",
         caption_justify="left",
     )
+    table.add_column("model", justify="left")
+    table.add_column("res", justify="right")
+    setting = "setting" if any(r.setting for r in result.records) else "ratio"
+    table.add_column(setting, justify="left", overflow="fold", min_width=10)
     for name, justify in (
-        ("model", "left"),
-        ("res", "right"),
-        ("ratio", "right"),
         ("variant", "left"),
+        ("calls", "right"),
         ("median s", "right"),
         ("min s", "right"),
         ("speedup", "right"),
@@ -84,28 +119,45 @@ def build_table(result: BenchResult) -> Any:
         ("Δ tomesd", "right"),
     ):
         table.add_column(name, justify=justify)  # type: ignore[arg-type]
+    notes = False  # notes follow the table (notes_text): a column would squeeze the others
     for record in sorted(result.records, key=_sort_key):
         if record.status != "ok":
-            cells = ["-"] * 7 + [f"[red]{record.error or record.status}[/red]"]
+            cells = ["-"] * 7 + [f"[red]{record.error or record.status}[/red]"] + ([""] if notes else [])
             table.add_row(
-                record.model, str(record.resolution), _fmt(record.ratio, "g"), record.variant, *cells
+                record.model,
+                str(record.resolution),
+                _setting(record),
+                record.variant,
+                str(record.calls_per_sample),
+                *cells,
             )
             continue
         table.add_row(
             record.model,
             str(record.resolution),
-            _fmt(record.ratio, "g"),
+            _setting(record),
             record.variant,
+            str(record.calls_per_sample),
             _fmt(record.latency_median_s, ".3f"),
             _fmt(record.latency_min_s, ".3f"),
             _fmt(record.speedup, ".2f", "x"),
-            _fmt(None if record.saving_realised is None else 100 * record.saving_realised, ".0f", "%"),
+            _saving(record),
             _fmt(None if record.flops is None else record.flops / 1e9, ",.1f"),
             _mib(record.peak_mem_bytes),
             _fmt(record.mem_vs_baseline, ".2f"),
             _fmt(record.max_rel_diff_vs_tomesd, ".1e"),
+            *([record.note or ""] if notes else []),
         )
     return table
+
+
+def notes_text(records: Sequence[Record]) -> list[str]:
+    """One line per (model, resolution, row) that needs a note (trajectory, ideal shared, no ideal)."""
+    return [
+        f"{r.model} {r.resolution}² {_setting(r)} {r.variant}: {r.note}"
+        for r in sorted(records, key=_sort_key)
+        if r.note
+    ]
 
 
 def write_json(result: BenchResult, path: Path) -> None:
@@ -133,18 +185,25 @@ def plot_speedup(records: Sequence[Record], path: Path) -> None:
     fig, axes = plt.subplots(1, len(models), figsize=(5.5 * len(models), 4.2), squeeze=False)
     styles = {"tomediff": "-", "tomesd": "--", "ideal": ":"}
     for ax, model in zip(axes[0], models, strict=True):
-        lines: dict[tuple[str, float], list[tuple[int, float]]] = {}
+        lines: dict[tuple[str, str], list[tuple[int, float]]] = {}
         for r in records:
-            if r.model == model and r.ratio is not None and r.speedup is not None:
-                lines.setdefault((r.variant, r.ratio), []).append((r.resolution, r.speedup))
-        for (variant, ratio), points in sorted(lines.items(), key=lambda kv: (kv[0][1], kv[0][0])):
+            if r.model != model or r.variant == "baseline" or r.speedup is None:
+                continue
+            if r.setting is not None:
+                name = r.setting if r.variant != "ideal" else f"ideal ({r.setting})"
+            elif r.ratio is not None:
+                name = f"{r.variant} r={r.ratio:g}"
+            else:
+                continue
+            lines.setdefault((r.variant, name), []).append((r.resolution, r.speedup))
+        for (variant, name), points in lines.items():
             points.sort()
             ax.plot(
                 [p[0] for p in points],
                 [p[1] for p in points],
                 styles.get(variant, "-"),
                 marker="o",
-                label=f"{variant} r={ratio:g}",
+                label=name,
             )
         ax.axhline(1.0, color="grey", linewidth=0.8)
         ax.set_title(model)

@@ -9,7 +9,7 @@ import importlib.metadata
 import os
 import platform
 import statistics
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -23,10 +23,27 @@ from tomediff.bench.measure import (
     forward,
     timed_forward,
 )
-from tomediff.bench.models import ModelSpec, build_model, get_model_spec, make_inputs, parameter_count
+from tomediff.bench.models import (
+    ModelInputs,
+    ModelSpec,
+    build_model,
+    get_model_spec,
+    make_inputs,
+    parameter_count,
+)
 from tomediff.bench.variants import ALL_VARIANTS, MergeSettings, Variant, make_variant, tomesd_version
+from tomediff.eval.settings import NamedSetting
 
-__all__ = ["DTYPES", "BenchConfig", "BenchResult", "Record", "environment", "run_benchmark"]
+__all__ = [
+    "DTYPES",
+    "BenchConfig",
+    "BenchResult",
+    "Record",
+    "at_timestep",
+    "environment",
+    "run_benchmark",
+    "trajectory_timesteps",
+]
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
@@ -39,7 +56,17 @@ ProgressFn = Callable[[str, int], None]
 
 @dataclass
 class BenchConfig:
-    """Everything one run measures. ``variants`` always includes baseline, tomediff and ideal."""
+    """Everything one run measures.
+
+    Classic rows: baseline, tomediff and ideal at each of ``ratios`` (plus tomesd when in ``variants``),
+    with ``options`` (other ToMeConfig fields) for tomediff. With ``named`` settings instead: baseline,
+    each named setting (tomediff or tomesd, as the setting says), and the ideal of each distinct
+    selection of blocks, ratios and schedule (none for ``method="downsample"``).
+
+    ``trajectory``: a variant whose cost changes over the denoising (a ``start``/``stop`` schedule,
+    ``reuse_steps > 1``) is timed over that many consecutive calls at evenly spaced timesteps, one
+    patch for all of them (see :func:`trajectory_timesteps`); its sample is the mean time per call.
+    """
 
     models: Sequence[str] = ("sd15",)
     resolutions: Sequence[int] = (512,)
@@ -60,8 +87,12 @@ class BenchConfig:
     seed: int = 0
     compile: bool = False
     compile_mode: str = "default"
+    options: Mapping[str, Any] = field(default_factory=dict)
+    named: Sequence[NamedSetting] = ()
+    trajectory: int = 2
 
     def settings(self, spec: ModelSpec, ratio: float) -> MergeSettings:
+        """The classic rows' settings at ``ratio``, without ``options`` (what tomesd gets)."""
         return MergeSettings(
             ratio=ratio,
             max_downsample=spec.max_downsample,
@@ -75,16 +106,84 @@ class BenchConfig:
     def ordered_variants(self) -> list[str]:
         return [v for v in ALL_VARIANTS if v in self.variants]
 
+    def variants_for(self, spec: ModelSpec) -> list[Variant]:
+        """Every variant of one model, in table order (also the order of a timing round)."""
+        names = self.ordered_variants()
+        variants = [make_variant("baseline", None)] if "baseline" in names or self.named else []
+        if self.named:
+            ideals: dict[MergeSettings, str] = {}
+            for named in self.named:
+                settings = MergeSettings.of(named.config())
+                variants.append(make_variant(named.library, settings, named.name))
+                ideal = settings.ideal(spec.max_downsample)
+                if ideal is not None and ideal not in ideals:
+                    ideals[ideal] = named.name
+                    variants.append(make_variant("ideal", ideal, named.name))
+            return variants
+        for ratio in self.ratios:
+            plain = self.settings(spec, ratio)
+            ours = dataclasses.replace(plain, **self.options) if self.options else plain
+            for name in names:
+                if name == "tomediff":
+                    variants.append(make_variant(name, ours))
+                elif name == "tomesd":
+                    variants.append(make_variant(name, plain))
+                elif name == "ideal" and ours.ideal(spec.max_downsample) is not None:
+                    variants.append(make_variant(name, ours.ideal(spec.max_downsample)))
+        return variants
+
+    def calls_per_sample(self, variant: Variant) -> int:
+        settings = variant.settings
+        return self.trajectory if settings is not None and settings.varies_over_steps else 1
+
     def total_steps(self) -> int:
         """Progress units: one per model call (warm-up, timed, memory)."""
-        per_res = 1 + (len(self.ordered_variants()) - 1) * len(self.ratios)
-        calls = self.warmup + self.repeats + (1 if self.memory else 0)
-        return len(self.models) * len(self.resolutions) * per_res * calls
+        total = 0
+        for name in self.models:
+            variants = self.variants_for(get_model_spec(name))
+            calls = sum(self.calls_per_sample(v) for v in variants) * (self.warmup + self.repeats)
+            total += len(self.resolutions) * (calls + (len(variants) if self.memory else 0))
+        return total
+
+
+def trajectory_timesteps(calls: int, horizon: float = 1000.0) -> list[int]:
+    """The timesteps of a ``calls``-call trajectory: the midpoints of ``calls`` equal slices of the
+    denoising, ``t_i = T * (1 - (i + 1/2) / calls)`` (progress ``(i + 1/2) / calls``), so a schedule
+    ``[start, stop)`` is active in the share of calls a long sampling run would give it when
+    ``stop - start`` is a multiple of ``1 / calls``."""
+    return [round(horizon * (1 - (i + 0.5) / calls)) for i in range(calls)]
+
+
+def at_timestep(spec: ModelSpec, inputs: ModelInputs, timestep: int) -> ModelInputs:
+    """``inputs`` with the denoising timestep set to ``timestep`` (added as a keyword for a bare
+    ``Transformer2DModel``, which takes one and ignores it with layer norms)."""
+    args, kwargs = list(inputs.args), dict(inputs.kwargs)
+    if "timestep" in kwargs:
+        old = kwargs["timestep"]
+    elif spec.kind == "unet":
+        old = args[1]
+    else:
+        old = None
+    batch = int(args[0].shape[0])
+    device = args[0].device
+    value = torch.full((batch,), timestep, dtype=torch.long, device=device if old is None else old.device)
+    if spec.kind == "unet" and "timestep" not in kwargs:
+        args[1] = value
+    else:
+        kwargs["timestep"] = value
+    return ModelInputs(tuple(args), kwargs)
 
 
 @dataclass
 class Record:
-    """One (model, resolution, variant, ratio) result row. Times in seconds, memory in bytes."""
+    """One (model, resolution, variant, setting or ratio) result row. Times in seconds, memory in bytes.
+
+    ``setting``: the name of a named setting (None for the classic rows, told apart by ``ratio``);
+    ``options``: its ToMeConfig options as ``key=value,...``; ``key``: unique within a (model,
+    resolution); ``reference``: the key of the ideal this row's saving is measured against (None: no
+    meaningful ideal); ``calls_per_sample``: calls averaged in one timed sample (a trajectory for a
+    schedule or ``reuse_steps``); ``note``: what the row needs said (trajectory, no ideal).
+    """
 
     model: str
     resolution: int
@@ -108,6 +207,12 @@ class Record:
     mem_vs_baseline: float | None = None
     max_rel_diff_vs_baseline: float | None = None
     max_rel_diff_vs_tomesd: float | None = None
+    setting: str | None = None
+    options: str | None = None
+    key: str | None = None
+    reference: str | None = None
+    calls_per_sample: int = 1
+    note: str | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -217,12 +322,52 @@ class _Runner:
         self.progress = progress or (lambda description, advance: None)
 
     def variants_for(self, spec: ModelSpec) -> list[Variant]:
-        names = self.config.ordered_variants()
-        variants = [make_variant("baseline", None)] if "baseline" in names else []
-        for ratio in self.config.ratios:
-            settings = self.config.settings(spec, ratio)
-            variants += [make_variant(name, settings) for name in names if name != "baseline"]
-        return variants
+        return self.config.variants_for(spec)
+
+    def new_record(
+        self, spec: ModelSpec, resolution: int, variant: Variant, ideals: dict[Any, str]
+    ) -> Record:
+        cfg = self.config
+        record = Record(
+            model=spec.name,
+            resolution=resolution,
+            variant=variant.name,
+            ratio=variant.ratio,
+            batch=cfg.batch,
+            device=str(self.device),
+            dtype=cfg.dtype,
+            tokens=_tokens(spec, resolution),
+            setting=variant.label,
+            key=variant.key,
+            calls_per_sample=cfg.calls_per_sample(variant),
+        )
+        settings = variant.settings
+        if settings is None:
+            return record
+        named = {n.name: n for n in cfg.named}.get(variant.label or "")
+        if named is not None:
+            record.options = named.text
+        elif cfg.options and variant.name != "tomesd":
+            record.options = ",".join(f"{k}={v}" for k, v in cfg.options.items())
+        ideal = settings.ideal(spec.max_downsample)
+        record.reference = variant.key if variant.name == "ideal" else ideals.get(ideal)
+        notes = []
+        if ideal is None:
+            notes.append("no ideal: downsampling keeps every query, there is no merge to make free")
+        if variant.name == "ideal":
+            users = [
+                v.label or v.key
+                for v in self.variants_for(spec)
+                if v.name != "ideal"
+                and v.settings is not None
+                and v.settings.ideal(spec.max_downsample) == settings
+            ]
+            if users and variant.label is not None:
+                notes.append("the ideal of " + ", ".join(users))
+        if record.calls_per_sample > 1:
+            notes.append(_trajectory_note(settings, record.calls_per_sample))
+        record.note = "; ".join(notes) or None
+        return record
 
     def run(self) -> list[Record]:
         records: list[Record] = []
@@ -233,18 +378,11 @@ class _Runner:
     def run_model(self, spec: ModelSpec) -> list[Record]:
         cfg = self.config
         table: dict[tuple[int, str], Record] = {}
+        variants = self.variants_for(spec)
+        ideals = {v.settings: v.key for v in variants if v.name == "ideal"}
         for resolution in cfg.resolutions:
-            for variant in self.variants_for(spec):
-                table[resolution, variant.key] = Record(
-                    model=spec.name,
-                    resolution=resolution,
-                    variant=variant.name,
-                    ratio=variant.ratio,
-                    batch=cfg.batch,
-                    device=str(self.device),
-                    dtype=cfg.dtype,
-                    tokens=_tokens(spec, resolution),
-                )
+            for variant in variants:
+                table[resolution, variant.key] = self.new_record(spec, resolution, variant, ideals)
         self.progress(f"{spec.name}: building the model", 0)
         try:
             model = build_model(spec, self.device, self.dtype, seed=cfg.seed)
@@ -284,6 +422,7 @@ class _Runner:
         label = f"{spec.name} {resolution}²"
         # Warm-up, one variant after another; the first call of each also counts its FLOPs and
         # keeps its output for the equivalence check.
+        calls = {v.key: self.calls_of(spec, v, inputs) for v in variants}
         for variant in variants:
             record = table[resolution, variant.key]
             try:
@@ -292,26 +431,27 @@ class _Runner:
                     for i in range(cfg.warmup):
                         self.progress(f"{label} {variant.key}: warm-up", 0)
                         if i == 0 and cfg.flops:
-                            record.flops, out = count_flops(caller, inputs)
+                            record.flops = self.flops(caller, calls[variant.key], outputs, variant.key)
                         else:
-                            out = forward(caller, inputs)
-                        if i == 0:
-                            outputs[variant.key] = out.detach().float().cpu()
-                        del out
-                        self.progress(f"{label} {variant.key}: warm-up", 1)
+                            for call in calls[variant.key]:
+                                out = forward(caller, call)
+                                if i == 0 and len(calls[variant.key]) == 1:
+                                    outputs[variant.key] = out.detach().float().cpu()
+                                del out
+                        self.progress(f"{label} {variant.key}: warm-up", len(calls[variant.key]))
                 finally:
                     variant.remove(model)
             except Exception as error:  # recorded, and the other variants still run
                 record.status, record.error = "error", _error_text(error)
-                self.progress(label, cfg.warmup)
+                self.progress(label, cfg.warmup * len(calls[variant.key]))
                 continue
             alive.append(variant)
         if cfg.warmup == 0 and cfg.flops:
             for variant in alive:
                 variant.apply(model)
                 try:
-                    table[resolution, variant.key].flops, out = count_flops(caller, inputs)
-                    outputs[variant.key] = out.detach().float().cpu()
+                    flops = self.flops(caller, calls[variant.key], outputs, variant.key)
+                    table[resolution, variant.key].flops = flops
                 finally:
                     variant.remove(model)
         # Timed calls: each round visits every variant once, starting one later each round, so a slow
@@ -323,14 +463,18 @@ class _Runner:
                 self.progress(f"{label} {variant.key}: timing {round_index + 1}/{cfg.repeats}", 0)
                 variant.apply(model)
                 try:
-                    seconds, out = timed_forward(caller, inputs, self.device)
-                    del out
+                    seconds = 0.0
+                    for call in calls[variant.key]:  # one patch for a whole trajectory
+                        elapsed, out = timed_forward(caller, call, self.device)
+                        seconds += elapsed
+                        del out
                 finally:
                     variant.remove(model)
-                times[variant.key].append(seconds)
-                self.progress(f"{label} {variant.key}: timing {round_index + 1}/{cfg.repeats}", 1)
+                times[variant.key].append(seconds / len(calls[variant.key]))
+                done = len(calls[variant.key])
+                self.progress(f"{label} {variant.key}: timing {round_index + 1}/{cfg.repeats}", done)
         failed = [v for v in variants if v not in alive]
-        self.progress(label, len(failed) * cfg.repeats)
+        self.progress(label, sum(len(calls[v.key]) for v in failed) * cfg.repeats)
         for key, samples in times.items():
             record = table[resolution, key]
             record.latencies_s = samples
@@ -352,6 +496,32 @@ class _Runner:
         self._compare_outputs(resolution, outputs, table)
         del inputs, outputs
 
+    def calls_of(self, spec: ModelSpec, variant: Variant, inputs: ModelInputs) -> list[ModelInputs]:
+        """The calls of one timed sample: ``inputs`` once, or a trajectory for a variant whose cost
+        changes over the denoising."""
+        count = self.config.calls_per_sample(variant)
+        if count == 1:
+            return [inputs]
+        return [at_timestep(spec, inputs, t) for t in trajectory_timesteps(count)]
+
+    def flops(
+        self,
+        caller: torch.nn.Module,
+        calls: list[ModelInputs],
+        outputs: dict[str, torch.Tensor],
+        key: str,
+    ) -> int:
+        """FLOPs per call (the mean over a trajectory); keeps a single call's output for the
+        comparisons (a trajectory's calls run at other timesteps than the baseline's)."""
+        total = 0
+        for call in calls:
+            flops, out = count_flops(caller, call)
+            total += flops
+            if len(calls) == 1:
+                outputs[key] = out.detach().float().cpu()
+            del out
+        return round(total / len(calls))
+
     def _compare_outputs(
         self, resolution: int, outputs: dict[str, torch.Tensor], table: dict[tuple[int, str], Record]
     ) -> None:
@@ -363,7 +533,8 @@ class _Runner:
             # tomediff must compute what tomesd computes; only comparable when partitions are not
             # random (the two libraries draw them from different generators).
             tomesd_out = outputs.get(f"tomesd@{record.ratio:g}") if record.ratio is not None else None
-            if record.variant == "tomediff" and tomesd_out is not None and not self.config.use_rand:
+            comparable = not self.config.use_rand and not self.config.options
+            if record.variant == "tomediff" and tomesd_out is not None and comparable:
                 record.max_rel_diff_vs_tomesd = _rel_diff(out, tomesd_out)
 
     def cpu_memory(self, spec: ModelSpec, table: dict[tuple[int, str], Record]) -> None:
@@ -385,6 +556,10 @@ class _Runner:
                     "settings": None if variant.settings is None else dataclasses.asdict(variant.settings),
                     "threads": cfg.threads or torch.get_num_threads(),
                     "seed": cfg.seed,
+                    # A trajectory's first call: the schedule is on and plans are made (its peak).
+                    "timestep": trajectory_timesteps(record.calls_per_sample)[0]
+                    if record.calls_per_sample > 1
+                    else None,
                 }
                 jobs.append((record, job, label))
 
@@ -429,12 +604,26 @@ def _parallel_workers(spec: ModelSpec, dtype: torch.dtype, jobs: int) -> int:
     return max(1, workers)
 
 
+def _trajectory_note(settings: MergeSettings, calls: int) -> str:
+    steps = trajectory_timesteps(calls)
+    progress = [(i + 0.5) / calls for i in range(calls)]
+    active = sum(settings.start <= p < settings.stop for p in progress)
+    text = f"mean of {calls} calls at t={'/'.join(map(str, steps))}: reduced in {active}"
+    if settings.reuse_steps > 1:
+        text += f", matched in {-(-calls // settings.reuse_steps)}"
+    return text
+
+
 def _derive(records: list[Record]) -> None:
     """Speedup, saving realised and ratios to the baseline of the same (model, resolution)."""
-    by_key = {(r.model, r.resolution, r.variant, r.ratio): r for r in records}
+    by_key = {(r.model, r.resolution, r.variant, r.ratio): r for r in records if r.setting is None}
+    by_name = {(r.model, r.resolution, r.key): r for r in records if r.key is not None}
     for record in records:
         base = by_key.get((record.model, record.resolution, "baseline", None))
-        ideal = by_key.get((record.model, record.resolution, "ideal", record.ratio))
+        if record.key is not None:  # rows made by the runner name their ideal (or have none)
+            ideal = by_name.get((record.model, record.resolution, record.reference))
+        else:
+            ideal = by_key.get((record.model, record.resolution, "ideal", record.ratio))
         if base is None:
             continue
         t_base, t = base.latency_median_s, record.latency_median_s
@@ -443,7 +632,8 @@ def _derive(records: list[Record]) -> None:
             t_ideal = ideal.latency_median_s if ideal is not None else None
             # When the ideal saves almost nothing (small images, where the merged attention is a
             # sliver of the call), the ratio is noise divided by noise: leave it undefined.
-            if record.ratio is not None and t_ideal and t_base - t_ideal > MIN_AVAILABLE_SAVING * t_base:
+            merging = record.ratio is not None or ideal is not None
+            if merging and t_ideal and t_base - t_ideal > MIN_AVAILABLE_SAVING * t_base:
                 record.saving_realised = (t_base - t) / (t_base - t_ideal)
         if base.flops and record.flops is not None:
             record.flops_vs_baseline = record.flops / base.flops

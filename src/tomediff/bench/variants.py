@@ -1,11 +1,14 @@
 """The variants compared by the benchmark: baseline, tomediff, tomesd and the ideal merge.
 
+Each merging variant carries a :class:`MergeSettings`, derived from ToMeConfig's fields.
+
 A variant patches a model in place and removes its patch again, so one model instance serves every
 variant and the timed calls of all of them can be interleaved.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
@@ -17,6 +20,7 @@ from torch import nn
 import tomediff
 from tomediff.config import config_from, tomesd_arguments
 from tomediff.core.methods import PlanRequest, Reducer, cached
+from tomediff.eval.settings import SETTING_FIELDS, normalise, setting_fields
 from tomediff.ops import KeepPlan
 
 __all__ = [
@@ -44,49 +48,81 @@ def tomesd_version() -> str | None:
         return "unknown"
 
 
-@dataclass(frozen=True)
-class MergeSettings:
-    """ToMe settings shared by every merging variant of one run, so they are compared like for like.
+_MergeFields = dataclasses.make_dataclass("_MergeFields", setting_fields(use_rand=False), frozen=True)
 
-    ``max_downsample`` is explicit (from the model spec) because tomesd's default of 1 patches nothing
-    in SDXL; tomediff and the ideal get the same value. Every field is a :class:`tomediff.ToMeConfig`
-    field (only ``use_rand``'s default differs: deterministic partitions, so tomediff and tomesd outputs
-    can be compared) and is validated by it on construction.
+
+@dataclass(frozen=True)
+class MergeSettings(_MergeFields):  # type: ignore[misc, valid-type]
+    """The ToMeConfig of one merging variant: every :class:`tomediff.ToMeConfig` field (but
+    ``generator``), derived from ToMeConfig's own fields and validated by it on construction.
+
+    Only ``use_rand``'s default differs (deterministic partitions, so tomediff and tomesd outputs can
+    be compared). The classic rows (``--ratio``) set ``max_downsample`` from the model spec, because
+    tomesd's default of 1 patches nothing in SDXL; tomediff and the ideal get the same value.
     """
 
-    ratio: float
-    max_downsample: int
-    sx: int = 2
-    sy: int = 2
-    use_rand: bool = False
-    merge_attn: bool = True
-    merge_crossattn: bool = False
-    merge_mlp: bool = False
-    seed: int = 0
-
     def __post_init__(self) -> None:
-        self.tome_config()  # raises ConfigError for a value ToMeConfig refuses
+        normalise(self)  # raises ConfigError for a value ToMeConfig refuses
 
     def tome_config(self) -> tomediff.ToMeConfig:
         return config_from(self)
 
+    @classmethod
+    def of(cls, config: tomediff.ToMeConfig) -> MergeSettings:
+        return cls(**{f.name: getattr(config, f.name) for f in SETTING_FIELDS})
+
+    @property
+    def varies_over_steps(self) -> bool:
+        """Whether a call's cost depends on the denoising step (a schedule, or plans kept between calls),
+        so one call does not represent a generation."""
+        return self.start > 0.0 or self.stop < 1.0 or self.reuse_steps > 1
+
+    def ideal(self, default_level: int) -> MergeSettings | None:
+        """The settings of this variant's zero-cost reference: the same blocks, sites, ratios and
+        schedule, no plan reuse (keeping tokens costs nothing to recompute), the model's top level
+        made explicit so equal selections compare equal; None for ``method="downsample"``, which keeps
+        every query and has no merge to make free."""
+        if self.method != "merge":
+            return None
+        level = self.max_downsample
+        if level is None and self.level_ratios is None:
+            level = default_level
+        return dataclasses.replace(
+            self,
+            max_downsample=level,
+            use_rand=False,
+            seed=0,
+            reuse_level=False,
+            reuse_steps=1,
+            reuse_cfg=False,
+        )
+
 
 class Variant:
-    """One way of running the model; ``apply`` before a call, ``remove`` after."""
+    """One way of running the model; ``apply`` before a call, ``remove`` after.
+
+    ``label`` names the setting of the run it belongs to (``--setting NAME``); classic rows (``--ratio``)
+    have none and are told apart by their ratio."""
 
     name: str = "variant"
 
-    def __init__(self, settings: MergeSettings | None) -> None:
+    def __init__(self, settings: MergeSettings | None, label: str | None = None) -> None:
         self.settings = settings
+        self.label = label
 
     @property
     def ratio(self) -> float | None:
-        return None if self.settings is None else self.settings.ratio
+        s = self.settings
+        if s is None or s.method != "merge" or s.level_ratios is not None:
+            return None
+        return s.ratio
 
     @property
     def key(self) -> str:
-        """Unique within a run: the name plus the ratio for merging variants."""
-        return self.name if self.ratio is None else f"{self.name}@{self.ratio:g}"
+        """Unique within a run: the name plus the setting's label, or the ratio for classic rows."""
+        if self.label is not None:
+            return f"{self.name}:{self.label}"
+        return self.name if self.settings is None else f"{self.name}@{self.settings.ratio:g}"
 
     def apply(self, model: nn.Module) -> None:
         raise NotImplementedError
@@ -127,8 +163,8 @@ class TomediffVariant(Variant):
     """tomediff through its public API; ``ideal=True`` is the zero-cost reference merge
     (:class:`KeepReducer`) at the same settings."""
 
-    def __init__(self, settings: MergeSettings, ideal: bool = False) -> None:
-        super().__init__(settings)
+    def __init__(self, settings: MergeSettings, ideal: bool = False, label: str | None = None) -> None:
+        super().__init__(settings, label)
         self.ideal = ideal
         self.name = "ideal" if ideal else "tomediff"
         self._handle: Any = None
@@ -162,17 +198,17 @@ class TomesdVariant(Variant):
         tomesd.remove_patch(model)
 
 
-def make_variant(name: str, settings: MergeSettings | None) -> Variant:
+def make_variant(name: str, settings: MergeSettings | None, label: str | None = None) -> Variant:
     if name == "baseline":
         return Baseline(None)
     if settings is None:
         raise ValueError(f"variant {name!r} needs merge settings")
     if name == "tomediff":
-        return TomediffVariant(settings)
+        return TomediffVariant(settings, label=label)
     if name == "ideal":
-        return TomediffVariant(settings, ideal=True)
+        return TomediffVariant(settings, ideal=True, label=label)
     if name == "tomesd":
         if tomesd_version() is None:
             raise ValueError("--compare tomesd needs tomesd installed: pip install tomesd==0.1.3")
-        return TomesdVariant(settings)
+        return TomesdVariant(settings, label)
     raise ValueError(f"Unknown variant {name!r}; choose from: {', '.join(ALL_VARIANTS)}.")

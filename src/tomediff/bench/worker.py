@@ -17,6 +17,7 @@ import torch
 
 from tomediff.bench.measure import forward, read_rss, reset_peak_rss
 from tomediff.bench.models import build_model, get_model_spec, make_inputs
+from tomediff.bench.runner import at_timestep
 from tomediff.bench.variants import MergeSettings, make_variant
 
 __all__ = ["run_job"]
@@ -31,13 +32,17 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     dtype = DTYPES[job["dtype"]]
     model = build_model(spec, "cpu", dtype, seed=int(job.get("seed", 0)))
     inputs = make_inputs(spec, int(job["batch"]), int(job["resolution"]), "cpu", dtype, seed=1)
+    if job.get("timestep") is not None:  # a variant timed over a trajectory: its first call
+        inputs = at_timestep(spec, inputs, int(job["timestep"]))
     settings = MergeSettings(**job["settings"]) if job.get("settings") else None
-    variant = make_variant(job["variant"], settings)
+    variant = make_variant(job["variant"], settings, job.get("label"))
     variant.apply(model)
     # A small call first pages in the code of every kernel the variant uses (shared-library pages
     # count in RSS, once per process); without it, a variant that uses more distinct kernels would
     # look a few MB hungrier per call than it is. Its tensors are freed (see CPU_MEMORY_ENV).
     small = make_inputs(spec, int(job["batch"]), 8 * spec.resolution_multiple, "cpu", dtype, seed=1)
+    if job.get("timestep") is not None:
+        small = at_timestep(spec, small, int(job["timestep"]))
     forward(model, small)
     del small
     gc.collect()

@@ -9,13 +9,30 @@ from pathlib import Path
 from typing import Any
 
 from tomediff.cli._args import MAX_RATIO, OnelineParser, non_negative_int, positive_int, positive_ratio
+from tomediff.cli._method_args import (
+    add_method_arguments,
+    add_setting_argument,
+    check_named,
+    method_options,
+    replace_options,
+)
 from tomediff.errors import CLIUsageError
 
 __all__ = ["QUICK", "config_from_args", "main", "register", "run"]
 
 # Model names are listed here (not imported from tomediff.bench) so that `tomediff --help` does not
 # import torch; tests check that the two lists agree.
-MODEL_CHOICES: tuple[str, ...] = ("sd15", "sd21", "sdxl", "pixart", "sd15-block", "tiny-unet", "tiny-pixart")
+MODEL_CHOICES: tuple[str, ...] = (
+    "sd15",
+    "sd21",
+    "sdxl",
+    "pixart",
+    "sd3",
+    "flux",
+    "sd15-block",
+    "tiny-unet",
+    "tiny-pixart",
+)
 
 # --quick: one small configuration, about 2 minutes on 2 CPU cores (104 s measured: 30 s of timing,
 # 70 s of peak-memory processes). Explicit flags override it.
@@ -39,7 +56,15 @@ Reported per (model, resolution, ratio): median latency, speedup vs baseline, sa
 each configuration in its own process), and the output difference to tomesd.
 Merging is applied at the highest-resolution level with transformer blocks (max_downsample 1; 2 for
 SDXL, where tomesd's default of 1 would patch nothing), to self-attention only unless --merge says
-otherwise, with the deterministic top-left partition unless --use-rand.
+otherwise, with the deterministic top-left partition unless --use-rand. The method flags (--method,
+--reuse-steps, --start/--stop, ...) change the tomediff rows.
+
+Named settings (--setting, repeatable) replace those classic rows: baseline, every named setting, and
+the ideal of each distinct selection of blocks, ratios and schedule (shared by settings that differ
+only in plan reuse or randomness; none for method=downsample, which keeps every query: its saving is
+shown as n/a). A setting whose cost changes over the denoising (start/stop, reuse_steps > 1) is timed
+over --trajectory consecutive calls at evenly spaced timesteps, patched once; the mean per call is
+reported. Every other row is one call at timestep 999, as before.
 """
 
 EPILOG = """\
@@ -47,6 +72,9 @@ examples:
   tomediff bench --quick                              # about 2 minutes on a 2-core CPU
   tomediff bench --model sd15 --resolution 512 768 1024 --compare tomesd --out runs/sd15
   tomediff bench --model sd15 sdxl --resolution 512 1024 2048 --device cuda --dtype fp16 --compare tomesd
+  tomediff bench --model sd15-block --resolution 1024 --setting tomesd-default --setting merge
+  tomediff bench --setting merge --setting downsample --setting merge+schedule --setting r7:ratio=0.7
+  tomediff bench --quick --reuse-steps 2 --reuse-level          # the tomediff row with plan reuse
 outputs in --out: bench.json (settings, machine, every record), bench.csv, speedup.png
 """
 
@@ -79,7 +107,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         nargs="+",
         choices=MODEL_CHOICES,
         metavar="NAME",
-        help="architectures: sd15, sd21, sdxl, pixart (PixArt-alpha XL-2 1024), sd15-block (SD 1.5's "
+        help="architectures: sd15, sd21, sdxl, pixart (PixArt-alpha XL-2 1024), sd3 (SD3-medium MMDiT), "
+        "flux (FLUX.1-dev; on a CPU both keep a few blocks, see docs/dits.md), sd15-block (SD 1.5's "
         "first transformer alone, for very large images), tiny-unet/tiny-pixart (smoke tests). "
         "Default: sd15",
     )
@@ -153,8 +182,18 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         "--merge",
         nargs="+",
         choices=("attn", "crossattn", "mlp"),
-        default=["attn"],
+        default=None,
         help="where tokens are merged: before self-attention (attn), cross-attention, the MLP. Default: attn",
+    )
+    add_setting_argument(parser, "baseline, each setting and its ideal")
+    parser.add_argument(
+        "--trajectory",
+        type=positive_int,
+        default=2,
+        metavar="CALLS",
+        help="calls per timed sample for settings whose cost changes over the denoising (start/stop, "
+        "reuse_steps > 1), at timesteps 1000*(1 - (i + 1/2)/CALLS); 2 makes stop=0.5 active in half "
+        "the calls and reuse_steps=2 match in half of them, as in a long sampling run. Default: 2",
     )
     parser.add_argument(
         "--threads",
@@ -179,6 +218,7 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the random weights and inputs. Default: 0"
     )
+    add_method_arguments(parser, "For the tomediff rows without --setting (with it, give them per setting).")
     parser.set_defaults(func=run)
     return parser
 
@@ -218,6 +258,26 @@ def config_from_args(args: argparse.Namespace) -> Any:
                     f"--resolution {resolution} does not fit --model {name}: it must be a multiple of "
                     f"{spec.resolution_multiple}"
                 )
+    named = check_named(
+        args,
+        {
+            "--ratio": args.ratio is not None,
+            "--compare": bool(args.compare),
+            "--use-rand": args.use_rand,
+            "--merge": args.merge is not None,
+        },
+    )
+    options = method_options(args)
+    if options.get("level_ratios") is not None and args.ratio is not None:
+        raise CLIUsageError(
+            "--level-ratios gives each level its own ratio and replaces --ratio; drop --ratio"
+        )
+    if options.get("level_ratios") is not None and args.compare:
+        raise CLIUsageError("--level-ratios: tomesd has no per-level ratios; drop --compare tomesd")
+    if options.get("level_ratios") is not None:
+        options = {"ratio": 0.5, "max_downsample": None, **options}
+        ratios = [0.5]
+    merge = args.merge or ["attn"]
     variants = ["baseline", "tomediff", "ideal"]
     if "tomesd" in args.compare:
         if tomesd_version() is None:
@@ -229,7 +289,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
         raise CLIUsageError(
             f"--threads {args.threads} is more than the {os.cpu_count()} CPUs of this machine"
         )
-    return BenchConfig(
+    config = BenchConfig(
         models=models,
         resolutions=resolutions,
         ratios=ratios,
@@ -240,16 +300,24 @@ def config_from_args(args: argparse.Namespace) -> Any:
         warmup=pick("warmup", 3 if on_gpu else 1),
         variants=variants,
         use_rand=args.use_rand,
-        merge_attn="attn" in args.merge,
-        merge_crossattn="crossattn" in args.merge,
-        merge_mlp="mlp" in args.merge,
+        merge_attn="attn" in merge,
+        merge_crossattn="crossattn" in merge,
+        merge_mlp="mlp" in merge,
         threads=args.threads,
         memory=not args.no_memory,
         flops=not args.no_flops and not args.compile,
         seed=args.seed,
         compile=args.compile,
         compile_mode=args.compile_mode,
+        options=options,
+        named=named,
+        trajectory=args.trajectory,
     )
+    if options:  # the flags together, on every model's settings, before any model is built
+        for name in models:
+            for ratio in ratios:
+                replace_options(config.settings(get_model_spec(name), ratio), options)
+    return config
 
 
 def run(args: argparse.Namespace) -> int:
@@ -261,7 +329,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from tomediff.bench.report import build_table, write_outputs
+    from tomediff.bench.report import build_table, notes_text, write_outputs
     from tomediff.bench.runner import run_benchmark
     from tomediff.progress import ProgressBar
 
@@ -270,15 +338,21 @@ def run(args: argparse.Namespace) -> int:
     err_console = Console(stderr=True)
     resolutions = ", ".join(map(str, config.resolutions))
     ratios = ", ".join(f"{r:g}" for r in config.ratios)
+    if config.named:
+        compared = "settings " + ", ".join(n.name for n in config.named)
+    else:
+        compared = f"ratio {ratios}, variants {', '.join(config.ordered_variants())}"
     err_console.print(
-        f"[bold]tomediff bench[/bold]: {', '.join(config.models)} at {resolutions} px, ratio {ratios}, "
-        f"variants {', '.join(config.ordered_variants())}, {config.device} {config.dtype}, batch "
-        f"{config.batch}, {config.warmup} warm-up + {config.repeats} timed calls each"
+        f"[bold]tomediff bench[/bold]: {', '.join(config.models)} at {resolutions} px, {compared}, "
+        f"{config.device} {config.dtype}, batch {config.batch}, {config.warmup} warm-up + "
+        f"{config.repeats} timed calls each"
     )
     with ProgressBar(config.total_steps(), "model calls", transient=False) as bar:
         result = run_benchmark(config, bar.advance)
         bar.advance("done", 0)
     console.print(build_table(result))
+    for line in notes_text(result.records):
+        console.print(line, highlight=False)
     paths = write_outputs(result, args.out)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
     failed = [r for r in result.records if r.status != "ok"]

@@ -22,6 +22,7 @@ from tomediff.cli._args import (
     ratio_value,
     threads_value,
 )
+from tomediff.cli._method_args import add_method_arguments, add_setting_argument, check_named, method_options
 from tomediff.errors import TomediffError
 
 __all__ = ["add_arguments", "register", "run", "validate"]
@@ -82,7 +83,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--variant-ratio",
         type=positive_ratio,
-        default=0.5,
+        default=None,
         metavar="R",
         help="ratio of the option variants. Default: 0.5",
     )
@@ -171,6 +172,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="bootstrap resamples for the 95%% CIs. Default: 1000",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar or progress lines")
+    add_setting_argument(parser, "the unmerged row and the different-seed control, then each setting")
+    add_method_arguments(
+        parser,
+        "For the tomediff rows of the ratio sweep and the variants (with --setting, give them per setting).",
+    )
 
 
 def validate(args: argparse.Namespace) -> str:
@@ -209,6 +215,39 @@ def validate(args: argparse.Namespace) -> str:
         raise CLIUsageError(f"--fid-ref {args.fid_ref} is not a directory")
     if args.model and protocol == "paper" and Path(args.model).exists() and not Path(args.model).is_dir():
         raise CLIUsageError(f"--model {args.model} is a file; pass a diffusers folder or a Hub id")
+    args.named = check_named(
+        args,
+        {
+            "--ratios": args.ratios is not None,
+            "--variants": args.variants is not None,
+            "--variant-ratio": args.variant_ratio is not None,
+            "--compare": bool(args.compare),
+            "--compare-ratios": args.compare_ratios is not None,
+        },
+    )
+    args.tome_options = method_options(args)
+    if args.tome_options.get("level_ratios") is not None:
+        given = [f for f, v in (("--ratios", args.ratios), ("--variants", args.variants)) if v is not None]
+        if given or args.compare:
+            flags = ", ".join(given + (["--compare"] if args.compare else []))
+            raise CLIUsageError(
+                f"--level-ratios gives each level its own ratio and replaces the ratio sweep; drop {flags} "
+                "(or compare named settings: --setting levels:level_ratios=1:0.6/2:0.3 --setting merge)"
+            )
+        args.ratios, args.variants = [0.0, 0.5], ["none"]
+    from tomediff.eval.settings import build_settings
+
+    try:  # every row's ToMeConfig, before any work
+        build_settings(
+            args.ratios or (0.0, 0.5),
+            [v for v in (args.variants or []) if v != "none"],
+            args.variant_ratio or 0.5,
+            options=args.tome_options,
+            named=args.named,
+        )
+    except TomediffError as error:
+        flags = ", ".join("--" + n.replace("_", "-") for n in args.tome_options)
+        raise CLIUsageError(f"{flags}: {error}") from None
     if args.out is None:
         args.out = Path("out/eval-paper" if protocol == "paper" else "out/eval")
     check_out_dir(args.out)
@@ -232,6 +271,8 @@ def run(args: argparse.Namespace) -> int:
             out_dir=args.out,
             ratios=args.ratios or (0.0, 0.5),
             compare=args.compare,
+            tome_options=args.tome_options,
+            named=args.named,
             base_seed=args.seed,
             num_classes=args.num_classes,
             class_names_file=args.class_names,
@@ -264,8 +305,10 @@ def run(args: argparse.Namespace) -> int:
         out_dir=args.out,
         ratios=args.ratios or QualityOptions.ratios,
         variants=[v for v in variants if v != "none"],
-        variant_ratio=args.variant_ratio,
+        variant_ratio=args.variant_ratio or 0.5,
         compare=args.compare,
+        tome_options=args.tome_options,
+        named=args.named,
         base_seed=args.seed,
         different_seed=not args.no_different_seed,
         assets_dir=args.assets,

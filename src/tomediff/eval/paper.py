@@ -14,7 +14,7 @@ generation.
 from __future__ import annotations
 
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,7 +24,7 @@ import torch
 
 from tomediff.eval.metrics import mean_with_ci, psnr, ssim
 from tomediff.eval.report import markdown_table, plot_metrics, save_grid, write_csv, write_json
-from tomediff.eval.settings import build_settings
+from tomediff.eval.settings import NamedSetting, build_settings
 from tomediff.eval.sharding import DistContext, Samples, generate_settings, plan_batches
 
 __all__ = ["PROMPT_TEMPLATE", "PaperOptions", "imagenet_class_names", "run_paper_eval"]
@@ -54,6 +54,8 @@ class PaperOptions:
     base_seed: int = 0
     ratios: Sequence[float] = (0.0, 0.5)
     compare: Sequence[str] = ()
+    tome_options: Mapping[str, Any] = field(default_factory=dict)  # ToMeConfig fields of the tomediff rows
+    named: Sequence[NamedSetting] = ()  # named settings instead of the ratio rows
     fid_ref: Path | None = None
     clip_model: str = "openai/clip-vit-base-patch16"
     cpu: bool = False
@@ -187,7 +189,14 @@ def run_paper_eval(options: PaperOptions, pipe: Any = None) -> list[dict[str, An
     if options.num_classes is not None:
         names = names[: options.num_classes]
     prompts = [PROMPT_TEMPLATE.format(name) for name in names]
-    settings = build_settings(options.ratios, variants=(), compare=options.compare, different_seed=False)
+    settings = build_settings(
+        options.ratios,
+        variants=(),
+        compare=options.compare,
+        different_seed=False,
+        options=options.tome_options,
+        named=options.named,
+    )
     batches = plan_batches(options.images_per_class, len(names), options.batch_size, options.base_seed)
 
     def sample_fn(class_ids: Sequence[int], seeds: Sequence[int]) -> np.ndarray:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ import torch
 
 from tomediff.eval.metrics import frechet_with_ci, mean_with_ci, psnr, ssim
 from tomediff.eval.report import markdown_table, plot_metrics, save_grid, write_csv, write_json
-from tomediff.eval.settings import Setting, build_settings
+from tomediff.eval.settings import NamedSetting, Setting, build_settings
 from tomediff.eval.sharding import DistContext, Samples, check_resume, generate_settings, plan_batches
 
 __all__ = ["QualityOptions", "evaluate_samples", "run_quality_eval"]
@@ -54,6 +54,8 @@ class QualityOptions:
     variant_ratio: float = 0.5
     compare: Sequence[str] = ()
     compare_ratios: Sequence[float] | None = None
+    tome_options: Mapping[str, Any] = field(default_factory=dict)  # ToMeConfig fields of the tomediff rows
+    named: Sequence[NamedSetting] = ()  # named settings instead of the sweep, variants and comparisons
     different_seed: bool = True
     assets_dir: Path | None = None
     cpu: bool = False
@@ -194,6 +196,8 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
         options.compare,
         options.different_seed,
         options.compare_ratios,
+        options=options.tome_options,
+        named=options.named,
     )
     key = run_key(options, dist.device)
     check_resume(options.out_dir, settings, key)  # before loading anything

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from tomediff.errors import ResumeMismatchError
-from tomediff.eval.settings import Setting
+from tomediff.eval.settings import METHOD_FIELDS, SETTING_FIELDS, Setting
 from tomediff.progress import ProgressBar
 
 __all__ = [
@@ -147,7 +147,13 @@ SampleFn = Callable[[Sequence[int], Sequence[int]], np.ndarray]
 def setting_key(setting: Setting, run_key: Mapping[str, Any]) -> dict[str, Any]:
     """Everything that decides a setting's images: the run's ``run_key`` (model, sampler, seeds,
     device, versions) plus the setting's own fields, as JSON values."""
-    key = {**run_key, **{f"setting.{k}": v for k, v in setting.as_dict().items() if k != "name"}}
+    # Fields added after a run's record was written are left out while at their defaults, so the
+    # images of an older run with the same settings stay resumable.
+    later = {"label": "", "seed": 0, **{f.name: f.default for f in SETTING_FIELDS if f.name in METHOD_FIELDS}}
+    values = {
+        k: v for k, v in setting.as_dict().items() if k != "name" and not (k in later and v == later[k])
+    }
+    key = {**run_key, **{f"setting.{k}": v for k, v in values.items()}}
     if setting.library == "tomesd":
         from tomediff.bench.variants import tomesd_version
 
