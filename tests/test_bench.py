@@ -281,3 +281,16 @@ def test_named_settings_run_with_their_ideals() -> None:
     # The schedule is off in one of the two calls: half the ideal's FLOPs saving per call.
     base, ideal = records["baseline"].flops, records["ideal:merge+reuse"].flops
     assert records["ideal:merge+schedule"].flops == pytest.approx((base + ideal) / 2, rel=0.01)
+
+
+def test_token_count_and_trajectory_timesteps_follow_each_family() -> None:
+    from tomediff.bench.models import MODELS, make_inputs
+    from tomediff.bench.runner import _tokens, at_timestep
+
+    # 1024² = 128² latent: SD 1.5's top level sees it whole; SDXL its level 2; the DiTs 2x2 patches
+    expected = {"sd15": 16384, "sdxl": 4096, "pixart": 4096, "sd3": 4096, "flux": 4096}
+    assert {name: _tokens(MODELS[name], 1024) for name in expected} == expected
+    flux = at_timestep(MODELS["flux"], make_inputs(MODELS["flux"], 1, 256), 250)
+    assert float(flux.kwargs["timestep"][0]) == 0.25  # FluxPipeline's t / 1000
+    unet = at_timestep(MODELS["sd15"], make_inputs(MODELS["sd15"], 1, 256), 250)
+    assert int(unet.args[1][0]) == 250

@@ -165,8 +165,14 @@ def at_timestep(spec: ModelSpec, inputs: ModelInputs, timestep: int) -> ModelInp
     else:
         old = None
     batch = int(args[0].shape[0])
-    device = args[0].device
-    value = torch.full((batch,), timestep, dtype=torch.long, device=device if old is None else old.device)
+    device = args[0].device if old is None else old.device
+    if spec.kind == "flux":  # FluxPipeline passes t / 1000 (the model scales it back)
+        value = torch.full(
+            (batch,), timestep / 1000, dtype=old.dtype if old is not None else None, device=device
+        )
+    else:
+        dtype = old.dtype if old is not None else torch.long
+        value = torch.full((batch,), timestep, dtype=dtype, device=device)
     if spec.kind == "unet" and "timestep" not in kwargs:
         args[1] = value
     else:
@@ -278,8 +284,10 @@ def environment(device: torch.device) -> dict[str, Any]:
 def _tokens(spec: ModelSpec, resolution: int) -> int:
     """Image tokens at the level where merging happens."""
     side = resolution // 8
-    if spec.kind == "pixart":
+    if spec.kind in ("pixart", "sd3"):
         side //= int(spec.config["patch_size"])
+    elif spec.kind == "flux":  # FluxPipeline packs 2x2 latent patches into one token
+        side //= 2
     for _ in range(spec.max_downsample.bit_length() - 1):
         side = (side + 1) // 2
     return side * side
