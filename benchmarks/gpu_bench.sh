@@ -8,7 +8,13 @@
 #             tomediff vs tomesd 0.1.3 vs ideal in one interleaved run per model: SD 1.5 at 512/1024/2048,
 #             SDXL (max_downsample 2) at 1024/2048, PixArt-alpha at 1024/2048
 #   compiled  the same for SD 1.5 with every variant torch.compile'd (default mode) at 2048 and 1024
-# Every part has its own time cap, so one that overruns leaves the others' results.
+#   methods   issue 8: named settings side by side (tomesd's default, merge, downsample, merge+reuse, fast,
+#             merge of two levels leaving grids of <= 4096 tokens alone), fp16, batch 2: SD 1.5 at 1024/2048, SDXL at 1024/2048 (with the
+#             deeper level too); schedule/reuse settings timed over a 2-call trajectory
+#   dits      issue 9: SD3-medium (bf16, batch 2) and FLUX.1-dev (bf16, batch 1), full published configs,
+#             at 1024/2048: baseline vs tomediff vs ideal at ratio 0.5
+# Every part has its own time cap, so one that overruns leaves the others' results. All parts together
+# take longer than one session's device time: pick them, e.g. PARTS="tests methods dits" (about 8 min).
 #
 # The GPU machine has no internet. It needs a Python with CUDA torch and triton; diffusers, tomesd and
 # importlib_metadata come as wheels in .whl/ (gitignored), prepared on a machine with internet:
@@ -73,6 +79,15 @@ bench() {  # name, cap in seconds, bench flags...
         || echo "gpu_bench.sh: $name failed or hit its ${cap}s cap; see $OUT_DIR/$name.log" >&2
 }
 
+bench_settings() {  # name, cap in seconds, bench flags... (named settings: no --ratio)
+    local name="$1" cap="$2"
+    shift 2
+    echo "== $name (cap ${cap}s, at $((SECONDS - start)) s)"
+    timeout "$cap" "$PY" -m tomediff.cli.bench_cmd --device cuda --no-flops --no-memory \
+        --out "$OUT_DIR/$name" "$@" 2>&1 | grep -v "^\[" | tee "$OUT_DIR/$name.log" \
+        || echo "gpu_bench.sh: $name failed or hit its ${cap}s cap; see $OUT_DIR/$name.log" >&2
+}
+
 if has_part tests; then
     echo "== tests (at $((SECONDS - start)) s)"
     timeout 70 "$PY" -m pytest -q -rf --tb=short -p no:cacheprovider -m "gpu or not gpu" \
@@ -92,5 +107,18 @@ fi
 if has_part compiled; then
     bench sd15_compiled_2048 130 --model sd15 --resolution 2048 --repeats 5 --warmup 2 --compile
     bench sd15_compiled_1024 80 --model sd15 --resolution 1024 --repeats 7 --warmup 2 --compile
+fi
+if has_part methods; then
+    METHOD_SETTINGS=(--setting tomesd-default --setting merge --setting downsample --setting merge+reuse
+        --setting fast --setting "merge-2levels-min:max_downsample=2,min_tokens=4097")
+    bench_settings sd15_methods 120 --model sd15 --resolution 1024 2048 --dtype fp16 --batch 2 --repeats 5 \
+        --warmup 2 --trajectory 2 "${METHOD_SETTINGS[@]}"
+    bench_settings sdxl_methods 120 --model sdxl --resolution 1024 2048 --dtype fp16 --batch 2 --repeats 5 \
+        --warmup 2 --trajectory 2 --setting merge:max_downsample=2 --setting "fast:max_downsample=2" \
+        --setting "levels:level_ratios=2:0.7/4:0.5" --setting "downsample:downsample_factor_next=2"
+fi
+if has_part dits; then
+    bench sd3 120 --model sd3 --resolution 1024 2048 --dtype bf16 --repeats 5 --warmup 2 --no-memory
+    bench flux 150 --model flux --resolution 1024 2048 --dtype bf16 --batch 1 --repeats 5 --warmup 2 --no-memory
 fi
 echo "gpu_bench.sh: done in $((SECONDS - start)) s; results in $OUT_DIR"
