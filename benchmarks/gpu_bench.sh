@@ -9,8 +9,9 @@
 #             SDXL (max_downsample 2) at 1024/2048, PixArt-alpha at 1024/2048
 #   compiled  the same for SD 1.5 with every variant torch.compile'd (default mode) at 2048 and 1024
 #   methods   issue 8: named settings side by side (tomesd's default, merge, downsample, merge+reuse, fast,
-#             merge of two levels leaving grids of <= 4096 tokens alone), fp16, batch 2: SD 1.5 at 1024/2048, SDXL at 1024/2048 (with the
-#             deeper level too); schedule/reuse settings timed over a 2-call trajectory
+#             merge of two levels leaving grids of <= 4096 tokens alone), fp16, batch 2: SD 1.5 at
+#             1024/2048, SDXL at 1024/2048 (with the deeper level too); reuse settings timed over a
+#             2-call trajectory
 #   dits      issue 9: SD3-medium (bf16, batch 2) and FLUX.1-dev (bf16, batch 1), full published configs,
 #             at 1024/2048: baseline vs tomediff vs ideal at ratio 0.5
 # Every part has its own time cap, so one that overruns leaves the others' results. All parts together
