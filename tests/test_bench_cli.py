@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from tomediff.bench import runner
-from tomediff.bench.models import MODELS
+from tomediff.bench.models import MODELS, get_model_spec
 from tomediff.cli import bench_cmd
 
 
@@ -50,8 +50,15 @@ def test_flags_become_a_config(tmp_path: Path) -> None:
     assert (config.batch, config.device, config.dtype) == (4, "cpu", "bf16")
     assert (config.repeats, config.warmup, config.threads) == (5, 2, 1)
     assert config.ordered_variants() == ["baseline", "tomediff", "tomesd", "ideal"]
-    assert (config.merge_attn, config.merge_crossattn, config.merge_mlp) == (True, False, True)
-    assert config.use_rand is False
+    assert config.shared == {
+        "use_rand": False,
+        "merge_attn": True,
+        "merge_crossattn": False,
+        "merge_mlp": True,
+        "seed": 0,
+    }
+    settings = config.settings(get_model_spec("sdxl"), 0.3)
+    assert (settings.ratio, settings.max_downsample, settings.merge_mlp) == (0.3, 2, True)
 
 
 def test_defaults_follow_the_device() -> None:

@@ -59,9 +59,11 @@ class BenchConfig:
     """Everything one run measures.
 
     Classic rows: baseline, tomediff and ideal at each of ``ratios`` (plus tomesd when in ``variants``),
-    with ``options`` (other ToMeConfig fields) for tomediff. With ``named`` settings instead: baseline,
-    each named setting (tomediff or tomesd, as the setting says), and the ideal of each distinct
-    selection of blocks, ratios and schedule (none for ``method="downsample"``).
+    all with ``shared`` (ToMeConfig fields tomesd also has: ``use_rand``, the merge sites, ``seed``;
+    MergeSettings' defaults otherwise) and, for tomediff and the ideal, ``options`` (the other fields).
+    With ``named`` settings instead: baseline, each named setting (tomediff or tomesd, as the setting
+    says), and the ideal of each distinct selection of blocks, ratios and schedule (none for
+    ``method="downsample"``).
 
     ``trajectory``: a variant whose cost changes over the denoising (a ``start``/``stop`` schedule,
     ``reuse_steps > 1``) is timed over that many consecutive calls at evenly spaced timesteps, one
@@ -77,14 +79,11 @@ class BenchConfig:
     repeats: int = 3
     warmup: int = 1
     variants: Sequence[str] = ("baseline", "tomediff", "ideal")
-    use_rand: bool = False
-    merge_attn: bool = True
-    merge_crossattn: bool = False
-    merge_mlp: bool = False
+    shared: Mapping[str, Any] = field(default_factory=dict)
     threads: int | None = None
     memory: bool = True
     flops: bool = True
-    seed: int = 0
+    seed: int = 0  # random weights and inputs (the merging seed, a ToMeConfig field, is in ``shared``)
     compile: bool = False
     compile_mode: str = "default"
     options: Mapping[str, Any] = field(default_factory=dict)
@@ -92,16 +91,9 @@ class BenchConfig:
     trajectory: int = 2
 
     def settings(self, spec: ModelSpec, ratio: float) -> MergeSettings:
-        """The classic rows' settings at ``ratio``, without ``options`` (what tomesd gets)."""
-        return MergeSettings(
-            ratio=ratio,
-            max_downsample=spec.max_downsample,
-            use_rand=self.use_rand,
-            merge_attn=self.merge_attn,
-            merge_crossattn=self.merge_crossattn,
-            merge_mlp=self.merge_mlp,
-            seed=self.seed,
-        )
+        """The classic rows' settings at ``ratio``, with ``shared`` but without ``options`` (what tomesd
+        gets). Both mappings hold ToMeConfig fields; MergeSettings validates them."""
+        return MergeSettings(ratio=ratio, max_downsample=spec.max_downsample, **self.shared)
 
     def ordered_variants(self) -> list[str]:
         return [v for v in ALL_VARIANTS if v in self.variants]
@@ -541,7 +533,7 @@ class _Runner:
             # tomediff must compute what tomesd computes; only comparable when partitions are not
             # random (the two libraries draw them from different generators).
             tomesd_out = outputs.get(f"tomesd@{record.ratio:g}") if record.ratio is not None else None
-            comparable = not self.config.use_rand and not self.config.options
+            comparable = not self.config.shared.get("use_rand", False) and not self.config.options
             if record.variant == "tomediff" and tomesd_out is not None and comparable:
                 record.max_rel_diff_vs_tomesd = _rel_diff(out, tomesd_out)
 
