@@ -287,10 +287,12 @@ def test_token_count_and_trajectory_timesteps_follow_each_family() -> None:
     from tomediff.bench.models import MODELS, make_inputs
     from tomediff.bench.runner import _tokens, at_timestep
 
-    # 1024² = 128² latent: SD 1.5's top level sees it whole; SDXL its level 2; the DiTs 2x2 patches
-    expected = {"sd15": 16384, "sdxl": 4096, "pixart": 4096, "sd3": 4096, "flux": 4096}
+    # 1024² = 128² latent: SD 1.5's top level sees it whole; SDXL (and its lone first transformer) its
+    # level 2; the DiTs 2x2 patches
+    expected = {"sd15": 16384, "sdxl": 4096, "sdxl-block": 4096, "pixart": 4096, "sd3": 4096, "flux": 4096}
     assert {name: _tokens(MODELS[name], 1024) for name in expected} == expected
     flux = at_timestep(MODELS["flux"], make_inputs(MODELS["flux"], 1, 256), 250)
     assert float(flux.kwargs["timestep"][0]) == 0.25  # FluxPipeline's t / 1000
+    assert make_inputs(MODELS["sdxl-block"], 1, 1024).args[0].shape == (1, 640, 64, 64)
     unet = at_timestep(MODELS["sd15"], make_inputs(MODELS["sd15"], 1, 256), 250)
     assert int(unet.args[1][0]) == 250

@@ -186,6 +186,18 @@ SD15_TOP_BLOCK: dict[str, Any] = {
     "use_linear_projection": False,
 }
 
+# stabilityai/stable-diffusion-xl-base-1.0: its highest-resolution transformer (down_blocks[1].attentions[0],
+# two BasicTransformerBlocks at width 640), the part of SDXL where merging happens.
+SDXL_TOP_BLOCK: dict[str, Any] = {
+    "num_attention_heads": 10,
+    "attention_head_dim": 64,
+    "in_channels": 640,
+    "num_layers": 2,
+    "cross_attention_dim": 2048,
+    "norm_num_groups": 32,
+    "use_linear_projection": True,
+}
+
 # Tiny stand-ins with the same structure, for tests and smoke runs (not real models).
 TINY_UNET: dict[str, Any] = {
     **SD15_UNET,
@@ -229,6 +241,8 @@ class ModelSpec:
         published_params: parameter count of the released checkpoint, to check the config.
         cpu_overrides: config fields replaced when the model is built on the CPU (fewer blocks of a
             large transformer; see ``SD3_CPU_BLOCKS``).
+        input_downsample: for a lone transformer (``"transformer2d"``) taken from inside a UNet, how
+            much its input map is downsampled relative to the latent (SDXL's first transformer: 2).
     """
 
     name: str
@@ -242,6 +256,7 @@ class ModelSpec:
     tiny: bool = False
     extra: Mapping[str, Any] = field(default_factory=dict)
     cpu_overrides: Mapping[str, Any] = field(default_factory=dict)
+    input_downsample: int = 1
 
     @property
     def text_dim(self) -> int:
@@ -293,6 +308,14 @@ MODELS: dict[str, ModelSpec] = {
             cpu_overrides=FLUX_CPU_BLOCKS,
         ),
         ModelSpec("sd15-block", "SD 1.5 top transformer block", "transformer2d", SD15_TOP_BLOCK),
+        ModelSpec(
+            "sdxl-block",
+            "SDXL top transformer (2 blocks)",
+            "transformer2d",
+            SDXL_TOP_BLOCK,
+            resolution_multiple=16,
+            input_downsample=2,
+        ),
         ModelSpec("tiny-unet", "tiny UNet (tests)", "unet", TINY_UNET, text_tokens=8, tiny=True),
         ModelSpec(
             "tiny-pixart",
@@ -461,7 +484,8 @@ def make_inputs(
         }
         return ModelInputs((sample,), kwargs)
     if spec.kind == "transformer2d":
-        sample = randn(batch, int(spec.config["in_channels"]), latent, latent)
+        side = latent // spec.input_downsample
+        sample = randn(batch, int(spec.config["in_channels"]), side, side)
         return ModelInputs((sample,), {"encoder_hidden_states": text, "return_dict": False})
     if spec.kind == "sd3":
         sample = randn(batch, int(spec.config["in_channels"]), latent, latent)

@@ -275,7 +275,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def _tokens(spec: ModelSpec, resolution: int) -> int:
     """Image tokens at the level where merging happens."""
-    side = resolution // 8
+    side = resolution // 8 // spec.input_downsample
     if spec.kind in ("pixart", "sd3"):
         side //= int(spec.config["patch_size"])
     elif spec.kind == "flux":  # FluxPipeline packs 2x2 latent patches into one token

@@ -30,6 +30,7 @@ MODEL_CHOICES: tuple[str, ...] = (
     "sd3",
     "flux",
     "sd15-block",
+    "sdxl-block",
     "tiny-unet",
     "tiny-pixart",
 )
@@ -109,7 +110,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         metavar="NAME",
         help="architectures: sd15, sd21, sdxl, pixart (PixArt-alpha XL-2 1024), sd3 (SD3-medium MMDiT), "
         "flux (FLUX.1-dev; on a CPU both keep a few blocks, see docs/dits.md), sd15-block (SD 1.5's "
-        "first transformer alone, for very large images), tiny-unet/tiny-pixart (smoke tests). "
+        "first transformer alone, for very large images), sdxl-block (SDXL's first transformer, 2 "
+        "blocks at 1/16 of the image), tiny-unet/tiny-pixart (smoke tests). "
         "Default: sd15",
     )
     parser.add_argument(
