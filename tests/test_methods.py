@@ -440,7 +440,7 @@ def test_level_ratios_select_levels_the_model_has() -> None:
 
 def test_apply_reducer_refuses_a_non_reducer() -> None:
     with pytest.raises(
-        tomediff.UnknownOptionError, match=r"reducer must be a tomediff\.core\.methods\.Reducer"
+        tomediff.UnknownOptionError, match=r"reducer must be a tomediff\.core\.reducers\.Reducer"
     ):
         tomediff.apply_reducer(tiny_sd_unet(), object())  # type: ignore[arg-type]
 

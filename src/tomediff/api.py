@@ -254,12 +254,12 @@ def apply_reducer(
     model: Any, reducer: Reducer, config: ToMeConfig | None = None, **overrides: Any
 ) -> ToMeHandle:
     """Like :func:`apply_tome`, with the plan of every block call coming from ``reducer`` (a
-    :class:`tomediff.core.methods.Reducer`) instead of the config's method: the seam for research
+    :class:`tomediff.core.reducers.Reducer`) instead of the config's method: the seam for research
     methods and benchmark references. The config still selects blocks, sites, levels and schedule, and
     its site actions apply (merge/unmerge for ``method="merge"``), so the plans must suit them."""
     if not isinstance(reducer, Reducer):
         raise UnknownOptionError(
-            f"reducer must be a tomediff.core.methods.Reducer, got {type(reducer).__name__}."
+            f"reducer must be a tomediff.core.reducers.Reducer, got {type(reducer).__name__}."
         )
     return _patch(model, _make_config(config, overrides), reducer)
 

@@ -19,7 +19,7 @@ from torch import nn
 
 import tomediff
 from tomediff.config import config_from, tomesd_arguments
-from tomediff.core.methods import PlanRequest, Reducer, cached
+from tomediff.core.reducers import PlanRequest, Reducer, cached
 from tomediff.eval.settings import SETTING_FIELDS, normalise, setting_fields
 from tomediff.ops import KeepPlan
 

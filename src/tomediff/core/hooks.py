@@ -15,8 +15,9 @@ import torch
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
+from tomediff.core.actions import SiteAction
 from tomediff.core.calls import Args, Kwargs, find_input
-from tomediff.core.methods import PlanRequest, SiteAction
+from tomediff.core.reducers import PlanRequest
 from tomediff.core.spec import BlockSpec, GridSource, Site
 from tomediff.core.state import BlockStats, CallState, ToMeState
 from tomediff.errors import MergeCallError

@@ -12,7 +12,8 @@ from typing import Any
 import torch
 
 from tomediff.config import ToMeConfig
-from tomediff.core.methods import Method, PlanRequest
+from tomediff.core.methods import Method
+from tomediff.core.reducers import PlanRequest
 from tomediff.core.selection import Selection
 from tomediff.errors import MergeCallError
 

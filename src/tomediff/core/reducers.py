@@ -1,0 +1,280 @@
+"""Reducers: what plan a block call gets.
+
+* :class:`MatchReducer`: ToMe for SD's similarity matching (:func:`tomediff.ops.plan_merge`).
+* :class:`DownsampleReducer`: ToDo's downsampled grid for keys and values.
+* :class:`ReusingReducer`: an earlier plan, shared across a level's blocks or kept for ``k`` calls.
+
+A reducer knows nothing of hooks or sites; :mod:`tomediff.core.actions` applies its plans.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import torch
+
+from tomediff.config import ToMeConfig
+from tomediff.core.selection import LevelSetting
+from tomediff.ops import (
+    GridDownsample,
+    Partition,
+    PlanConstants,
+    SharedMergePlan,
+    TokenPlan,
+    draw_dst_offsets,
+    grid_partition,
+    num_windows,
+    plan_constants,
+    plan_merge,
+    shared_metric,
+    window_tokens,
+)
+
+if TYPE_CHECKING:
+    from tomediff.core.state import CallState, ToMeState
+
+__all__ = [
+    "DownsampleReducer",
+    "MatchReducer",
+    "PlanRequest",
+    "Reducer",
+    "ReusingReducer",
+    "cached",
+]
+
+T = TypeVar("T")
+
+
+def cached(cache: dict[Any, T], key: Any, build: Callable[[], T]) -> T:
+    """``build()``, kept in ``cache`` under ``key`` in eager mode. Under torch.compile it is built
+    inline: it is traced once into the graph, and reading a cache would add guards on it."""
+    if torch.compiler.is_compiling():
+        return build()
+    value = cache.get(key)
+    if value is None:
+        value = cache[key] = build()
+    return value
+
+
+@dataclass(frozen=True, eq=False)
+class PlanRequest:
+    """One block call asking for a plan.
+
+    Attributes:
+        metric: ``[B, N, C]`` the block's input, ``N = height * width`` (row-major grid).
+        level: the block's downsample level (None when it cannot be told).
+        setting: the ratio / factor the selection gives that level.
+        block_index: the block's position among the patched blocks.
+        block_name: its qualified name (for messages).
+        batch_shared: the plan must reduce every batch element alike and say which token's position
+            each slot keeps (a rotary table shared by the batch is reduced with it).
+    """
+
+    metric: torch.Tensor
+    height: int
+    width: int
+    level: int | None
+    setting: LevelSetting
+    block_index: int
+    block_name: str
+    batch_shared: bool = False
+
+
+class Reducer:
+    """What plan a block call gets. One instance per patch, shared by the threads calling the model."""
+
+    def draws_per_call(self) -> bool:
+        """Whether :meth:`begin_call` draws random numbers (it then runs eagerly under torch.compile)."""
+        return False
+
+    def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
+        """Prepare a model call (e.g. draw its random numbers) before any block runs."""
+
+    def plan(self, state: ToMeState, request: PlanRequest) -> Any:
+        """The plan of one block call, or None to leave the block unreduced."""
+        raise NotImplementedError
+
+    def nothing_reason(self, request: PlanRequest) -> str | None:
+        """Why :meth:`plan` returned None although the block was selected, if the settings are to
+        blame (said once as a warning); None when that was intended (e.g. ratio 0)."""
+        return None
+
+
+class MatchReducer(Reducer):
+    """ToMe for SD: a dst token per ``sx × sy`` window, the ``r`` src tokens most similar to their best
+    dst merged into it (:func:`tomediff.ops.plan_merge`). With ``reuse_cfg`` the two halves of a
+    classifier-free-guidance batch share the plan matched on the conditional half."""
+
+    def __init__(self, config: ToMeConfig) -> None:
+        self.config = config
+        # Built once per shape and device and shared by the threads; the values are constant tensors.
+        self._partitions: dict[tuple[int, int, str], Partition] = {}
+        self._window_tables: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._constants: dict[tuple[int, int, int, int, str], PlanConstants] = {}
+
+    def draws_per_call(self) -> bool:
+        return self.config.use_rand
+
+    def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
+        """One draw per call for every block's random partition (one host-to-device copy per call)."""
+        cfg = self.config
+        if not cfg.use_rand:
+            return
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 4 or sample.shape[0] % 2:
+            return
+        height, width = int(sample.shape[-2]), int(sample.shape[-1])
+        windows = max(1, num_windows(height, width, cfg.sx, cfg.sy))
+        # int64: the blocks use them as gather indices as they are, without a conversion kernel.
+        offsets = torch.randint(cfg.sx * cfg.sy, (state.num_blocks, windows), generator=state.generator)
+        call.offsets = offsets.to(sample.device, non_blocking=True)
+
+    def plan(self, state: ToMeState, request: PlanRequest) -> TokenPlan | None:
+        metric = request.metric
+        batch, num_tokens, _ = metric.shape
+        num_remove = int(num_tokens * request.setting.ratio)
+        if num_remove <= 0:
+            return None
+        device = metric.device
+        partition = self.partition(state, request.height, request.width, batch, device, request.block_index)
+        num_remove = min(num_remove, partition.num_src)
+        if num_remove <= 0 or partition.num_dst == 0:
+            return None
+        share = self.config.reuse_cfg and batch % 2 == 0
+        if share:  # diffusers stacks [unconditional, conditional]: match on the conditional half
+            metric = metric[batch // 2 :]
+        if request.batch_shared:  # one plan for the batch, matched on the mean cosine similarity
+            constants = self._plan_constants(1, partition, num_remove, device)
+            shared = plan_merge(shared_metric(metric), partition, num_remove, constants=constants)
+            return None if shared is None else SharedMergePlan.build(shared, partition.dst_idx, batch)
+        constants = self._plan_constants(metric.shape[0], partition, num_remove, device)
+        plan = plan_merge(metric, partition, num_remove, constants=constants)
+        return plan.repeat_batch(2) if share and plan is not None else plan
+
+    def nothing_reason(self, request: PlanRequest) -> str | None:
+        cfg, height, width = self.config, request.height, request.width
+        if request.setting.ratio == 0:  # ratio 0 turns merging off on purpose
+            return None
+        if height < cfg.sy or width < cfg.sx:
+            return (
+                f"its {height}x{width} token grid has no full {cfg.sx}x{cfg.sy} window "
+                f"(sx={cfg.sx}, sy={cfg.sy}). Use smaller sx/sy, or limit the levels merged"
+            )
+        return (
+            f"ratio={request.setting.ratio} removes less than one of its {height * width} tokens. "
+            "Use a larger ratio, or limit the levels merged"
+        )
+
+    def partition(
+        self,
+        state: ToMeState,
+        height: int,
+        width: int,
+        batch: int,
+        device: torch.device,
+        block_index: int = 0,
+    ) -> Partition:
+        cfg = self.config
+        # An odd batch means cond and uncond halves of CFG run in separate calls; a random partition
+        # would then differ between them, so (as tomesd does) fall back to the fixed top-left one.
+        if cfg.use_rand and batch % 2 == 0:
+            windows = num_windows(height, width, cfg.sx, cfg.sy)
+            table = state.call.offsets
+            if table is not None and table.shape[1] >= windows and table.device == device:
+                offsets = table[block_index, :windows]
+            else:  # no per-call draw (no [B, C, H, W] model input): draw for this block alone
+                offsets = draw_dst_offsets(height, width, cfg.sx, cfg.sy, state.generator).to(device)
+            windows_table = self._windows(height, width, device)
+            return grid_partition(height, width, cfg.sx, cfg.sy, offsets, windows=windows_table)
+        key = (height, width, str(device))
+        return cached(self._partitions, key, lambda: self._fixed_partition(height, width, device))
+
+    def _windows(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+        sx, sy = self.config.sx, self.config.sy
+        key = (height, width, str(device))
+        return cached(self._window_tables, key, lambda: window_tokens(height, width, sx, sy, device))
+
+    def _fixed_partition(self, height: int, width: int, device: torch.device) -> Partition:
+        cfg = self.config
+        offsets = torch.zeros(height // cfg.sy, width // cfg.sx, dtype=torch.int64, device=device)
+        return grid_partition(height, width, cfg.sx, cfg.sy, offsets)
+
+    def _plan_constants(
+        self, batch: int, partition: Partition, num_remove: int, device: torch.device
+    ) -> PlanConstants:
+        num_dst, num_src = partition.num_dst, partition.num_src
+        key = (batch, num_dst, num_src, num_remove, str(device))
+        return cached(
+            self._constants, key, lambda: plan_constants(batch, num_dst, num_src, num_remove, device)
+        )
+
+
+class DownsampleReducer(Reducer):
+    """ToDo: the keys and values of self-attention come from the grid downsampled by the level's
+    factor (``downsample_factor`` / ``downsample_factor_next``); no matching."""
+
+    def __init__(self, config: ToMeConfig) -> None:
+        self.config = config
+
+    def plan(self, state: ToMeState, request: PlanRequest) -> GridDownsample | None:
+        factor = request.setting.factor
+        if factor <= 1:
+            return None
+        batch = request.metric.shape[0]
+        plan = GridDownsample.build(batch, request.height, request.width, factor, self.config.downsample_mode)  # type: ignore[arg-type]
+        return plan if plan.num_merged < plan.num_tokens else None
+
+    def nothing_reason(self, request: PlanRequest) -> str | None:
+        if request.setting.factor <= 1:
+            return None
+        return f"its {request.height}x{request.width} token grid is a single token"
+
+
+_MISSING = object()
+
+
+class ReusingReducer(Reducer):
+    """Reuses the plans of another reducer: within a call across the blocks of a level (``level``),
+    and across calls, recomputing a block's plan only every ``steps``-th call.
+
+    A kept plan is reused only for the same batch size and grid, within one generation of the thread
+    that made it (a generation ends when the timestep goes up, see :class:`ToMeState`)."""
+
+    def __init__(self, inner: Reducer, level: bool, steps: int) -> None:
+        self.inner = inner
+        self.level = level
+        self.steps = steps
+
+    def draws_per_call(self) -> bool:
+        return self.inner.draws_per_call()
+
+    def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
+        self.inner.begin_call(state, call, sample)
+
+    def nothing_reason(self, request: PlanRequest) -> str | None:
+        return self.inner.nothing_reason(request)
+
+    def plan(self, state: ToMeState, request: PlanRequest) -> Any:
+        batch = request.metric.shape[0]
+        if self.level:
+            key: tuple[object, ...] = ("level", request.level, request.height, request.width, batch)
+        else:
+            key = ("block", request.block_index, request.height, request.width, batch)
+        call = state.call
+        if self.level and key in call.shared_plans:
+            return call.shared_plans[key]
+        plan: Any = _MISSING
+        if self.steps > 1:  # eager only: ToMeState refuses reuse_steps in compiled calls
+            memory = state.thread_memory()
+            kept = memory.plans.get(key)
+            if kept is not None and memory.calls - kept[1] < self.steps and kept[2] == memory.generation:
+                plan = kept[0]
+        if plan is _MISSING:
+            plan = self.inner.plan(state, request)
+            if self.steps > 1:
+                memory = state.thread_memory()
+                memory.plans[key] = (plan, memory.calls, memory.generation)
+        if self.level:
+            call.shared_plans[key] = plan
+        return plan
