@@ -9,7 +9,8 @@
 #             SDXL (max_downsample 2) at 1024/2048, PixArt-alpha at 1024/2048
 #   compiled  the same for SD 1.5 with every variant torch.compile'd (default mode) at 2048 and 1024
 #   methods   issue 8: named settings side by side (tomesd's default, merge, downsample, merge+reuse, fast,
-#             merge of two levels leaving grids of <= 4096 tokens alone), fp16, batch 2: SD 1.5 at
+#             merge of two levels leaving grids of <= 4096 tokens alone, fast on two levels, ToDo x4 at the
+#             top level and x2 at the next), fp16, batch 2: SD 1.5 at
 #             1024/2048, SDXL at 1024/2048 (with the deeper level too); reuse settings timed over a
 #             2-call trajectory
 #   dits      issue 9: SD3-medium (bf16, batch 2) and FLUX.1-dev (bf16, batch 1), full published configs,
@@ -111,7 +112,9 @@ if has_part compiled; then
 fi
 if has_part methods; then
     METHOD_SETTINGS=(--setting tomesd-default --setting merge --setting downsample --setting merge+reuse
-        --setting fast --setting "merge-2levels-min:max_downsample=2,min_tokens=4097")
+        --setting fast --setting "merge-2levels-min:max_downsample=2,min_tokens=4097"
+        --setting "fast-2levels:ratio=0.7,reuse_steps=2,max_downsample=2"
+        --setting "downsample-4-2:method=downsample,downsample_factor=4,downsample_factor_next=2")
     bench_settings sd15_methods 120 --model sd15 --resolution 1024 2048 --dtype fp16 --batch 2 --repeats 5 \
         --warmup 2 --trajectory 2 "${METHOD_SETTINGS[@]}"
     bench_settings sdxl_methods 120 --model sdxl --resolution 1024 2048 --dtype fp16 --batch 2 --repeats 5 \
