@@ -554,6 +554,9 @@ def test_generic_module_finds_levels_at_call_time() -> None:
     levels = {s.downsample for s in merged.values()}
     assert levels == {1, 2, 4}
     assert all((s.tokens_after_merge < s.tokens) == (s.downsample == 1) for s in merged.values())
+    # the report's level column shows the level told at call time
+    rows = [line.split() for line in str(handle.report()).splitlines()[2:9]]
+    assert {row[1] for row in rows} == {"1", "2", "4"}
 
 
 def test_all_unets_build_the_same_plan_for_all_sites_combinations() -> None:

@@ -70,7 +70,9 @@ class ToMeReport:
         ]
         for block in self.blocks:
             stats = block.last_call
-            level = block.downsample if block.downsample is not None else "?"
+            level = block.downsample
+            if level is None:  # told at call time (the generic adapter)
+                level = stats.downsample if stats is not None and stats.downsample is not None else "?"
             if stats is None:
                 tail = f"{'-':>9} {'-':>7} {'-':>7} {'-':>6}"
             else:
