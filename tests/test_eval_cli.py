@@ -78,11 +78,19 @@ def test_speed_section_times_baseline_merged_and_ideal_with_the_bench_runner() -
 
     assert set(demo_cmd.SPEED_MODELS) <= set(MODELS)
     rows = demo_cmd.run_speed("tiny-unet", 64, 0.5, repeats=2, threads=1, progress=False)
-    assert [r["variant"] for r in rows] == ["baseline", "tomediff", "ideal"]
+    assert [(r["variant"], r["setting"]) for r in rows] == [
+        ("baseline", None),
+        ("tomediff", "merge"),
+        ("ideal", "merge"),
+        ("tomediff", "fast"),
+        ("ideal", "fast"),
+    ]
     for row in rows:
         assert row["error"] is None and len(row["latencies_s"]) == 2 and row["median_s"] > 0
     assert rows[0]["speedup"] == 1.0 and rows[1]["speedup"] == rows[0]["median_s"] / rows[1]["median_s"]
     assert rows[1]["ratio"] == 0.5 and rows[0]["tokens"] == 64
+    # the recommended setting matches every 2nd call: timed over a 2-call trajectory, ratio 0.7
+    assert (rows[3]["ratio"], rows[3]["calls"]) == (0.7, 2)
 
 
 def test_eval_bundled_writes_every_output(tiny_assets: Path, tmp_path: Path) -> None:
