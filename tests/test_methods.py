@@ -481,3 +481,24 @@ def test_methods_compile_without_graph_breaks(settings: dict[str, Any]) -> None:
     torch._dynamo.reset()
     assert not breaks, breaks
     assert torch.equal(out, eager) and not torch.equal(out, eager_base) and torch.isfinite(out_again).all()
+
+
+def test_schedule_compiles_with_one_break_before_the_blocks() -> None:
+    """The timestep is read eagerly before the first block (like the random draw); the compiled model
+    switches on and off with the schedule exactly as the eager one does."""
+    from torch._dynamo.utils import counters
+
+    model = tiny_sd_unet()
+    tomediff.apply_tome(model, start=0.0, stop=0.5, use_rand=False)
+    timesteps = (900, 300, 800)
+    with torch.no_grad():
+        eager = [_call_unet(model, timestep=t) for t in timesteps]
+        torch._dynamo.reset()
+        counters.clear()
+        compiled = torch.compile(model, backend="eager")
+        outs = [_call_unet(compiled, timestep=t) for t in timesteps]
+    breaks = list(counters["graph_break"])
+    torch._dynamo.reset()
+    assert breaks and all("ToMeState._begin" in reason for reason in breaks)
+    assert all(torch.equal(a, b) for a, b in zip(eager, outs, strict=True))
+    assert not torch.equal(outs[0], outs[1])  # progress 0.1 merges, progress 0.7 does not
