@@ -504,3 +504,87 @@ def test_schedule_compiles_with_one_break_before_the_blocks() -> None:
     assert all(torch.equal(a, b) for a, b in zip(eager, outs, strict=True))
     # progress 0.1 and 0.2 merge; progress 0.7 runs unpatched
     assert [torch.equal(a, b) for a, b in zip(outs, unpatched, strict=True)] == [False, True, False]
+
+
+@torch.no_grad()
+def test_reuse_steps_never_hands_one_images_plan_to_another_at_the_same_timestep() -> None:
+    """A one-step model called at one timestep image after image, and the two halves of a guidance
+    step run as two calls: each call at a repeated timestep plans for its own input."""
+    model = tiny_sd_unet()
+    tomediff.apply_tome(model, reuse_steps=2, use_rand=False)
+    first, _, context_a = unet_inputs(seed=1)
+    second, _, context_b = unet_inputs(seed=2)
+    t = torch.tensor(999)
+    model(first, t, context_a)
+    reused = model(second, t, context_b).sample
+    fresh_model = tiny_sd_unet()
+    tomediff.apply_tome(fresh_model, reuse_steps=2, use_rand=False)
+    assert torch.equal(reused, fresh_model(second, t, context_b).sample)
+
+
+@torch.no_grad()
+def test_reuse_steps_keeps_a_plan_per_half_when_guidance_runs_as_two_calls() -> None:
+    model = tiny_sd_unet()
+    handle = tomediff.apply_tome(model, reuse_steps=2, use_rand=False)
+    made = _count_matchings(handle)
+    events: list[PlanEvent] = []
+    handle.watch(events.append)
+    cond, _, context = unet_inputs(batch=1, seed=1)
+    uncond = cond.flip(-1)
+    for t in (900, 800, 700):
+        model(cond, torch.tensor(t), context)  # conditional half
+        model(uncond, torch.tensor(t), context * 0)  # unconditional half
+    assert sorted(set(made)) == [1, 2, 5, 6]  # steps 1 and 3 match, step 2 reuses
+    block = events[0].block
+    plans = [e.plan for e in events if e.block == block]
+    assert plans[2] is plans[0] and plans[3] is plans[1] and plans[1] is not plans[0]
+
+
+def test_apply_reducer_applies_the_configs_plan_reuse_to_the_given_reducer() -> None:
+    from tomediff.core.reducers import MatchReducer
+
+    made: list[int] = []
+
+    class Counting(MatchReducer):
+        def plan(self, state: Any, request: Any) -> Any:
+            made.append(state.calls)
+            return super().plan(state, request)
+
+    config = tomediff.ToMeConfig(reuse_steps=5, reuse_level=True)
+    model = tiny_sd_unet()
+    tomediff.apply_reducer(model, Counting(config), config)
+    with torch.no_grad():
+        for t in (900, 800, 700, 600, 500):
+            _call_unet(model, timestep=t)
+    assert made == [1]  # one matching for the level, kept for 5 steps
+
+
+def test_downsample_refuses_a_cross_attention_only_block_before_patching() -> None:
+    model = tiny_sd_unet(only_cross_attention=True)
+    with pytest.raises(tomediff.ConfigError, match="only_cross_attention=True"):
+        tomediff.apply_tome(model, method="downsample")
+    assert _hook_count(model) == 0
+    tomediff.apply_tome(model, method="merge")  # merging queries still works there
+    with torch.no_grad():
+        assert torch.isfinite(_call_unet(model)).all()
+
+
+def test_a_reducer_returning_something_else_than_a_plan_is_named() -> None:
+    from tomediff.core.reducers import Reducer
+
+    class Broken(Reducer):
+        def plan(self, state: Any, request: Any) -> Any:
+            return "not a plan"
+
+    model = tiny_sd_unet()
+    tomediff.apply_reducer(model, Broken())
+    with pytest.raises(tomediff.MergeCallError, match=r"Broken\.plan returned a str"), torch.no_grad():
+        _call_unet(model)
+
+
+@torch.no_grad()
+def test_downsample_report_says_it_counts_keys_and_values() -> None:
+    model = tiny_sd_unet()
+    handle = tomediff.apply_tome(model, method="downsample")
+    _call_unet(model)
+    assert "key/value tokens removed over the last call: 0.750 (every query is kept" in str(handle.report())

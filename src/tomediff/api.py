@@ -80,7 +80,12 @@ class ToMeReport:
                 tail = f"{grid:>9} {stats.tokens:>7} {stats.tokens_after_merge:>7} {stats.removed:>6}"
             lines.append(f"{block.name:<58} {level!s:>5} {','.join(block.sites):<20} {tail}")
         ratio = self.effective_ratio
-        if ratio is not None:
+        if ratio is not None and self.config.method == "downsample":
+            lines.append(
+                f"key/value tokens removed over the last call: {ratio:.3f} (every query is kept: 'reduced' "
+                "counts the keys/values of self-attention)"
+            )
+        elif ratio is not None:
             lines.append(f"effective ratio over the last call: {ratio:.3f}")
         return "\n".join(lines)
 

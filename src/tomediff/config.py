@@ -132,9 +132,11 @@ class ToMeConfig:
             a few thousand tokens costs more than it saves). 0 = every selected block merges.
         reuse_level: one matching per level per model call: the first block of a level plans, the
             other blocks of the level (same grid) reuse its plan.
-        reuse_steps: recompute a block's plan only every ``k``-th model call (denoising step) and
-            reuse it in between; 1 = every call. A plan is never reused across a new generation (told
-            by the timestep going up) or a change of batch or grid.
+        reuse_steps: recompute a block's plan only every ``k``-th denoising step and reuse it in
+            between; 1 = every call. A plan is never reused across generations (the timestep going up,
+            or a third call at one timestep, starts a new one), for another call at the same timestep
+            (the two halves of guidance run as two calls keep a plan each), or for another batch size
+            or grid. Eager only.
         reuse_cfg: both halves of a classifier-free-guidance batch share one plan, matched on the
             conditional (second) half; odd batches plan per sample as usual.
         start, stop: active only while the denoising progress ``p = 1 - t / T`` is in ``[start, stop)``,

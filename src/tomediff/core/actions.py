@@ -122,6 +122,12 @@ class KeyValueAction(SiteAction):
         if site.role == "key_value":
             return ReduceInputAction()
         if site.role == "tokens":
+            if getattr(site.module, "is_cross_attention", False):  # diffusers' only_cross_attention
+                raise ConfigError(
+                    f"method='downsample' reduces self-attention keys and values, but the {site.kind} site "
+                    f"of block '{block_name}' is a cross-attention (the block was built with "
+                    "only_cross_attention=True): its keys come from the text. Use method='merge'."
+                )
             return self
         if site.rotary_names:
             raise ConfigError(

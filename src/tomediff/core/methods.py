@@ -79,8 +79,8 @@ def build_method(config: ToMeConfig, enabled: set[SiteKind], reducer: Reducer | 
     if config.method == "downsample":
         base: Reducer = DownsampleReducer(config)
         return Method(reducer or base, {"attn": KeyValueAction()} if "attn" in enabled else {})
-    base = MatchReducer(config)
+    # A given reducer is reused like the built-in matching: reuse_level/reuse_steps apply to it too.
+    base = reducer if reducer is not None else MatchReducer(config)
     if config.reuse_level or config.reuse_steps > 1:
         base = ReusingReducer(base, config.reuse_level, config.reuse_steps)
-    action = MergeAction()
-    return Method(reducer or base, dict.fromkeys(enabled, action))
+    return Method(base, dict.fromkeys(enabled, MergeAction()))

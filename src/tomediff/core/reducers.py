@@ -238,8 +238,10 @@ class ReusingReducer(Reducer):
     """Reuses the plans of another reducer: within a call across the blocks of a level (``level``),
     and across calls, recomputing a block's plan only every ``steps``-th call.
 
-    A kept plan is reused only for the same batch size and grid, within one generation of the thread
-    that made it (a generation ends when the timestep goes up, see :class:`ToMeState`)."""
+    A kept plan is reused only for the same batch size and grid, by the same call of a later step
+    (the first or second call at a timestep: the two halves of a guidance step run as two calls keep
+    plans of their own), within one generation of the thread that made it (see
+    :class:`tomediff.core.state.ThreadMemory`). Its age is counted in denoising steps."""
 
     def __init__(self, inner: Reducer, level: bool, steps: int) -> None:
         self.inner = inner
@@ -265,16 +267,16 @@ class ReusingReducer(Reducer):
         if self.level and key in call.shared_plans:
             return call.shared_plans[key]
         plan: Any = _MISSING
-        if self.steps > 1:  # eager only: ToMeState refuses reuse_steps in compiled calls
-            memory = state.thread_memory()
+        memory = state.thread_memory() if self.steps > 1 else None
+        if memory is not None:  # eager only: ToMeState refuses reuse_steps in compiled calls
+            key = (*key, memory.repeat)
             kept = memory.plans.get(key)
-            if kept is not None and memory.calls - kept[1] < self.steps and kept[2] == memory.generation:
+            if kept is not None and memory.steps - kept[1] < self.steps and kept[2] == memory.generation:
                 plan = kept[0]
         if plan is _MISSING:
             plan = self.inner.plan(state, request)
-            if self.steps > 1:
-                memory = state.thread_memory()
-                memory.plans[key] = (plan, memory.calls, memory.generation)
+            if memory is not None:
+                memory.plans[key] = (plan, memory.steps, memory.generation)
         if self.level:
             call.shared_plans[key] = plan
         return plan

@@ -90,17 +90,40 @@ class CallState:
 class ThreadMemory:
     """What one thread's calls remember of earlier calls (plans kept by ``reuse_steps``).
 
+    Within a generation the timestep falls from step to step. A call at the timestep of the previous
+    one is the other half of a classifier-free-guidance step run as two calls (``repeat`` 1, with plans
+    of its own); a third call at one timestep, or a timestep going up, starts a new generation, whose
+    plans are never those of an earlier one (a one-step model called at one timestep image after image
+    therefore never reuses a plan).
+
     Attributes:
         calls: model calls this thread made.
-        generation: generations this thread started; a generation ends when the timestep goes up.
+        steps: denoising steps this thread saw (calls at a new timestep; every call when unknown).
+        repeat: which call at the current timestep this is (0 first, 1 second).
+        generation: generations this thread started.
         last_timestep: the timestep of the thread's previous call (None if unknown).
-        plans: kept plans, by reuse key: ``(plan, call made at, generation)``.
+        plans: kept plans, by reuse key: ``(plan, step made at, generation)``.
     """
 
     calls: int = 0
+    steps: int = 0
+    repeat: int = 0
     generation: int = 0
     last_timestep: float | None = None
     plans: dict[tuple[object, ...], tuple[Any, int, int]] = field(default_factory=dict)
+
+    def advance(self, timestep: float | None) -> None:
+        """Account for a call at ``timestep``."""
+        self.calls += 1
+        last, self.last_timestep = self.last_timestep, timestep
+        if timestep is None or last is None or timestep < last:
+            self.steps, self.repeat = self.steps + 1, 0
+        elif timestep == last and self.repeat == 0:
+            self.repeat = 1
+        else:  # the timestep went up, or a third call at one timestep
+            self.generation += 1
+            self.plans.clear()
+            self.steps, self.repeat = self.steps + 1, 0
 
 
 class ToMeState:
@@ -213,14 +236,10 @@ class ToMeState:
     def _begin(self, call: CallState, sample: object, timestep: object) -> None:
         self.calls += 1
         memory = self.thread_memory()
-        memory.calls += 1
         selection = self.selection
+        t = _timestep_value(timestep) if self._reads_timestep else None
+        memory.advance(t)
         if self._reads_timestep:
-            t = _timestep_value(timestep)
-            if t is not None and memory.last_timestep is not None and t > memory.last_timestep:
-                memory.generation += 1
-                memory.plans.clear()
-            memory.last_timestep = t
             if selection.has_schedule:
                 if t is None:
                     raise MergeCallError(
@@ -264,9 +283,16 @@ class ToMeState:
     def make_plan(self, request: PlanRequest) -> Any:
         """The plan of one block call (None: the block runs unreduced), warning once when the
         settings leave a selected block unreduced."""
-        plan = self.method.reducer.plan(self, request)
+        reducer = self.method.reducer
+        plan = reducer.plan(self, request)
+        if plan is not None and not all(hasattr(plan, a) for a in ("batch", "num_tokens", "num_merged")):
+            raise MergeCallError(
+                f"{type(reducer).__name__}.plan returned a {type(plan).__name__} for block "
+                f"'{request.block_name}'; a reducer must return None or a plan with batch, num_tokens and "
+                "num_merged (and what the site actions use: merge/unmerge, or reduce)."
+            )
         if plan is None and not torch.compiler.is_compiling():
-            reason = self.method.reducer.nothing_reason(request)
+            reason = reducer.nothing_reason(request)
             key = (request.block_name, request.height, request.width)
             if reason is not None and key not in self._warned:
                 self._warned.add(key)
