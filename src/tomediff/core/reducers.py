@@ -238,7 +238,7 @@ class ReusingReducer(Reducer):
     """Reuses the plans of another reducer: within a call across the blocks of a level (``level``),
     and across calls, recomputing a block's plan only every ``steps``-th call.
 
-    A kept plan is reused only for the same batch size and grid, by the same call of a later step
+    A kept plan is reused only for the same batch size, grid and device, by the same call of a later step
     (the first or second call at a timestep: the two halves of a guidance step run as two calls keep
     plans of their own), within one generation of the thread that made it (see
     :class:`tomediff.core.state.ThreadMemory`). Its age is counted in denoising steps."""
@@ -258,11 +258,11 @@ class ReusingReducer(Reducer):
         return self.inner.nothing_reason(request)
 
     def plan(self, state: ToMeState, request: PlanRequest) -> Any:
-        batch = request.metric.shape[0]
+        batch, device = request.metric.shape[0], str(request.metric.device)
         if self.level:
-            key: tuple[object, ...] = ("level", request.level, request.height, request.width, batch)
+            key: tuple[object, ...] = ("level", request.level, request.height, request.width, batch, device)
         else:
-            key = ("block", request.block_index, request.height, request.width, batch)
+            key = ("block", request.block_index, request.height, request.width, batch, device)
         call = state.call
         if self.level and key in call.shared_plans:
             return call.shared_plans[key]
