@@ -10,13 +10,12 @@
 
 from __future__ import annotations
 
-import inspect
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
 
-from tomediff.core.calls import Args, Kwargs, find_input, replace_input
+from tomediff.core.calls import Args, Kwargs, find_input, forward_parameters, replace_input
 from tomediff.core.spec import Site
 from tomediff.errors import ConfigError, MergeCallError
 from tomediff.ops import GridDownsample, TokenPlan, merge_trailing, reduce_rotary, unmerge_trailing
@@ -167,14 +166,8 @@ class KeyValueAction(SiteAction):
 def _accepted_name(module: nn.Module, names: tuple[str, ...]) -> str:
     """The first of ``names`` that ``module.forward`` takes as a parameter (the first one when it
     takes ``**kwargs`` or its signature cannot be read)."""
-    try:
-        parameters = inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return names[0]
-    for name in names:
-        if name in parameters:
-            return name
-    return names[0]
+    taken = {p.name for p in forward_parameters(module) or ()}
+    return next((name for name in names if name in taken), names[0])
 
 
 class ImageTokensMergeAction(SiteAction):

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["Args", "Kwargs", "find_input", "replace_input"]
+from torch import nn
+
+__all__ = ["Args", "Kwargs", "find_input", "forward_parameters", "replace_input"]
 
 Args = tuple[Any, ...]
 Kwargs = dict[str, Any]
@@ -25,3 +28,11 @@ def replace_input(args: Args, kwargs: Kwargs, where: int | str, value: Any) -> t
     if isinstance(where, int):
         return (value, *args[1:]), kwargs
     return args, {**kwargs, where: value}
+
+
+def forward_parameters(module: nn.Module) -> list[inspect.Parameter] | None:
+    """The parameters of ``module.forward`` in order (None when its signature cannot be read)."""
+    try:
+        return list(inspect.signature(module.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None

@@ -6,7 +6,6 @@ hook tables without any marker attribute on the module itself.
 
 from __future__ import annotations
 
-import inspect
 import math
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -16,7 +15,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tomediff.core.actions import SiteAction
-from tomediff.core.calls import Args, Kwargs, find_input
+from tomediff.core.calls import Args, Kwargs, find_input, forward_parameters
 from tomediff.core.reducers import PlanRequest
 from tomediff.core.spec import BlockSpec, GridSource, Site
 from tomediff.core.state import BlockStats, CallState, ToMeState
@@ -50,10 +49,10 @@ class RootHook(ToMeHook):
 
 
 def _timestep_position(root: nn.Module) -> int | None:
-    """Index among the positional arguments of ``root.forward`` of its timestep parameter."""
-    try:
-        parameters = list(inspect.signature(root.forward).parameters.values())
-    except (TypeError, ValueError):
+    """Index among the positional arguments of ``root.forward`` of its timestep parameter (1, a
+    UNet's place, when the signature cannot be read)."""
+    parameters = forward_parameters(root)
+    if parameters is None:
         return 1
     positional = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)]
     for index, parameter in enumerate(positional):

@@ -120,12 +120,6 @@ class Selection:
     def has_schedule(self) -> bool:
         return self.config.start > 0.0 or self.config.stop < 1.0
 
-    def active_at(self, progress: float | None) -> bool:
-        """Whether the schedule is on at denoising ``progress`` in [0, 1] (None: unknown, on unless
-        the schedule is empty)."""
-        cfg = self.config
-        if cfg.start >= cfg.stop:
-            return False
-        if progress is None:
-            return True
-        return cfg.start <= progress < cfg.stop
+    def active_at(self, progress: float) -> bool:
+        """Whether the schedule is on at denoising ``progress`` in [0, 1] (never when start == stop)."""
+        return self.config.start <= progress < self.config.stop

@@ -239,17 +239,14 @@ class ToMeState:
         selection = self.selection
         t = _timestep_value(timestep) if self._reads_timestep else None
         memory.advance(t)
-        if self._reads_timestep:
-            if selection.has_schedule:
-                if t is None:
-                    raise MergeCallError(
-                        f"start={self.config.start}/stop={self.config.stop} need the timestep of each "
-                        f"model call, but this call passed none ({type(timestep).__name__}); call the "
-                        "model with its timestep (positionally after the sample, or as timestep=)."
-                    )
-                call.active = selection.active_at(1.0 - t / self.timestep_scale)
-        elif not selection.active_at(None):
-            call.active = False
+        if selection.has_schedule:
+            if t is None:
+                raise MergeCallError(
+                    f"start={self.config.start}/stop={self.config.stop} need the timestep of each "
+                    f"model call, but this call passed none ({type(timestep).__name__}); call the "
+                    "model with its timestep (as timestep=, or positionally where its forward takes it)."
+                )
+            call.active = selection.active_at(1.0 - t / self.timestep_scale)
         if call.active:
             self.method.reducer.begin_call(self, call, sample)
 
