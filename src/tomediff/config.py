@@ -264,11 +264,14 @@ class ToMeConfig:
                 )
             if not self.merge_attn:
                 raise ConfigError("method='downsample' needs merge_attn=True (it acts on self-attention).")
-            reuse = [n for n in ("reuse_level", "reuse_cfg") if getattr(self, n)] + (
-                ["reuse_steps"] if self.reuse_steps > 1 else []
-            )
-            if reuse or self.level_ratios is not None:
-                names = ", ".join(reuse + (["level_ratios"] if self.level_ratios is not None else []))
+            merge_only = {
+                "reuse_level": self.reuse_level,
+                "reuse_cfg": self.reuse_cfg,
+                "reuse_steps": self.reuse_steps > 1,
+                "level_ratios": self.level_ratios is not None,
+            }
+            if any(merge_only.values()):
+                names = ", ".join(name for name, used in merge_only.items() if used)
                 raise ConfigError(
                     f"{names} apply to method='merge' only: method='downsample' makes no matching plan to "
                     "reuse and takes downsample_factor / downsample_factor_next instead of ratios."
