@@ -3,9 +3,12 @@
 Profiles calls of a benchmark model (default: SD 1.5's first transformer block, where all of SD 1.5's
 merging happens) patched with tomediff and with the ideal (zero-cost) merge, using torch.profiler with
 Python stacks; every operator's self CPU time is charged to the innermost tomediff function on its
-stack. Complements `tomediff bench`, which only sees whole-call latencies.
+stack. On CUDA it also counts kernel launches and kernel time per call, and how much of the call the
+GPU was busy (a call whose GPU is mostly idle is bound by the host's launches, not by the kernels).
+Complements `tomediff bench`, which only sees whole-call latencies.
 
     python benchmarks/profile_merge.py --model sd15-block --resolution 1024 --threads 1
+    python benchmarks/profile_merge.py --model sd15 --resolution 512 --device cuda --dtype fp16
 """
 
 from __future__ import annotations
@@ -33,6 +36,7 @@ CATEGORIES: tuple[tuple[str, str, str], ...] = (
     ("ops/merge.py", "", "merge (other)"),
     ("tomediff/core/", "", "hooks / plan"),
 )
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FRAME = re.compile(r"^(?P<file>.*)\((?P<line>\d+)\): (?P<func>.*)$")
 
 
@@ -47,14 +51,31 @@ def categorize(stack: list[str]) -> str:
     return "model"
 
 
-def profile_call(model: torch.nn.Module, inputs: object) -> tuple[dict[str, float], dict[str, float]]:
-    """Self CPU seconds by category (from Python stacks, where the profiler records them) and by op."""
-    with profile(activities=[ProfilerActivity.CPU], with_stack=True) as prof:
+def profile_call(
+    model: torch.nn.Module, inputs: object, cuda: bool
+) -> tuple[dict[str, float], dict[str, float]]:
+    """Self CPU seconds by category (from Python stacks, where the profiler records them) and by op;
+    on CUDA also the call's kernels: count, total kernel seconds, wall seconds, and kernel seconds by name."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    with profile(activities=activities, with_stack=True) as prof:
+        start = time.perf_counter()
         forward(model, inputs)  # type: ignore[arg-type]
+        if cuda:
+            torch.cuda.synchronize()
+        wall = time.perf_counter() - start
     totals: dict[str, float] = defaultdict(float)
+    kernels: dict[str, float] = defaultdict(float)
     for event in prof.events():
+        if cuda and event.device_type == torch.autograd.DeviceType.CUDA:
+            kernels["kernel count"] += 1
+            kernels["kernel s"] += event.self_device_time_total / 1e6
+            kernels[f"kernel: {event.name[:60]}"] += event.self_device_time_total / 1e6
+            continue
         totals[categorize(list(event.stack or []))] += event.self_cpu_time_total / 1e6
     by_op = {e.key: e.self_cpu_time_total / 1e6 for e in prof.key_averages()}
+    if cuda:
+        kernels["wall s"] = wall
+        by_op.update(kernels)
     return dict(totals), by_op
 
 
@@ -68,11 +89,14 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     spec = get_model_spec(args.model)
-    model = build_model(spec)
-    inputs = make_inputs(spec, args.batch, args.resolution, seed=1)
+    device, dtype, cuda = torch.device(args.device), DTYPES[args.dtype], args.device.startswith("cuda")
+    model = build_model(spec, device, dtype)
+    inputs = make_inputs(spec, args.batch, args.resolution, device, dtype, seed=1)
     cfg = tomediff.ToMeConfig(ratio=args.ratio, max_downsample=spec.max_downsample, use_rand=False)
 
     def patch(variant: str) -> tomediff.ToMeHandle | None:
@@ -86,6 +110,8 @@ def main() -> None:
         handle = patch(variant)
         start = time.perf_counter()
         forward(model, inputs)
+        if cuda:
+            torch.cuda.synchronize()
         seconds = time.perf_counter() - start
         if handle is not None:
             handle.remove()
@@ -108,21 +134,29 @@ def main() -> None:
         saving = 100 * (base - ours) / (base - ideal)
         print(f"saving realised {saving:.0f}%  (overhead vs ideal {ours - ideal:.3f} s)")
     ops: dict[str, dict[str, float]] = {}
-    for variant in ("tomediff", "ideal"):
+    for variant in variants:
         handle = patch(variant)
-        assert handle is not None
-        totals, ops[variant] = profile_call(model, inputs)
-        handle.remove()
+        profile_call(model, inputs, cuda)  # the profiler's own first-call costs
+        totals, ops[variant] = profile_call(model, inputs, cuda)
+        if handle is not None:
+            handle.remove()
+        if cuda:
+            found = ops[variant]
+            wall, busy = found["wall s"], found["kernel s"]
+            print(
+                f"cuda {variant:<10} wall {1e3 * wall:.2f} ms, {found['kernel count']:.0f} kernels, "
+                f"kernel time {1e3 * busy:.2f} ms (GPU busy {100 * busy / wall:.0f}%)"
+            )
         total = sum(totals.values())
         parts = ", ".join(f"{k} {v:.3f} s ({100 * v / total:.1f}%)" for k, v in sorted(totals.items()))
         if len(totals) > 1:  # some torch builds record no Python stacks on operator events
             print(f"profile {variant:<10} (profiled total {total:.3f} s): {parts}")
     # Ops whose time differs between ToMe and the ideal merge: where the overhead goes.
-    names = set(ops["similarity"]) | set(ops["ideal"])
-    diff = {n: ops["similarity"].get(n, 0.0) - ops["ideal"].get(n, 0.0) for n in names}
-    print("self CPU s, tomediff - ideal, by op (largest first):")
-    for name, delta in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:12]:
-        print(f"  {name:<40} {delta:+.3f}  (tomediff {ops['similarity'].get(name, 0.0):.3f})")
+    names = set(ops["tomediff"]) | set(ops["ideal"])
+    diff = {n: ops["tomediff"].get(n, 0.0) - ops["ideal"].get(n, 0.0) for n in names}
+    print("self CPU s (kernel s for 'kernel:' rows), tomediff - ideal, by op (largest first):")
+    for name, delta in sorted(diff.items(), key=lambda kv: -abs(kv[1]))[:20]:
+        print(f"  {name:<66} {delta:+.5f}  (tomediff {ops['tomediff'].get(name, 0.0):.5f})")
 
 
 if __name__ == "__main__":

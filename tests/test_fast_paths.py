@@ -14,9 +14,9 @@ from torch import nn
 import tomediff
 from conftest import assert_close, tiny_pixart, tiny_sd_unet, tiny_sdxl_unet, unet_inputs
 from tomediff.ops import draw_dst_offsets, grid_partition, plan_constants, plan_merge, window_tokens
-from tomediff.ops.kernels import BEST_DST_LABEL, SCATTER_ADD_LABEL
+from tomediff.ops.kernels import BEST_DST_LABEL, DST_NORM_LABEL, PLAN_SLOTS_LABEL, SCATTER_ADD_LABEL
 
-TRITON_LABELS = {BEST_DST_LABEL, SCATTER_ADD_LABEL}
+TRITON_LABELS = {BEST_DST_LABEL, DST_NORM_LABEL, PLAN_SLOTS_LABEL, SCATTER_ADD_LABEL}
 
 # ---------------------------------------------------------------------------------------------------
 # 0. No overflow in half precision

@@ -19,11 +19,24 @@ except ImportError:  # pragma: no cover - depends on the installation
     triton = None
     tl = None
 
-__all__ = ["BEST_DST_LABEL", "SCATTER_ADD_LABEL", "best_dst_triton", "scatter_add_triton", "triton_enabled"]
+__all__ = [
+    "BEST_DST_LABEL",
+    "DST_NORM_LABEL",
+    "PLAN_SLOTS_LABEL",
+    "SCATTER_ADD_LABEL",
+    "best_dst_tiles",
+    "best_dst_triton",
+    "launch_best_dst",
+    "plan_slots_triton",
+    "scatter_add_triton",
+    "triton_enabled",
+]
 
 # Profiler labels around each launch (one kernel each), also used by the tests that count launches.
 BEST_DST_LABEL = "tomediff::best_dst_triton"
 SCATTER_ADD_LABEL = "tomediff::scatter_add_triton"
+PLAN_SLOTS_LABEL = "tomediff::plan_slots_triton"
+DST_NORM_LABEL = "tomediff::dst_inv_norm_triton"
 
 # Tile sizes used on the CPU interpreter (tests): small, so odd sizes exercise the masks.
 _INTERPRETER_TILES = {"BLOCK_S": 16, "BLOCK_D": 16, "BLOCK_C": 16}
@@ -55,10 +68,40 @@ if triton is not None:
         return tl.load(ptr, mask=mask, other=0.0)
 
     @triton.jit
+    def dst_inv_norm_kernel(
+        metric_ptr,
+        dst_idx_ptr,
+        out_ptr,
+        num_dst,
+        channels,
+        stride_b,
+        stride_n,
+        tiny,
+        BF16_BITS: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_C: tl.constexpr,
+    ):
+        # out[b, j] = 1 / max(|x[b, dst_idx[j]]|, tiny) in fp32, once per dst token (the main kernel
+        # would otherwise recompute every dst norm once per src tile).
+        batch = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+        row_ok = rows < num_dst
+        tok = tl.load(dst_idx_ptr + rows, mask=row_ok, other=0)
+        row_ptr = metric_ptr + batch * stride_b + tok[:, None] * stride_n
+        chan = tl.arange(0, BLOCK_C)
+        sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, channels, BLOCK_C):
+            ok = row_ok[:, None] & ((c0 + chan) < channels)[None, :]
+            x = load_rows(row_ptr + (c0 + chan)[None, :], ok, BF16_BITS).to(tl.float32)
+            sq += tl.sum(x * x, axis=1)
+        tl.store(out_ptr + batch * num_dst + rows, 1.0 / tl.maximum(tl.sqrt(sq), tiny), mask=row_ok)
+
+    @triton.jit
     def best_dst_kernel(
         metric_ptr,
         src_idx_ptr,
         dst_idx_ptr,
+        dst_inv_norm_ptr,
         score_ptr,
         choice_ptr,
         num_src,
@@ -67,14 +110,15 @@ if triton is not None:
         stride_b,
         stride_n,
         tiny,
-        IEEE: tl.constexpr,
+        PRECISION: tl.constexpr,
         BF16_BITS: tl.constexpr,
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_C: tl.constexpr,
     ):
         # One program: BLOCK_S src rows of one batch element against every dst token, keeping a
-        # running (max, first argmax) per row; the Ns x Nd similarity matrix never exists.
+        # running (max, first argmax) per row; the Ns x Nd similarity matrix never exists. The loops
+        # over dst tiles and channel chunks are one flat loop, so loads stay pipelined across tiles.
         batch = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
         row_ok = rows < num_src
@@ -91,39 +135,71 @@ if triton is not None:
             src_sq += tl.sum(s * s, axis=1)
 
         best = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
-        best_idx = tl.zeros([BLOCK_S], dtype=tl.int64)
+        best_idx = tl.zeros([BLOCK_S], dtype=tl.int32)
         cols_in_tile = tl.arange(0, BLOCK_D)
-        for d0 in range(0, num_dst, BLOCK_D):
-            cols = d0 + cols_in_tile
+        num_chunks = tl.cdiv(channels, BLOCK_C)
+        acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+        for step in range(0, tl.cdiv(num_dst, BLOCK_D) * num_chunks):
+            tile = step // num_chunks
+            c0 = (step - tile * num_chunks) * BLOCK_C
+            cols = tile * BLOCK_D + cols_in_tile
             col_ok = cols < num_dst
             dst_tok = tl.load(dst_idx_ptr + cols, mask=col_ok, other=0)
-            dst_ptr = base + dst_tok[:, None] * stride_n
-            acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
-            dst_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
-            for c0 in range(0, channels, BLOCK_C):
-                ch_ok = (c0 + chan) < channels
-                s = load_rows(src_ptr + (c0 + chan)[None, :], row_ok[:, None] & ch_ok[None, :], BF16_BITS)
-                d = load_rows(dst_ptr + (c0 + chan)[None, :], col_ok[:, None] & ch_ok[None, :], BF16_BITS)
-                if IEEE:
-                    acc = tl.dot(s, tl.trans(d), acc, input_precision="ieee")
-                else:
-                    acc = tl.dot(s, tl.trans(d), acc)
-                d32 = d.to(tl.float32)
-                dst_sq += tl.sum(d32 * d32, axis=1)
-            inv_dst_norm = 1.0 / tl.maximum(tl.sqrt(dst_sq), tiny)
-            sim = acc * inv_dst_norm[None, :]
-            sim = tl.where(col_ok[None, :], sim, float("-inf"))
-            tile_best = tl.max(sim, axis=1)
-            # First column reaching the tile's max: ties resolve to the lowest dst index, as torch.max.
-            tile_idx = d0 + tl.argmax(sim, axis=1, tie_break_left=True)
-            better = tile_best > best
-            best = tl.where(better, tile_best, best)
-            best_idx = tl.where(better, tile_idx.to(tl.int64), best_idx)
+            ch_ok = (c0 + chan) < channels
+            s = load_rows(src_ptr + (c0 + chan)[None, :], row_ok[:, None] & ch_ok[None, :], BF16_BITS)
+            d_ptr = base + dst_tok[:, None] * stride_n + (c0 + chan)[None, :]
+            d = load_rows(d_ptr, col_ok[:, None] & ch_ok[None, :], BF16_BITS)
+            acc = tl.dot(s, tl.trans(d), acc, input_precision=PRECISION)
+            if c0 + BLOCK_C >= channels:  # the tile's last chunk: fold it into the running max
+                inv_norm = tl.load(dst_inv_norm_ptr + batch * num_dst + cols, mask=col_ok, other=0.0)
+                sim = tl.where(col_ok[None, :], acc * inv_norm[None, :], float("-inf"))
+                # First column reaching the tile's max: ties resolve to the lowest dst index, as torch.max.
+                tile_best, tile_arg = tl.max(
+                    sim, axis=1, return_indices=True, return_indices_tie_break_left=True
+                )
+                better = tile_best > best
+                best = tl.where(better, tile_best, best)
+                best_idx = tl.where(better, tile * BLOCK_D + tile_arg, best_idx)
+                acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
 
         score = best / tl.maximum(tl.sqrt(src_sq), tiny)
         out = batch * num_src + rows
         tl.store(score_ptr + out, score, mask=row_ok)
-        tl.store(choice_ptr + out, best_idx, mask=row_ok)
+        tl.store(choice_ptr + out, best_idx.to(tl.int64), mask=row_ok)
+
+    @triton.jit
+    def plan_slots_kernel(
+        order_ptr,
+        choice_ptr,
+        src_idx_ptr,
+        dst_idx_ptr,
+        slot_ptr,
+        counts_ptr,
+        num_src,
+        num_dst,
+        num_remove,
+        BLOCK: tl.constexpr,
+    ):
+        # Row i < Ns of batch b is the src token ranked i-th: the top r go to their best dst's slot
+        # (and add one to its count), the others get slots Nd, Nd+1, ... in rank order. Rows Ns..N-1
+        # are the dst tokens, slot j for the j-th. Slots are flat: b * M + local slot.
+        batch = tl.program_id(1)
+        i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+        num_tokens = num_src + num_dst
+        num_merged = num_tokens - num_remove
+        offset = batch * num_merged
+        is_src = i < num_src
+        is_dst = (i >= num_src) & (i < num_tokens)
+        pos = tl.load(order_ptr + batch * num_src + i, mask=is_src, other=0)
+        merged = is_src & (i < num_remove)
+        dst_pos = tl.load(choice_ptr + batch * num_src + pos, mask=merged, other=0)
+        src_slot = tl.where(merged, dst_pos, num_dst + i - num_remove) + offset
+        tl.atomic_add(counts_ptr + src_slot, tl.full([BLOCK], 1.0, tl.float32), mask=merged)
+        src_tok = tl.load(src_idx_ptr + pos, mask=is_src, other=0)
+        tl.store(slot_ptr + batch * num_tokens + src_tok, src_slot, mask=is_src)
+        j = i - num_src
+        dst_tok = tl.load(dst_idx_ptr + j, mask=is_dst, other=0)
+        tl.store(slot_ptr + batch * num_tokens + dst_tok, (j + offset).to(tl.int64), mask=is_dst)
 
     @triton.jit
     def scatter_add_kernel(
@@ -167,9 +243,8 @@ def _kernel_view(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return tensor, False
 
 
-def _best_dst_tiles(num_dst: int, dtype: torch.dtype) -> dict[str, int]:
-    """Launch parameters on a GPU (measured on an H100: a per-shape autotuner over 3 candidates picked
-    slower tiles than these, 5.2 ms against 4.6 ms at N = 65,536)."""
+def best_dst_tiles(num_dst: int, dtype: torch.dtype) -> dict[str, int]:
+    """Launch parameters of the best-dst kernel on a GPU (tile sizes, warps, pipeline stages)."""
     if dtype == torch.float32:
         return {"BLOCK_S": 64, "BLOCK_D": 64, "BLOCK_C": 32, "num_warps": 4, "num_stages": 2}
     if num_dst <= 1024:
@@ -177,9 +252,11 @@ def _best_dst_tiles(num_dst: int, dtype: torch.dtype) -> dict[str, int]:
     return {"BLOCK_S": 128, "BLOCK_D": 64, "BLOCK_C": 64, "num_warps": 8, "num_stages": 2}
 
 
-def _best_dst_impl(
-    metric: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor
+def launch_best_dst(
+    metric: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, tiles: dict[str, int] | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Run the dst-norm and best-dst kernels with the given launch parameters (default
+    :func:`best_dst_tiles`); see :func:`best_dst_triton`."""
     _check_launchable(metric)
     if metric.stride(-1) != 1:
         metric = metric.contiguous()
@@ -189,15 +266,56 @@ def _best_dst_impl(
     choice = torch.empty(batch, num_src, dtype=torch.int64, device=metric.device)
     if num_src == 0 or batch == 0:
         return score, choice
+    dtype = metric.dtype
     metric, bf16_bits = _kernel_view(metric)
-    ieee = metric.dtype == torch.float32 or bf16_bits
-    args = (metric, src_idx, dst_idx, score, choice, num_src, num_dst, channels)
-    args += (metric.stride(0), metric.stride(1), torch.finfo(torch.float32).tiny)
+    # fp32 products stay exact (no TF32); half inputs ignore the setting.
+    precision = "ieee" if metric.dtype == torch.float32 or bf16_bits else "tf32"
+    strides = (metric.stride(0), metric.stride(1), torch.finfo(torch.float32).tiny)
+    if tiles is None:
+        tiles = _INTERPRETER_TILES if _interpreting() else best_dst_tiles(num_dst, dtype)
+    dst_inv_norm = torch.empty(batch, num_dst, dtype=torch.float32, device=metric.device)
+    norm_rows = 16 if _interpreting() else 64
+    with torch.profiler.record_function(DST_NORM_LABEL):
+        dst_inv_norm_kernel[(triton.cdiv(num_dst, norm_rows), batch)](
+            metric, dst_idx, dst_inv_norm, num_dst, channels, *strides,
+            BF16_BITS=bf16_bits, BLOCK_R=norm_rows, BLOCK_C=tiles["BLOCK_C"],
+        )  # fmt: skip
     with torch.profiler.record_function(BEST_DST_LABEL):
-        tiles = _INTERPRETER_TILES if _interpreting() else _best_dst_tiles(num_dst, metric.dtype)
-        grid = (triton.cdiv(num_src, tiles["BLOCK_S"]), batch)
-        best_dst_kernel[grid](*args, IEEE=ieee, BF16_BITS=bf16_bits, **tiles)
+        best_dst_kernel[(triton.cdiv(num_src, tiles["BLOCK_S"]), batch)](
+            metric, src_idx, dst_idx, dst_inv_norm, score, choice, num_src, num_dst, channels, *strides,
+            PRECISION=precision, BF16_BITS=bf16_bits, **tiles,
+        )  # fmt: skip
     return score, choice
+
+
+def _best_dst_impl(
+    metric: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return launch_best_dst(metric, src_idx, dst_idx)
+
+
+def _plan_slots_impl(
+    order: torch.Tensor,
+    choice: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst_idx: torch.Tensor,
+    num_remove: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    _check_launchable(order)
+    batch, num_src = order.shape
+    num_dst = int(dst_idx.shape[0])
+    num_tokens = num_src + num_dst
+    slot = torch.empty(batch * num_tokens, dtype=torch.int64, device=order.device)
+    counts = torch.ones(batch * (num_tokens - num_remove), 1, dtype=torch.float32, device=order.device)
+    if batch == 0 or num_tokens == 0:
+        return slot, counts
+    block = 64 if _interpreting() else 1024
+    with torch.profiler.record_function(PLAN_SLOTS_LABEL):
+        plan_slots_kernel[(triton.cdiv(num_tokens, block), batch)](
+            order.contiguous(), choice.contiguous(), src_idx, dst_idx, slot, counts,
+            num_src, num_dst, num_remove, BLOCK=block,
+        )  # fmt: skip
+    return slot, counts
 
 
 def _scatter_add_impl(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
@@ -244,6 +362,23 @@ def _(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
     return x.new_empty((num_slots, x.shape[1]), dtype=torch.float32)
 
 
+@torch.library.custom_op("tomediff::plan_slots", mutates_args=())
+def _plan_slots_op(
+    order: torch.Tensor, choice: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, num_remove: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    return _plan_slots_impl(order, choice, src_idx, dst_idx, num_remove)
+
+
+@_plan_slots_op.register_fake
+def _(
+    order: torch.Tensor, choice: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, num_remove: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    batch, num_src = order.shape
+    num_tokens = num_src + dst_idx.shape[0]
+    slot = order.new_empty((batch * num_tokens,), dtype=torch.int64)
+    return slot, order.new_empty((batch * (num_tokens - num_remove), 1), dtype=torch.float32)
+
+
 def best_dst_triton(
     metric: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -270,3 +405,23 @@ def scatter_add_triton(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> t
     if torch.compiler.is_compiling():
         return _scatter_add_op(x, slot, num_slots)
     return _scatter_add_impl(x, slot, num_slots)
+
+
+def plan_slots_triton(
+    order: torch.Tensor, choice: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, num_remove: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A merge plan's slots and counts from the ranked src tokens, in one launch.
+
+    Args:
+        order: ``[B, Ns]`` int64 src positions by decreasing score; choice: ``[B, Ns]`` int64 best dst
+            (position in ``dst_idx``) of each src position; src_idx ``[Ns]``, dst_idx ``[Nd]`` int64
+            token indices; num_remove: ``r``, the top-ranked src tokens merged into their dst.
+
+    Returns:
+        ``flat_slot: [B*N]`` int64 (``b * M + slot``; dst j gets slot j, the kept src tokens slots
+        ``Nd, Nd+1, ...`` in rank order) and ``counts: [B*M, 1]`` float32 tokens per slot, as
+        :class:`tomediff.ops.merge.MergePlan` stores them.
+    """
+    if torch.compiler.is_compiling():
+        return _plan_slots_op(order, choice, src_idx, dst_idx, num_remove)
+    return _plan_slots_impl(order, choice, src_idx, dst_idx, num_remove)

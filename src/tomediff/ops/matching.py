@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from tomediff.ops.kernels import best_dst_triton, triton_enabled
+from tomediff.ops.kernels import best_dst_triton, plan_slots_triton, triton_enabled
 from tomediff.ops.merge import MergePlan
 from tomediff.ops.partition import Partition
 
@@ -70,6 +70,12 @@ def _best_dst_torch(
     return score, choice
 
 
+def _use_triton(metric: torch.Tensor, backend: Backend) -> bool:
+    if backend not in ("auto", "torch", "triton"):
+        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}.")
+    return backend == "triton" or (backend == "auto" and triton_enabled(metric))
+
+
 def best_dst_for_src(
     metric: torch.Tensor,
     partition: Partition,
@@ -97,9 +103,7 @@ def best_dst_for_src(
         to its best dst (float32 from Triton, the metric's dtype from torch); ``choice``: ``[B, Ns]``
         int64 index into ``partition.dst_idx`` of that dst.
     """
-    if backend not in ("auto", "torch", "triton"):
-        raise ValueError(f"backend must be 'auto', 'torch' or 'triton', got {backend!r}.")
-    if backend == "triton" or (backend == "auto" and triton_enabled(metric)):
+    if _use_triton(metric, backend):
         return best_dst_triton(metric, partition.src_idx, partition.dst_idx)
     # The block input is often a channel-last view of a convolution output; index_select on it would
     # copy the whole tensor for every row block, so make it contiguous once.
@@ -181,11 +185,16 @@ def plan_merge(
         return None
     device = metric.device
     num_merged = num_tokens - num_remove
-    if constants is None:
-        constants = plan_constants(batch, num_dst, num_src, num_remove, device)
     with torch.no_grad():
         score, choice = best_dst_for_src(metric, partition, max_score_elements, backend)
         order = score.argsort(dim=1, descending=True)
+        if _use_triton(metric, backend):  # the slots and counts below in one launch
+            flat_slot, counts = plan_slots_triton(
+                order, choice, partition.src_idx, partition.dst_idx, num_remove
+            )
+            return MergePlan(flat_slot, counts, batch, num_tokens, num_merged)
+        if constants is None:
+            constants = plan_constants(batch, num_dst, num_src, num_remove, device)
         merged, kept = order[:, :num_remove], order[:, num_remove:]
         merged_slot = choice.gather(1, merged).add_(constants.batch_offset)
 
