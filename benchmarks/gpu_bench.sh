@@ -2,12 +2,19 @@
 # GPU numbers for docs/benchmarks.md (issue 7), as one prepared command that fits in about 9 minutes of
 # an H100/H200. Parts (all by default; pick with PARTS="tests ops eager compiled"):
 #   tests     pytest -m gpu plus the Triton kernel tests on CUDA (tests/test_kernels.py, test_gpu.py)
+#   sweep     benchmarks/kernel_sweep.py: the fused best-dst kernel over candidate tiles at SD/SDXL/PixArt
+#             shapes, beside the torch path and tomesd (and an earlier kernels.py given as PREVIOUS_KERNELS),
+#             plus host and device time of one plan_merge
+#   profile   benchmarks/profile_merge.py on CUDA: kernels per call, kernel time and GPU busy fraction of
+#             baseline / tomediff / ideal, SD 1.5 at 512/1024 and PixArt-alpha at 1024 (PROFILES="sd15:512"
+#             for one)
 #   ops       benchmarks/ops_bench.py: matching and merge+unmerge vs tomesd at N = 4096/16384/65536, fp16,
 #             the torch reference path beside the Triton kernel, SDPA on N and N-r, peak memory at 65536
 #   eager     tomediff bench, fp16, batch 2, ratio 0.5, self-attention only, use_rand off, baseline vs
 #             tomediff vs tomesd 0.1.3 vs ideal in one interleaved run per model: SD 1.5 at 512/1024/2048,
-#             SDXL (max_downsample 2) at 1024/2048, PixArt-alpha at 1024/2048
-#   compiled  the same for SD 1.5 with every variant torch.compile'd (default mode) at 2048 and 1024
+#             SDXL (max_downsample 2) at 2048, PixArt-alpha at 1024/2048
+#   compiled  the same for SD 1.5 with every variant torch.compile'd (default mode) at 1024 and 2048
+#             (COMPILED_RESOLUTIONS="1024" for one)
 #   methods   issue 8: named settings side by side (tomesd's default, merge, downsample, merge+reuse, fast,
 #             merge of two levels leaving grids of <= 4096 tokens alone, fast on two levels, ToDo x4 at the
 #             top level and x2 at the next), fp16, batch 2: SD 1.5 at
@@ -96,6 +103,19 @@ if has_part tests; then
         tests/test_kernels.py tests/test_gpu.py > "$OUT_DIR/tests.log" 2>&1
     grep -E "^(FAILED|ERROR)|passed|failed" "$OUT_DIR/tests.log"
 fi
+if has_part sweep; then
+    echo "== sweep (at $((SECONDS - start)) s)"
+    timeout 150 "$PY" benchmarks/kernel_sweep.py --json "$OUT_DIR/sweep.json" \
+        ${PREVIOUS_KERNELS:+--previous "$PREVIOUS_KERNELS"} 2>&1 | tee "$OUT_DIR/sweep.log"
+fi
+if has_part profile; then
+    for run in ${PROFILES:-sd15:512 sd15:1024 pixart:1024}; do
+        set -- ${run/:/ }
+        echo "== profile $1 $2 (at $((SECONDS - start)) s)"
+        timeout 60 "$PY" benchmarks/profile_merge.py --model "$1" --resolution "$2" --device cuda --dtype fp16 \
+            --repeats 5 2>&1 | grep -v "^\[\|USDT" | tee "$OUT_DIR/profile_$1_$2.log"
+    done
+fi
 if has_part ops; then
     echo "== ops (at $((SECONDS - start)) s)"
     timeout 45 "$PY" benchmarks/ops_bench.py --device cuda --dtype fp16 --tokens 4096 16384 65536 \
@@ -103,12 +123,14 @@ if has_part ops; then
 fi
 if has_part eager; then
     bench sd15 90 --model sd15 --resolution 512 1024 2048 --repeats 7 --warmup 2 --compare tomesd
-    bench sdxl 90 --model sdxl --resolution 1024 2048 --repeats 7 --warmup 2 --compare tomesd
+    # SDXL at 1024² is left to the methods part: its baseline's calls varied by 2x there (0.069-0.131 s).
+    bench sdxl 60 --model sdxl --resolution 2048 --repeats 7 --warmup 2 --compare tomesd
     bench pixart 60 --model pixart --resolution 1024 2048 --repeats 7 --warmup 2
 fi
 if has_part compiled; then
-    bench sd15_compiled_2048 130 --model sd15 --resolution 2048 --repeats 5 --warmup 2 --compile
-    bench sd15_compiled_1024 80 --model sd15 --resolution 1024 --repeats 7 --warmup 2 --compile
+    for res in ${COMPILED_RESOLUTIONS:-1024 2048}; do
+        bench "sd15_compiled_$res" 150 --model sd15 --resolution "$res" --repeats 5 --warmup 2 --compile
+    done
 fi
 if has_part methods; then
     METHOD_SETTINGS=(--setting tomesd-default --setting merge --setting downsample --setting merge+reuse

@@ -27,20 +27,19 @@ from tomediff.ops import draw_dst_offsets, grid_partition, plan_constants, plan_
 from tomediff.ops.kernels import best_dst_tiles, launch_best_dst
 from tomediff.ops.matching import best_dst_for_src
 
-SHAPES = ((4096, 320), (16384, 320), (65536, 320), (4096, 640), (16384, 640), (4096, 1152), (16384, 1152))
+SHAPES = ((4096, 320), (16384, 320), (65536, 320), (4096, 1152), (16384, 1152))
+# (BLOCK_S, BLOCK_D, BLOCK_C, warps, stages). A first sweep on an H100 (2026-11-27) ranked 64x128 and
+# 128x128 with 4 warps and 3 stages first of 12 candidates (64x64 and 128x64 tiles, 32-channel chunks
+# and 8 warps trailed); these are the leaders and larger tiles that keep more of each load in use.
 CANDIDATES = (
-    (64, 64, 64, 4, 2),
-    (64, 64, 64, 4, 3),
     (64, 128, 64, 4, 3),
-    (64, 64, 32, 4, 4),
-    (64, 128, 32, 4, 4),
-    (128, 64, 64, 8, 2),
-    (128, 64, 64, 8, 3),
-    (128, 64, 32, 4, 3),
-    (128, 128, 64, 8, 3),
-    (128, 128, 64, 8, 4),
-    (128, 128, 32, 8, 3),
     (128, 128, 64, 4, 3),
+    (64, 128, 64, 4, 4),
+    (128, 128, 64, 4, 4),
+    (64, 256, 64, 4, 3),
+    (128, 256, 64, 8, 3),
+    (128, 256, 64, 8, 4),
+    (256, 128, 64, 8, 3),
 )
 
 
@@ -86,6 +85,8 @@ def sweep_shape(
     fns: dict[str, Callable[[], object]] = {
         "torch": lambda: best_dst_for_src(x, part, backend="torch"),
         "default": lambda: launch_best_dst(x, part.src_idx, part.dst_idx),
+        "default, norms kernel": lambda: launch_best_dst(x, part.src_idx, part.dst_idx, inline_norms=False),
+        "default, inline norms": lambda: launch_best_dst(x, part.src_idx, part.dst_idx, inline_norms=True),
     }
     if previous is not None:
         fns["previous"] = lambda: previous.best_dst_triton(x, part.src_idx, part.dst_idx)
@@ -114,7 +115,7 @@ def sweep_shape(
         for name, fn in fns.items():
             samples[name] += device_ms(fn, 1)
     medians = {name: statistics.median(t) for name, t in samples.items()}
-    print(f"B={batch} N={tokens} C={channels} {dtype}: default tiles {best_dst_tiles(part.num_dst, dtype)}")
+    print(f"B={batch} N={tokens} C={channels} {dtype}: default tiles {best_dst_tiles(part.num_src, dtype)}")
     for name, ms in sorted(medians.items(), key=lambda kv: kv[1]):
         agree = f"  choices equal to torch {100 * agreement[name]:.2f}%" if name in agreement else ""
         print(f"  {name:<26} {ms:8.3f} ms  {flops / ms / 1e9:7.1f} TFLOP/s{agree}")
@@ -144,7 +145,7 @@ def plan_costs(batch: int, tokens: int, channels: int, dtype: torch.dtype, calls
         out[f"{backend} host us"] = 1e6 * host
         out[f"{backend} device ms"] = synced
     print(
-        f"plan_merge B={batch} N={tokens} C={channels}: " + ", ".join(f"{k} {v:.1f}" for k, v in out.items())
+        f"plan_merge B={batch} N={tokens} C={channels}: " + ", ".join(f"{k} {v:.3g}" for k, v in out.items())
     )
     return out
 
@@ -166,7 +167,7 @@ def main() -> int:
     results = {"gpu": torch.cuda.get_device_name(0), "torch": torch.__version__, "shapes": [], "plans": []}
     for tokens, channels in SHAPES:
         results["shapes"].append(sweep_shape(args.batch, tokens, channels, dtype, args.repeats, previous))
-    for tokens, channels in ((4096, 320), (4096, 1152), (16384, 320)):
+    for tokens, channels in ((4096, 320), (4096, 1152), (16384, 320), (65536, 320)):
         results["plans"].append(plan_costs(args.batch, tokens, channels, dtype, 200))
     if args.json:
         with open(args.json, "w") as handle:

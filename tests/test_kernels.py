@@ -9,7 +9,7 @@ import torch
 
 from conftest import assert_close
 from tomediff.ops import best_dst_for_src, draw_dst_offsets, grid_partition, plan_merge
-from tomediff.ops.kernels import scatter_add_triton, triton_enabled
+from tomediff.ops.kernels import launch_best_dst, plan_slots_triton, scatter_add_triton, triton_enabled
 
 pytest.importorskip("triton")
 
@@ -122,6 +122,48 @@ def test_plan_from_kernel_equals_plan_from_torch(device: str) -> None:
     assert plan_t is not None and plan_r is not None
     assert torch.equal(plan_t.flat_slot, plan_r.flat_slot)
     assert torch.equal(plan_t.counts, plan_r.counts)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_best_dst_kernel_dst_norms_inline_or_precomputed_agree(device: str, dtype: torch.dtype) -> None:
+    # Small grids sum the dst norms inside the kernel, larger ones in a kernel of their own first.
+    height, width, channels = 14, 18, 37
+    gen = torch.Generator().manual_seed(21)
+    part = grid_partition(height, width, 2, 2, draw_dst_offsets(height, width, 2, 2, gen).to(device))
+    metric = torch.randn(3, height * width, channels, generator=gen).to(device, dtype)
+    score_in, choice_in = launch_best_dst(metric, part.src_idx, part.dst_idx, inline_norms=True)
+    score_pre, choice_pre = launch_best_dst(metric, part.src_idx, part.dst_idx, inline_norms=False)
+    assert_close(score_in.cpu(), score_pre.cpu(), atol=1e-6, rtol=1e-6)
+    assert torch.equal(choice_in.cpu(), choice_pre.cpu())
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("scores", ["distinct", "ties", "nan"])
+def test_slot_kernel_counted_ranks_equal_a_stable_sort(device: str, scores: str) -> None:
+    # Small grids rank the src tokens by counting in the slot kernel; larger ones pass a sort's order.
+    # Both give the same plan as a stable descending sort (equal scores: lower position first; NaN
+    # ranks last, as -inf).
+    height, width, batch = 12, 14, 3
+    gen = torch.Generator().manual_seed(2)
+    part = grid_partition(height, width, 2, 2, draw_dst_offsets(height, width, 2, 2, gen).to(device))
+    score = torch.randn(batch, part.num_src, generator=gen)
+    if scores == "ties":
+        score = score.round()  # a handful of distinct values
+    elif scores == "nan":
+        score[:, ::7] = float("nan")
+    choice = torch.randint(part.num_dst, (batch, part.num_src), generator=gen)
+    num_remove = part.num_src // 2 + 1
+    ranked = torch.nan_to_num(score, nan=float("-inf")).argsort(dim=1, descending=True, stable=True)
+    args = (score.to(device), choice.to(device), part.src_idx, part.dst_idx, num_remove)
+    counted = plan_slots_triton(*args, order=None)
+    sorted_ = plan_slots_triton(*args, order=ranked.to(device))
+    assert torch.equal(counted[0].cpu(), sorted_[0].cpu())
+    assert torch.equal(counted[1].cpu(), sorted_[1].cpu())
+    # A plan: every slot holds as many tokens as its count says.
+    num_merged = part.num_tokens - num_remove
+    members = torch.bincount(counted[0].cpu(), minlength=batch * num_merged).float()
+    assert torch.equal(members, counted[1].cpu().squeeze(1))
 
 
 def test_automatic_backend_uses_triton_only_for_cuda_tensors(monkeypatch: pytest.MonkeyPatch) -> None:

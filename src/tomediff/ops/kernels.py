@@ -21,7 +21,9 @@ except ImportError:  # pragma: no cover - depends on the installation
 
 __all__ = [
     "BEST_DST_LABEL",
+    "COUNT_RANKS_MAX_SRC",
     "DST_NORM_LABEL",
+    "INLINE_NORMS_MAX_DST",
     "PLAN_SLOTS_LABEL",
     "SCATTER_ADD_LABEL",
     "best_dst_tiles",
@@ -112,6 +114,7 @@ if triton is not None:
         tiny,
         PRECISION: tl.constexpr,
         BF16_BITS: tl.constexpr,
+        INLINE_NORMS: tl.constexpr,
         BLOCK_S: tl.constexpr,
         BLOCK_D: tl.constexpr,
         BLOCK_C: tl.constexpr,
@@ -119,6 +122,8 @@ if triton is not None:
         # One program: BLOCK_S src rows of one batch element against every dst token, keeping a
         # running (max, first argmax) per row; the Ns x Nd similarity matrix never exists. The loops
         # over dst tiles and channel chunks are one flat loop, so loads stay pipelined across tiles.
+        # INLINE_NORMS: the dst norms are summed here from the loaded chunks (one launch less, for
+        # small grids where launches cost more than the redundant sums); else read from dst_inv_norm.
         batch = tl.program_id(1)
         rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
         row_ok = rows < num_src
@@ -139,6 +144,7 @@ if triton is not None:
         cols_in_tile = tl.arange(0, BLOCK_D)
         num_chunks = tl.cdiv(channels, BLOCK_C)
         acc = tl.zeros([BLOCK_S, BLOCK_D], dtype=tl.float32)
+        dst_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
         for step in range(0, tl.cdiv(num_dst, BLOCK_D) * num_chunks):
             tile = step // num_chunks
             c0 = (step - tile * num_chunks) * BLOCK_C
@@ -150,8 +156,15 @@ if triton is not None:
             d_ptr = base + dst_tok[:, None] * stride_n + (c0 + chan)[None, :]
             d = load_rows(d_ptr, col_ok[:, None] & ch_ok[None, :], BF16_BITS)
             acc = tl.dot(s, tl.trans(d), acc, input_precision=PRECISION)
+            if INLINE_NORMS:
+                d32 = d.to(tl.float32)
+                dst_sq += tl.sum(d32 * d32, axis=1)
             if c0 + BLOCK_C >= channels:  # the tile's last chunk: fold it into the running max
-                inv_norm = tl.load(dst_inv_norm_ptr + batch * num_dst + cols, mask=col_ok, other=0.0)
+                if INLINE_NORMS:
+                    inv_norm = 1.0 / tl.maximum(tl.sqrt(dst_sq), tiny)
+                    dst_sq = tl.zeros([BLOCK_D], dtype=tl.float32)
+                else:
+                    inv_norm = tl.load(dst_inv_norm_ptr + batch * num_dst + cols, mask=col_ok, other=0.0)
                 sim = tl.where(col_ok[None, :], acc * inv_norm[None, :], float("-inf"))
                 # First column reaching the tile's max: ties resolve to the lowest dst index, as torch.max.
                 tile_best, tile_arg = tl.max(
@@ -169,6 +182,7 @@ if triton is not None:
 
     @triton.jit
     def plan_slots_kernel(
+        score_ptr,
         order_ptr,
         choice_ptr,
         src_idx_ptr,
@@ -178,11 +192,18 @@ if triton is not None:
         num_src,
         num_dst,
         num_remove,
+        COUNT_RANKS: tl.constexpr,
         BLOCK: tl.constexpr,
+        BLOCK_Q: tl.constexpr,
     ):
-        # Row i < Ns of batch b is the src token ranked i-th: the top r go to their best dst's slot
-        # (and add one to its count), the others get slots Nd, Nd+1, ... in rank order. Rows Ns..N-1
-        # are the dst tokens, slot j for the j-th. Slots are flat: b * M + local slot.
+        # Rows i < Ns of batch b are src tokens, rows Ns..N-1 dst tokens (dst j gets slot j). A src
+        # token's rank r_p in decreasing score decides its slot: the top r go to their best dst's slot
+        # (adding one to its count), the others get slots Nd, Nd+1, ... in rank order. Slots are
+        # flat: b * M + local slot.
+        # COUNT_RANKS: row i is src position p = i and its rank is counted, O(Ns) per row, as the
+        # number of scores above it (equal scores: lower positions first; NaN counts as -inf), which
+        # replaces a sort's several launches on small grids. Else row i is rank i and order[b, i] its
+        # position (from a sort).
         batch = tl.program_id(1)
         i = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
         num_tokens = num_src + num_dst
@@ -190,13 +211,30 @@ if triton is not None:
         offset = batch * num_merged
         is_src = i < num_src
         is_dst = (i >= num_src) & (i < num_tokens)
-        pos = tl.load(order_ptr + batch * num_src + i, mask=is_src, other=0)
-        merged = is_src & (i < num_remove)
+        if COUNT_RANKS:
+            pos = i
+            rank = tl.zeros([BLOCK], dtype=tl.int32)
+            if tl.program_id(0) * BLOCK < num_src:
+                mine = tl.load(score_ptr + batch * num_src + i, mask=is_src, other=float("-inf"))
+                mine = tl.where(mine != mine, float("-inf"), mine)
+                for q0 in range(0, num_src, BLOCK_Q):
+                    q = q0 + tl.arange(0, BLOCK_Q)
+                    theirs = tl.load(score_ptr + batch * num_src + q, mask=q < num_src, other=float("-inf"))
+                    theirs = tl.where(theirs != theirs, float("-inf"), theirs)
+                    above = (theirs[None, :] > mine[:, None]) | (
+                        (theirs[None, :] == mine[:, None]) & (q[None, :] < i[:, None])
+                    )
+                    above = above & (q < num_src)[None, :]
+                    rank += tl.sum(above.to(tl.int32), axis=1)
+        else:
+            rank = i
+            pos = tl.load(order_ptr + batch * num_src + i, mask=is_src, other=0)
+        merged = is_src & (rank < num_remove)
         dst_pos = tl.load(choice_ptr + batch * num_src + pos, mask=merged, other=0)
-        src_slot = tl.where(merged, dst_pos, num_dst + i - num_remove) + offset
+        src_slot = tl.where(merged, dst_pos, num_dst + rank - num_remove) + offset
         tl.atomic_add(counts_ptr + src_slot, tl.full([BLOCK], 1.0, tl.float32), mask=merged)
         src_tok = tl.load(src_idx_ptr + pos, mask=is_src, other=0)
-        tl.store(slot_ptr + batch * num_tokens + src_tok, src_slot, mask=is_src)
+        tl.store(slot_ptr + batch * num_tokens + src_tok, src_slot.to(tl.int64), mask=is_src)
         j = i - num_src
         dst_tok = tl.load(dst_idx_ptr + j, mask=is_dst, other=0)
         tl.store(slot_ptr + batch * num_tokens + dst_tok, (j + offset).to(tl.int64), mask=is_dst)
@@ -243,20 +281,36 @@ def _kernel_view(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
     return tensor, False
 
 
-def best_dst_tiles(num_dst: int, dtype: torch.dtype) -> dict[str, int]:
-    """Launch parameters of the best-dst kernel on a GPU (tile sizes, warps, pipeline stages)."""
+# Up to this many dst tokens the best-dst kernel sums the dst norms itself (one launch instead of
+# two): such grids are bound by launches, not by the kernel's arithmetic.
+INLINE_NORMS_MAX_DST = 1024
+# Up to this many src tokens the slot kernel counts ranks itself instead of taking a sort's order
+# (O(Ns²) comparisons, a few microseconds there, against a sort's several launches).
+COUNT_RANKS_MAX_SRC = 16384
+
+
+def best_dst_tiles(num_src: int, dtype: torch.dtype) -> dict[str, int]:
+    """Launch parameters of the best-dst kernel on a GPU (tile sizes, warps, pipeline stages).
+
+    Half precision: measured on an H100 (``benchmarks/kernel_sweep.py``, B=2, C=320/640/1152), 64×128
+    tiles with 4 warps and 3 stages were fastest up to N = 16,384 and 128×128 at N = 65,536.
+    """
     if dtype == torch.float32:
         return {"BLOCK_S": 64, "BLOCK_D": 64, "BLOCK_C": 32, "num_warps": 4, "num_stages": 2}
-    if num_dst <= 1024:
-        return {"BLOCK_S": 64, "BLOCK_D": 64, "BLOCK_C": 64, "num_warps": 4, "num_stages": 2}
-    return {"BLOCK_S": 128, "BLOCK_D": 64, "BLOCK_C": 64, "num_warps": 8, "num_stages": 2}
+    rows = 128 if num_src >= 32768 else 64
+    return {"BLOCK_S": rows, "BLOCK_D": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3}
 
 
 def launch_best_dst(
-    metric: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, tiles: dict[str, int] | None = None
+    metric: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst_idx: torch.Tensor,
+    tiles: dict[str, int] | None = None,
+    inline_norms: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Run the dst-norm and best-dst kernels with the given launch parameters (default
-    :func:`best_dst_tiles`); see :func:`best_dst_triton`."""
+    """Run the best-dst kernel (and, for larger grids, the dst-norm kernel before it) with the given
+    launch parameters (default :func:`best_dst_tiles`; ``inline_norms`` default: up to
+    ``INLINE_NORMS_MAX_DST`` dst tokens); see :func:`best_dst_triton`."""
     _check_launchable(metric)
     if metric.stride(-1) != 1:
         metric = metric.contiguous()
@@ -272,18 +326,22 @@ def launch_best_dst(
     precision = "ieee" if metric.dtype == torch.float32 or bf16_bits else "tf32"
     strides = (metric.stride(0), metric.stride(1), torch.finfo(torch.float32).tiny)
     if tiles is None:
-        tiles = _INTERPRETER_TILES if _interpreting() else best_dst_tiles(num_dst, dtype)
-    dst_inv_norm = torch.empty(batch, num_dst, dtype=torch.float32, device=metric.device)
-    norm_rows = 16 if _interpreting() else 64
-    with torch.profiler.record_function(DST_NORM_LABEL):
-        dst_inv_norm_kernel[(triton.cdiv(num_dst, norm_rows), batch)](
-            metric, dst_idx, dst_inv_norm, num_dst, channels, *strides,
-            BF16_BITS=bf16_bits, BLOCK_R=norm_rows, BLOCK_C=tiles["BLOCK_C"],
-        )  # fmt: skip
+        tiles = _INTERPRETER_TILES if _interpreting() else best_dst_tiles(num_src, dtype)
+    if inline_norms is None:
+        inline_norms = num_dst <= INLINE_NORMS_MAX_DST
+    dst_inv_norm = score  # not read when the norms are inline
+    if not inline_norms:
+        dst_inv_norm = torch.empty(batch, num_dst, dtype=torch.float32, device=metric.device)
+        norm_rows = 16 if _interpreting() else 32
+        with torch.profiler.record_function(DST_NORM_LABEL):
+            dst_inv_norm_kernel[(triton.cdiv(num_dst, norm_rows), batch)](
+                metric, dst_idx, dst_inv_norm, num_dst, channels, *strides,
+                BF16_BITS=bf16_bits, BLOCK_R=norm_rows, BLOCK_C=tiles["BLOCK_C"],
+            )  # fmt: skip
     with torch.profiler.record_function(BEST_DST_LABEL):
         best_dst_kernel[(triton.cdiv(num_src, tiles["BLOCK_S"]), batch)](
             metric, src_idx, dst_idx, dst_inv_norm, score, choice, num_src, num_dst, channels, *strides,
-            PRECISION=precision, BF16_BITS=bf16_bits, **tiles,
+            PRECISION=precision, BF16_BITS=bf16_bits, INLINE_NORMS=inline_norms, **tiles,
         )  # fmt: skip
     return score, choice
 
@@ -295,25 +353,31 @@ def _best_dst_impl(
 
 
 def _plan_slots_impl(
-    order: torch.Tensor,
+    score: torch.Tensor,
+    order: torch.Tensor | None,
     choice: torch.Tensor,
     src_idx: torch.Tensor,
     dst_idx: torch.Tensor,
     num_remove: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    _check_launchable(order)
-    batch, num_src = order.shape
+    _check_launchable(score)
+    batch, num_src = score.shape
     num_dst = int(dst_idx.shape[0])
     num_tokens = num_src + num_dst
-    slot = torch.empty(batch * num_tokens, dtype=torch.int64, device=order.device)
-    counts = torch.ones(batch * (num_tokens - num_remove), 1, dtype=torch.float32, device=order.device)
+    slot = torch.empty(batch * num_tokens, dtype=torch.int64, device=score.device)
+    counts = torch.ones(batch * (num_tokens - num_remove), 1, dtype=torch.float32, device=score.device)
     if batch == 0 or num_tokens == 0:
         return slot, counts
-    block = 64 if _interpreting() else 1024
+    count_ranks = order is None
+    if _interpreting():
+        block, block_q = 16, 16
+    else:
+        block, block_q = (128, 256) if count_ranks else (1024, 1)
     with torch.profiler.record_function(PLAN_SLOTS_LABEL):
         plan_slots_kernel[(triton.cdiv(num_tokens, block), batch)](
-            order.contiguous(), choice.contiguous(), src_idx, dst_idx, slot, counts,
-            num_src, num_dst, num_remove, BLOCK=block,
+            score.contiguous(), choice if count_ranks else order.contiguous(), choice.contiguous(),
+            src_idx, dst_idx, slot, counts, num_src, num_dst, num_remove,
+            COUNT_RANKS=count_ranks, BLOCK=block, BLOCK_Q=block_q,
         )  # fmt: skip
     return slot, counts
 
@@ -364,19 +428,29 @@ def _(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
 
 @torch.library.custom_op("tomediff::plan_slots", mutates_args=())
 def _plan_slots_op(
-    order: torch.Tensor, choice: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, num_remove: int
+    score: torch.Tensor,
+    order: torch.Tensor | None,
+    choice: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst_idx: torch.Tensor,
+    num_remove: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _plan_slots_impl(order, choice, src_idx, dst_idx, num_remove)
+    return _plan_slots_impl(score, order, choice, src_idx, dst_idx, num_remove)
 
 
 @_plan_slots_op.register_fake
 def _(
-    order: torch.Tensor, choice: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, num_remove: int
+    score: torch.Tensor,
+    order: torch.Tensor | None,
+    choice: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst_idx: torch.Tensor,
+    num_remove: int,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    batch, num_src = order.shape
+    batch, num_src = score.shape
     num_tokens = num_src + dst_idx.shape[0]
-    slot = order.new_empty((batch * num_tokens,), dtype=torch.int64)
-    return slot, order.new_empty((batch * (num_tokens - num_remove), 1), dtype=torch.float32)
+    slot = score.new_empty((batch * num_tokens,), dtype=torch.int64)
+    return slot, score.new_empty((batch * (num_tokens - num_remove), 1), dtype=torch.float32)
 
 
 def best_dst_triton(
@@ -408,14 +482,22 @@ def scatter_add_triton(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> t
 
 
 def plan_slots_triton(
-    order: torch.Tensor, choice: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor, num_remove: int
+    score: torch.Tensor,
+    choice: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst_idx: torch.Tensor,
+    num_remove: int,
+    order: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """A merge plan's slots and counts from the ranked src tokens, in one launch.
+    """A merge plan's slots and counts from the src scores and best dsts, in one launch.
 
     Args:
-        order: ``[B, Ns]`` int64 src positions by decreasing score; choice: ``[B, Ns]`` int64 best dst
-            (position in ``dst_idx``) of each src position; src_idx ``[Ns]``, dst_idx ``[Nd]`` int64
-            token indices; num_remove: ``r``, the top-ranked src tokens merged into their dst.
+        score: ``[B, Ns]`` float32 similarity of each src position to its best dst; choice: ``[B, Ns]``
+            int64 that dst (position in ``dst_idx``); src_idx ``[Ns]``, dst_idx ``[Nd]`` int64 token
+            indices; num_remove: ``r``, the top-ranked src tokens merged into their dst.
+        order: ``[B, Ns]`` int64 src positions by decreasing score (a sort's output), or None to rank
+            by counting in the kernel (ties: lower positions first; meant for ``Ns`` up to
+            ``COUNT_RANKS_MAX_SRC``).
 
     Returns:
         ``flat_slot: [B*N]`` int64 (``b * M + slot``; dst j gets slot j, the kept src tokens slots
@@ -423,5 +505,5 @@ def plan_slots_triton(
         :class:`tomediff.ops.merge.MergePlan` stores them.
     """
     if torch.compiler.is_compiling():
-        return _plan_slots_op(order, choice, src_idx, dst_idx, num_remove)
-    return _plan_slots_impl(order, choice, src_idx, dst_idx, num_remove)
+        return _plan_slots_op(score, order, choice, src_idx, dst_idx, num_remove)
+    return _plan_slots_impl(score, order, choice, src_idx, dst_idx, num_remove)

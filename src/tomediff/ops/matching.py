@@ -7,7 +7,7 @@ from typing import Literal
 
 import torch
 
-from tomediff.ops.kernels import best_dst_triton, plan_slots_triton, triton_enabled
+from tomediff.ops.kernels import COUNT_RANKS_MAX_SRC, best_dst_triton, plan_slots_triton, triton_enabled
 from tomediff.ops.merge import MergePlan
 from tomediff.ops.partition import Partition
 
@@ -187,12 +187,13 @@ def plan_merge(
     num_merged = num_tokens - num_remove
     with torch.no_grad():
         score, choice = best_dst_for_src(metric, partition, max_score_elements, backend)
-        order = score.argsort(dim=1, descending=True)
-        if _use_triton(metric, backend):  # the slots and counts below in one launch
+        if _use_triton(metric, backend):  # the ranking (small grids), slots and counts in one launch
+            order = None if num_src <= COUNT_RANKS_MAX_SRC else score.argsort(dim=1, descending=True)
             flat_slot, counts = plan_slots_triton(
-                order, choice, partition.src_idx, partition.dst_idx, num_remove
+                score, choice, partition.src_idx, partition.dst_idx, num_remove, order=order
             )
             return MergePlan(flat_slot, counts, batch, num_tokens, num_merged)
+        order = score.argsort(dim=1, descending=True)
         if constants is None:
             constants = plan_constants(batch, num_dst, num_src, num_remove, device)
         merged, kept = order[:, :num_remove], order[:, num_remove:]
