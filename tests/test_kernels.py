@@ -166,6 +166,36 @@ def test_slot_kernel_counted_ranks_equal_a_stable_sort(device: str, scores: str)
     assert torch.equal(members, counted[1].cpu().squeeze(1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_kernels_compile_as_opaque_ops(device: str) -> None:
+    # Under torch.compile each launch is a custom op (shapes from its fake implementation): a whole
+    # plan and a merge trace as one graph and give what eager gives, for both ranking modes.
+    height, width = 10, 12
+    gen = torch.Generator().manual_seed(4)
+    part = grid_partition(height, width, 2, 2, draw_dst_offsets(height, width, 2, 2, gen).to(device))
+    x = torch.randn(2, height * width, 24, generator=gen).to(device, torch.float16)
+    order = torch.randn(2, part.num_src, generator=gen).argsort(dim=1).to(device)
+
+    def plan_and_merge(x: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        plan = plan_merge(x, part, 50, backend="triton")
+        assert plan is not None
+        score, choice = best_dst_for_src(x, part, backend="triton")
+        given = plan_slots_triton(score, choice, part.src_idx, part.dst_idx, 50, order=order)
+        return plan.flat_slot, plan.counts, plan.merge(x), *given
+
+    torch._dynamo.reset()
+    compiled = torch.compile(plan_and_merge, backend="aot_eager", fullgraph=True)
+    for got, expected in zip(compiled(x, order), plan_and_merge(x, order), strict=True):
+        assert torch.equal(got, expected)
+
+
+def test_inline_norms_are_refused_with_large_tiles() -> None:
+    part = grid_partition(4, 4, 2, 2, torch.zeros(2, 2, dtype=torch.long))
+    tiles = {"BLOCK_S": 128, "BLOCK_D": 256, "BLOCK_C": 64, "num_warps": 8, "num_stages": 3}
+    with pytest.raises(ValueError, match="inline_norms=True with 128x256 tiles"):
+        launch_best_dst(torch.randn(1, 16, 8), part.src_idx, part.dst_idx, tiles, inline_norms=True)
+
+
 def test_automatic_backend_uses_triton_only_for_cuda_tensors(monkeypatch: pytest.MonkeyPatch) -> None:
     assert not triton_enabled(torch.zeros(1))
     if torch.cuda.is_available():

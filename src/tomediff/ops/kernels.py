@@ -284,6 +284,11 @@ def _kernel_view(tensor: torch.Tensor) -> tuple[torch.Tensor, bool]:
 # Up to this many dst tokens the best-dst kernel sums the dst norms itself (one launch instead of
 # two): such grids are bound by launches, not by the kernel's arithmetic.
 INLINE_NORMS_MAX_DST = 1024
+# Inline norms only with tiles up to this many entries: on an H100 (Triton 3.6), 128x256 tiles with
+# 8 warps and inline norms picked another dst than torch for 14% of the rows (85.9% agreement against
+# 99.9% for every other candidate; the same tiles with the norms kernel agreed). Larger tiles are
+# never chosen by default.
+_INLINE_NORMS_MAX_TILE = 128 * 128
 # Up to this many src tokens the slot kernel counts ranks itself instead of taking a sort's order
 # (O(Ns²) comparisons, a few microseconds there, against a sort's several launches).
 COUNT_RANKS_MAX_SRC = 16384
@@ -292,13 +297,14 @@ COUNT_RANKS_MAX_SRC = 16384
 def best_dst_tiles(num_src: int, dtype: torch.dtype) -> dict[str, int]:
     """Launch parameters of the best-dst kernel on a GPU (tile sizes, warps, pipeline stages).
 
-    Half precision: measured on an H100 (``benchmarks/kernel_sweep.py``, B=2, C=320/640/1152), 64×128
-    tiles with 4 warps and 3 stages were fastest up to N = 16,384 and 128×128 at N = 65,536.
+    Half precision: measured on an H100 (``benchmarks/kernel_sweep.py``, B=2, C=320/640/1152, two
+    sweeps): 64×128 tiles with 4 warps were fastest up to N = 16,384 and 128×128 at N = 65,536, and 4
+    pipeline stages beat 3 at all five shapes of the second sweep.
     """
     if dtype == torch.float32:
         return {"BLOCK_S": 64, "BLOCK_D": 64, "BLOCK_C": 32, "num_warps": 4, "num_stages": 2}
     rows = 128 if num_src >= 32768 else 64
-    return {"BLOCK_S": rows, "BLOCK_D": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3}
+    return {"BLOCK_S": rows, "BLOCK_D": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 4}
 
 
 def launch_best_dst(
@@ -327,8 +333,15 @@ def launch_best_dst(
     strides = (metric.stride(0), metric.stride(1), torch.finfo(torch.float32).tiny)
     if tiles is None:
         tiles = _INTERPRETER_TILES if _interpreting() else best_dst_tiles(num_src, dtype)
+    tile = tiles["BLOCK_S"] * tiles["BLOCK_D"]
     if inline_norms is None:
-        inline_norms = num_dst <= INLINE_NORMS_MAX_DST
+        inline_norms = num_dst <= INLINE_NORMS_MAX_DST and tile <= _INLINE_NORMS_MAX_TILE
+    elif inline_norms and tile > _INLINE_NORMS_MAX_TILE:
+        raise ValueError(
+            f"inline_norms=True with {tiles['BLOCK_S']}x{tiles['BLOCK_D']} tiles: inline dst norms are "
+            f"only used with tiles of at most {_INLINE_NORMS_MAX_TILE} entries (larger ones gave wrong "
+            "choices on an H100); use smaller tiles or inline_norms=False."
+        )
     dst_inv_norm = score  # not read when the norms are inline
     if not inline_norms:
         dst_inv_norm = torch.empty(batch, num_dst, dtype=torch.float32, device=metric.device)
