@@ -297,14 +297,15 @@ COUNT_RANKS_MAX_SRC = 16384
 def best_dst_tiles(num_src: int, dtype: torch.dtype) -> dict[str, int]:
     """Launch parameters of the best-dst kernel on a GPU (tile sizes, warps, pipeline stages).
 
-    Half precision: measured on an H100 (``benchmarks/kernel_sweep.py``, B=2, C=320/640/1152, two
-    sweeps): 64×128 tiles with 4 warps were fastest up to N = 16,384 and 128×128 at N = 65,536, and 4
-    pipeline stages beat 3 at all five shapes of the second sweep.
+    Half precision: measured on an H100 (``benchmarks/kernel_sweep.py``, B=2, C=320/640/1152): 64×128
+    tiles with 4 warps were fastest up to N = 16,384 and 128×128 at N = 65,536. These are the tiles the
+    model benchmarks in docs/benchmarks.md ran with. (A second sweep had 4 pipeline stages 1-6% ahead
+    of 3 at its five shapes; not yet measured on whole models.)
     """
     if dtype == torch.float32:
         return {"BLOCK_S": 64, "BLOCK_D": 64, "BLOCK_C": 32, "num_warps": 4, "num_stages": 2}
     rows = 128 if num_src >= 32768 else 64
-    return {"BLOCK_S": rows, "BLOCK_D": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 4}
+    return {"BLOCK_S": rows, "BLOCK_D": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3}
 
 
 def launch_best_dst(
