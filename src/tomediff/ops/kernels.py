@@ -89,7 +89,7 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
         row_ok = rows < num_dst
         tok = tl.load(dst_idx_ptr + rows, mask=row_ok, other=0)
-        row_ptr = metric_ptr + batch * stride_b + tok[:, None] * stride_n
+        row_ptr = metric_ptr + batch.to(tl.int64) * stride_b + tok[:, None] * stride_n
         chan = tl.arange(0, BLOCK_C)
         sq = tl.zeros([BLOCK_R], dtype=tl.float32)
         for c0 in range(0, channels, BLOCK_C):
@@ -128,7 +128,7 @@ if triton is not None:
         rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
         row_ok = rows < num_src
         src_tok = tl.load(src_idx_ptr + rows, mask=row_ok, other=0)
-        base = metric_ptr + batch * stride_b
+        base = metric_ptr + batch.to(tl.int64) * stride_b  # B*N*C can pass 2**31
         src_ptr = base + src_tok[:, None] * stride_n
         chan = tl.arange(0, BLOCK_C)
 
@@ -258,7 +258,7 @@ if triton is not None:
         for c0 in range(0, channels, BLOCK_C):
             ch = c0 + chan
             ok = row_ok[:, None] & (ch < channels)[None, :]
-            x = load_rows(x_ptr + rows[:, None] * channels + ch[None, :], ok, BF16_BITS)
+            x = load_rows(x_ptr + rows.to(tl.int64)[:, None] * channels + ch[None, :], ok, BF16_BITS)
             tl.atomic_add(out_ptr + slot[:, None] * channels + ch[None, :], x.to(tl.float32), mask=ok)
 
 
