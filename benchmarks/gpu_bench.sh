@@ -6,7 +6,8 @@
 #   tests     pytest -m gpu plus the Triton kernel tests on CUDA (tests/test_kernels.py, test_gpu.py)
 #   sweep     benchmarks/kernel_sweep.py: the fused best-dst kernel over candidate tiles at SD/SDXL/PixArt
 #             shapes, beside the torch path and tomesd (and an earlier kernels.py given as PREVIOUS_KERNELS),
-#             plus host and device time of one plan_merge
+#             an experimental variant that keeps the src tile on chip (C = 320/640), plus host and device
+#             time of one plan_merge
 #   profile   benchmarks/profile_merge.py on CUDA: kernels per call, kernel time and GPU busy fraction of
 #             baseline / tomediff / ideal, SD 1.5 at 512/1024 and PixArt-alpha at 1024 (PROFILES="sd15:512"
 #             for one)

@@ -24,23 +24,115 @@ from collections.abc import Callable
 import torch
 
 from tomediff.ops import draw_dst_offsets, grid_partition, plan_constants, plan_merge
-from tomediff.ops.kernels import best_dst_tiles, launch_best_dst
+from tomediff.ops.kernels import best_dst_tiles, dst_inv_norm_kernel, launch_best_dst, tl, triton
 from tomediff.ops.matching import best_dst_for_src
 
 SHAPES = ((4096, 320), (16384, 320), (65536, 320), (4096, 1152), (16384, 1152))
-# (BLOCK_S, BLOCK_D, BLOCK_C, warps, stages). A first sweep on an H100 (2026-11-27) ranked 64x128 and
-# 128x128 with 4 warps and 3 stages first of 12 candidates (64x64 and 128x64 tiles, 32-channel chunks
-# and 8 warps trailed); these are the leaders and larger tiles that keep more of each load in use.
+# (BLOCK_S, BLOCK_D, BLOCK_C, warps, stages). Two sweeps on an H100 (2026-11-27, results in
+# benchmarks/results/gpu_h100_2026-11-27b/) ranked 64x128 and 128x128 tiles with 4 warps first among 20
+# candidates, 4 stages slightly ahead of 3; 128x256 with 8 warps was no faster.
 CANDIDATES = (
     (64, 128, 64, 4, 3),
-    (128, 128, 64, 4, 3),
     (64, 128, 64, 4, 4),
+    (128, 128, 64, 4, 3),
     (128, 128, 64, 4, 4),
-    (64, 256, 64, 4, 3),
-    (128, 256, 64, 8, 3),
     (128, 256, 64, 8, 4),
-    (256, 128, 64, 8, 3),
 )
+# Experiment for the next GPU session, not in the library: the src tile loaded once and kept on chip
+# while the dst tiles stream past (BLOCK_S, BLOCK_D, warps, stages). The streaming kernel re-reads a
+# src chunk from L2 for every dst tile; at 128x128 tiles that is half of its load traffic, and at
+# 2048² the kernel reaches about 280 TFLOP/s of the card's ~800. Only for C = 2^a + 2^b (320, 640).
+RESIDENT_CANDIDATES = ((64, 64, 4, 2), (64, 128, 4, 2), (128, 64, 4, 2), (128, 64, 8, 2), (128, 128, 8, 1))
+
+
+if triton is not None:
+
+    @triton.jit
+    def resident_best_dst_kernel(
+        metric_ptr,
+        src_idx_ptr,
+        dst_idx_ptr,
+        dst_inv_norm_ptr,
+        score_ptr,
+        choice_ptr,
+        num_src,
+        num_dst,
+        stride_b,
+        stride_n,
+        tiny,
+        C_A: tl.constexpr,
+        C_B: tl.constexpr,
+        BLOCK_S: tl.constexpr,
+        BLOCK_D: tl.constexpr,
+    ):
+        # As tomediff.ops.kernels.best_dst_kernel (dst norms from its norm kernel), but the BLOCK_S x C
+        # src tile (C = C_A + C_B, both powers of two) is loaded once, before the loop over dst tiles.
+        batch = tl.program_id(1)
+        rows = tl.program_id(0) * BLOCK_S + tl.arange(0, BLOCK_S)
+        row_ok = rows < num_src
+        base = metric_ptr + batch.to(tl.int64) * stride_b
+        src_tok = tl.load(src_idx_ptr + rows, mask=row_ok, other=0)
+        chan_a = tl.arange(0, C_A)
+        chan_b = C_A + tl.arange(0, C_B)
+        s_a = tl.load(base + src_tok[:, None] * stride_n + chan_a[None, :], mask=row_ok[:, None], other=0.0)
+        s_b = tl.load(base + src_tok[:, None] * stride_n + chan_b[None, :], mask=row_ok[:, None], other=0.0)
+        src_sq = tl.sum(s_a.to(tl.float32) * s_a.to(tl.float32), axis=1)
+        src_sq += tl.sum(s_b.to(tl.float32) * s_b.to(tl.float32), axis=1)
+        best = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
+        best_idx = tl.zeros([BLOCK_S], dtype=tl.int32)
+        for d0 in range(0, num_dst, BLOCK_D):
+            cols = d0 + tl.arange(0, BLOCK_D)
+            col_ok = cols < num_dst
+            dst_tok = tl.load(dst_idx_ptr + cols, mask=col_ok, other=0)
+            d_ptr = base + dst_tok[:, None] * stride_n
+            d_a = tl.load(d_ptr + chan_a[None, :], mask=col_ok[:, None], other=0.0)
+            d_b = tl.load(d_ptr + chan_b[None, :], mask=col_ok[:, None], other=0.0)
+            acc = tl.dot(s_a, tl.trans(d_a))
+            acc = tl.dot(s_b, tl.trans(d_b), acc)
+            inv_norm = tl.load(dst_inv_norm_ptr + batch * num_dst + cols, mask=col_ok, other=0.0)
+            sim = tl.where(col_ok[None, :], acc * inv_norm[None, :], float("-inf"))
+            tile_best, tile_arg = tl.max(sim, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            better = tile_best > best
+            best = tl.where(better, tile_best, best)
+            best_idx = tl.where(better, d0 + tile_arg, best_idx)
+        out = batch * num_src + rows
+        tl.store(score_ptr + out, best / tl.maximum(tl.sqrt(src_sq), tiny), mask=row_ok)
+        tl.store(choice_ptr + out, best_idx.to(tl.int64), mask=row_ok)
+
+
+def channel_split(channels: int) -> tuple[int, int] | None:
+    """``(2^a, 2^b)`` with ``2^a + 2^b = channels`` and ``2^a > 2^b >= 16``, or None."""
+    high = 1 << (channels.bit_length() - 1)
+    low = channels - high
+    return (high, low) if low >= 16 and low & (low - 1) == 0 else None
+
+
+def resident_best_dst(
+    metric: torch.Tensor,
+    src_idx: torch.Tensor,
+    dst_idx: torch.Tensor,
+    block_s: int,
+    block_d: int,
+    warps: int,
+    stages: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The experimental kernel, with the library's dst-norm kernel before it."""
+    batch, _, channels = metric.shape
+    split = channel_split(channels)
+    assert split is not None and metric.stride(-1) == 1
+    num_src, num_dst = src_idx.shape[0], dst_idx.shape[0]
+    score = torch.empty(batch, num_src, dtype=torch.float32, device=metric.device)
+    choice = torch.empty(batch, num_src, dtype=torch.int64, device=metric.device)
+    dst_inv_norm = torch.empty(batch, num_dst, dtype=torch.float32, device=metric.device)
+    strides = (metric.stride(0), metric.stride(1), torch.finfo(torch.float32).tiny)
+    dst_inv_norm_kernel[(triton.cdiv(num_dst, 32), batch)](
+        metric, dst_idx, dst_inv_norm, num_dst, channels, *strides, BF16_BITS=False, BLOCK_R=32, BLOCK_C=64
+    )
+    resident_best_dst_kernel[(triton.cdiv(num_src, block_s), batch)](
+        metric, src_idx, dst_idx, dst_inv_norm, score, choice, num_src, num_dst, *strides,
+        C_A=split[0], C_B=split[1], BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
+    return score, choice
 
 
 def device_ms(fn: Callable[[], object], repeats: int) -> list[float]:
@@ -107,6 +199,16 @@ def sweep_shape(
             continue
         agreement[name] = (choice == reference).float().mean().item()
         fns[name] = lambda tiles=tiles: launch_best_dst(x, part.src_idx, part.dst_idx, tiles)
+    for bs, bd, warps, stages in RESIDENT_CANDIDATES if channel_split(channels) else ():
+        name = f"resident S{bs} D{bd} w{warps} s{stages}"
+        args = (x, part.src_idx, part.dst_idx, bs, bd, warps, stages)
+        try:
+            _, choice = resident_best_dst(*args)
+        except Exception as error:  # out of shared memory or registers: report, go on
+            print(f"  {name}: failed ({type(error).__name__}: {str(error)[:80]})")
+            continue
+        agreement[name] = (choice == reference).float().mean().item()
+        fns[name] = lambda args=args: resident_best_dst(*args)
     for fn in fns.values():
         fn()
     torch.cuda.synchronize()
