@@ -70,6 +70,19 @@ if triton is not None:
         return tl.load(ptr, mask=mask, other=0.0)
 
     @triton.jit
+    def squared_norms(
+        row_ptr, row_ok, channels, BF16_BITS: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+    ):
+        # [BLOCK_R] fp32 squared norms of the rows at row_ptr ([BLOCK_R, 1] pointers), in BLOCK_C chunks.
+        chan = tl.arange(0, BLOCK_C)
+        sq = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for c0 in range(0, channels, BLOCK_C):
+            ok = row_ok[:, None] & ((c0 + chan) < channels)[None, :]
+            x = load_rows(row_ptr + (c0 + chan)[None, :], ok, BF16_BITS).to(tl.float32)
+            sq += tl.sum(x * x, axis=1)
+        return sq
+
+    @triton.jit
     def dst_inv_norm_kernel(
         metric_ptr,
         dst_idx_ptr,
@@ -90,12 +103,7 @@ if triton is not None:
         row_ok = rows < num_dst
         tok = tl.load(dst_idx_ptr + rows, mask=row_ok, other=0)
         row_ptr = metric_ptr + batch.to(tl.int64) * stride_b + tok[:, None] * stride_n
-        chan = tl.arange(0, BLOCK_C)
-        sq = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for c0 in range(0, channels, BLOCK_C):
-            ok = row_ok[:, None] & ((c0 + chan) < channels)[None, :]
-            x = load_rows(row_ptr + (c0 + chan)[None, :], ok, BF16_BITS).to(tl.float32)
-            sq += tl.sum(x * x, axis=1)
+        sq = squared_norms(row_ptr, row_ok, channels, BF16_BITS, BLOCK_R, BLOCK_C)
         tl.store(out_ptr + batch * num_dst + rows, 1.0 / tl.maximum(tl.sqrt(sq), tiny), mask=row_ok)
 
     @triton.jit
@@ -131,13 +139,7 @@ if triton is not None:
         base = metric_ptr + batch.to(tl.int64) * stride_b  # B*N*C can pass 2**31
         src_ptr = base + src_tok[:, None] * stride_n
         chan = tl.arange(0, BLOCK_C)
-
-        src_sq = tl.zeros([BLOCK_S], dtype=tl.float32)
-        for c0 in range(0, channels, BLOCK_C):
-            ch_ok = (c0 + chan) < channels
-            s = load_rows(src_ptr + (c0 + chan)[None, :], row_ok[:, None] & ch_ok[None, :], BF16_BITS)
-            s = s.to(tl.float32)
-            src_sq += tl.sum(s * s, axis=1)
+        src_sq = squared_norms(src_ptr, row_ok, channels, BF16_BITS, BLOCK_S, BLOCK_C)
 
         best = tl.full([BLOCK_S], float("-inf"), dtype=tl.float32)
         best_idx = tl.zeros([BLOCK_S], dtype=tl.int32)
