@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from conftest import assert_close
-from tomediff.ops import best_dst_for_src, draw_dst_offsets, grid_partition, plan_merge
+from tomediff.ops import best_dst_for_src, draw_dst_offsets, grid_partition, matching, plan_merge
 from tomediff.ops.kernels import launch_best_dst, plan_slots_triton, scatter_add_triton, triton_enabled
 
 pytest.importorskip("triton")
@@ -143,7 +143,7 @@ def test_best_dst_kernel_dst_norms_inline_or_precomputed_agree(device: str, dtyp
 def test_slot_kernel_counted_ranks_equal_a_stable_sort(device: str, scores: str) -> None:
     # Small grids rank the src tokens by counting in the slot kernel; larger ones pass a sort's order.
     # Both give the same plan as a stable descending sort (equal scores: lower position first; NaN
-    # ranks last, as -inf).
+    # first).
     height, width, batch = 12, 14, 3
     gen = torch.Generator().manual_seed(2)
     part = grid_partition(height, width, 2, 2, draw_dst_offsets(height, width, 2, 2, gen).to(device))
@@ -154,7 +154,7 @@ def test_slot_kernel_counted_ranks_equal_a_stable_sort(device: str, scores: str)
         score[:, ::7] = float("nan")
     choice = torch.randint(part.num_dst, (batch, part.num_src), generator=gen)
     num_remove = part.num_src // 2 + 1
-    ranked = torch.nan_to_num(score, nan=float("-inf")).argsort(dim=1, descending=True, stable=True)
+    ranked = score.argsort(dim=1, descending=True, stable=True)  # NaN first, ties in position order
     args = (score.to(device), choice.to(device), part.src_idx, part.dst_idx, num_remove)
     counted = plan_slots_triton(*args, order=None)
     sorted_ = plan_slots_triton(*args, order=ranked.to(device))
@@ -187,6 +187,47 @@ def test_kernels_compile_as_opaque_ops(device: str) -> None:
     compiled = torch.compile(plan_and_merge, backend="aot_eager", fullgraph=True)
     for got, expected in zip(compiled(x, order), plan_and_merge(x, order), strict=True):
         assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("features", ["zero", "inf"])
+@pytest.mark.parametrize("count_ranks", [True, False])
+def test_plan_from_kernel_equals_plan_from_torch_with_tied_or_nan_scores(
+    device: str, features: str, count_ranks: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Zero tokens tie exactly (every score is 0); an inf feature gives a NaN score. Both ranking modes
+    # of the Triton path (counted for small grids, sorted above COUNT_RANKS_MAX_SRC) and the torch path
+    # must still agree on one plan. (Repeated nonzero tokens only nearly tie: the paths round their
+    # cosines differently, so their order among such tokens may differ.)
+    if not count_ranks:
+        monkeypatch.setattr(matching, "COUNT_RANKS_MAX_SRC", 0)
+    height, width = 12, 10
+    gen = torch.Generator().manual_seed(6)
+    part = grid_partition(height, width, 2, 2, draw_dst_offsets(height, width, 2, 2, gen).to(device))
+    x = torch.randn(2, height * width, 16, generator=gen)
+    if features == "zero":
+        x.zero_()
+    else:
+        x[0, part.src_idx[[2, 7]].cpu(), 0] = float("inf")
+    x = x.to(device)
+    plan_t = plan_merge(x, part, 40, backend="triton")
+    plan_r = plan_merge(x, part, 40, backend="torch")
+    assert plan_t is not None and plan_r is not None
+    assert torch.equal(plan_t.flat_slot.cpu(), plan_r.flat_slot.cpu())
+    assert torch.equal(plan_t.counts.cpu(), plan_r.counts.cpu())
+
+
+def test_slot_kernel_refuses_a_removal_count_outside_the_src_tokens() -> None:
+    part = grid_partition(4, 4, 2, 2, torch.zeros(2, 2, dtype=torch.long))
+    score, choice = torch.zeros(1, part.num_src), torch.zeros(1, part.num_src, dtype=torch.long)
+    with pytest.raises(ValueError, match=r"num_remove=17 must be in \[0, 12\]"):
+        plan_slots_triton(score, choice, part.src_idx, part.dst_idx, 17)
+
+
+def test_zero_channels_give_zero_similarity() -> None:
+    part = grid_partition(4, 4, 2, 2, torch.zeros(2, 2, dtype=torch.long))
+    score, choice = launch_best_dst(torch.randn(2, 16, 0), part.src_idx, part.dst_idx)
+    assert torch.equal(score, torch.zeros(2, part.num_src)) and not choice.any()
 
 
 def test_inline_norms_are_refused_with_large_tiles() -> None:

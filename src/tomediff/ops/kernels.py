@@ -203,7 +203,7 @@ if triton is not None:
         # (adding one to its count), the others get slots Nd, Nd+1, ... in rank order. Slots are
         # flat: b * M + local slot.
         # COUNT_RANKS: row i is src position p = i and its rank is counted, O(Ns) per row, as the
-        # number of scores above it (equal scores: lower positions first; NaN counts as -inf), which
+        # number of scores above it (equal scores: lower positions first; NaN above every number), which
         # replaces a sort's several launches on small grids. Else row i is rank i and order[b, i] its
         # position (from a sort).
         batch = tl.program_id(1)
@@ -218,11 +218,11 @@ if triton is not None:
             rank = tl.zeros([BLOCK], dtype=tl.int32)
             if tl.program_id(0) * BLOCK < num_src:
                 mine = tl.load(score_ptr + batch * num_src + i, mask=is_src, other=float("-inf"))
-                mine = tl.where(mine != mine, float("-inf"), mine)
+                mine = tl.where(mine != mine, float("inf"), mine)  # a cosine is never inf
                 for q0 in range(0, num_src, BLOCK_Q):
                     q = q0 + tl.arange(0, BLOCK_Q)
                     theirs = tl.load(score_ptr + batch * num_src + q, mask=q < num_src, other=float("-inf"))
-                    theirs = tl.where(theirs != theirs, float("-inf"), theirs)
+                    theirs = tl.where(theirs != theirs, float("inf"), theirs)
                     above = (theirs[None, :] > mine[:, None]) | (
                         (theirs[None, :] == mine[:, None]) & (q[None, :] < i[:, None])
                     )
@@ -329,6 +329,8 @@ def launch_best_dst(
     choice = torch.empty(batch, num_src, dtype=torch.int64, device=metric.device)
     if num_src == 0 or batch == 0:
         return score, choice
+    if channels == 0:  # every cosine similarity is 0; the first dst wins, as in torch
+        return score.zero_(), choice.zero_()
     dtype = metric.dtype
     metric, bf16_bits = _kernel_view(metric)
     # fp32 products stay exact (no TF32); half inputs ignore the setting.
@@ -379,6 +381,8 @@ def _plan_slots_impl(
     _check_launchable(score)
     batch, num_src = score.shape
     num_dst = int(dst_idx.shape[0])
+    if not 0 <= num_remove <= num_src:
+        raise ValueError(f"num_remove={num_remove} must be in [0, {num_src}] (the number of src tokens).")
     num_tokens = num_src + num_dst
     slot = torch.empty(batch * num_tokens, dtype=torch.int64, device=score.device)
     counts = torch.ones(batch * (num_tokens - num_remove), 1, dtype=torch.float32, device=score.device)
@@ -512,8 +516,8 @@ def plan_slots_triton(
             int64 that dst (position in ``dst_idx``); src_idx ``[Ns]``, dst_idx ``[Nd]`` int64 token
             indices; num_remove: ``r``, the top-ranked src tokens merged into their dst.
         order: ``[B, Ns]`` int64 src positions by decreasing score (a sort's output), or None to rank
-            by counting in the kernel (ties: lower positions first; meant for ``Ns`` up to
-            ``COUNT_RANKS_MAX_SRC``).
+            by counting in the kernel, as a stable descending sort does (equal scores: lower positions
+            first; NaN before every number), meant for ``Ns`` up to ``COUNT_RANKS_MAX_SRC``.
 
     Returns:
         ``flat_slot: [B*N]`` int64 (``b * M + slot``; dst j gets slot j, the kept src tokens slots

@@ -146,6 +146,12 @@ def plan_constants(
     )
 
 
+def _rank(score: torch.Tensor) -> torch.Tensor:
+    """``[B, Ns]`` src positions by decreasing score. Stable, so equal scores (zero or repeated
+    tokens, half-precision rounding) give the same plan on every path and device; NaN comes first."""
+    return score.argsort(dim=1, descending=True, stable=True)
+
+
 def plan_merge(
     metric: torch.Tensor,
     partition: Partition,
@@ -158,7 +164,9 @@ def plan_merge(
     to their best dst are merged into it; all other tokens keep a slot of their own.
 
     Slots ``[0, Nd)`` of a sample are its dst tokens, ``[Nd, M)`` its unmerged src tokens in order
-    of decreasing similarity. No step synchronises with the host.
+    of decreasing similarity. Src tokens of equal similarity rank in token order (a NaN similarity
+    ranks first, as in a descending sort), so every backend and grid size gives the same plan. No step
+    synchronises with the host.
 
     Args:
         metric: ``[B, N, C]`` features to compare (the block input), ``N = partition.num_tokens``.
@@ -188,12 +196,12 @@ def plan_merge(
     with torch.no_grad():
         score, choice = best_dst_for_src(metric, partition, max_score_elements, backend)
         if _use_triton(metric, backend):  # the ranking (small grids), slots and counts in one launch
-            order = None if num_src <= COUNT_RANKS_MAX_SRC else score.argsort(dim=1, descending=True)
+            order = None if num_src <= COUNT_RANKS_MAX_SRC else _rank(score)
             flat_slot, counts = plan_slots_triton(
                 score, choice, partition.src_idx, partition.dst_idx, num_remove, order=order
             )
             return MergePlan(flat_slot, counts, batch, num_tokens, num_merged)
-        order = score.argsort(dim=1, descending=True)
+        order = _rank(score)
         if constants is None:
             constants = plan_constants(batch, num_dst, num_src, num_remove, device)
         merged, kept = order[:, :num_remove], order[:, num_remove:]
