@@ -16,8 +16,9 @@
 #   eager     tomediff bench, fp16, batch 2, ratio 0.5, self-attention only, use_rand off, baseline vs
 #             tomediff vs tomesd 0.1.3 vs ideal in one interleaved run per model: SD 1.5 at 512/1024/2048,
 #             SDXL (max_downsample 2) at 2048, PixArt-alpha at 1024/2048
-#   compiled  the same for SD 1.5 with every variant torch.compile'd (default mode) at 1024 and 2048
-#             (COMPILED_RESOLUTIONS="1024" for one)
+#   compiled  the same for SD 1.5 with every variant torch.compile'd at 1024 and 2048
+#             (COMPILED_RESOLUTIONS="1024" for one; COMPILE_MODE=reduce-overhead for CUDA graphs, which
+#             take away the host launch cost that bounds eager calls at 512-1024)
 #   methods   issue 8: named settings side by side (tomesd's default, merge, downsample, merge+reuse, fast,
 #             merge of two levels leaving grids of <= 4096 tokens alone, fast on two levels, ToDo x4 at the
 #             top level and x2 at the next), fp16, batch 2: SD 1.5 at
@@ -133,7 +134,8 @@ if has_part eager; then
 fi
 if has_part compiled; then
     for res in ${COMPILED_RESOLUTIONS:-1024 2048}; do
-        bench "sd15_compiled_$res" 300 --model sd15 --resolution "$res" --repeats 5 --warmup 2 --compile
+        bench "sd15_compiled_$res" 300 --model sd15 --resolution "$res" --repeats 5 --warmup 2 --compile \
+            --compile-mode "${COMPILE_MODE:-default}"
     done
 fi
 if has_part methods; then
