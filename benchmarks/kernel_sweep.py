@@ -32,6 +32,7 @@ SHAPES = ((4096, 320), (16384, 320), (65536, 320), (4096, 1152), (16384, 1152))
 # benchmarks/results/gpu_h100_2026-11-27b/) ranked 64x128 and 128x128 tiles with 4 warps first among 20
 # candidates, 4 stages slightly ahead of 3; 128x256 with 8 warps was no faster.
 CANDIDATES = (
+    (32, 128, 64, 4, 3),  # twice the programs of 64-row tiles: 4,096-token grids fill only 96 of 132 SMs
     (64, 128, 64, 4, 3),
     (64, 128, 64, 4, 4),
     (128, 128, 64, 4, 3),
