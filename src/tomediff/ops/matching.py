@@ -147,8 +147,8 @@ def plan_constants(
 
 
 def _rank(score: torch.Tensor) -> torch.Tensor:
-    """``[B, Ns]`` src positions by decreasing score. Stable, so equal scores (zero or repeated
-    tokens, half-precision rounding) give the same plan on every path and device; NaN comes first."""
+    """``[B, Ns]`` src positions by decreasing score; equal scores in position order (a stable sort,
+    as the Triton slot kernel counts ranks), NaN first."""
     return score.argsort(dim=1, descending=True, stable=True)
 
 
@@ -165,8 +165,8 @@ def plan_merge(
 
     Slots ``[0, Nd)`` of a sample are its dst tokens, ``[Nd, M)`` its unmerged src tokens in order
     of decreasing similarity. Src tokens of equal similarity rank in token order (a NaN similarity
-    ranks first, as in a descending sort), so every backend and grid size gives the same plan. No step
-    synchronises with the host.
+    ranks first, as in a descending sort), so exactly equal similarities (all-zero tokens, say) give
+    the same plan on every backend and grid size. No step synchronises with the host.
 
     Args:
         metric: ``[B, N, C]`` features to compare (the block input), ``N = partition.num_tokens``.
@@ -174,7 +174,8 @@ def plan_merge(
         num_remove: ``r``, tokens removed; ``M = N - r`` slots remain.
         max_score_elements, backend: see :func:`best_dst_for_src`.
         constants: from :func:`plan_constants` for this shape (a caller reusing them across calls
-            saves their construction); built here when None.
+            saves their construction); built here when None. Only the torch path uses them: the
+            Triton slot kernel computes the slots directly.
 
     Returns:
         A :class:`MergePlan`, or None when nothing can be merged (``r == 0`` or no dst tokens,
