@@ -364,12 +364,6 @@ def launch_best_dst(
     return score, choice
 
 
-def _best_dst_impl(
-    metric: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    return launch_best_dst(metric, src_idx, dst_idx)
-
-
 def _plan_slots_impl(
     score: torch.Tensor,
     order: torch.Tensor | None,
@@ -425,7 +419,7 @@ def _scatter_add_impl(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> to
 def _best_dst_op(
     metric: torch.Tensor, src_idx: torch.Tensor, dst_idx: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _best_dst_impl(metric, src_idx, dst_idx)
+    return launch_best_dst(metric, src_idx, dst_idx)
 
 
 @_best_dst_op.register_fake
@@ -487,7 +481,7 @@ def best_dst_triton(
     """
     if torch.compiler.is_compiling():
         return _best_dst_op(metric, src_idx, dst_idx)
-    return _best_dst_impl(metric, src_idx, dst_idx)  # eager: without the custom op's dispatch cost
+    return launch_best_dst(metric, src_idx, dst_idx)  # eager: without the custom op's dispatch cost
 
 
 def scatter_add_triton(x: torch.Tensor, slot: torch.Tensor, num_slots: int) -> torch.Tensor:
