@@ -25,6 +25,7 @@ from torch.profiler import ProfilerActivity, profile
 import tomediff
 from tomediff.bench.measure import forward
 from tomediff.bench.models import build_model, get_model_spec, make_inputs
+from tomediff.bench.runner import DTYPES
 from tomediff.bench.variants import KeepReducer
 
 # (file, function) on the Python stack -> category. First match from the innermost frame wins.
@@ -36,7 +37,6 @@ CATEGORIES: tuple[tuple[str, str, str], ...] = (
     ("ops/merge.py", "", "merge (other)"),
     ("tomediff/core/", "", "hooks / plan"),
 )
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 FRAME = re.compile(r"^(?P<file>.*)\((?P<line>\d+)\): (?P<func>.*)$")
 
 

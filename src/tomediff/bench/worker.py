@@ -17,12 +17,10 @@ import torch
 
 from tomediff.bench.measure import forward, read_rss, reset_peak_rss
 from tomediff.bench.models import build_model, get_model_spec, make_inputs
-from tomediff.bench.runner import at_timestep
+from tomediff.bench.runner import DTYPES, at_timestep
 from tomediff.bench.variants import MergeSettings, make_variant
 
 __all__ = ["run_job"]
-
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
