@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from tomediff.ops import draw_dst_offsets, grid_partition, plan_constants, plan_merge
-from tomediff.ops.kernels import best_dst_tiles, dst_inv_norm_kernel, launch_best_dst, tl, triton
+from tomediff.ops.kernels import best_dst_tiles, dst_inv_norms, launch_best_dst, tl, triton
 from tomediff.ops.matching import best_dst_for_src
 
 SHAPES = ((4096, 320), (16384, 320), (65536, 320), (4096, 1152), (16384, 1152))
@@ -124,11 +124,8 @@ def resident_best_dst(
     num_src, num_dst = src_idx.shape[0], dst_idx.shape[0]
     score = torch.empty(batch, num_src, dtype=torch.float32, device=metric.device)
     choice = torch.empty(batch, num_src, dtype=torch.int64, device=metric.device)
-    dst_inv_norm = torch.empty(batch, num_dst, dtype=torch.float32, device=metric.device)
+    dst_inv_norm = dst_inv_norms(metric, dst_idx, bf16_bits=False, block_c=64)
     strides = (metric.stride(0), metric.stride(1), torch.finfo(torch.float32).tiny)
-    dst_inv_norm_kernel[(triton.cdiv(num_dst, 32), batch)](
-        metric, dst_idx, dst_inv_norm, num_dst, channels, *strides, BF16_BITS=False, BLOCK_R=32, BLOCK_C=64
-    )
     resident_best_dst_kernel[(triton.cdiv(num_src, block_s), batch)](
         metric, src_idx, dst_idx, dst_inv_norm, score, choice, num_src, num_dst, *strides,
         C_A=split[0], C_B=split[1], BLOCK_S=block_s, BLOCK_D=block_d, num_warps=warps, num_stages=stages,

@@ -28,6 +28,7 @@ __all__ = [
     "SCATTER_ADD_LABEL",
     "best_dst_tiles",
     "best_dst_triton",
+    "dst_inv_norms",
     "launch_best_dst",
     "plan_slots_triton",
     "scatter_add_triton",
@@ -310,6 +311,25 @@ def best_dst_tiles(num_src: int, dtype: torch.dtype) -> dict[str, int]:
     return {"BLOCK_S": rows, "BLOCK_D": 128, "BLOCK_C": 64, "num_warps": 4, "num_stages": 3}
 
 
+def dst_inv_norms(metric: torch.Tensor, dst_idx: torch.Tensor, bf16_bits: bool, block_c: int) -> torch.Tensor:
+    """``[B, Nd]`` float32 ``1 / max(|metric[b, dst_idx[j]]|, tiny)``, one launch.
+
+    Args:
+        metric: ``[B, N, C]`` as the kernels read it (channels contiguous; bfloat16 as int16 bits
+            under the interpreter, then ``bf16_bits``); block_c: channels loaded a step.
+    """
+    batch, _, channels = metric.shape
+    num_dst = int(dst_idx.shape[0])
+    out = torch.empty(batch, num_dst, dtype=torch.float32, device=metric.device)
+    rows = 16 if _interpreting() else 32
+    with torch.profiler.record_function(DST_NORM_LABEL):
+        dst_inv_norm_kernel[(triton.cdiv(num_dst, rows), batch)](
+            metric, dst_idx, out, num_dst, channels, metric.stride(0), metric.stride(1),
+            torch.finfo(torch.float32).tiny, BF16_BITS=bf16_bits, BLOCK_R=rows, BLOCK_C=block_c,
+        )  # fmt: skip
+    return out
+
+
 def launch_best_dst(
     metric: torch.Tensor,
     src_idx: torch.Tensor,
@@ -347,15 +367,8 @@ def launch_best_dst(
             f"only used with tiles of at most {_INLINE_NORMS_MAX_TILE} entries (larger ones gave wrong "
             "choices on an H100); use smaller tiles or inline_norms=False."
         )
-    dst_inv_norm = score  # not read when the norms are inline
-    if not inline_norms:
-        dst_inv_norm = torch.empty(batch, num_dst, dtype=torch.float32, device=metric.device)
-        norm_rows = 16 if _interpreting() else 32
-        with torch.profiler.record_function(DST_NORM_LABEL):
-            dst_inv_norm_kernel[(triton.cdiv(num_dst, norm_rows), batch)](
-                metric, dst_idx, dst_inv_norm, num_dst, channels, *strides,
-                BF16_BITS=bf16_bits, BLOCK_R=norm_rows, BLOCK_C=tiles["BLOCK_C"],
-            )  # fmt: skip
+    # Not read when the norms are inline.
+    dst_inv_norm = score if inline_norms else dst_inv_norms(metric, dst_idx, bf16_bits, tiles["BLOCK_C"])
     with torch.profiler.record_function(BEST_DST_LABEL):
         best_dst_kernel[(triton.cdiv(num_src, tiles["BLOCK_S"]), batch)](
             metric, src_idx, dst_idx, dst_inv_norm, score, choice, num_src, num_dst, channels, *strides,
