@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import dataclasses
 import importlib
+import io
 import re
 from pathlib import Path
 
@@ -97,3 +99,32 @@ def test_every_python_block_of_a_page_parses(page: Path) -> None:
     blocks = re.findall(r"```python\n(.*?)\n```", page.read_text(encoding="utf-8"), re.DOTALL)
     for block in blocks:
         ast.parse(block, filename=page_id(page))
+
+
+def help_text(command: str) -> str:
+    from tomediff.cli.main import main
+
+    with contextlib.redirect_stdout(io.StringIO()) as out, pytest.raises(SystemExit):
+        main([command, "--help"])
+    return out.getvalue()
+
+
+# How a page may start each subcommand; the flags after it must be ones that subcommand takes.
+COMMAND_FORMS = {
+    "bench": r"tomediff bench|tomediff\.cli\.bench_cmd",
+    "demo": r"tomediff demo",
+    "eval": r"tomediff eval|-m tomediff\.eval(?![\w.])",
+    "visualize": r"tomediff visualize",
+}
+
+
+@pytest.mark.parametrize("command", sorted(COMMAND_FORMS))
+def test_every_flag_the_pages_pass_to_a_subcommand_exists(command: str) -> None:
+    known = set(re.findall(r"(?<![\w-])--[a-z][\w-]*", help_text(command)))
+    unknown = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8").replace("\\\n", " ")  # join continued shell lines
+        for match in re.finditer(rf"(?:{COMMAND_FORMS[command]})([^\n`|;#]*)", text):
+            flags = re.findall(r"(?<![\w-])--[a-z][\w-]*", match.group(1))
+            unknown += [f"{page_id(page)}: {flag}" for flag in flags if flag not in known]
+    assert not unknown, f"`tomediff {command}` has no such option: {sorted(set(unknown))}"
