@@ -1,5 +1,6 @@
-"""The docs name only APIs that exist: every `tomediff.x.y` resolves, every keyword shown in an
-`apply_tome(...)`/`tome(...)`/`ToMeConfig(...)` call is a ToMeConfig field, every Python block parses."""
+"""The README and docs/ name only what exists: no removed option or model id, every `tomediff.x.y`
+resolves, every keyword of an `apply_tome(...)`/`tome(...)`/`ToMeConfig(...)` call is a ToMeConfig field,
+every flag given to a subcommand is one it takes, and every Python block parses."""
 
 from __future__ import annotations
 
