@@ -42,7 +42,7 @@ PAPER_COLUMNS = [
 
 @dataclass
 class PaperOptions:
-    model: str = "runwayml/stable-diffusion-v1-5"
+    model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
     out_dir: Path = Path("out/eval-paper")
     images_per_class: int = 2
     num_classes: int | None = None  # None = all ImageNet classes
@@ -81,19 +81,28 @@ def imagenet_class_names(path: Path | None = None) -> list[str]:
     return list(ResNet50_Weights.IMAGENET1K_V1.meta["categories"])
 
 
+def _dtype_keyword(dtype: torch.dtype) -> dict[str, torch.dtype]:
+    """``dtype=`` where diffusers takes it (it deprecates ``torch_dtype=``), else the older keyword."""
+    try:
+        from diffusers.utils.deprecation_utils import _resolve_dtype  # noqa: F401
+    except ImportError:
+        return {"torch_dtype": dtype}
+    return {"dtype": dtype}
+
+
 def load_sd_pipeline(model: str, device: torch.device, dtype: torch.dtype) -> Any:
     """``StableDiffusionPipeline`` from a local folder or Hub id, with the paper's PNDM (PLMS) scheduler."""
     from diffusers import PNDMScheduler, StableDiffusionPipeline
 
     try:
         pipe = StableDiffusionPipeline.from_pretrained(
-            model, torch_dtype=dtype, safety_checker=None, requires_safety_checker=False
+            model, **_dtype_keyword(dtype), safety_checker=None, requires_safety_checker=False
         )
     except (OSError, ValueError) as error:
         raise RuntimeError(
             f"Could not load Stable Diffusion weights from {model!r}: {error}\nPass --model with a local "
-            "diffusers folder (e.g. a downloaded runwayml/stable-diffusion-v1-5) or a Hub id reachable from "
-            "this machine."
+            "diffusers folder (e.g. a downloaded stable-diffusion-v1-5/stable-diffusion-v1-5) or a Hub id "
+            "reachable from this machine."
         ) from error
     pipe.scheduler = PNDMScheduler.from_config(pipe.scheduler.config, skip_prk_steps=True)
     pipe.set_progress_bar_config(disable=True)
