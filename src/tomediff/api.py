@@ -113,7 +113,8 @@ def _describe_method(cfg: ToMeConfig) -> str:
     if cfg.skip_blocks != (0, 0):
         parts.append(f"skip_blocks={cfg.skip_blocks} (first, last blocks left unreduced)")
     if cfg.start > 0 or cfg.stop < 1:
-        parts.append(f"active for denoising progress in [{cfg.start:g}, {cfg.stop:g})")
+        closing = "]" if cfg.stop == 1 else ")"
+        parts.append(f"active for denoising progress in [{cfg.start:g}, {cfg.stop:g}{closing}")
     return ", ".join(parts)
 
 

@@ -141,8 +141,10 @@ class ToMeConfig:
             conditional (second) half; odd batches plan per sample as usual.
         start, stop: active only while the denoising progress ``p = 1 - t / T`` is in ``[start, stop)``,
             with ``t`` the timestep the model receives and ``T`` its training horizon (1000 for the
-            Stable Diffusion family). Defaults 0 and 1: always active; ``start == stop`` never is.
-            Reading the timestep costs one host synchronisation per model call, only when set.
+            Stable Diffusion family), ``p`` clamped to ``[0, 1]``. ``stop == 1`` closes the range:
+            ``[start, 1]`` includes the final step (``t = 0``, ``p = 1``), as the default ``(0, 1)``
+            does. Defaults 0 and 1: always active; ``start == stop`` never is. Reading the timestep
+            costs one host synchronisation per model call, only when set.
         skip_blocks: ``(first, last)``: leave the first ``first`` and the last ``last`` of the blocks
             the other settings select (in the model's order) unreduced. Diffusion transformers have no
             levels; this is how to spare their most sensitive blocks. ``(0, 0)`` (default) keeps all.
