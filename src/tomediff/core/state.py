@@ -49,7 +49,9 @@ class PlanEvent:
 
     Attributes:
         block: the block's qualified name.
-        call: which model call of the patch made it (1 for the first call).
+        call: which model call of the calling thread made it (1 for the thread's first call of the
+            patched model; each thread counts its own calls, so an observer can pick one call of
+            each thread when several threads share a patched model).
         height, width: the block's token grid (``N = height * width`` tokens, row-major).
         plan: the plan itself (for merging, a :class:`tomediff.ops.MergePlan`, whose ``local_slot``
             gives each token's group).
@@ -75,6 +77,8 @@ class CallState:
         sites_left: sites of each running block whose action still needs the plan.
         active: whether the step schedule has the method on in this call.
         shared_plans: plans shared by several blocks within this call (``reuse_level``).
+        number: which call of its thread this is (1 for the first; 0 for blocks called outside a
+            model call, or a compiled call that read nothing eagerly).
     """
 
     input_size: tuple[int, int] | None
@@ -84,6 +88,7 @@ class CallState:
     sites_left: dict[int, int] = field(default_factory=dict)
     active: bool = True
     shared_plans: dict[tuple[object, ...], Any] = field(default_factory=dict)
+    number: int = 0
 
 
 @dataclass
@@ -182,7 +187,7 @@ class ToMeState:
 
     def notify(self, block: str, height: int, width: int, plan: Any) -> None:
         """Pass a new plan to the observers (eager calls only; compiled graphs skip observers)."""
-        event = PlanEvent(block, self.calls, height, width, plan)
+        event = PlanEvent(block, self.call.number, height, width, plan)
         for observer in list(self.observers):
             observer(event)
 
@@ -239,6 +244,7 @@ class ToMeState:
         selection = self.selection
         t = _timestep_value(timestep) if self._reads_timestep else None
         memory.advance(t)
+        call.number = memory.calls
         if selection.has_schedule:
             if t is None:
                 raise MergeCallError(
