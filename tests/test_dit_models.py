@@ -599,6 +599,35 @@ def test_first_block_cache_and_tome_compose_in_both_orders(tome_first: bool) -> 
     assert tome_hooks(model) == 0
 
 
+def test_blocks_that_first_block_cache_skips_are_never_planned() -> None:
+    """The cache runs a skipped block's pre-hooks, then returns its cached output: one matching per
+    block that actually ran, none for the skipped ones."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe, generate = flux_pipeline()  # in diffusers 0.42 the SD3 model has no enable_cache
+    model = pipe.transformer
+    handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+    model.enable_cache(FirstBlockCacheConfig(threshold=10.0))  # every step after the first is cached
+    reducer = handle.state.method.reducer
+    matchings = [0]
+    plan = reducer.plan
+
+    def counting_plan(*args: Any, **kwargs: Any) -> Any:
+        matchings[0] += 1
+        return plan(*args, **kwargs)
+
+    reducer.plan = counting_plan  # type: ignore[method-assign]
+    blocks = [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", ())]
+    ran = [_calls_of(block.attn) for block in blocks]
+    events: list[str] = []
+    handle.watch(lambda e: events.append(e.block))
+    with torch.no_grad():
+        generate()
+    steps = handle.report().calls
+    assert [count[0] for count in ran] == [steps] + [1] * (len(blocks) - 1)  # the cache skipped the rest
+    assert matchings[0] == len(events) == sum(count[0] for count in ran) == steps + len(blocks) - 1
+
+
 def test_pyramid_attention_broadcast_is_refused_with_a_clear_error() -> None:
     from diffusers.hooks import PyramidAttentionBroadcastConfig
 

@@ -74,6 +74,8 @@ class CallState:
         offsets: ``[blocks, windows]`` dst offsets drawn for this call when partitions are random
             (row ``i`` for block ``i``, as many windows as the full-resolution grid has); else None.
         plans: the plan of each block (by index) while that block runs.
+        requests: what each running block (by index) asks of the reducer, until its first site makes
+            the plan from it (a block whose sites never run is never planned).
         sites_left: sites of each running block whose action still needs the plan.
         active: whether the step schedule has the method on in this call.
         shared_plans: plans shared by several blocks within this call (``reuse_level``).
@@ -85,6 +87,7 @@ class CallState:
     grids: dict[int, tuple[int, int] | None] = field(default_factory=dict)
     offsets: torch.Tensor | None = None
     plans: dict[int, Any] = field(default_factory=dict)
+    requests: dict[int, PlanRequest] = field(default_factory=dict)
     sites_left: dict[int, int] = field(default_factory=dict)
     active: bool = True
     shared_plans: dict[tuple[object, ...], Any] = field(default_factory=dict)
