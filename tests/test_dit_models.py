@@ -443,6 +443,49 @@ def test_schedule_reads_a_positional_timestep_at_its_place_in_forward(family: st
         assert stats is not None and (stats.tokens_after_merge < stats.tokens) == merges, progress
 
 
+# random partitions ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("family", "batch", "draws"), [("flux", 2, 1), ("flux", 1, 1), ("sd3", 2, 1), ("sd3", 1, 0)]
+)
+def test_one_partition_draw_per_call_for_every_input_layout(
+    family: str, batch: int, draws: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flux takes packed [B, N, C] tokens: its draw waits for the grid (img_ids), then serves every
+    block of the call. FLUX.1 keeps random partitions at batch 1; SD3 keeps tomesd's odd-batch rule."""
+    build, inputs = FAMILIES[family]
+    model = build()
+    x, kwargs = inputs(batch=batch)
+    handle = tomediff.apply_tome(model, ratio=0.5, use_rand=True)
+    generator, randint = handle.state.generator, torch.randint
+    drawn: list[tuple[int, ...]] = []
+
+    def counting_randint(*args: Any, **kw: Any) -> torch.Tensor:
+        if kw.get("generator") is generator:
+            drawn.append(tuple(args[1]))
+        return randint(*args, **kw)
+
+    monkeypatch.setattr(torch, "randint", counting_randint)
+    for _ in range(3):
+        run(model, x, kwargs)
+    assert len(drawn) == 3 * draws
+    assert all(shape[0] == handle.num_blocks for shape in drawn)  # a row per block
+    partition = "random" if draws else f"top-left (odd batch of {batch})"
+    assert f"use_rand=True (last call: {partition} partition" in str(handle.report())
+
+
+def test_batch_one_flux_merges_with_a_random_partition() -> None:
+    model = tiny_flux()
+    x, kwargs = flux_inputs(batch=1)
+    outputs = []
+    for use_rand, seed in [(True, 0), (True, 1), (False, 0)]:
+        tomediff.apply_tome(model, ratio=0.5, use_rand=use_rand, seed=seed)
+        outputs.append(run(model, x, kwargs))
+    assert not torch.equal(outputs[0], outputs[1])  # the seed chooses the partition
+    assert not torch.equal(outputs[0], outputs[2]) and not torch.equal(outputs[1], outputs[2])
+
+
 # torch.compile ----------------------------------------------------------------------------------------
 
 

@@ -143,6 +143,9 @@ class ToMeState:
         method: the reducer and the site actions.
         num_blocks: blocks patched.
         timestep_scale: the model's timestep horizon ``T`` (schedule progress is ``1 - t / T``).
+        odd_batch_top_left: whether ``use_rand`` falls back to the top-left partition for an odd batch
+            (tomesd's rule, for families whose guidance halves may run as separate calls).
+        partition_used: the partition the latest eager plan used with ``use_rand`` (for the report).
         stats: what each block's last call did, by block name (not updated while compiled).
         calls: model calls so far (counted in eager mode, and compiled when a call draws or schedules).
         observers: called with a :class:`PlanEvent` for every plan made in an eager call.
@@ -155,12 +158,15 @@ class ToMeState:
         method: Method,
         num_blocks: int,
         timestep_scale: float = 1000.0,
+        odd_batch_top_left: bool = True,
     ) -> None:
         self.config = config
         self.selection = selection
         self.method = method
         self.num_blocks = num_blocks
         self.timestep_scale = timestep_scale
+        self.odd_batch_top_left = odd_batch_top_left
+        self.partition_used: str | None = None
         self.generator = config.generator if config.generator is not None else torch.Generator()
         if config.generator is None:
             self.generator.manual_seed(config.seed)
