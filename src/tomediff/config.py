@@ -105,9 +105,11 @@ class ToMeConfig:
         sy: height of that window.
         use_rand: choose each window's dst token at random (from the library's own generator)
             instead of always the top-left one. Random choice avoids grid artifacts. As in tomesd,
-            an odd batch size falls back to top-left: it means the conditional and unconditional
-            halves of classifier-free guidance are not in the same call, and they must share the
-            partition.
+            an odd batch size falls back to top-left: the conditional and unconditional halves of
+            classifier-free guidance may then run as separate calls, and they must share the
+            partition. FLUX.1 (guidance-distilled: a call predicts the whole step) stays random at
+            batch 1. One draw per model call serves every block; the report says which partition
+            the last call used.
         merge_attn: merge tokens before self-attention (the main speed-up).
         merge_crossattn: merge tokens before cross-attention (its queries only).
         merge_mlp: merge tokens before the feed-forward layer (fast but hurts quality).

@@ -146,7 +146,8 @@ class ToMeState:
         odd_batch_top_left: whether ``use_rand`` falls back to the top-left partition for an odd batch
             (tomesd's rule, for families whose guidance halves may run as separate calls).
         partition_used: the partition the latest eager plan used with ``use_rand`` (for the report).
-        stats: what each block's last call did, by block name (not updated while compiled).
+        stats: what each block's last call did, by block name (not updated while compiled; a block
+            whose sites a cache skipped keeps those of its last run).
         calls: model calls so far (counted in eager mode, and compiled when a call draws or schedules).
         observers: called with a :class:`PlanEvent` for every plan made in an eager call.
     """
