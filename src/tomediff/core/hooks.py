@@ -173,7 +173,7 @@ class BlockPreHook(ToMeHook):
         call.plans[block.index] = None
         call.sites_left[block.index] = block.num_sites
         if setting is not None and call.active and state.selection.block_active(num_tokens):
-            # Planned by the first site that runs (BlockCall.plan), so a block a cache skips costs nothing.
+            # Planned by the first site that runs (plan_for_site): a block a cache skips costs nothing.
             call.requests[block.index] = PlanRequest(
                 x, height, width, level, setting, block.index, spec.name, batch_shared=spec.batch_shared
             )
