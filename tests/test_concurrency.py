@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import threading
 
+import numpy as np
 import pytest
 import torch
 
@@ -41,6 +42,44 @@ def test_concurrent_calls_equal_sequential_calls() -> None:
     for index, reference in enumerate(expected):
         assert torch.equal(results[index], reference), f"case {index} differs from its sequential output"
     assert handle.report().effective_ratio is not None
+
+
+def test_plan_observers_number_each_threads_calls_on_their_own() -> None:
+    """A PlanRecorder asked for call 2 gets the second call of each thread, never another thread's."""
+    from tomediff.eval.visualize import PlanRecorder
+
+    unet = tiny_sd_unet()
+    inputs = {name: [unet_inputs(seed=10 * i + k) for k in range(2)] for i, name in enumerate("ab")}
+    with torch.no_grad():
+        reference = tomediff.apply_tome(unet, ratio=0.5, use_rand=False)
+        expected = {}
+        for name, (_, second) in inputs.items():
+            with PlanRecorder(reference, calls=None) as recorder:
+                unet(*second)
+            expected[name] = [plan.slots for plan in recorder.plans]
+        handle = tomediff.apply_tome(unet, ratio=0.5, use_rand=False)
+    errors: list[BaseException] = []
+
+    def worker(name: str) -> None:
+        try:
+            with torch.no_grad():
+                for case in inputs[name]:
+                    unet(*case)
+        except BaseException as error:  # re-raised below, in the test's thread
+            errors.append(error)
+
+    with PlanRecorder(handle, calls={2}) as recorder:
+        for name in "ab":  # one after the other, so the recorded plans come in a known order
+            thread = threading.Thread(target=worker, args=(name,))
+            thread.start()
+            thread.join()
+    assert not errors, errors
+    blocks = handle.num_blocks
+    assert [plan.call for plan in recorder.plans] == [2] * (2 * blocks)
+    recorded = [plan.slots for plan in recorder.plans]
+    for got, want in zip(recorded, expected["a"] + expected["b"], strict=True):
+        assert np.array_equal(got, want)
+    assert handle.report().calls == 4  # the report still counts every call of the patch
 
 
 @pytest.mark.parametrize("use_rand", [True, False])

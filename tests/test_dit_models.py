@@ -443,6 +443,49 @@ def test_schedule_reads_a_positional_timestep_at_its_place_in_forward(family: st
         assert stats is not None and (stats.tokens_after_merge < stats.tokens) == merges, progress
 
 
+# random partitions ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("family", "batch", "draws"), [("flux", 2, 1), ("flux", 1, 1), ("sd3", 2, 1), ("sd3", 1, 0)]
+)
+def test_one_partition_draw_per_call_for_every_input_layout(
+    family: str, batch: int, draws: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flux takes packed [B, N, C] tokens: its draw waits for the grid (img_ids), then serves every
+    block of the call. FLUX.1 keeps random partitions at batch 1; SD3 keeps tomesd's odd-batch rule."""
+    build, inputs = FAMILIES[family]
+    model = build()
+    x, kwargs = inputs(batch=batch)
+    handle = tomediff.apply_tome(model, ratio=0.5, use_rand=True)
+    generator, randint = handle.state.generator, torch.randint
+    drawn: list[tuple[int, ...]] = []
+
+    def counting_randint(*args: Any, **kw: Any) -> torch.Tensor:
+        if kw.get("generator") is generator:
+            drawn.append(tuple(args[1]))
+        return randint(*args, **kw)
+
+    monkeypatch.setattr(torch, "randint", counting_randint)
+    for _ in range(3):
+        run(model, x, kwargs)
+    assert len(drawn) == 3 * draws
+    assert all(shape[0] == handle.num_blocks for shape in drawn)  # a row per block
+    partition = "random" if draws else f"top-left (odd batch of {batch})"
+    assert f"use_rand=True (last call: {partition} partition" in str(handle.report())
+
+
+def test_batch_one_flux_merges_with_a_random_partition() -> None:
+    model = tiny_flux()
+    x, kwargs = flux_inputs(batch=1)
+    outputs = []
+    for use_rand, seed in [(True, 0), (True, 1), (False, 0)]:
+        tomediff.apply_tome(model, ratio=0.5, use_rand=use_rand, seed=seed)
+        outputs.append(run(model, x, kwargs))
+    assert not torch.equal(outputs[0], outputs[1])  # the seed chooses the partition
+    assert not torch.equal(outputs[0], outputs[2]) and not torch.equal(outputs[1], outputs[2])
+
+
 # torch.compile ----------------------------------------------------------------------------------------
 
 
@@ -597,6 +640,35 @@ def test_first_block_cache_and_tome_compose_in_both_orders(tome_first: bool) -> 
             handle.remove()
         assert torch.equal(generate(), plain)
     assert tome_hooks(model) == 0
+
+
+def test_blocks_that_first_block_cache_skips_are_never_planned() -> None:
+    """The cache runs a skipped block's pre-hooks, then returns its cached output: one matching per
+    block that actually ran, none for the skipped ones."""
+    from diffusers.hooks import FirstBlockCacheConfig
+
+    pipe, generate = flux_pipeline()  # in diffusers 0.42 the SD3 model has no enable_cache
+    model = pipe.transformer
+    handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+    model.enable_cache(FirstBlockCacheConfig(threshold=10.0))  # every step after the first is cached
+    reducer = handle.state.method.reducer
+    matchings = [0]
+    plan = reducer.plan
+
+    def counting_plan(*args: Any, **kwargs: Any) -> Any:
+        matchings[0] += 1
+        return plan(*args, **kwargs)
+
+    reducer.plan = counting_plan  # type: ignore[method-assign]
+    blocks = [*model.transformer_blocks, *getattr(model, "single_transformer_blocks", ())]
+    ran = [_calls_of(block.attn) for block in blocks]
+    events: list[str] = []
+    handle.watch(lambda e: events.append(e.block))
+    with torch.no_grad():
+        generate()
+    steps = handle.report().calls
+    assert [count[0] for count in ran] == [steps] + [1] * (len(blocks) - 1)  # the cache skipped the rest
+    assert matchings[0] == len(events) == sum(count[0] for count in ran) == steps + len(blocks) - 1
 
 
 def test_pyramid_attention_broadcast_is_refused_with_a_clear_error() -> None:

@@ -365,6 +365,23 @@ def test_schedule_switches_at_the_right_steps_inside_a_pipeline_call(
     assert handle.state.calls == 10
 
 
+@pytest.mark.parametrize(("start", "stop", "merges"), [(0.0, 1.0, True), (0.2, 1.0, True), (0.0, 0.5, False)])
+def test_a_schedule_that_stops_at_one_merges_the_final_step(start: float, stop: float, merges: bool) -> None:
+    """DDIM without a step offset ends at t = 0 (progress 1): ``stop=1`` closes the range, so (0.2, 1)
+    merges that step exactly as the unscheduled (0, 1) does; a stop below 1 stays open."""
+    pipe = _tiny_pipeline(tiny_sd_unet())
+    pipe.scheduler = diffusers.DDIMScheduler(num_train_timesteps=1000, steps_offset=0, clip_sample=False)
+    handle = tomediff.apply_tome(pipe, start=start, stop=stop, use_rand=False)
+    calls: list[int] = []
+    handle.watch(lambda e: calls.append(e.call))
+    timesteps: list[int] = []
+    pipe.unet.register_forward_pre_hook(lambda m, a: timesteps.append(int(a[1])))
+    _generate(pipe, steps=5)  # timesteps 800, 600, 400, 200, 0
+    assert timesteps[-1] == 0
+    assert (5 in calls) == merges
+    assert handle.state.selection.active_at(1.0) == merges
+
+
 def test_schedule_without_a_timestep_says_so() -> None:
     model = tiny_sd_unet()
     tomediff.apply_tome(model, stop=0.5)

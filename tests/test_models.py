@@ -230,8 +230,9 @@ def test_odd_batch_sizes_use_the_fixed_partition(batch: int) -> None:
     unet = tiny_sd_unet()
     tomediff.apply_tome(unet, ratio=0.5, use_rand=True, seed=0)
     random_seed_0 = run_unet(unet, batch=batch)
-    tomediff.apply_tome(unet, ratio=0.5, use_rand=True, seed=1)
+    handle = tomediff.apply_tome(unet, ratio=0.5, use_rand=True, seed=1)
     random_seed_1 = run_unet(unet, batch=batch)
+    assert f"(last call: top-left (odd batch of {batch}) partition, as tomesd" in str(handle.report())
     tomediff.apply_tome(unet, ratio=0.5, use_rand=False)
     fixed = run_unet(unet, batch=batch)
     assert random_seed_0.shape[0] == batch

@@ -52,6 +52,7 @@ class ToMeReport:
     levels_found: tuple[int, ...]
     blocks: tuple[BlockReport, ...]
     calls: int
+    partition: str | None = None
 
     @property
     def effective_ratio(self) -> float | None:
@@ -62,7 +63,8 @@ class ToMeReport:
 
     def __str__(self) -> str:
         lines = [
-            f"tomediff on {self.model} (adapter {self.adapter}): {_describe_method(self.config)}, "
+            f"tomediff on {self.model} (adapter {self.adapter}): "
+            f"{_describe_method(self.config, self.partition)}, "
             f"max_downsample={self.max_downsample} (levels with transformer blocks: "
             f"{list(self.levels_found) or 'found at call time'}), {len(self.blocks)} blocks patched, "
             f"{self.calls} calls so far",
@@ -90,8 +92,9 @@ class ToMeReport:
         return "\n".join(lines)
 
 
-def _describe_method(cfg: ToMeConfig) -> str:
-    """The settings that matter for ``cfg.method``, for the report's first line."""
+def _describe_method(cfg: ToMeConfig, partition: str | None = None) -> str:
+    """The settings that matter for ``cfg.method``, for the report's first line; ``partition`` is the
+    partition the last call used with ``use_rand`` (random, or top-left for an odd batch)."""
     if cfg.method == "downsample":
         parts = [
             "method=downsample (keys/values of self-attention from a downsampled grid)",
@@ -103,7 +106,13 @@ def _describe_method(cfg: ToMeConfig) -> str:
         ratio = (
             f"level_ratios={dict(cfg.level_ratios)}" if cfg.level_ratios is not None else f"ratio={cfg.ratio}"
         )
-        parts = [f"method=merge, {ratio}", f"use_rand={cfg.use_rand}", f"sx={cfg.sx}, sy={cfg.sy}"]
+        rand = f"use_rand={cfg.use_rand}"
+        if cfg.use_rand and partition is not None:
+            rand += f" (last call: {partition} partition"
+            if partition.startswith("top-left"):
+                rand += ", as tomesd: guidance halves may run as separate calls"
+            rand += ")"
+        parts = [f"method=merge, {ratio}", rand, f"sx={cfg.sx}, sy={cfg.sy}"]
         reuse = [f"reuse_level={cfg.reuse_level}"] if cfg.reuse_level else []
         reuse += [f"reuse_steps={cfg.reuse_steps}"] if cfg.reuse_steps > 1 else []
         reuse += [f"reuse_cfg={cfg.reuse_cfg}"] if cfg.reuse_cfg else []
@@ -113,7 +122,8 @@ def _describe_method(cfg: ToMeConfig) -> str:
     if cfg.skip_blocks != (0, 0):
         parts.append(f"skip_blocks={cfg.skip_blocks} (first, last blocks left unreduced)")
     if cfg.start > 0 or cfg.stop < 1:
-        parts.append(f"active for denoising progress in [{cfg.start:g}, {cfg.stop:g})")
+        closing = "]" if cfg.stop == 1 else ")"
+        parts.append(f"active for denoising progress in [{cfg.start:g}, {cfg.stop:g}{closing}")
     return ", ".join(parts)
 
 
@@ -195,6 +205,7 @@ class ToMeHandle:
             levels_found=self._levels,
             blocks=blocks,
             calls=self.state.calls,
+            partition=self.state.partition_used,
         )
 
     def __enter__(self) -> ToMeHandle:
@@ -286,7 +297,9 @@ def _patch(model: Any, cfg: ToMeConfig, reducer: Reducer | None) -> ToMeHandle:
     selected = selection.blocks(specs, type(target).__name__)
     method = build_method(cfg, selection.enabled_kinds(), reducer)
     method.check(selected)
-    state = ToMeState(cfg, selection, method, len(selected), adapter.timestep_scale)
+    state = ToMeState(
+        cfg, selection, method, len(selected), adapter.timestep_scale, adapter.odd_batch_top_left
+    )
     # Everything is validated: only now is the previous patch (if any) replaced.
     remove_hooks(target)
     handles = install(target, selected, state)

@@ -105,9 +105,11 @@ class ToMeConfig:
         sy: height of that window.
         use_rand: choose each window's dst token at random (from the library's own generator)
             instead of always the top-left one. Random choice avoids grid artifacts. As in tomesd,
-            an odd batch size falls back to top-left: it means the conditional and unconditional
-            halves of classifier-free guidance are not in the same call, and they must share the
-            partition.
+            an odd batch size falls back to top-left: the conditional and unconditional halves of
+            classifier-free guidance may then run as separate calls, and they must share the
+            partition. FLUX.1 (guidance-distilled: a call predicts the whole step) stays random at
+            batch 1. One draw per model call serves every block; the report says which partition
+            the last call used.
         merge_attn: merge tokens before self-attention (the main speed-up).
         merge_crossattn: merge tokens before cross-attention (its queries only).
         merge_mlp: merge tokens before the feed-forward layer (fast but hurts quality).
@@ -141,8 +143,10 @@ class ToMeConfig:
             conditional (second) half; odd batches plan per sample as usual.
         start, stop: active only while the denoising progress ``p = 1 - t / T`` is in ``[start, stop)``,
             with ``t`` the timestep the model receives and ``T`` its training horizon (1000 for the
-            Stable Diffusion family). Defaults 0 and 1: always active; ``start == stop`` never is.
-            Reading the timestep costs one host synchronisation per model call, only when set.
+            Stable Diffusion family), ``p`` clamped to ``[0, 1]``. ``stop == 1`` closes the range:
+            ``[start, 1]`` includes the final step (``t = 0``, ``p = 1``), as the default ``(0, 1)``
+            does. Defaults 0 and 1: always active; ``start == stop`` never is. Reading the timestep
+            costs one host synchronisation per model call, only when set.
         skip_blocks: ``(first, last)``: leave the first ``first`` and the last ``last`` of the blocks
             the other settings select (in the model's order) unreduced. Diffusion transformers have no
             levels; this is how to spare their most sensitive blocks. ``(0, 0)`` (default) keeps all.

@@ -31,6 +31,10 @@ class Adapter:
     priority: ClassVar[int] = 0
     # The timestep horizon T of the family (the step schedule's progress is 1 - t / T).
     timestep_scale: ClassVar[float] = 1000.0
+    # use_rand falls back to the top-left partition for an odd batch (tomesd's rule): such a batch may
+    # be one half of classifier-free guidance run as its own call, and two halves partitioned apart
+    # show artifacts. False for families whose calls carry whole predictions.
+    odd_batch_top_left: ClassVar[bool] = True
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

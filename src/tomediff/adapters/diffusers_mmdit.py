@@ -112,11 +112,16 @@ class FluxAdapter(Adapter):
     feed-forward ``ff`` (``merge_mlp``); in single-stream blocks, which concatenate ``[text, image]``
     before ``attn``, the image part of that sequence in ``attn`` and in the parallel MLP's input
     projection ``proj_mlp`` (``merge_mlp``). The rotary table ``image_rotary_emb`` is reduced with the
-    image tokens, so one plan serves the whole batch. Flux pipelines pass ``timestep / 1000``."""
+    image tokens, so one plan serves the whole batch. Flux pipelines pass ``timestep / 1000``.
+
+    FLUX.1 is guidance-distilled: a call predicts the whole step, so ``use_rand`` keeps its random
+    partition at batch 1 too (with ``true_cfg_scale``, whose halves run as two calls, each half draws
+    its own; pass ``use_rand=False`` to give both the top-left one)."""
 
     name = "diffusers-flux"
     priority = 30
     timestep_scale = 1.0
+    odd_batch_top_left = False
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:

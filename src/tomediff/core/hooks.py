@@ -91,8 +91,30 @@ class BlockCall:
 
     @property
     def plan(self) -> Any:
-        """The calling thread's plan for this block (None outside the block or when it merges nothing)."""
+        """The calling thread's plan for this block (None outside the block, before a site made it, or
+        when it merges nothing)."""
         return self.state.call.plans.get(self.index)
+
+    def plan_for_site(self, call: CallState) -> Any:
+        """The block's plan in ``call``, made now if the block's request is still pending.
+
+        Made here, at the first site that needs it, rather than when the block is entered: a block
+        whose forward a cache replaces (diffusers' FirstBlockCache runs the block's pre-hooks, then
+        returns a cached output without running its sites) is never planned."""
+        request = call.requests.pop(self.index, None)
+        if request is None:
+            return call.plans.get(self.index)
+        state = self.state
+        plan = call.plans[self.index] = state.make_plan(request)
+        if not torch.compiler.is_compiling():  # a report entry; compiled graphs skip the bookkeeping
+            num_tokens = request.metric.shape[1]
+            merged = plan.num_merged if plan is not None else num_tokens
+            state.stats[self.spec.name] = BlockStats(
+                request.height, request.width, request.level, int(num_tokens), int(merged)
+            )
+            if plan is not None and state.observers:
+                state.notify(self.spec.name, request.height, request.width, plan)
+        return plan
 
     def site_done(self, call: CallState) -> None:
         """Called after each site that used the plan: once the last is done the plan's tensors are
@@ -148,19 +170,17 @@ class BlockPreHook(ToMeHook):
         height, width = block.token_grid(call, num_tokens)
         level = spec.downsample if spec.downsample is not None else state.infer_level(height, width)
         setting = state.selection.setting(level)
-        plan = None
+        call.plans[block.index] = None
+        call.sites_left[block.index] = block.num_sites
         if setting is not None and call.active and state.selection.block_active(num_tokens):
-            request = PlanRequest(
+            # Planned by the first site that runs (plan_for_site): a block a cache skips costs nothing.
+            call.requests[block.index] = PlanRequest(
                 x, height, width, level, setting, block.index, spec.name, batch_shared=spec.batch_shared
             )
-            plan = state.make_plan(request)
-        call.plans[block.index] = plan
-        call.sites_left[block.index] = block.num_sites
-        if not torch.compiler.is_compiling():  # a report entry; compiled graphs skip the bookkeeping
-            merged = plan.num_merged if plan is not None else x.shape[1]
-            state.stats[spec.name] = BlockStats(height, width, level, int(x.shape[1]), merged)
-            if plan is not None and state.observers:
-                state.notify(spec.name, height, width, plan)
+        else:
+            call.requests.pop(block.index, None)
+            if not torch.compiler.is_compiling():  # a report entry; compiled graphs skip the bookkeeping
+                state.stats[spec.name] = BlockStats(height, width, level, num_tokens, num_tokens)
 
 
 class BlockPostHook(ToMeHook):
@@ -170,7 +190,9 @@ class BlockPostHook(ToMeHook):
         self.block = block
 
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs, output: Any) -> None:
-        self.block.state.call.plans[self.block.index] = None
+        call = self.block.state.call
+        call.plans[self.block.index] = None
+        call.requests.pop(self.block.index, None)  # not planned: no site ran (e.g. a cache skipped it)
 
 
 class SiteCall:
@@ -188,7 +210,7 @@ class SitePreHook(ToMeHook):
 
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> tuple[Args, Kwargs] | None:
         call = self.call
-        plan = call.block.plan
+        plan = call.block.plan_for_site(call.block.state.call)
         if plan is None:
             return None
         site = call.site

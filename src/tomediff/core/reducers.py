@@ -23,7 +23,6 @@ from tomediff.ops import (
     PlanConstants,
     SharedMergePlan,
     TokenPlan,
-    draw_dst_offsets,
     grid_partition,
     num_windows,
     plan_constants,
@@ -118,17 +117,37 @@ class MatchReducer(Reducer):
         return self.config.use_rand
 
     def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
-        """One draw per call for every block's random partition (one host-to-device copy per call)."""
+        """One draw per call for every block's random partition (one host-to-device copy per call):
+        here when the model input is a ``[B, C, H, W]`` map, which tells the call's largest grid;
+        otherwise (``[B, N, C]`` packed tokens, as Flux takes) at the first block that needs it."""
+        if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
+            return
+        if self.random_partition(state, int(sample.shape[0])):
+            self._draw_offsets(state, call, int(sample.shape[-2]), int(sample.shape[-1]), sample.device)
+
+    def random_partition(self, state: ToMeState, batch: int) -> bool:
+        """Whether a block call with ``batch`` samples gets a random partition (else the top-left one).
+
+        An odd batch may be one half of classifier-free guidance run as its own call; the two halves
+        would then get different random partitions, so (as tomesd does) it falls back to top-left,
+        unless the model family's calls carry whole predictions (``ToMeState.odd_batch_top_left``)."""
+        return self.config.use_rand and (batch % 2 == 0 or not state.odd_batch_top_left)
+
+    @torch.compiler.disable  # a CPU generator draw cannot be traced: run eagerly, at most once per call
+    def _draw_offsets(
+        self, state: ToMeState, call: CallState, height: int, width: int, device: torch.device
+    ) -> torch.Tensor:
+        """Draw the call's offsets for the grid with the most windows among ``height × width`` and those
+        the call has recorded so far (its grid sources, its input size), so one draw serves every block."""
         cfg = self.config
-        if not cfg.use_rand:
-            return
-        if not isinstance(sample, torch.Tensor) or sample.dim() != 4 or sample.shape[0] % 2:
-            return
-        height, width = int(sample.shape[-2]), int(sample.shape[-1])
-        windows = max(1, num_windows(height, width, cfg.sx, cfg.sy))
+        grids = [(height, width), *(g for g in call.grids.values() if g is not None)]
+        if call.input_size is not None:
+            grids.append(call.input_size)
+        windows = max(max(1, num_windows(h, w, cfg.sx, cfg.sy)) for h, w in grids)
         # int64: the blocks use them as gather indices as they are, without a conversion kernel.
         offsets = torch.randint(cfg.sx * cfg.sy, (state.num_blocks, windows), generator=state.generator)
-        call.offsets = offsets.to(sample.device, non_blocking=True)
+        call.offsets = offsets.to(device, non_blocking=True)
+        return call.offsets
 
     def plan(self, state: ToMeState, request: PlanRequest) -> TokenPlan | None:
         metric = request.metric
@@ -176,15 +195,17 @@ class MatchReducer(Reducer):
         block_index: int = 0,
     ) -> Partition:
         cfg = self.config
-        # An odd batch means cond and uncond halves of CFG run in separate calls; a random partition
-        # would then differ between them, so (as tomesd does) fall back to the fixed top-left one.
-        if cfg.use_rand and batch % 2 == 0:
+        random = self.random_partition(state, batch)
+        if cfg.use_rand and not torch.compiler.is_compiling():  # what the report says was used
+            state.partition_used = "random" if random else f"top-left (odd batch of {batch})"
+        if random:
             windows = num_windows(height, width, cfg.sx, cfg.sy)
-            table = state.call.offsets
-            if table is not None and table.shape[1] >= windows and table.device == device:
-                offsets = table[block_index, :windows]
-            else:  # no per-call draw (no [B, C, H, W] model input): draw for this block alone
-                offsets = draw_dst_offsets(height, width, cfg.sx, cfg.sy, state.generator).to(device)
+            call = state.call
+            table = call.offsets
+            if table is None or table.shape[1] < windows:
+                # Not drawn when the call began (no [B, C, H, W] model input): drawn now, once for the call.
+                table = self._draw_offsets(state, call, height, width, device)
+            offsets = table[block_index, :windows].to(device)  # a no-op on the table's device
             windows_table = self._windows(height, width, device)
             return grid_partition(height, width, cfg.sx, cfg.sy, offsets, windows=windows_table)
         key = (height, width, str(device))

@@ -49,7 +49,9 @@ class PlanEvent:
 
     Attributes:
         block: the block's qualified name.
-        call: which model call of the patch made it (1 for the first call).
+        call: which model call of the calling thread made it (1 for the thread's first call of the
+            patched model; each thread counts its own calls, so an observer can pick one call of
+            each thread when several threads share a patched model).
         height, width: the block's token grid (``N = height * width`` tokens, row-major).
         plan: the plan itself (for merging, a :class:`tomediff.ops.MergePlan`, whose ``local_slot``
             gives each token's group).
@@ -72,18 +74,24 @@ class CallState:
         offsets: ``[blocks, windows]`` dst offsets drawn for this call when partitions are random
             (row ``i`` for block ``i``, as many windows as the full-resolution grid has); else None.
         plans: the plan of each block (by index) while that block runs.
+        requests: what each running block (by index) asks of the reducer, until its first site makes
+            the plan from it (a block whose sites never run is never planned).
         sites_left: sites of each running block whose action still needs the plan.
         active: whether the step schedule has the method on in this call.
         shared_plans: plans shared by several blocks within this call (``reuse_level``).
+        number: which call of its thread this is (1 for the first; 0 for blocks called outside a
+            model call, or a compiled call that read nothing eagerly).
     """
 
     input_size: tuple[int, int] | None
     grids: dict[int, tuple[int, int] | None] = field(default_factory=dict)
     offsets: torch.Tensor | None = None
     plans: dict[int, Any] = field(default_factory=dict)
+    requests: dict[int, PlanRequest] = field(default_factory=dict)
     sites_left: dict[int, int] = field(default_factory=dict)
     active: bool = True
     shared_plans: dict[tuple[object, ...], Any] = field(default_factory=dict)
+    number: int = 0
 
 
 @dataclass
@@ -135,7 +143,11 @@ class ToMeState:
         method: the reducer and the site actions.
         num_blocks: blocks patched.
         timestep_scale: the model's timestep horizon ``T`` (schedule progress is ``1 - t / T``).
-        stats: what each block's last call did, by block name (not updated while compiled).
+        odd_batch_top_left: whether ``use_rand`` falls back to the top-left partition for an odd batch
+            (tomesd's rule, for families whose guidance halves may run as separate calls).
+        partition_used: the partition the latest eager plan used with ``use_rand`` (for the report).
+        stats: what each block's last call did, by block name (not updated while compiled; a block
+            whose sites a cache skipped keeps those of its last run).
         calls: model calls so far (counted in eager mode, and compiled when a call draws or schedules).
         observers: called with a :class:`PlanEvent` for every plan made in an eager call.
     """
@@ -147,12 +159,15 @@ class ToMeState:
         method: Method,
         num_blocks: int,
         timestep_scale: float = 1000.0,
+        odd_batch_top_left: bool = True,
     ) -> None:
         self.config = config
         self.selection = selection
         self.method = method
         self.num_blocks = num_blocks
         self.timestep_scale = timestep_scale
+        self.odd_batch_top_left = odd_batch_top_left
+        self.partition_used: str | None = None
         self.generator = config.generator if config.generator is not None else torch.Generator()
         if config.generator is None:
             self.generator.manual_seed(config.seed)
@@ -182,7 +197,7 @@ class ToMeState:
 
     def notify(self, block: str, height: int, width: int, plan: Any) -> None:
         """Pass a new plan to the observers (eager calls only; compiled graphs skip observers)."""
-        event = PlanEvent(block, self.calls, height, width, plan)
+        event = PlanEvent(block, self.call.number, height, width, plan)
         for observer in list(self.observers):
             observer(event)
 
@@ -239,6 +254,7 @@ class ToMeState:
         selection = self.selection
         t = _timestep_value(timestep) if self._reads_timestep else None
         memory.advance(t)
+        call.number = memory.calls
         if selection.has_schedule:
             if t is None:
                 raise MergeCallError(

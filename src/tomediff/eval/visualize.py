@@ -167,8 +167,9 @@ class CapturedPlan:
 class PlanRecorder:
     """Keep the plans a patched model makes (through ``handle.watch``), for the chosen calls and blocks.
 
-    ``calls`` are 1-based model call numbers (in a pipeline whose CFG halves share one batch, call
-    ``k`` is denoising step ``k - 1``); ``None`` keeps every call, likewise ``blocks``. Works with
+    ``calls`` are 1-based model call numbers, counted per thread (in a pipeline whose CFG halves share
+    one batch, call ``k`` is denoising step ``k - 1``, whichever other threads share the model);
+    ``None`` keeps every call, likewise ``blocks``. Works with
     any model tomediff patches::
 
         handle = tomediff.apply_tome(pipe, ratio=0.5)
