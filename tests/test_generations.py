@@ -5,6 +5,7 @@ explicitly for a model patched on its own, never guessed."""
 from __future__ import annotations
 
 import gc
+import pickle
 import threading
 from typing import Any
 
@@ -141,6 +142,9 @@ def test_the_patch_holds_its_pipeline_weakly() -> None:
     handle = tomediff.apply_tome(pipe, reuse_steps=2)
     caller = handle.state.caller
     assert caller is not None and caller.generation() is pipe.scheduler.timesteps
+    copied = pickle.loads(pickle.dumps(pipe.unet))  # a copy starts as a model patched on its own
+    hooks = [h for m in copied.modules() for h in m._forward_pre_hooks.values() if hasattr(h, "state")]
+    assert hooks and all(h.state.caller is None for h in hooks)
     del pipe
     gc.collect()
     assert caller.generation() is None and caller.guidance(torch.zeros(2, 1)) is None
