@@ -52,8 +52,8 @@ def test_a_marked_generation_keeps_no_plan_of_an_unfinished_one(mark: str) -> No
 
 @torch.no_grad()
 def test_new_generation_marks_the_calling_threads_next_call_only() -> None:
-    """Two threads run A, A, mark, B in lock step: each B equals a fresh patch's (a mark made in one
-    thread neither leaks into nor is taken by the other)."""
+    """Two threads run A, A, mark, B in lock step: each B equals a fresh patch's (each thread's mark is
+    its own: the other thread's call does not take it)."""
     settings = {"reuse_steps": 3, "use_rand": False}
     model = tiny_sd_unet()
     handle = tomediff.apply_tome(model, **settings)
@@ -92,6 +92,12 @@ def _img2img(unet: nn.Module) -> diffusers.StableDiffusionImg2ImgPipeline:
     return pipe
 
 
+def _img2img_patched(**settings: Any) -> diffusers.StableDiffusionImg2ImgPipeline:
+    pipe = _img2img(tiny_sd_unet())
+    tomediff.apply_tome(pipe, **settings)
+    return pipe
+
+
 def _edit(pipe: diffusers.StableDiffusionImg2ImgPipeline, seed: int, strength: float, **kw: Any) -> Any:
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn(1, 4, 32, 32, generator=gen)  # 4 channels: taken as latents, not encoded
@@ -127,12 +133,6 @@ def test_each_pipeline_call_starts_a_generation() -> None:
     assert timesteps == [901, 801]
     edit = _edit(pipe, seed=2, strength=0.4)
     assert torch.equal(edit, _edit(_img2img_patched(**settings), seed=2, strength=0.4))
-
-
-def _img2img_patched(**settings: Any) -> diffusers.StableDiffusionImg2ImgPipeline:
-    pipe = _img2img(tiny_sd_unet())
-    tomediff.apply_tome(pipe, **settings)
-    return pipe
 
 
 def test_the_patch_holds_its_pipeline_weakly() -> None:
