@@ -72,7 +72,7 @@ METHODS: dict[str, dict[str, Any]] = {
     "downsample-avg": {"method": "downsample", "downsample_mode": "avg"},
     "merge+reuse_level": {"reuse_level": True},
     "merge+reuse_steps": {"reuse_steps": 2},
-    "merge+reuse_cfg": {"reuse_cfg": True},
+    "merge+reuse_cfg": {"reuse_cfg": True, "cfg_layout": "uncond_cond"},
     "merge+schedule": {"start": 0.25, "stop": 1.0},
 }
 
@@ -273,7 +273,7 @@ def test_reuse_level_shares_one_plan_across_a_levels_blocks() -> None:
 @torch.no_grad()
 def test_reuse_cfg_plans_on_the_conditional_half_for_both() -> None:
     model = tiny_sd_unet()
-    handle = tomediff.apply_tome(model, reuse_cfg=True, use_rand=False)
+    handle = tomediff.apply_tome(model, reuse_cfg=True, cfg_layout="uncond_cond", use_rand=False)
     events: list[PlanEvent] = []
     handle.watch(events.append)
     inputs: dict[str, torch.Tensor] = {}
@@ -488,7 +488,7 @@ def test_config_round_trips_new_fields() -> None:
     [
         {"method": "downsample"},
         {"reuse_level": True, "use_rand": False},
-        {"reuse_cfg": True, "use_rand": False},
+        {"reuse_cfg": True, "cfg_layout": "uncond_cond", "use_rand": False},
     ],
 )
 def test_methods_compile_without_graph_breaks(settings: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 from torch import nn
 from torch.utils.hooks import RemovableHandle
 
-from tomediff.adapters import find_adapter, resolve_model
+from tomediff.adapters import find_adapter, pipeline_caller, resolve_model
 from tomediff.config import ToMeConfig, check_seed
 from tomediff.core import BlockSpec, BlockStats, PlanEvent, ToMeState, install, remove_hooks
 from tomediff.core.methods import Reducer, build_method
@@ -115,7 +115,7 @@ def _describe_method(cfg: ToMeConfig, partition: str | None = None) -> str:
         parts = [f"method=merge, {ratio}", rand, f"sx={cfg.sx}, sy={cfg.sy}"]
         reuse = [f"reuse_level={cfg.reuse_level}"] if cfg.reuse_level else []
         reuse += [f"reuse_steps={cfg.reuse_steps}"] if cfg.reuse_steps > 1 else []
-        reuse += [f"reuse_cfg={cfg.reuse_cfg}"] if cfg.reuse_cfg else []
+        reuse += [f"reuse_cfg={cfg.reuse_cfg}, cfg_layout={cfg.cfg_layout}"] if cfg.reuse_cfg else []
         parts += reuse
     if cfg.min_tokens:
         parts.append(f"min_tokens={cfg.min_tokens}")
@@ -189,8 +189,19 @@ class ToMeHandle:
         return stop
 
     def reseed(self, seed: int | None = None) -> None:
-        """Restart the partition RNG, e.g. before each generation to reproduce it in one process."""
+        """Restart the partition RNG, e.g. before each generation to reproduce it in one process. Plans
+        kept by ``reuse_steps`` are dropped too: every thread's next call starts a new generation."""
         self.state.reseed(None if seed is None else check_seed(seed))
+
+    def new_generation(self) -> None:
+        """Say that the calling thread's next model call starts a new generation, so ``reuse_steps``
+        keeps no plan from the previous one.
+
+        A patched pipeline marks each of its calls itself. A model patched on its own only sees
+        timesteps, which cannot tell a generation cut short (an interrupt, an error, custom timesteps)
+        followed by one that starts below its last timestep (img2img): call this before each generation.
+        """
+        self.state.new_generation()
 
     def report(self) -> ToMeReport:
         blocks = tuple(
@@ -298,7 +309,13 @@ def _patch(model: Any, cfg: ToMeConfig, reducer: Reducer | None) -> ToMeHandle:
     method = build_method(cfg, selection.enabled_kinds(), reducer)
     method.check(selected)
     state = ToMeState(
-        cfg, selection, method, len(selected), adapter.timestep_scale, adapter.odd_batch_top_left
+        cfg,
+        selection,
+        method,
+        len(selected),
+        adapter.timestep_scale,
+        adapter.odd_batch_top_left,
+        pipeline_caller(model),
     )
     # Everything is validated: only now is the previous patch (if any) replaced.
     remove_hooks(target)

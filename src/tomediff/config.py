@@ -13,6 +13,7 @@ import torch
 from tomediff.errors import ConfigError, UnknownOptionError
 
 __all__ = [
+    "CFG_LAYOUTS",
     "DOWNSAMPLE_MODES",
     "METHODS",
     "SEED_MAX",
@@ -39,6 +40,9 @@ TOMESD_FIELDS = (
 # Token-reduction methods: ToMe's merge/unmerge, and ToDo's keys/values from a downsampled grid.
 METHODS = ("merge", "downsample")
 DOWNSAMPLE_MODES = ("nearest", "avg", "bilinear")
+# How a classifier-free-guidance batch is stacked (``reuse_cfg``): asked of the patched pipeline, diffusers'
+# [unconditional, conditional], or ComfyUI's [conditional, unconditional].
+CFG_LAYOUTS = ("auto", "uncond_cond", "cond_uncond")
 
 # What torch.Generator.manual_seed accepts (negative seeds wrap around to 2**64 + seed).
 SEED_MIN, SEED_MAX = -(2**63), 2**64 - 1
@@ -135,12 +139,25 @@ class ToMeConfig:
         reuse_level: one matching per level per model call: the first block of a level plans, the
             other blocks of the level (same grid) reuse its plan.
         reuse_steps: recompute a block's plan only every ``k``-th denoising step and reuse it in
-            between; 1 = every call. A plan is never reused across generations (the timestep going up,
-            or a third call at one timestep, starts a new one), for another call at the same timestep
-            (the two halves of guidance run as two calls keep a plan each), or for another batch size
-            or grid. Eager only.
+            between; 1 = every call. A plan is never reused across generations, for another call at the
+            same timestep (the two halves of guidance run as two calls keep a plan each), or for another
+            batch size or grid. A generation starts at each call of the patched pipeline (when
+            ``apply_tome`` was given the pipeline), at ``handle.new_generation()`` (for the calling thread)
+            and ``handle.reseed()`` (for every thread), and, as a fallback, when the timestep goes up or a
+            third call comes at one timestep. A model patched on its own cannot tell a generation cut
+            short followed by one starting below its last timestep (img2img, custom timesteps): call
+            ``handle.new_generation()`` before each generation. Eager only.
         reuse_cfg: both halves of a classifier-free-guidance batch share one plan, matched on the
-            conditional (second) half; odd batches plan per sample as usual.
+            conditional half (which half that is: ``cfg_layout``); odd batches, and even batches that are
+            no guidance pair, plan per sample as usual.
+        cfg_layout: how an even batch holds the two guidance halves, for ``reuse_cfg``. ``"auto"``
+            (default): the patched pipeline tells at each call: a pair when its
+            ``do_classifier_free_guidance`` is true and the two halves of the model input are one latent
+            batch twice, stacked ``[unconditional, conditional]`` as diffusers does (one host
+            synchronisation per call). A model patched on its own, or a pipeline that does not say, gets an
+            error instead of a guess. ``"uncond_cond"``: every even batch is ``[unconditional,
+            conditional]`` (diffusers' order); ``"cond_uncond"``: ``[conditional, unconditional]``
+            (ComfyUI's order).
         start, stop: active only while the denoising progress ``p = 1 - t / T`` is in ``[start, stop)``,
             with ``t`` the timestep the model receives and ``T`` its training horizon (1000 for the
             Stable Diffusion family), ``p`` clamped to ``[0, 1]``. ``stop == 1`` closes the range:
@@ -177,6 +194,7 @@ class ToMeConfig:
     reuse_level: bool = False
     reuse_steps: int = 1
     reuse_cfg: bool = False
+    cfg_layout: str = "auto"
     start: float = 0.0
     stop: float = 1.0
     skip_blocks: tuple[int, int] = (0, 0)
@@ -243,6 +261,13 @@ class ToMeConfig:
             object.__setattr__(self, name, _as_float(name, getattr(self, name)))
         if self.method not in METHODS:
             raise ConfigError(f"method must be one of {', '.join(map(repr, METHODS))}, got {self.method!r}.")
+        if self.cfg_layout not in CFG_LAYOUTS:
+            layouts = ", ".join(map(repr, CFG_LAYOUTS))
+            raise ConfigError(
+                f"cfg_layout must be one of {layouts}, got {self.cfg_layout!r}: 'uncond_cond' when a "
+                "guidance batch is [unconditional, conditional] (diffusers), 'cond_uncond' when it is "
+                "[conditional, unconditional] (ComfyUI), 'auto' to ask the patched pipeline."
+            )
         if self.downsample_mode not in DOWNSAMPLE_MODES:
             modes = ", ".join(map(repr, DOWNSAMPLE_MODES))
             raise ConfigError(f"downsample_mode must be one of {modes}, got {self.downsample_mode!r}.")

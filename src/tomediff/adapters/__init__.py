@@ -7,7 +7,14 @@ custom :class:`~tomediff.core.Site`s where only image tokens merge) and is decor
 """
 
 from tomediff.adapters import diffusers_dit, diffusers_mmdit, diffusers_unet, generic, ldm
-from tomediff.adapters.base import Adapter, adapters, find_adapter, register_adapter, resolve_model
+from tomediff.adapters.base import (
+    Adapter,
+    adapters,
+    find_adapter,
+    pipeline_caller,
+    register_adapter,
+    resolve_model,
+)
 
 __all__ = [
     "Adapter",
@@ -18,6 +25,7 @@ __all__ = [
     "find_adapter",
     "generic",
     "ldm",
+    "pipeline_caller",
     "register_adapter",
     "resolve_model",
 ]

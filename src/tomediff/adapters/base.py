@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
+import weakref
+from collections.abc import Callable
 from typing import Any, ClassVar
 
+import torch
 from torch import nn
 
 from tomediff.core import BlockSpec, GridSource, Site
+from tomediff.core.spec import Caller
 from tomediff.errors import UnsupportedModelError
 
 __all__ = [
     "Adapter",
     "ForwardChunkingCheck",
+    "PipelineCaller",
     "adapters",
     "find_adapter",
+    "pipeline_caller",
     "register_adapter",
     "resolve_model",
     "transformer_block_spec",
@@ -97,6 +103,53 @@ def resolve_model(obj: Any) -> nn.Module:
         f"tomediff cannot patch a {type(obj).__name__}: expected a diffusers pipeline (with .unet or "
         ".transformer), a torch.nn.Module, or an LDM model with .model.diffusion_model."
     )
+
+
+class PipelineCaller:
+    """A diffusers pipeline as the :class:`~tomediff.core.spec.Caller` of the model it holds.
+
+    Nothing is wrapped or added on the pipeline: it is only read, at each model call. It is held weakly,
+    so the model's hooks never keep a pipeline (with its other models) alive.
+    """
+
+    def __init__(self, pipeline: Any) -> None:
+        self.name = type(pipeline).__name__
+        try:
+            self._pipeline: Callable[[], Any] = weakref.ref(pipeline)
+        except TypeError:  # an object that takes no weak reference is kept alive by the patch
+            self._pipeline = lambda: pipeline
+
+    def generation(self) -> object | None:
+        # Each pipeline call sets its scheduler's timesteps (a new tensor every time), whichever way the
+        # last generation ended (interrupted, failed) and wherever the next starts (img2img, custom
+        # timesteps): the tensor object names the generation.
+        timesteps = getattr(getattr(self._pipeline(), "scheduler", None), "timesteps", None)
+        return timesteps if isinstance(timesteps, torch.Tensor) else None
+
+    def guidance(self, sample: object) -> bool | None:
+        pipeline = self._pipeline()
+        try:
+            guided = pipeline.do_classifier_free_guidance
+        except AttributeError:  # a pipeline without it, one never called yet (no guidance scale), or gone
+            return None
+        if not guided:
+            return False
+        # A guided diffusers pipeline stacks one latent batch twice, [unconditional, conditional]; its
+        # other calls (SD3's skip-layer guidance, InstructPix2Pix's three parts) are no such pair.
+        if not isinstance(sample, torch.Tensor) or sample.shape[0] % 2:
+            return False
+        first, second = sample.chunk(2)
+        return torch.equal(first, second)
+
+
+def pipeline_caller(obj: Any) -> Caller | None:
+    """The :class:`PipelineCaller` of ``obj`` when it is a pipeline whose ``unet``/``transformer``
+    :func:`resolve_model` patches; None for a model given on its own."""
+    if isinstance(obj, nn.Module):
+        return None
+    if any(isinstance(getattr(obj, attr, None), nn.Module) for attr in ("unet", "transformer")):
+        return PipelineCaller(obj)
+    return None
 
 
 class ForwardChunkingCheck:

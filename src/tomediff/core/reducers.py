@@ -104,7 +104,8 @@ class Reducer:
 class MatchReducer(Reducer):
     """ToMe for SD: a dst token per ``sx × sy`` window, the ``r`` src tokens most similar to their best
     dst merged into it (:func:`tomediff.ops.plan_merge`). With ``reuse_cfg`` the two halves of a
-    classifier-free-guidance batch share the plan matched on the conditional half."""
+    classifier-free-guidance batch share the plan matched on the conditional half (which half, and
+    whether a batch is such a pair: :meth:`ToMeState.conditional_half`)."""
 
     def __init__(self, config: ToMeConfig) -> None:
         self.config = config
@@ -160,16 +161,16 @@ class MatchReducer(Reducer):
         num_remove = min(num_remove, partition.num_src)
         if num_remove <= 0 or partition.num_dst == 0:
             return None
-        share = self.config.reuse_cfg and batch % 2 == 0
-        if share:  # diffusers stacks [unconditional, conditional]: match on the conditional half
-            metric = metric[batch // 2 :]
+        conditional = state.conditional_half(batch)
+        if conditional is not None:  # a guidance pair: match on the conditional half
+            metric = metric[conditional]
         if request.batch_shared:  # one plan for the batch, matched on the mean cosine similarity
             constants = self._plan_constants(1, partition, num_remove, device)
             shared = plan_merge(shared_metric(metric), partition, num_remove, constants=constants)
             return None if shared is None else SharedMergePlan.build(shared, partition.dst_idx, batch)
         constants = self._plan_constants(metric.shape[0], partition, num_remove, device)
         plan = plan_merge(metric, partition, num_remove, constants=constants)
-        return plan.repeat_batch(2) if share and plan is not None else plan
+        return plan.repeat_batch(2) if conditional is not None and plan is not None else plan
 
     def nothing_reason(self, request: PlanRequest) -> str | None:
         cfg, height, width = self.config, request.height, request.width

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import torch
 from torch import nn
 
 from tomediff.core.calls import find_input
 
-__all__ = ["BlockSpec", "GridSource", "PositionIdsGrid", "Site", "SiteKind", "SiteRole"]
+__all__ = ["BlockSpec", "Caller", "GridSource", "PositionIdsGrid", "Site", "SiteKind", "SiteRole"]
 
 SiteKind = Literal["attn", "crossattn", "mlp"]
 SiteRole = Literal["tokens", "attention", "key_value"]
@@ -134,3 +134,24 @@ class BlockSpec:
     sites: tuple[Site, ...]
     input_names: tuple[str, ...] = ("hidden_states", "x")
     batch_shared: bool = False
+
+
+class Caller(Protocol):
+    """What the code calling the patched model (a pipeline) tells about each of its model calls; asked
+    at the start of every call, in the calling thread.
+
+    Attributes:
+        name: what it is, for messages (e.g. the pipeline's class name).
+    """
+
+    name: str
+
+    def generation(self) -> object | None:
+        """An object that stays the same (``is``) within one generation and is another one in the next
+        (None when it cannot tell)."""
+        ...
+
+    def guidance(self, sample: object) -> bool | None:
+        """Whether the current call, whose main input is ``sample``, stacks the two halves of
+        classifier-free guidance as ``[unconditional, conditional]`` (None when it cannot tell)."""
+        ...

@@ -15,6 +15,7 @@ from tomediff.config import ToMeConfig
 from tomediff.core.methods import Method
 from tomediff.core.reducers import PlanRequest
 from tomediff.core.selection import Selection
+from tomediff.core.spec import Caller
 from tomediff.errors import MergeCallError
 
 __all__ = ["BlockStats", "CallState", "PlanEvent", "ThreadMemory", "ToMeState", "downsampled_size"]
@@ -81,6 +82,8 @@ class CallState:
         shared_plans: plans shared by several blocks within this call (``reuse_level``).
         number: which call of its thread this is (1 for the first; 0 for blocks called outside a
             model call, or a compiled call that read nothing eagerly).
+        cfg_layout: with ``reuse_cfg`` and ``cfg_layout="auto"``, what the caller said of this call's
+            batch: ``"uncond_cond"`` (a guidance pair), None (no pair), ``"auto"`` (it could not tell).
     """
 
     input_size: tuple[int, int] | None
@@ -92,17 +95,22 @@ class CallState:
     active: bool = True
     shared_plans: dict[tuple[object, ...], Any] = field(default_factory=dict)
     number: int = 0
+    cfg_layout: str | None = "auto"
 
 
 @dataclass
 class ThreadMemory:
     """What one thread's calls remember of earlier calls (plans kept by ``reuse_steps``).
 
-    Within a generation the timestep falls from step to step. A call at the timestep of the previous
-    one is the other half of a classifier-free-guidance step run as two calls (``repeat`` 1, with plans
-    of its own); a third call at one timestep, or a timestep going up, starts a new generation, whose
-    plans are never those of an earlier one (a one-step model called at one timestep image after image
-    therefore never reuses a plan).
+    A generation's plans are never those of an earlier one. A generation starts where it is said to:
+    at each call of the patched pipeline (its :class:`~tomediff.core.spec.Caller` tells), after
+    ``handle.new_generation()`` in this thread, or after ``handle.reseed()`` in any thread. Else the
+    timestep tells, as a fallback: within a generation it falls from step to step; a call at the
+    timestep of the previous one is the other half of a classifier-free-guidance step run as two calls
+    (``repeat`` 1, with plans of its own); a third call at one timestep, or a timestep going up, starts a
+    new generation (a one-step model called at one timestep image after image therefore never reuses a
+    plan). A generation cut short and followed by one starting below its last timestep looks like one
+    generation to the timesteps alone: only a pipeline or ``new_generation()`` can tell.
 
     Attributes:
         calls: model calls this thread made.
@@ -111,6 +119,9 @@ class ThreadMemory:
         generation: generations this thread started.
         last_timestep: the timestep of the thread's previous call (None if unknown).
         plans: kept plans, by reuse key: ``(plan, step made at, generation)``.
+        marked: ``handle.new_generation()`` was called in this thread since its last call.
+        epoch: the patch's reseed count at this thread's last call.
+        caller_generation: what the caller last said the generation was (compared with ``is``).
     """
 
     calls: int = 0
@@ -119,19 +130,33 @@ class ThreadMemory:
     generation: int = 0
     last_timestep: float | None = None
     plans: dict[tuple[object, ...], tuple[Any, int, int]] = field(default_factory=dict)
+    marked: bool = False
+    epoch: int = 0
+    caller_generation: object = None
 
-    def advance(self, timestep: float | None) -> None:
-        """Account for a call at ``timestep``."""
+    def advance(self, timestep: float | None, epoch: int = 0, caller_generation: object = None) -> None:
+        """Account for a call at ``timestep``, made at the patch's reseed count ``epoch``, in the
+        generation the caller calls ``caller_generation`` (None: it cannot tell)."""
         self.calls += 1
         last, self.last_timestep = self.last_timestep, timestep
-        if timestep is None or last is None or timestep < last:
+        said = self.marked or epoch != self.epoch
+        if caller_generation is not None:
+            said = said or caller_generation is not self.caller_generation
+            self.caller_generation = caller_generation
+        self.marked, self.epoch = False, epoch
+        if said:
+            self._start_generation()
+        elif timestep is None or last is None or timestep < last:
             self.steps, self.repeat = self.steps + 1, 0
         elif timestep == last and self.repeat == 0:
             self.repeat = 1
         else:  # the timestep went up, or a third call at one timestep
-            self.generation += 1
-            self.plans.clear()
-            self.steps, self.repeat = self.steps + 1, 0
+            self._start_generation()
+
+    def _start_generation(self) -> None:
+        self.generation += 1
+        self.plans.clear()
+        self.steps, self.repeat = self.steps + 1, 0
 
 
 class ToMeState:
@@ -150,6 +175,8 @@ class ToMeState:
             whose sites a cache skipped keeps those of its last run).
         calls: model calls so far (counted in eager mode, and compiled when a call draws or schedules).
         observers: called with a :class:`PlanEvent` for every plan made in an eager call.
+        caller: the patched pipeline, asked at each call where a generation starts and whether the
+            batch is a guidance pair (None for a model patched on its own, and in a pickled copy).
     """
 
     def __init__(
@@ -160,6 +187,7 @@ class ToMeState:
         num_blocks: int,
         timestep_scale: float = 1000.0,
         odd_batch_top_left: bool = True,
+        caller: Caller | None = None,
     ) -> None:
         self.config = config
         self.selection = selection
@@ -178,6 +206,9 @@ class ToMeState:
         self._latest_call: CallState | None = None
         self._warned: set[tuple[str, int, int]] = set()
         self._reads_timestep = selection.has_schedule or config.reuse_steps > 1
+        self.caller = caller
+        self._epoch = 0  # reseeds so far: every thread starts a new generation at its next call
+        self._asks_guidance = config.reuse_cfg and config.cfg_layout == "auto"
 
     @property
     def max_downsample(self) -> int:
@@ -185,8 +216,9 @@ class ToMeState:
 
     def __getstate__(self) -> dict[str, object]:
         # Per-call state is private to the threads of this process; a copy starts without calls.
-        # Observers are callbacks of this process (often closures), so a copy starts without them.
-        skip = ("_local", "_latest_call", "observers")
+        # Observers are callbacks of this process (often closures), so a copy starts without them; the
+        # caller is held weakly (a pipeline), so a copy starts without it too (as a model on its own).
+        skip = ("_local", "_latest_call", "observers", "caller")
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state: dict[str, object]) -> None:
@@ -194,6 +226,7 @@ class ToMeState:
         self._local = threading.local()
         self._latest_call = None
         self.observers = []
+        self.caller = None
 
     def notify(self, block: str, height: int, width: int, plan: Any) -> None:
         """Pass a new plan to the observers (eager calls only; compiled graphs skip observers)."""
@@ -233,9 +266,9 @@ class ToMeState:
         self._latest_call = call
         if not torch.compiler.is_compiling():
             self._begin(call, sample, timestep)
-        elif self._reads_timestep or self.method.reducer.draws_per_call():
-            # Drawing from the CPU generator or reading the timestep cannot be traced: it runs
-            # eagerly, before the blocks.
+        elif self._reads_timestep or self._asks_guidance or self.method.reducer.draws_per_call():
+            # Drawing from the CPU generator, reading the timestep or asking the caller cannot be
+            # traced: it runs eagerly, before the blocks.
             self._begin_eagerly(call, sample, timestep)
 
     @torch.compiler.disable
@@ -253,7 +286,9 @@ class ToMeState:
         memory = self.thread_memory()
         selection = self.selection
         t = _timestep_value(timestep) if self._reads_timestep else None
-        memory.advance(t)
+        caller = self.caller
+        generation = caller.generation() if caller is not None and self.config.reuse_steps > 1 else None
+        memory.advance(t, self._epoch, generation)
         call.number = memory.calls
         if selection.has_schedule:
             if t is None:
@@ -264,11 +299,50 @@ class ToMeState:
                 )
             call.active = selection.active_at(1.0 - t / self.timestep_scale)
         if call.active:
+            if self._asks_guidance and caller is not None:
+                guided = caller.guidance(sample)
+                call.cfg_layout = "auto" if guided is None else "uncond_cond" if guided else None
             self.method.reducer.begin_call(self, call, sample)
 
     def reseed(self, seed: int | None = None) -> None:
-        """Restart the partition RNG (from ``seed``, default the config's seed)."""
+        """Restart the partition RNG (from ``seed``, default the config's seed); every thread's next
+        call starts a new generation (kept plans are dropped)."""
         self.generator.manual_seed(self.config.seed if seed is None else seed)
+        self._epoch += 1
+
+    def new_generation(self) -> None:
+        """The calling thread's next model call starts a new generation (its kept plans are dropped)."""
+        self.thread_memory().marked = True
+
+    # Guidance pairs -------------------------------------------------------------------------------
+
+    def conditional_half(self, batch: int) -> slice | None:
+        """With ``reuse_cfg``: the rows of a block input of ``batch`` rows that hold the conditional half
+        of a guidance pair (both halves get its plan); None when the call holds no pair."""
+        if not self.config.reuse_cfg or batch % 2:
+            return None
+        layout = self.config.cfg_layout
+        if layout == "auto":
+            layout = self.call.cfg_layout
+        if layout == "uncond_cond":
+            return slice(batch // 2, None)
+        if layout == "cond_uncond":
+            return slice(None, batch // 2)
+        if layout is None:
+            return None
+        if self.caller is None:
+            why = "the model was patched on its own, so nothing says whether guidance is on"
+            fix = "apply tomediff to the pipeline instead (apply_tome(pipe, ...)), set"
+        else:
+            why = f"its caller, {self.caller.name}, does not say whether this call is guided"
+            fix = "set"
+        raise MergeCallError(
+            f"reuse_cfg=True gives both halves of a classifier-free-guidance batch one plan, but tomediff "
+            f"cannot tell whether this batch of {batch} is such a pair: {why}. To fix it, {fix} "
+            "cfg_layout='uncond_cond' if every even batch is [unconditional, conditional] (diffusers' "
+            "order) or cfg_layout='cond_uncond' if it is [conditional, unconditional] (ComfyUI's), or use "
+            "reuse_cfg=False."
+        )
 
     # Grids ----------------------------------------------------------------------------------------
 

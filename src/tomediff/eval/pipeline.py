@@ -49,6 +49,9 @@ class DemoPipeline:
         unet: the ``UNet2DConditionModel`` (what ``tomediff.apply_tome(pipe)`` patches).
         text_encoder: :class:`ClassPromptEncoder`.
         class_names: the prompts it knows, index = Fashion-MNIST label.
+        scheduler: the latest call's sampling scheduler, and ``do_classifier_free_guidance`` whether
+            that call guides: what a patch made with ``tomediff.apply_tome(pipe)`` reads to tell
+            generations and guidance pairs apart (``reuse_steps``, ``reuse_cfg``), as in diffusers.
     """
 
     def __init__(
@@ -110,12 +113,13 @@ class DemoPipeline:
             raise ValueError(f"{len(class_ids)} class ids but {len(seeds)} seeds.")
         sched = self.make_scheduler(scheduler)
         sched.set_timesteps(num_inference_steps)
+        use_cfg = guidance_scale != 1.0
+        self.scheduler, self.do_classifier_free_guidance = sched, use_cfg
         device, dtype = self.device, self.dtype
         latents = initial_noise(seeds, (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)).to(device, dtype)
         latents = latents * sched.init_noise_sigma
         cond = self.text_encoder(self.text_encoder.tokenize_classes(class_ids).to(device))
         uncond = self.text_encoder(self.text_encoder.tokenize([""] * len(class_ids)).to(device))
-        use_cfg = guidance_scale != 1.0
         # Unconditional and conditional halves go through the UNet as one batch, as in SD pipelines,
         # so token merging sees an even batch and shares one partition between the halves.
         context = torch.cat([uncond, cond]) if use_cfg else cond
