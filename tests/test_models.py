@@ -296,6 +296,38 @@ def test_pixart_dit_merges_on_its_patch_grid() -> None:
     assert not torch.equal(out, base) and torch.isfinite(out).all()
 
 
+def test_pixart_refuses_faster_cache_on_its_self_attention() -> None:
+    from diffusers.hooks import FasterCacheConfig, apply_faster_cache
+
+    model = tiny_pixart()
+    # FasterCache's default identifiers take PixArt's self-attentions (attn1), whose output tomediff
+    # unmerges; a cache first is refused when tomediff is applied.
+    config = FasterCacheConfig(spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 500)
+    apply_faster_cache(model, config)
+    with pytest.raises(
+        tomediff.ConflictingPatchError,
+        match=r"FasterCache keeps the output of 'transformer_blocks\.0\.attn1'",
+    ):
+        tomediff.apply_tome(model, ratio=0.5)
+    assert not model.transformer_blocks[0].attn1._forward_pre_hooks
+
+
+def test_unet_refuses_a_taylorseer_cache_inside_a_merged_attention() -> None:
+    from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
+    unet = tiny_sd_unet()
+    handle = tomediff.apply_tome(unet, ratio=0.5)
+    # Inside the merged attention the kept output of to_out is in merged order too.
+    config = TaylorSeerCacheConfig(
+        cache_interval=2, disable_cache_before_step=1, cache_identifiers=[r".*attn1\.to_out\.0"]
+    )
+    apply_taylorseer_cache(unet, config)
+    where = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    with pytest.raises(tomediff.MergeCallError, match=f"TaylorSeer cache keeps the output of '{where}'"):
+        run_unet(unet)
+    handle.remove()
+
+
 def test_controlnet_residuals_and_patched_controlnet() -> None:
     from diffusers import ControlNetModel
 

@@ -286,6 +286,8 @@ def _patch(model: Any, cfg: ToMeConfig, reducer: Reducer | None) -> ToMeHandle:
     selected = selection.blocks(specs, type(target).__name__)
     method = build_method(cfg, selection.enabled_kinds(), reducer)
     method.check(selected)
+    if (conflict := method.conflict(selected)) is not None:
+        raise ConflictingPatchError(conflict)
     state = ToMeState(cfg, selection, method, len(selected), adapter.timestep_scale)
     # Everything is validated: only now is the previous patch (if any) replaced.
     remove_hooks(target)

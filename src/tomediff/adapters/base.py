@@ -6,6 +6,7 @@ from typing import Any, ClassVar
 
 from torch import nn
 
+from tomediff.adapters.diffusers_caches import ReplayedOutputCheck
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.errors import UnsupportedModelError
 
@@ -124,9 +125,12 @@ def transformer_block_spec(
     """Spec of a diffusers or LDM ``BasicTransformerBlock`` (``attn1``, ``attn2``, ``ff``)."""
     sites: list[Site] = []
     if isinstance(getattr(block, "attn1", None), nn.Module):
-        sites.append(Site(block.attn1, "attn"))
+        sites.append(Site(block.attn1, "attn", conflict=ReplayedOutputCheck(block.attn1, f"{name}.attn1")))
     if isinstance(getattr(block, "attn2", None), nn.Module):
-        sites.append(Site(block.attn2, "crossattn"))
+        conflict = ReplayedOutputCheck(block.attn2, f"{name}.attn2")
+        sites.append(Site(block.attn2, "crossattn", conflict=conflict))
     if isinstance(getattr(block, "ff", None), nn.Module):
-        sites.append(Site(block.ff, "mlp", unsupported=ForwardChunkingCheck(block, name)))
+        unsupported = ForwardChunkingCheck(block, name)
+        conflict = ReplayedOutputCheck(block.ff, f"{name}.ff")
+        sites.append(Site(block.ff, "mlp", unsupported=unsupported, conflict=conflict))
     return BlockSpec(name=name, block=block, downsample=downsample, grid=grid, sites=tuple(sites))

@@ -194,6 +194,8 @@ class SitePreHook(ToMeHook):
         site = call.site
         if site.unsupported is not None and (reason := site.unsupported()) is not None:
             raise MergeCallError(reason)
+        if call.action.uses_output and site.conflict is not None and (reason := site.conflict()) is not None:
+            raise MergeCallError(reason)
         return call.action.before(plan, site, call.block.spec.name, args, kwargs)
 
 
