@@ -372,6 +372,21 @@ def test_flux_grid_comes_from_img_ids_and_unexplained_ids_are_refused() -> None:
         model(x, **{**kwargs, "img_ids": extra})
 
 
+def test_flux_kontext_reference_tokens_are_refused_not_merged_as_one_square_grid() -> None:
+    # Kontext's layout in tiny form: a 4x8 latent and a same-size reference image (ids with a first
+    # coordinate of 1), 64 tokens that a square-root guess would merge as one 8x8 image.
+    model = tiny_flux()
+    latent, kwargs = flux_inputs(height=4, width=8)
+    reference = image_ids(4, 8)
+    reference[:, 0] = 1
+    x = torch.cat([latent, torch.randn_like(latent)], dim=1)
+    ids = torch.cat([image_ids(4, 8), reference])
+    handle = tomediff.apply_tome(model, ratio=0.5)
+    with pytest.raises(tomediff.MergeCallError, match="img_ids in this call do not describe one image grid"):
+        run(model, x, {**kwargs, "img_ids": ids})
+    assert all(block.last_call is None for block in handle.report().blocks)  # nothing was merged
+
+
 def test_sd3_five_dual_attention_and_downsample_keys_only() -> None:
     model = tiny_sd3(dual=True)
     x, kwargs = sd3_inputs()

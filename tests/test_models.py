@@ -149,6 +149,19 @@ def test_applying_twice_replaces_the_first_patch() -> None:
     assert first.report().blocks[0].last_call is None and second.report().calls == 1
 
 
+def test_a_block_called_with_a_count_the_last_call_cannot_explain_is_refused() -> None:
+    unet = tiny_sd_unet()
+    tomediff.apply_tome(unet, ratio=0.5, use_rand=False)
+    run_unet(unet)  # 32x32 latent: the block sees 1024 tokens
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    context = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert block(torch.randn(2, 1024, 32), encoder_hidden_states=context).shape == (2, 1024, 32)
+        # 64 tokens: no model input explains them, so no 8x8 grid is guessed
+        with pytest.raises(tomediff.MergeCallError, match=r"received 64 tokens.*never guesses a grid"):
+            block(torch.randn(2, 64, 32), encoder_hidden_states=context)
+
+
 def test_context_manager_patches_only_inside() -> None:
     unet = tiny_sd_unet()
     base = run_unet(unet)
