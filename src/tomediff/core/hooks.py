@@ -20,7 +20,7 @@ from tomediff.core.spec import BlockSpec, GridSource, Site
 from tomediff.core.state import BlockStats, CallState, ToMeState
 from tomediff.errors import MergeCallError
 
-__all__ = ["ToMeHook", "install", "remove_hooks"]
+__all__ = ["SavedHooks", "ToMeHook", "has_hooks", "install", "remove_hooks", "save_hooks"]
 
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 
@@ -285,3 +285,56 @@ def remove_hooks(model: nn.Module) -> int:
                     getattr(module, flag_name, {}).pop(hook_id, None)
                 removed += 1
     return removed
+
+
+def has_hooks(model: nn.Module) -> bool:
+    """Whether ``model`` or a submodule carries a tomediff hook."""
+    return any(
+        isinstance(hook, ToMeHook)
+        for module in model.modules()
+        for table_name in _HOOK_TABLES
+        for hook in getattr(module, table_name).values()
+    )
+
+
+class SavedHooks:
+    """The tomediff hooks a model carried at one moment (:func:`save_hooks`), to put back after a
+    temporary patch replaced them: each under its old id, flags and place among the module's hooks,
+    so the handle that installed them is active again."""
+
+    def __init__(self, model: nn.Module) -> None:
+        # (hook table, its key order then, our hooks in it, their flag tables' entries)
+        self._tables: list[
+            tuple[dict[int, Any], list[int], dict[int, ToMeHook], list[tuple[dict[int, Any], int, Any]]]
+        ] = []
+        for module in model.modules():
+            for table_name in _HOOK_TABLES:
+                table = getattr(module, table_name)
+                ours = {key: hook for key, hook in table.items() if isinstance(hook, ToMeHook)}
+                if not ours:
+                    continue
+                flags = [
+                    (flag_table, key, flag_table[key])
+                    for flag_name in _FLAG_TABLES
+                    if (flag_table := getattr(module, flag_name, None)) is not None
+                    for key in ours
+                    if key in flag_table
+                ]
+                self._tables.append((table, list(table), ours, flags))
+
+    def restore(self) -> None:
+        """Put the saved hooks back (in place: the handles' weak references see the same tables);
+        hooks added since keep their order, after the saved ones' old neighbours."""
+        for table, order, ours, flags in self._tables:
+            current = {**table, **ours}
+            known = set(order)
+            table.clear()
+            table.update((key, current[key]) for key in order if key in current)
+            table.update((key, hook) for key, hook in current.items() if key not in known)
+            for flag_table, key, value in flags:
+                flag_table[key] = value
+
+
+def save_hooks(model: nn.Module) -> SavedHooks:
+    """The tomediff hooks ``model`` carries now, to restore later (see :class:`SavedHooks`)."""
+    return SavedHooks(model)
