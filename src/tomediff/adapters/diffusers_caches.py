@@ -18,6 +18,8 @@ What diffusers 0.42 replays, and where (default settings; custom identifiers can
   Refused. Its model-level hook only approximates the unconditional half of the model output.
 * FirstBlockCache, MagCache, SeaCache: the residual of the whole block stack, taken from block
   inputs and outputs, which are never merged: they compose (a skipped block runs no merge site).
+  FirstBlockCache and MagCache are tested with a Flux pipeline; SeaCache is not (diffusers 0.42's
+  FluxPipeline passes it no step information, so it never skips).
 * TextKVCache: text keys and values only (NucleusMoE blocks, which tomediff does not patch).
 """
 
