@@ -152,6 +152,69 @@ def test_a_model_patched_by_tomesd_is_refused_with_the_fix() -> None:
     assert handle.active and torch.equal(run_unet(unet), clean)
 
 
+def _layout(model: nn.Module) -> list[tuple[type, list[str], list[int], list[int]]]:
+    """Each module's class, instance attributes and hook ids in order."""
+    return [
+        (type(m), sorted(vars(m)), list(m._forward_pre_hooks), list(m._forward_hooks))
+        for m in model.modules()
+    ]
+
+
+def test_remove_patch_removes_a_patch_made_by_tomesd_itself() -> None:
+    tomesd = pytest.importorskip("tomesd")
+    unet = tiny_sd_unet()
+    clean, layout = run_unet(unet), _layout(unet)
+    tomesd.apply_patch(unet, ratio=0.5, use_rand=False)
+    assert not torch.equal(run_unet(unet), clean)
+    # a drop-in user (import tomediff as tomesd) unpatches with tomediff's remove_patch
+    assert tomediff.remove_patch(unet) is unet
+    assert _layout(unet) == layout  # original classes, no _tome_info, no size hook
+    assert torch.equal(run_unet(unet), clean)
+    assert tomediff.apply_tome(unet, ratio=0.5).active  # no longer refused as tomesd-patched
+
+
+def test_tomesd_applied_after_tomediff_is_named_at_call_time() -> None:
+    tomesd = pytest.importorskip("tomesd")
+    unet = tiny_sd_unet()
+    clean = run_unet(unet)
+    tomediff.apply_tome(unet, ratio=0.5)
+    tomesd.apply_patch(unet, ratio=0.5)
+    with pytest.raises(tomediff.MergeCallError, match=r"patched twice: tomediff first, then tomesd"):
+        run_unet(unet)
+    tomediff.remove_patch(unet)  # the way out the message names removes both
+    assert not tome_hooks(unet) and torch.equal(run_unet(unet), clean)
+
+
+def test_tome_context_manager_restores_an_earlier_patch() -> None:
+    unet = tiny_sd_unet()
+    clean = run_unet(unet)
+    first = tomediff.apply_tome(unet, ratio=0.3, use_rand=False)
+    patched, layout = run_unet(unet), _layout(unet)
+    with tomediff.tome(unet, ratio=0.6, use_rand=False) as inner:
+        assert inner.active and not first.active
+        assert not torch.equal(run_unet(unet), patched)
+    assert first.active and not inner.active
+    assert _layout(unet) == layout  # the same hooks, ids and order as before the block
+    assert torch.equal(run_unet(unet), patched)
+    # A patch applied inside the block is the user's: it stays, and the earlier one is not stacked on it.
+    with tomediff.tome(unet, ratio=0.6):
+        second = tomediff.apply_tome(unet, ratio=0.5, use_rand=False)
+    assert second.active and not first.active
+    second.remove()
+    assert not tome_hooks(unet) and torch.equal(run_unet(unet), clean)
+
+
+def test_remove_tome_returns_what_it_was_given() -> None:
+    class Pipeline:  # not a Module, has .unet (like DiffusionPipeline)
+        def __init__(self, unet: nn.Module) -> None:
+            self.unet = unet
+
+    pipe = Pipeline(tiny_sd_unet())
+    tomediff.apply_tome(pipe)
+    assert tomediff.remove_tome(pipe) is pipe and not tome_hooks(pipe.unet)
+    assert tomediff.remove_tome(pipe.unet) is pipe.unet
+
+
 def test_error_classes_are_also_the_builtin_ones() -> None:
     assert issubclass(tomediff.ConfigError, ValueError)
     assert issubclass(tomediff.NothingToPatchError, ValueError)

@@ -372,6 +372,21 @@ def test_flux_grid_comes_from_img_ids_and_unexplained_ids_are_refused() -> None:
         model(x, **{**kwargs, "img_ids": extra})
 
 
+def test_flux_kontext_reference_tokens_are_refused_not_merged_as_one_square_grid() -> None:
+    # Kontext's layout in tiny form: a 4x8 latent and a same-size reference image (ids with a first
+    # coordinate of 1), 64 tokens that a square-root guess would merge as one 8x8 image.
+    model = tiny_flux()
+    latent, kwargs = flux_inputs(height=4, width=8)
+    reference = image_ids(4, 8)
+    reference[:, 0] = 1
+    x = torch.cat([latent, torch.randn_like(latent)], dim=1)
+    ids = torch.cat([image_ids(4, 8), reference])
+    handle = tomediff.apply_tome(model, ratio=0.5)
+    with pytest.raises(tomediff.MergeCallError, match="img_ids in this call do not describe one image grid"):
+        run(model, x, {**kwargs, "img_ids": ids})
+    assert all(block.last_call is None for block in handle.report().blocks)  # nothing was merged
+
+
 def test_sd3_five_dual_attention_and_downsample_keys_only() -> None:
     model = tiny_sd3(dual=True)
     x, kwargs = sd3_inputs()
@@ -685,6 +700,81 @@ def test_pyramid_attention_broadcast_is_refused_with_a_clear_error() -> None:
     )
     with pytest.raises(tomediff.MergeCallError, match="Pyramid Attention Broadcast"), torch.no_grad():
         generate()
+
+
+def _taylorseer(pipe: Any) -> Any:
+    from diffusers.hooks import TaylorSeerCacheConfig
+
+    return TaylorSeerCacheConfig(cache_interval=2, disable_cache_before_step=1)
+
+
+def _faster_cache(pipe: Any) -> Any:
+    from diffusers.hooks import FasterCacheConfig
+
+    return FasterCacheConfig(
+        spatial_attention_block_skip_range=2,
+        spatial_attention_timestep_skip_range=(-1, 1001),
+        current_timestep_callback=lambda: pipe.current_timestep,
+        is_guidance_distilled=True,
+    )
+
+
+REPLAYING_CACHES = {"TaylorSeer cache": _taylorseer, "FasterCache": _faster_cache}
+
+
+@pytest.mark.parametrize("tome_first", [True, False], ids=["tome-first", "cache-first"])
+@pytest.mark.parametrize("cache", sorted(REPLAYING_CACHES))
+def test_caches_replaying_attention_outputs_are_refused_in_both_orders(cache: str, tome_first: bool) -> None:
+    pipe, generate = flux_pipeline()
+    model = pipe.transformer
+    config = REPLAYING_CACHES[cache](pipe)
+    # The kept output would be in an earlier step's merged order: refused, naming the cache, the
+    # module and the ways out.
+    names = f"diffusers' {cache} keeps the output of 'transformer_blocks.0.attn'.*model.disable_cache()"
+    if tome_first:
+        handle = tomediff.apply_tome(pipe, ratio=0.5)
+        model.enable_cache(config)
+        with pytest.raises(tomediff.MergeCallError, match=names), torch.no_grad():
+            generate()
+        handle.remove()
+    else:
+        model.enable_cache(config)
+        with pytest.raises(tomediff.ConflictingPatchError, match=names):
+            tomediff.apply_tome(pipe, ratio=0.5)
+        assert tome_hooks(model) == 0  # refused before anything was hooked
+    model.disable_cache()  # the way out the message names
+    handle = tomediff.apply_tome(pipe, ratio=0.5)
+    with torch.no_grad():
+        assert torch.isfinite(generate()).all()
+    assert handle.report().effective_ratio == 0.5
+
+
+@pytest.mark.parametrize("tome_first", [True, False], ids=["tome-first", "cache-first"])
+def test_mag_cache_skips_whole_blocks_and_composes(tome_first: bool) -> None:
+    from diffusers.hooks import MagCacheConfig
+
+    pipe, generate = flux_pipeline()
+    model = pipe.transformer
+    # mag_ratios of 1: no accumulated error, so every step after the first two reuses the residual.
+    cache = MagCacheConfig(mag_ratios=[1.0] * 4, num_inference_steps=4, retention_ratio=0.0)
+    with torch.no_grad():
+        handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+        merged = generate()
+        handle.remove()
+        last_attn = _calls_of(model.single_transformer_blocks[-1].attn)
+        if tome_first:
+            handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+            model.enable_cache(cache)
+        else:
+            model.enable_cache(cache)
+            handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+        both = generate()
+        assert last_attn[0] < 4  # the cache skipped the blocks in some steps
+        assert torch.isfinite(both).all() and not torch.equal(both, merged)
+        model.disable_cache()
+        assert torch.equal(generate(), merged)
+        handle.remove()
+    assert tome_hooks(model) == 0
 
 
 @pytest.mark.parametrize("tome_first", [True, False])

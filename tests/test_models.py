@@ -149,6 +149,19 @@ def test_applying_twice_replaces_the_first_patch() -> None:
     assert first.report().blocks[0].last_call is None and second.report().calls == 1
 
 
+def test_a_block_called_with_a_count_the_last_call_cannot_explain_is_refused() -> None:
+    unet = tiny_sd_unet()
+    tomediff.apply_tome(unet, ratio=0.5, use_rand=False)
+    run_unet(unet)  # 32x32 latent: the block sees 1024 tokens
+    block = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    context = torch.randn(2, 7, 32)
+    with torch.no_grad():
+        assert block(torch.randn(2, 1024, 32), encoder_hidden_states=context).shape == (2, 1024, 32)
+        # 64 tokens: no model input explains them, so no 8x8 grid is guessed
+        with pytest.raises(tomediff.MergeCallError, match=r"received 64 tokens.*never guesses a grid"):
+            block(torch.randn(2, 64, 32), encoder_hidden_states=context)
+
+
 def test_context_manager_patches_only_inside() -> None:
     unet = tiny_sd_unet()
     base = run_unet(unet)
@@ -295,6 +308,38 @@ def test_pixart_dit_merges_on_its_patch_grid() -> None:
         for b in report.blocks
     )
     assert not torch.equal(out, base) and torch.isfinite(out).all()
+
+
+def test_pixart_refuses_faster_cache_on_its_self_attention() -> None:
+    from diffusers.hooks import FasterCacheConfig, apply_faster_cache
+
+    model = tiny_pixart()
+    # FasterCache's default identifiers take PixArt's self-attentions (attn1), whose output tomediff
+    # unmerges; a cache first is refused when tomediff is applied.
+    config = FasterCacheConfig(spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 500)
+    apply_faster_cache(model, config)
+    with pytest.raises(
+        tomediff.ConflictingPatchError,
+        match=r"FasterCache keeps the output of 'transformer_blocks\.0\.attn1'",
+    ):
+        tomediff.apply_tome(model, ratio=0.5)
+    assert not model.transformer_blocks[0].attn1._forward_pre_hooks
+
+
+def test_unet_refuses_a_taylorseer_cache_inside_a_merged_attention() -> None:
+    from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
+    unet = tiny_sd_unet()
+    handle = tomediff.apply_tome(unet, ratio=0.5)
+    # Inside the merged attention the kept output of to_out is in merged order too.
+    config = TaylorSeerCacheConfig(
+        cache_interval=2, disable_cache_before_step=1, cache_identifiers=[r".*attn1\.to_out\.0"]
+    )
+    apply_taylorseer_cache(unet, config)
+    where = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
+    with pytest.raises(tomediff.MergeCallError, match=f"TaylorSeer cache keeps the output of '{where}'"):
+        run_unet(unet)
+    handle.remove()
 
 
 def test_controlnet_residuals_and_patched_controlnet() -> None:

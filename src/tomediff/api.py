@@ -12,8 +12,10 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tomediff.adapters import find_adapter, pipeline_caller, resolve_model
+from tomediff.adapters.base import patched_by_tomesd
 from tomediff.config import ToMeConfig, check_seed
 from tomediff.core import BlockSpec, BlockStats, PlanEvent, ToMeState, install, remove_hooks
+from tomediff.core.hooks import has_hooks, save_hooks
 from tomediff.core.methods import Reducer, build_method
 from tomediff.core.selection import Selection
 from tomediff.errors import ConflictingPatchError, NothingToPatchError, UnknownOptionError
@@ -240,11 +242,12 @@ def _check_not_patched_by_tomesd(target: nn.Module) -> None:
     """tomesd patches by swapping each block's class for a ``ToMeBlock`` subclass (keeping the original
     in ``_parent``); merging on top of that would merge twice and fail with a shape error."""
     for name, module in target.named_modules():
-        if type(module).__name__ == "ToMeBlock" and hasattr(module, "_parent"):
+        if patched_by_tomesd(module):
             where = f"block '{name}'" if name else "it"
             raise ConflictingPatchError(
                 f"{type(target).__name__} is already patched by tomesd ({where} is a tomesd ToMeBlock). "
-                "Call tomesd.remove_patch(model) first, then apply tomediff."
+                "Call tomesd.remove_patch(model) (or tomediff.remove_patch(model)) first, then apply "
+                "tomediff."
             )
 
 
@@ -308,6 +311,8 @@ def _patch(model: Any, cfg: ToMeConfig, reducer: Reducer | None) -> ToMeHandle:
     selected = selection.blocks(specs, type(target).__name__)
     method = build_method(cfg, selection.enabled_kinds(), reducer)
     method.check(selected)
+    if (conflict := method.conflict(selected)) is not None:
+        raise ConflictingPatchError(conflict)
     state = ToMeState(
         cfg,
         selection,
@@ -323,21 +328,29 @@ def _patch(model: Any, cfg: ToMeConfig, reducer: Reducer | None) -> ToMeHandle:
     return ToMeHandle(target, state, selected, adapter.name, levels, handles)
 
 
-def remove_tome(model: Any) -> nn.Module:
-    """Remove token merging from ``model`` (a no-op when it is not patched); returns the patched module."""
-    target = resolve_model(model)
-    remove_hooks(target)
-    return target
+def remove_tome(model: Any) -> Any:
+    """Remove token merging from ``model`` (a no-op when it is not patched); returns ``model``, as given
+    (a pipeline stays a pipeline)."""
+    remove_hooks(resolve_model(model))
+    return model
 
 
 @contextmanager
 def tome(model: Any, config: ToMeConfig | None = None, **overrides: Any) -> Iterator[ToMeHandle]:
-    """``with tome(pipe, ratio=0.5): pipe(...)`` — patched inside the block, restored after it."""
+    """``with tome(pipe, ratio=0.5): pipe(...)`` — patched inside the block, restored after it.
+
+    A model already patched by :func:`apply_tome` gets that patch back after the block (its handle is
+    active again), unless the block left another tomediff patch on the model.
+    """
+    target = resolve_model(model)
+    earlier = save_hooks(target)
     handle = apply_tome(model, config, **overrides)
     try:
         yield handle
     finally:
         handle.remove()
+        if not has_hooks(target):
+            earlier.restore()
 
 
 def apply_patch(
@@ -389,6 +402,30 @@ def _tomesd_level(max_downsample: Any) -> Any:
 
 
 def remove_patch(model: Any) -> Any:
-    """Drop-in replacement for ``tomesd.remove_patch``; returns ``model``."""
-    remove_tome(model)
+    """Drop-in replacement for ``tomesd.remove_patch``; returns ``model``.
+
+    Removes tomediff's patch and also one made by tomesd itself (for code that swapped
+    ``import tomesd`` for ``import tomediff as tomesd`` halfway): tomesd's blocks get their original
+    class back, and its size hook and ``_tome_info`` attributes are removed, so the model computes
+    exactly what it did before either patch.
+    """
+    target = resolve_model(model)
+    remove_hooks(target)
+    _remove_tomesd_patch(target)
     return model
+
+
+def _remove_tomesd_patch(target: nn.Module) -> None:
+    """Undo what tomesd 0.1.3's ``apply_patch`` does to ``target``: its forward pre-hook on the patched
+    model (kept in ``_tome_info["hooks"]``), the ``_tome_info`` dict on that model and on every block,
+    and the ``ToMeBlock`` class of each block (the original is the class attribute ``_parent``). The
+    flags it sets only on blocks of old LDM/diffusers versions that lack them (``disable_self_attn``,
+    ``use_ada_layer_norm*``) stay: nothing tells whether a block had them before."""
+    for module in target.modules():
+        info = vars(module).get("_tome_info")
+        if isinstance(info, dict):
+            for hook in info.get("hooks", ()):
+                hook.remove()
+            del module._tome_info
+        if patched_by_tomesd(module):
+            module.__class__ = type(module)._parent

@@ -48,7 +48,9 @@ class NothingToPatchError(TomediffError, ValueError):
 
 
 class ConflictingPatchError(TomediffError, RuntimeError):
-    """The model is already patched by another token-merging implementation (tomesd)."""
+    """The model is already patched by another token-merging implementation (tomesd), or carries
+    another library's hook that merging cannot work with (a diffusers cache replaying the output of a
+    merge site)."""
 
 
 class MergeCallError(TomediffError, RuntimeError):

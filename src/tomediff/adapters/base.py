@@ -9,6 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+from tomediff.adapters.diffusers_caches import ReplayedOutputCheck
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import Caller
 from tomediff.errors import UnsupportedModelError
@@ -19,6 +20,7 @@ __all__ = [
     "PipelineCaller",
     "adapters",
     "find_adapter",
+    "patched_by_tomesd",
     "pipeline_caller",
     "register_adapter",
     "resolve_model",
@@ -175,15 +177,58 @@ class ForwardChunkingCheck:
         )
 
 
+def patched_by_tomesd(module: nn.Module) -> bool:
+    """Whether tomesd patched ``module``: it swaps a block's class for a ``ToMeBlock`` subclass that
+    keeps the original class in ``_parent``."""
+    return type(module).__name__ == "ToMeBlock" and hasattr(type(module), "_parent")
+
+
+class TomesdPatchCheck:
+    """Refuses merging in a block that tomesd patched after tomediff: tomesd's ``ToMeBlock`` merges
+    the tokens itself, so tomediff's sites would get them merged twice."""
+
+    def __init__(self, block: nn.Module, name: str) -> None:
+        self.block = block
+        self.name = name
+
+    def __call__(self) -> str | None:
+        if not patched_by_tomesd(self.block):
+            return None
+        return (
+            f"block '{self.name}' is patched twice: tomediff first, then tomesd's apply_patch (its class is "
+            "now tomesd's ToMeBlock), so its tokens would be merged twice. Keep one: "
+            "tomediff.remove_patch(model) removes both (then apply the one you want), or "
+            "tomesd.remove_patch(model) keeps tomediff's patch."
+        )
+
+
+class FirstReason:
+    """Several ``Site.unsupported`` checks as one: the first message any of them returns."""
+
+    def __init__(self, *checks: Callable[[], str | None]) -> None:
+        self.checks = checks
+
+    def __call__(self) -> str | None:
+        for check in self.checks:
+            if (reason := check()) is not None:
+                return reason
+        return None
+
+
 def transformer_block_spec(
     name: str, block: nn.Module, downsample: int | None, grid: GridSource | None
 ) -> BlockSpec:
     """Spec of a diffusers or LDM ``BasicTransformerBlock`` (``attn1``, ``attn2``, ``ff``)."""
     sites: list[Site] = []
+    tomesd = TomesdPatchCheck(block, name)  # the only blocks tomesd patches
     if isinstance(getattr(block, "attn1", None), nn.Module):
-        sites.append(Site(block.attn1, "attn"))
+        conflict = ReplayedOutputCheck(block.attn1, f"{name}.attn1")
+        sites.append(Site(block.attn1, "attn", unsupported=tomesd, conflict=conflict))
     if isinstance(getattr(block, "attn2", None), nn.Module):
-        sites.append(Site(block.attn2, "crossattn"))
+        conflict = ReplayedOutputCheck(block.attn2, f"{name}.attn2")
+        sites.append(Site(block.attn2, "crossattn", unsupported=tomesd, conflict=conflict))
     if isinstance(getattr(block, "ff", None), nn.Module):
-        sites.append(Site(block.ff, "mlp", unsupported=ForwardChunkingCheck(block, name)))
+        unsupported = FirstReason(tomesd, ForwardChunkingCheck(block, name))
+        conflict = ReplayedOutputCheck(block.ff, f"{name}.ff")
+        sites.append(Site(block.ff, "mlp", unsupported=unsupported, conflict=conflict))
     return BlockSpec(name=name, block=block, downsample=downsample, grid=grid, sites=tuple(sites))

@@ -14,6 +14,7 @@ from typing import Any
 from torch import nn
 
 from tomediff.adapters.base import Adapter, ForwardChunkingCheck, class_name_in, register_adapter
+from tomediff.adapters.diffusers_caches import ReplayedOutputCheck
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import PositionIdsGrid
 
@@ -40,28 +41,12 @@ class _FusedProjectionCheck:
         )
 
 
-class _OutputCacheCheck:
-    """Refuses merging at an attention whose output diffusers' Pyramid Attention Broadcast caches: on
-    the steps it skips it returns an output merged with an earlier step's plan, which cannot be
-    unmerged with the current one (its tokens would land in the wrong places)."""
-
-    def __init__(self, attn: nn.Module, name: str) -> None:
-        self.attn = attn
-        self.name = name
-
-    def __call__(self) -> str | None:
-        registry = getattr(self.attn, "_diffusers_hook", None)
-        if registry is None or registry.get_hook("pyramid_attention_broadcast") is None:
-            return None
-        return (
-            f"diffusers' Pyramid Attention Broadcast caches the output of '{self.name}', which tomediff "
-            "merges with a plan that changes every step, so a broadcast output could not be unmerged. "
-            "Use model.enable_cache(FirstBlockCacheConfig(...)) with tomediff, or model.disable_cache()."
-        )
-
-
 def _attention_site(attn: nn.Module, name: str, **fields: Any) -> Site:
-    return Site(attn, "attn", role="attention", unsupported=_OutputCacheCheck(attn, name), **fields)
+    return Site(attn, "attn", role="attention", conflict=ReplayedOutputCheck(attn, name), **fields)
+
+
+def _mlp_site(module: nn.Module, name: str, **fields: Any) -> Site:
+    return Site(module, "mlp", conflict=ReplayedOutputCheck(module, name), **fields)
 
 
 def _key_value_sites(attn: nn.Module, name: str) -> list[Site]:
@@ -101,7 +86,7 @@ class SD3Adapter(Adapter):
             attn2 = getattr(block, "attn2", None)
             if isinstance(attn2, nn.Module):  # SD3.5: self-attention over the image tokens alone
                 sites += [_attention_site(attn2, f"{name}.attn2"), *_key_value_sites(attn2, f"{name}.attn2")]
-            sites.append(Site(block.ff, "mlp", unsupported=ForwardChunkingCheck(block, name)))
+            sites.append(_mlp_site(block.ff, f"{name}.ff", unsupported=ForwardChunkingCheck(block, name)))
             specs.append(BlockSpec(name, block, 1, grid, tuple(sites)))
         return specs
 
@@ -136,7 +121,7 @@ class FluxAdapter(Adapter):
                 name = f"transformer_blocks.{index}"
                 sites = (
                     _attention_site(block.attn, f"{name}.attn", rotary_names=_ROTARY),
-                    Site(block.ff, "mlp"),
+                    _mlp_site(block.ff, f"{name}.ff"),
                 )
                 specs.append(BlockSpec(name, block, 1, grid, sites, batch_shared=True))
         for index, block in enumerate(getattr(model, "single_transformer_blocks", ())):
@@ -144,7 +129,7 @@ class FluxAdapter(Adapter):
                 name = f"single_transformer_blocks.{index}"
                 sites = (
                     _attention_site(block.attn, f"{name}.attn", text_first=True, rotary_names=_ROTARY),
-                    Site(block.proj_mlp, "mlp", text_first=True),
+                    _mlp_site(block.proj_mlp, f"{name}.proj_mlp", text_first=True),
                 )
                 specs.append(BlockSpec(name, block, 1, grid, sites, batch_shared=True))
         return specs

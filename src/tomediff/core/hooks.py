@@ -6,7 +6,6 @@ hook tables without any marker attribute on the module itself.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -21,7 +20,7 @@ from tomediff.core.spec import BlockSpec, GridSource, Site
 from tomediff.core.state import BlockStats, CallState, ToMeState
 from tomediff.errors import MergeCallError
 
-__all__ = ["ToMeHook", "install", "remove_hooks"]
+__all__ = ["SavedHooks", "ToMeHook", "has_hooks", "install", "remove_hooks", "save_hooks"]
 
 _TIMESTEP_NAMES = ("timestep", "timesteps", "t")
 
@@ -124,30 +123,48 @@ class BlockCall:
         if left <= 0:
             call.plans[self.index] = None
 
-    def _grid_candidates(self, call: CallState, num_tokens: int) -> Iterator[tuple[int, int] | None]:
-        """Possible token grids, most reliable first; produced lazily since the first usually fits."""
+    def _grid_candidates(self, call: CallState) -> Iterator[tuple[int, int] | None]:
+        """Token grids the call's inputs give, most reliable first (lazily: the first usually fits).
+        What the adapter says wins: the grid its grid source read in this call (None when that input
+        shows no single grid), else the grid of the block's level; only a block whose level only a call
+        can tell tries every level of the model's input. A grid is never guessed from the token count."""
         state, spec = self.state, self.spec
-        if self.grid_index is not None:
-            yield call.grids.get(self.grid_index)
-        if spec.downsample is not None:
+        if self.grid_index is not None and self.grid_index in call.grids:
+            yield call.grids[self.grid_index]
+        elif spec.downsample is not None:
             yield state.grid_for_downsample(spec.downsample)
-        if call.input_size is not None:
+        elif call.input_size is not None:
             factor = 1
             while factor <= max(call.input_size):
                 yield state.grid_for_downsample(factor)
                 factor *= 2
-        side = math.isqrt(num_tokens)
-        if side * side == num_tokens:
-            yield (side, side)
 
     def token_grid(self, call: CallState, num_tokens: int) -> tuple[int, int]:
-        for grid in self._grid_candidates(call, num_tokens):
+        for grid in self._grid_candidates(call):
             if grid is not None and grid[0] * grid[1] == num_tokens:
                 return grid
+        name = self.spec.name
+        if (
+            self.grid_index is not None
+            and self.grid_index in call.grids
+            and call.grids[self.grid_index] is None
+        ):
+            # The grid source ran in this call and could not read one grid from it.
+            source = self.spec.grid
+            inputs = "/".join(source.input_names) if source is not None else "input"
+            raise MergeCallError(
+                f"tomediff cannot tell the token grid of block '{name}': the model's {inputs} in this call "
+                f"do not describe one image grid of its {num_tokens} tokens (e.g. an edit model's extra "
+                "reference-image tokens, as in Flux Kontext), and tomediff never guesses one, since tokens "
+                "of different images would be merged together. Run such calls without tomediff "
+                "(tomediff.remove_tome(pipe), or the tomediff.tome(...) context manager around the others)."
+            )
         raise MergeCallError(
-            f"tomediff cannot tell the token grid of block '{self.spec.name}': it received {num_tokens} "
-            f"tokens, and the model input size {call.input_size} does not explain that count. Call the "
-            "patched model with its [B, C, H, W] input (positionally or as sample=/hidden_states=)."
+            f"tomediff cannot tell the token grid of block '{name}': it received {num_tokens} tokens, and "
+            f"neither its model's input size {call.input_size} nor the adapter explains that count "
+            "(tomediff never guesses a grid from the token count). Call the patched model with its "
+            "[B, C, H, W] input (positionally or as sample=/hidden_states=); a block called on its own "
+            "takes the grid of the last call of the patched model, so call it with that call's token count."
         )
 
 
@@ -215,6 +232,8 @@ class SitePreHook(ToMeHook):
             return None
         site = call.site
         if site.unsupported is not None and (reason := site.unsupported()) is not None:
+            raise MergeCallError(reason)
+        if call.action.uses_output and site.conflict is not None and (reason := site.conflict()) is not None:
             raise MergeCallError(reason)
         return call.action.before(plan, site, call.block.spec.name, args, kwargs)
 
@@ -288,3 +307,56 @@ def remove_hooks(model: nn.Module) -> int:
                     getattr(module, flag_name, {}).pop(hook_id, None)
                 removed += 1
     return removed
+
+
+def has_hooks(model: nn.Module) -> bool:
+    """Whether ``model`` or a submodule carries a tomediff hook."""
+    return any(
+        isinstance(hook, ToMeHook)
+        for module in model.modules()
+        for table_name in _HOOK_TABLES
+        for hook in getattr(module, table_name).values()
+    )
+
+
+class SavedHooks:
+    """The tomediff hooks a model carried at one moment (:func:`save_hooks`), to put back after a
+    temporary patch replaced them: each under its old id, flags and place among the module's hooks,
+    so the handle that installed them is active again."""
+
+    def __init__(self, model: nn.Module) -> None:
+        # (hook table, its key order then, our hooks in it, their flag tables' entries)
+        self._tables: list[
+            tuple[dict[int, Any], list[int], dict[int, ToMeHook], list[tuple[dict[int, Any], int, Any]]]
+        ] = []
+        for module in model.modules():
+            for table_name in _HOOK_TABLES:
+                table = getattr(module, table_name)
+                ours = {key: hook for key, hook in table.items() if isinstance(hook, ToMeHook)}
+                if not ours:
+                    continue
+                flags = [
+                    (flag_table, key, flag_table[key])
+                    for flag_name in _FLAG_TABLES
+                    if (flag_table := getattr(module, flag_name, None)) is not None
+                    for key in ours
+                    if key in flag_table
+                ]
+                self._tables.append((table, list(table), ours, flags))
+
+    def restore(self) -> None:
+        """Put the saved hooks back (in place: the handles' weak references see the same tables);
+        hooks added since keep their order, after the saved ones' old neighbours."""
+        for table, order, ours, flags in self._tables:
+            current = {**table, **ours}
+            known = set(order)
+            table.clear()
+            table.update((key, current[key]) for key in order if key in current)
+            table.update((key, hook) for key, hook in current.items() if key not in known)
+            for flag_table, key, value in flags:
+                flag_table[key] = value
+
+
+def save_hooks(model: nn.Module) -> SavedHooks:
+    """The tomediff hooks ``model`` carries now, to restore later (see :class:`SavedHooks`)."""
+    return SavedHooks(model)

@@ -72,6 +72,18 @@ class Method:
             for site in spec.sites:
                 self.action_for(site, spec.name)
 
+    def conflict(self, specs: Sequence[BlockSpec]) -> str | None:
+        """The message of the first site whose output the method unmerges and whose
+        :attr:`Site.conflict` check refuses it now (e.g. a cache replaying its output), else None."""
+        for spec in specs:
+            for site in spec.sites:
+                if site.conflict is None:
+                    continue
+                action = self.action_for(site, spec.name)
+                if action is not None and action.uses_output and (reason := site.conflict()) is not None:
+                    return reason
+        return None
+
 
 def build_method(config: ToMeConfig, enabled: set[SiteKind], reducer: Reducer | None = None) -> Method:
     """The method ``config`` describes. ``reducer`` replaces the config's reducer (benchmark

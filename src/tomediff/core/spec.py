@@ -84,6 +84,9 @@ class Site:
             the merged tokens and the mask is left alone.
         unsupported: called at each merge; a returned message means the site cannot merge in the
             module's current configuration and is raised as an error (never skipped silently).
+        conflict: for a site whose output is unmerged, called when the patch is applied and at each
+            merge; a returned message means something attached to the module (a cache replaying its
+            output) makes merging there wrong, and is raised as an error.
         role: what the site computes from the block's image tokens, which decides what each method
             does there. ``"tokens"``: its input is the token sequence, and a self-attention takes its
             keys from it (``attn1``, feed-forwards): merged, or for ``method="downsample"`` given
@@ -106,6 +109,7 @@ class Site:
     mask_names: tuple[str, ...] = ("attention_mask", "mask")
     context_names: tuple[str, ...] = ("encoder_hidden_states", "context")
     unsupported: Callable[[], str | None] | None = None
+    conflict: Callable[[], str | None] | None = None
     role: SiteRole = "tokens"
     text_first: bool = False
     rotary_names: tuple[str, ...] = ()
