@@ -36,7 +36,10 @@ from tomediff.cli._args import (
 )
 from tomediff.errors import CLIUsageError, TomediffError
 
-__all__ = ["register", "run", "run_demo", "run_speed"]
+__all__ = ["HELP", "NAME", "register", "run", "run_demo", "run_speed"]
+
+NAME = "demo"
+HELP = "see what token merging does to images and how much faster it makes SD 1.5 (offline)"
 
 DIFF_GAIN = 8  # |merged - unmerged| is multiplied by this in the grid so small changes are visible
 SPEED_MODELS = ("sd15-block", "sd15", "sd21", "sdxl", "pixart")  # tomediff bench model names, test-checked
@@ -347,8 +350,8 @@ def _speed_resolution(text: str) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "demo",
-        help="see what token merging does to images and how much faster it makes SD 1.5 (offline)",
+        NAME,
+        help=HELP,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -22,10 +22,12 @@ from tomediff.cli._args import (
     ratio_value,
     threads_value,
 )
-from tomediff.cli._method_args import add_method_arguments, add_setting_argument, check_named, method_options
 from tomediff.errors import TomediffError
 
-__all__ = ["add_arguments", "register", "run", "validate"]
+__all__ = ["HELP", "NAME", "QUICK", "add_arguments", "register", "run", "validate"]
+
+NAME = "eval"
+HELP = "measure image quality under token merging"
 
 VARIANT_NAMES = ("no_rand", "max_downsample_2", "all_sites")  # tomediff.eval.settings.VARIANTS; test-checked
 DTYPES = ("float16", "bfloat16", "float32")
@@ -45,6 +47,9 @@ def _resolution(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # ToMeConfig's fields make the method flags; importing them imports torch, so only when registering.
+    from tomediff.cli._method_args import add_method_arguments, add_setting_argument
+
     ratios = comma_list(ratio_value, f"ratios in [0, {MAX_RATIO}]")
     parser.add_argument(
         "--protocol",
@@ -182,6 +187,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def validate(args: argparse.Namespace) -> str:
     """Check the arguments against each other and the file system, before any work; returns the
     protocol. Raises CLIUsageError with a one-line message naming the flag."""
+    from tomediff.cli._method_args import check_named, method_options
     from tomediff.errors import CLIUsageError
 
     protocol = args.protocol or ("paper" if args.model else "bundled")
@@ -334,8 +340,8 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "eval",
-        help="measure image quality under token merging",
+        NAME,
+        help=HELP,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

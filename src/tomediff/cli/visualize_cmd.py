@@ -33,7 +33,10 @@ from tomediff.cli._args import (
 )
 from tomediff.errors import CLIUsageError, ConfigError, TomediffError
 
-__all__ = ["register", "run"]
+__all__ = ["HELP", "NAME", "register", "run"]
+
+NAME = "visualize"
+HELP = "see which tokens merged: groups coloured over the generated image, as a PNG (offline)"
 
 DEFAULT_OUT = Path("out/visualize/merges.png")
 
@@ -159,8 +162,8 @@ def _level(text: str) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "visualize",
-        help="see which tokens merged: groups coloured over the generated image, as a PNG (offline)",
+        NAME,
+        help=HELP,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
