@@ -7,10 +7,12 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from tomediff.errors import ConfigError, UnknownOptionError
+
+if TYPE_CHECKING:  # torch is imported where a generator is checked: the CLI's flags need no torch
+    import torch
 
 __all__ = [
     "DOWNSAMPLE_MODES",
@@ -227,6 +229,8 @@ class ToMeConfig:
             )
         gen = self.generator
         if gen is not None:
+            import torch
+
             if not isinstance(gen, torch.Generator):
                 raise ConfigError(f"generator must be a torch.Generator, got {type(gen).__name__}.")
             if gen.device.type != "cpu":

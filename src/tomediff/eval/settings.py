@@ -14,9 +14,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tomediff.config import (
     DOWNSAMPLE_MODES,
@@ -27,6 +25,9 @@ from tomediff.config import (
     tomesd_arguments,
 )
 from tomediff.errors import ConfigError
+
+if TYPE_CHECKING:  # the command line's flags come from this module; torch is imported where it is used
+    import torch
 
 __all__ = [
     "DIFFERENT_SEED_OFFSET",
@@ -412,6 +413,8 @@ class Patch:
             self._handle.reseed(seed)
         elif self.setting.library == "tomesd":
             # tomesd keeps its generator in the patched model's _tome_info; replace it with a seeded one.
+            import torch
+
             device = next(self.unet.parameters()).device
             self.unet._tome_info["args"]["generator"] = torch.Generator(device).manual_seed(seed)
 
