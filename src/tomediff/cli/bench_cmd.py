@@ -341,7 +341,7 @@ def run(args: argparse.Namespace) -> int:
 
     from rich.console import Console
 
-    from tomediff.bench.report import build_table, notes_text, write_outputs
+    from tomediff.bench.report import build_table, footnotes, notes_text, write_outputs
     from tomediff.bench.runner import run_benchmark
     from tomediff.progress import ProgressBar
 
@@ -363,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_benchmark(config, bar.advance)
         bar.advance("done", 0)
     console.print(build_table(result))
-    for line in notes_text(result.records):
+    for line in [*notes_text(result.records), *footnotes(result.records)]:
         console.print(line, highlight=False)
     paths = write_outputs(result, args.out)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
