@@ -80,8 +80,8 @@ def run_parsed(args: argparse.Namespace, command: str) -> int:
 
 
 def _say_interrupted(command: str, message: str) -> None:
-    # A new line first: the terminal has echoed ^C, or a progress line was being written.
-    print(f"\n{command}: {message}", file=sys.stderr)
+    # On a terminal, a new line first: ^C was echoed on the current one.
+    print(("\n" if sys.stderr.isatty() else "") + f"{command}: {message}", file=sys.stderr)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
