@@ -149,7 +149,10 @@ def test_ctrl_c_is_one_line_and_exit_code_130(
     import importlib
 
     monkeypatch.setattr(importlib.import_module(target[0]), target[1], _interrupt)
-    assert _exit_code([*argv, "--out", str(tmp_path / "out")]) == 130
+    try:
+        assert _exit_code([*argv, "--out", str(tmp_path / "out")]) == 130
+    except KeyboardInterrupt:  # would stop the whole test session
+        pytest.fail("Ctrl-C escaped the command as a KeyboardInterrupt")
     err = capsys.readouterr().err.strip()
     # bench first says what it will measure; then one line for the interrupt
     assert err.splitlines()[-1] == f"tomediff {argv[0]}: {said}" + (" to resume" if argv[0] == "eval" else "")
@@ -265,7 +268,10 @@ def test_bench_checks_out_before_any_work(
 ) -> None:
     import tomediff.bench.runner as runner
 
-    monkeypatch.setattr(runner, "run_benchmark", _interrupt)  # would exit 130, not 2
+    def forbidden(*args: object, **kwargs: object) -> None:
+        raise AssertionError("the benchmark started although --out cannot be written")
+
+    monkeypatch.setattr(runner, "run_benchmark", forbidden)
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     assert _exit_code(["bench", "--quick", "--out", str(blocker / "runs")]) == 2
