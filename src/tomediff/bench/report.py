@@ -184,28 +184,36 @@ def _ideal_of(record: Record, records: Sequence[Record]) -> Record | None:
 
 
 def _slowdown_lines(records: Sequence[Record]) -> list[str]:
+    """A line for each merged row slower than the baseline, or gaining little because the image is small."""
+    own_cost = "the merge's own work (matching, gathering, unmerging)"
     lines = []
     for record in sorted(records, key=_sort_key):
-        if record.variant in ("baseline", "ideal") or record.speedup is None or record.speedup >= 1:
+        if record.variant in ("baseline", "ideal") or record.speedup is None:
             continue
         ideal = _ideal_of(record, records)
+        ideal_speedup = None if ideal is None else ideal.speedup
+        small = ideal_speedup is not None and ideal_speedup < 1 + SMALL_SAVING
+        slower = record.speedup < 1
+        if not (slower or small):
+            continue
         where = f"{record.model} {record.resolution}² {_setting(record)} {record.variant}"
-        text = f"{where} is slower than the baseline ({record.speedup:.2f}x): "
-        if ideal is not None and ideal.speedup is not None and ideal.speedup < 1 + SMALL_SAVING:
+        verdict = "is slower than the baseline" if slower else "gains little"
+        text = f"{where} {verdict} ({record.speedup:.2f}x): "
+        if small:
             text += (
                 f"at {record.tokens:,} tokens the attention that merging removes is a small part of the call "
-                f"(even a zero-cost merge of the same tokens, the ideal, is only {ideal.speedup:.2f}x), so "
-                "the merge's own work (matching, gathering, unmerging) costs more than it saves. Merging "
-                "pays off with more tokens: larger images (e.g. --resolution "
+                f"(even a zero-cost merge of the same tokens, the ideal, is only {ideal_speedup:.2f}x), so "
+                + (f"{own_cost} costs more than it saves" if slower else "there is little to gain")
+                + ". Merging pays off with more tokens: larger images (e.g. --resolution "
                 f"{2 * record.resolution})."
             )
-        elif ideal is not None and ideal.speedup is not None:
+        elif ideal_speedup is not None:
             text += (
-                f"a zero-cost merge of the same tokens (the ideal) would be {ideal.speedup:.2f}x, but the "
-                "merge's own work (matching, gathering, unmerging) costs more than that saves here."
+                f"a zero-cost merge of the same tokens (the ideal) would be {ideal_speedup:.2f}x, but "
+                f"{own_cost} costs more than that saves here."
             )
         else:
-            text += "the merge's own work (matching, gathering, unmerging) costs more than it saves here."
+            text += f"{own_cost} costs more than it saves here."
         lines.append(text)
     return lines
 
