@@ -319,5 +319,6 @@ def test_a_small_gain_at_a_small_size_is_explained() -> None:
     assert footnotes(records)[0] == (
         "sd15 256² 0.5 tomediff gains little (1.01x): at 1,024 tokens the attention that merging removes "
         "is a small part of the call (even a zero-cost merge of the same tokens, the ideal, is only 1.06x), "
-        "so there is little to gain. Merging pays off with more tokens: larger images (e.g. --resolution 512)."
+        "so there is little to gain. Merging pays off with more tokens: larger images "
+        "(e.g. --resolution 512)."
     )
