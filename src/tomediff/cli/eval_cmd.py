@@ -368,13 +368,13 @@ def _run_valid(args: argparse.Namespace, protocol: str) -> int:
         if value is not None:
             setattr(options, name, value)
     if args.quick and not args.no_progress:
-        ratios = ",".join(f"{r:g}" for r in options.ratios)
-        variants = ", ".join(options.variants) or "none"
-        print(
-            f"tomediff eval --quick: {options.samples_per_class} images per class, ratios {ratios}, "
-            f"variants {variants}, into {options.out_dir}",
-            file=sys.stderr,
-        )
+        if options.named:
+            rows = "settings " + ", ".join(n.name for n in options.named)
+        else:
+            ratios = ",".join(f"{r:g}" for r in options.ratios)
+            rows = f"ratios {ratios}, variants {', '.join(options.variants) or 'none'}"
+        per_class = f"{options.samples_per_class} images per class"
+        print(f"tomediff eval --quick: {per_class}, {rows}, into {options.out_dir}", file=sys.stderr)
     try:
         run_quality_eval(options)
     except TomediffError as error:
