@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -235,3 +236,89 @@ def test_every_method_field_has_a_flag_with_its_default() -> None:
         action = by_flag["--" + name.replace("_", "-")]
         assert action.default is None and "Default: " in action.help, name
     assert "Presets: tomesd-default" in by_flag["--setting"].help
+
+
+def _record(variant: str, ratio: float | None, seconds: float, **fields: Any) -> Any:
+    return runner.Record(
+        "sd15", 256, variant, ratio, 2, "cpu", "fp32", 1024, latency_median_s=seconds, **fields
+    )
+
+
+def test_report_explains_a_slowdown_and_every_dash(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`tomediff bench --quick` at its small default size: a merged call slower than the baseline is
+    explained, and so is each "-" the table shows."""
+    records = [
+        _record("baseline", None, 1.00),
+        _record("tomediff", 0.5, 1.12),
+        _record("ideal", 0.5, 0.98),
+    ]
+    runner._derive(records)
+
+    def fake_benchmark(config: Any, progress: Any = None) -> Any:
+        env = {
+            "device": "cpu",
+            "torch_threads": 1,
+            "torch": "t",
+            "diffusers": "d",
+            "tomesd": None,
+            "cpu": "c",
+        }
+        return runner.BenchResult(config, env, records)
+
+    monkeypatch.setattr(runner, "run_benchmark", fake_benchmark)
+    args = parse("--quick", "--device", "cpu", "--no-memory", "--no-flops", "--out", str(tmp_path))
+    assert bench_cmd.run(args) == 0
+    out = " ".join(capsys.readouterr().out.split())  # rich wraps long lines
+    assert (
+        "sd15 256² 0.5 tomediff is slower than the baseline (0.89x): at 1,024 tokens the attention that "
+        "merging removes is a small part of the call (even a zero-cost merge of the same tokens, the ideal, "
+        "is only 1.02x)"
+    ) in out
+    assert "larger images (e.g. --resolution 512)" in out
+    for said in (
+        "ratio: the baseline merges nothing",
+        "saving: the baseline itself, or a row whose ideal saves under 2% of the call",
+        "GFLOPs: not counted (--no-flops or --compile)",
+        "peak MiB, mem/base: not measured (--no-memory)",
+        "Δ tomesd: only on tomediff rows run beside tomesd (--compare tomesd)",
+    ):
+        assert said in out, said
+
+
+def test_a_slowdown_despite_a_fast_ideal_is_the_merges_own_cost() -> None:
+    from tomediff.bench.report import footnotes
+
+    records = [
+        _record("baseline", None, 1.0, flops=1, peak_mem_bytes=1, max_rel_diff_vs_tomesd=0.0),
+        _record("tomediff", 0.5, 1.25, flops=1, peak_mem_bytes=1, max_rel_diff_vs_tomesd=0.0),
+        _record("ideal", 0.5, 0.5, flops=1, peak_mem_bytes=1, max_rel_diff_vs_tomesd=0.0),
+    ]
+    runner._derive(records)
+    lines = footnotes(records)
+    assert lines[0] == (
+        "sd15 256² 0.5 tomediff is slower than the baseline (0.80x): a zero-cost merge of the same tokens "
+        "(the ideal) would be 2.00x, but the merge's own work (matching, gathering, unmerging) costs more "
+        "than that saves here."
+    )
+    # Every cell measured: the only "-" left is the baseline's ratio and saving.
+    assert lines[1] == (
+        '"-" in the table: ratio: the baseline merges nothing; saving: the baseline itself, or a row whose '
+        "ideal saves under 2% of the call (a share of almost nothing is only noise)."
+    )
+    runner._derive(faster := [records[0], _record("tomediff", 0.5, 0.8), records[2]])
+    assert not any("slower" in line or "gains little" in line for line in footnotes(faster))
+
+
+def test_a_small_gain_at_a_small_size_is_explained() -> None:
+    from tomediff.bench.report import footnotes
+
+    records = [_record("baseline", None, 1.0), _record("tomediff", 0.5, 0.99), _record("ideal", 0.5, 0.94)]
+    runner._derive(records)
+    assert footnotes(records)[0] == (
+        "sd15 256² 0.5 tomediff gains little (1.01x): at 1,024 tokens the attention that merging removes "
+        "is a small part of the call (even a zero-cost merge of the same tokens, the ideal, is only 1.06x), "
+        "so there is little to gain. Merging pays off with more tokens: larger images "
+        "(e.g. --resolution 512)."
+    )

@@ -51,11 +51,12 @@ def test_demo_writes_grid_and_table(
     )
     assert args.func(args) == 0
     printed = capsys.readouterr().out
-    assert "speedup" in printed and "PSNR" in printed and "Speed" not in printed
+    # No speedup in the quality part: at 256 tokens it is noise (the speed part measures speed).
+    assert "PSNR" in printed and "speedup" not in printed and "Speed" not in printed
     result = json.loads((tmp_path / "results.json").read_text())
     rows = result["rows"]
     assert [r["ratio"] for r in rows] == [0.0, 0.5]
-    assert rows[0]["speedup"] == 1.0 and rows[0]["psnr"] is None
+    assert "speedup" not in rows[0] and rows[0]["psnr"] is None
     assert rows[1]["psnr"] < 100 and rows[1]["seconds_per_step"] > 0
     from PIL import Image
 

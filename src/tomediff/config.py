@@ -7,10 +7,12 @@ import math
 import numbers
 from collections.abc import Mapping
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from tomediff.errors import ConfigError, UnknownOptionError
+
+if TYPE_CHECKING:  # torch is imported where a generator is checked: the CLI's flags need no torch
+    import torch
 
 __all__ = [
     "CFG_LAYOUTS",
@@ -227,7 +229,12 @@ class ToMeConfig:
         ratio = self.ratio
         if math.isnan(ratio):
             raise ConfigError(f"ratio must be a number in [0, {self.max_ratio:g}], got {ratio!r}.")
-        if not 0.0 <= ratio <= self.max_ratio + 1e-12:
+        if ratio < 0.0:
+            raise ConfigError(
+                f"ratio={ratio!r} is outside [0, {self.max_ratio:g}]: it is the fraction of a block's tokens "
+                "merged away and cannot be negative. Use 0 for no merging, or e.g. 0.5."
+            )
+        if ratio > self.max_ratio + 1e-12:
             raise ConfigError(
                 f"ratio={ratio!r} is outside [0, {self.max_ratio:g}]: with sx={self.sx}, sy={self.sy} "
                 f"at most 1 - 1/(sx*sy) = {self.max_ratio:g} of the tokens can be merged. "
@@ -244,6 +251,8 @@ class ToMeConfig:
             )
         gen = self.generator
         if gen is not None:
+            import torch
+
             if not isinstance(gen, torch.Generator):
                 raise ConfigError(f"generator must be a torch.Generator, got {type(gen).__name__}.")
             if gen.device.type != "cpu":

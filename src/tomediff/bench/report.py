@@ -8,12 +8,13 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tomediff.bench.runner import BenchResult, Record
+from tomediff.bench.runner import MIN_AVAILABLE_SAVING, BenchResult, Record
 from tomediff.bench.variants import ALL_VARIANTS
 
 __all__ = [
     "CSV_FIELDS",
     "build_table",
+    "footnotes",
     "notes_text",
     "plot_speedup",
     "write_csv",
@@ -158,6 +159,88 @@ def notes_text(records: Sequence[Record]) -> list[str]:
         for r in sorted(records, key=_sort_key)
         if r.note
     ]
+
+
+# Below this share of the call saved by the ideal, a slowdown is explained by the image being too small.
+SMALL_SAVING = 0.10
+
+
+def footnotes(records: Sequence[Record]) -> list[str]:
+    """Lines after the notes: why a merged row is slower than the baseline, and what each column's "-"
+    means in this run (only for what the table shows)."""
+    return [*_slowdown_lines(records), *_dash_lines(records)]
+
+
+def _ideal_of(record: Record, records: Sequence[Record]) -> Record | None:
+    """The ideal row ``record``'s saving is measured against (as the runner pairs them), if any."""
+    for other in records:
+        if (other.model, other.resolution, other.variant) != (record.model, record.resolution, "ideal"):
+            continue
+        if record.key is not None and other.key == record.reference:
+            return other
+        if record.key is None and other.setting is None and other.ratio == record.ratio:
+            return other
+    return None
+
+
+def _slowdown_lines(records: Sequence[Record]) -> list[str]:
+    """A line for each merged row slower than the baseline, or gaining little because the image is small."""
+    own_cost = "the merge's own work (matching, gathering, unmerging)"
+    lines = []
+    for record in sorted(records, key=_sort_key):
+        if record.variant in ("baseline", "ideal") or record.speedup is None:
+            continue
+        ideal = _ideal_of(record, records)
+        ideal_speedup = None if ideal is None else ideal.speedup
+        small = ideal_speedup is not None and ideal_speedup < 1 + SMALL_SAVING
+        slower = record.speedup < 1
+        if not (slower or small):
+            continue
+        where = f"{record.model} {record.resolution}² {_setting(record)} {record.variant}"
+        verdict = "is slower than the baseline" if slower else "gains little"
+        text = f"{where} {verdict} ({record.speedup:.2f}x): "
+        if small:
+            text += (
+                f"at {record.tokens:,} tokens the attention that merging removes is a small part of the call "
+                f"(even a zero-cost merge of the same tokens, the ideal, is only {ideal_speedup:.2f}x), so "
+                + (f"{own_cost} costs more than it saves" if slower else "there is little to gain")
+                + ". Merging pays off with more tokens: larger images (e.g. --resolution "
+                f"{2 * record.resolution})."
+            )
+        elif ideal_speedup is not None:
+            text += (
+                f"a zero-cost merge of the same tokens (the ideal) would be {ideal_speedup:.2f}x, but "
+                f"{own_cost} costs more than that saves here."
+            )
+        else:
+            text += f"{own_cost} costs more than it saves here."
+        lines.append(text)
+    return lines
+
+
+def _dash_lines(records: Sequence[Record]) -> list[str]:
+    ok = [r for r in records if r.status == "ok"]
+    reasons = []
+    if any(r.variant == "baseline" for r in records):
+        column = "setting" if any(r.setting for r in records) else "ratio"  # as build_table names it
+        reasons.append(f"{column}: the baseline merges nothing")
+    if any(_saving(r) == "-" for r in ok):
+        reasons.append(
+            "saving: the baseline itself, or a row whose ideal saves under "
+            f"{MIN_AVAILABLE_SAVING:.0%} of the call (a share of almost nothing is only noise)"
+        )
+    if any(r.flops is None for r in ok):
+        reasons.append("GFLOPs: not counted (--no-flops or --compile)")
+    if any(r.peak_mem_bytes is None for r in ok):
+        reasons.append("peak MiB, mem/base: not measured (--no-memory)")
+    if any(r.max_rel_diff_vs_tomesd is None for r in ok):
+        reasons.append(
+            "Δ tomesd: only on tomediff rows run beside tomesd (--compare tomesd) with the same computation "
+            "(no --use-rand, no method options)"
+        )
+    if len(ok) < len(records):
+        reasons.append("a failed row: its error is in the table")
+    return ['"-" in the table: ' + "; ".join(reasons) + "."] if reasons else []
 
 
 def write_json(result: BenchResult, path: Path) -> None:

@@ -8,15 +8,18 @@ checks that need several flags or the file system raise :class:`~tomediff.errors
 from __future__ import annotations
 
 import argparse
+import contextlib
 import math
 import os
 import sys
 import tempfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import NoReturn
 
 __all__ = [
+    "BUNDLED_MODEL_THREADS",
+    "BUNDLED_MODEL_THREADS_DEFAULT",
     "MAX_RATIO",
     "OnelineParser",
     "check_out_dir",
@@ -27,6 +30,7 @@ __all__ = [
     "positive_ratio",
     "ratio_value",
     "threads_value",
+    "torch_threads",
 ]
 
 MAX_RATIO = 0.75  # 1 - 1/(sx*sy) with the 2x2 windows every subcommand uses
@@ -80,9 +84,19 @@ def ratio_value(text: str, allow_zero: bool = True) -> float:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"ratio must be a number, got {text!r}") from None
-    low_ok = value >= 0 if allow_zero else value > 0
-    if not (low_ok and value <= MAX_RATIO):
-        interval = f"[0, {MAX_RATIO}]" if allow_zero else f"(0, {MAX_RATIO}]"
+    if math.isnan(value):
+        raise argparse.ArgumentTypeError(f"ratio must be a number, got {text!r}")
+    interval = f"[0, {MAX_RATIO}]" if allow_zero else f"(0, {MAX_RATIO}]"
+    # The advice fits the side of the range that was crossed.
+    if value < 0 or (value == 0 and not allow_zero):
+        why = (
+            "it cannot be negative" if value < 0 else "0 merges nothing, so there would be nothing to measure"
+        )
+        raise argparse.ArgumentTypeError(
+            f"ratio {text} is out of range: it must be in {interval} - the fraction of tokens merged away, "
+            f"and {why}"
+        )
+    if value > MAX_RATIO:
         raise argparse.ArgumentTypeError(
             f"ratio {text} is out of range: it must be in {interval} - the fraction of tokens merged away; "
             "with 2x2 windows at most 3 of every 4 tokens can be merged"
@@ -106,6 +120,32 @@ def comma_list(item: Callable[[str], object], what: str) -> Callable[[str], list
 
     parse.__name__ = f"comma-separated {what}"  # what argparse names in "invalid ... value"
     return parse
+
+
+BUNDLED_MODEL_THREADS = 1
+"""Default torch threads of the subcommands running the bundled model (demo's quality part, eval,
+visualize): its calls are too small to split, so more threads mostly wait on each other, and on a busy
+machine they make a run many times slower."""
+
+BUNDLED_MODEL_THREADS_DEFAULT = (
+    f"Default: {BUNDLED_MODEL_THREADS} (the model is tiny: more threads mostly wait on each other, and "
+    "on a busy machine slow the run down many times)"
+)
+
+
+@contextlib.contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the block with ``count`` torch CPU threads (None: torch's own choice), then restore the
+    previous count."""
+    import torch
+
+    previous = torch.get_num_threads()
+    if count is not None:
+        torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
 
 
 def threads_value(text: str) -> int:

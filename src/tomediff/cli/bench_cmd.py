@@ -8,17 +8,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from tomediff.cli._args import MAX_RATIO, OnelineParser, non_negative_int, positive_int, positive_ratio
-from tomediff.cli._method_args import (
-    add_method_arguments,
-    add_setting_argument,
-    check_named,
-    method_options,
-    replace_options,
+from tomediff.cli._args import (
+    MAX_RATIO,
+    OnelineParser,
+    check_out_dir,
+    non_negative_int,
+    positive_int,
+    positive_ratio,
 )
 from tomediff.errors import CLIUsageError
 
-__all__ = ["QUICK", "config_from_args", "main", "register", "run"]
+__all__ = ["HELP", "NAME", "QUICK", "config_from_args", "main", "register", "run"]
+
+NAME = "bench"
+HELP = "benchmark speed and memory of real architectures: baseline vs tomediff vs tomesd vs ideal"
 
 # Model names are listed here (not imported from tomediff.bench) so that `tomediff --help` does not
 # import torch; tests check that the two lists agree.
@@ -97,9 +100,12 @@ def _resolution(text: str) -> int:
 
 
 def register(subparsers: Any) -> argparse.ArgumentParser:
+    # ToMeConfig's fields make the method flags; importing them imports torch, so only when registering.
+    from tomediff.cli._method_args import add_method_arguments, add_setting_argument
+
     parser = subparsers.add_parser(
-        "bench",
-        help="benchmark speed and memory of real architectures: baseline vs tomediff vs tomesd vs ideal",
+        NAME,
+        help=HELP,
         description=DESCRIPTION,
         epilog=EPILOG,
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -237,6 +243,7 @@ def config_from_args(args: argparse.Namespace) -> Any:
     from tomediff.bench.models import get_model_spec
     from tomediff.bench.runner import BenchConfig
     from tomediff.bench.variants import tomesd_version
+    from tomediff.cli._method_args import check_named, method_options, replace_options
 
     quick = QUICK if args.quick else {}
 
@@ -286,8 +293,6 @@ def config_from_args(args: argparse.Namespace) -> Any:
         if tomesd_version() is None:
             raise CLIUsageError("--compare tomesd: tomesd is not installed (pip install tomesd==0.1.3)")
         variants.append("tomesd")
-    if args.out.exists() and not args.out.is_dir():
-        raise CLIUsageError(f"--out {args.out} exists and is not a directory")
     if args.threads and args.threads > (os.cpu_count() or args.threads):
         raise CLIUsageError(
             f"--threads {args.threads} is more than the {os.cpu_count()} CPUs of this machine"
@@ -329,13 +334,14 @@ def config_from_args(args: argparse.Namespace) -> Any:
 def run(args: argparse.Namespace) -> int:
     try:
         config = config_from_args(args)
+        check_out_dir(args.out)  # before the benchmark, not after it when the results are written
     except ValueError as error:
         print(f"tomediff bench: error: {error}", file=sys.stderr)
         return 2
 
     from rich.console import Console
 
-    from tomediff.bench.report import build_table, notes_text, write_outputs
+    from tomediff.bench.report import build_table, footnotes, notes_text, write_outputs
     from tomediff.bench.runner import run_benchmark
     from tomediff.progress import ProgressBar
 
@@ -357,7 +363,7 @@ def run(args: argparse.Namespace) -> int:
         result = run_benchmark(config, bar.advance)
         bar.advance("done", 0)
     console.print(build_table(result))
-    for line in notes_text(result.records):
+    for line in [*notes_text(result.records), *footnotes(result.records)]:
         console.print(line, highlight=False)
     paths = write_outputs(result, args.out)
     console.print("wrote " + ", ".join(str(p) for p in paths.values()))
@@ -374,7 +380,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = OnelineParser(prog="tomediff")
     register(parser.add_subparsers(dest="command"))
     args = parser.parse_args(["bench", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args))
+    from tomediff.cli.main import run_parsed
+
+    return run_parsed(args, "tomediff bench")
 
 
 if __name__ == "__main__":

@@ -8,8 +8,11 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from tomediff.cli._args import (
+    BUNDLED_MODEL_THREADS,
+    BUNDLED_MODEL_THREADS_DEFAULT,
     MAX_RATIO,
     check_choices,
     check_out_dir,
@@ -21,14 +24,28 @@ from tomediff.cli._args import (
     positive_ratio,
     ratio_value,
     threads_value,
+    torch_threads,
 )
-from tomediff.cli._method_args import add_method_arguments, add_setting_argument, check_named, method_options
 from tomediff.errors import TomediffError
 
-__all__ = ["add_arguments", "register", "run", "validate"]
+__all__ = ["HELP", "NAME", "QUICK", "add_arguments", "register", "run", "validate"]
+
+NAME = "eval"
+HELP = "measure image quality under token merging"
 
 VARIANT_NAMES = ("no_rand", "max_downsample_2", "all_sites")  # tomediff.eval.settings.VARIANTS; test-checked
 DTYPES = ("float16", "bfloat16", "float32")
+
+# --quick: the bundled protocol on a tenth of the images (100 per setting), unmerged and two ratios, no
+# option variants: 8 batches against the full run's 180. Measured: 247 s with 1 thread on 2 CPU cores
+# under load 5-7 (`tomediff eval --quick`). Explicit flags override it.
+QUICK: dict[str, Any] = {"samples_per_class": 10, "ratios": [0.0, 0.5, 0.7], "variants": ["none"]}
+QUICK_ABOUT = "8 batches where the full run has 180: 4 min measured on 2 busy CPU cores"
+QUICK_OUT = Path("out/eval-quick")
+
+# Finished batches are saved as they come, and a rerun with the same flags continues from them.
+ON_INTERRUPT = "interrupted; run the same command again to resume"
+LONG_RUN_HINT = "Ctrl-C stops it, and the same command resumes where it stopped"
 
 
 def _words(text: str) -> list[str]:
@@ -45,6 +62,9 @@ def _resolution(text: str) -> int:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    # ToMeConfig's fields make the method flags; importing them imports torch, so only when registering.
+    from tomediff.cli._method_args import add_method_arguments, add_setting_argument
+
     ratios = comma_list(ratio_value, f"ratios in [0, {MAX_RATIO}]")
     parser.add_argument(
         "--protocol",
@@ -63,7 +83,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=Path,
         default=None,
         help="output folder, created if missing; rerunning into it resumes when every setting matches "
-        "and refuses otherwise. Default: out/eval (paper: out/eval-paper)",
+        f"and refuses otherwise. Default: out/eval (--quick: {QUICK_OUT}; paper: out/eval-paper)",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="bundled protocol: a first look in a few minutes - "
+        f"{QUICK['samples_per_class']} images per class, ratios {','.join(f'{r:g}' for r in QUICK['ratios'])}"
+        f", no option variants ({QUICK_ABOUT}). Explicit --samples-per-class/--ratios/--variants override "
+        "it. Default: off (1,000 images per setting, five ratios, three variants)",
     )
     parser.add_argument(
         "--ratios",
@@ -163,7 +191,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--threads",
         type=threads_value,
         default=None,
-        help="torch CPU threads per process. Default: torch's choice",
+        help=f"torch CPU threads per process. Bundled protocol: {BUNDLED_MODEL_THREADS_DEFAULT}. "
+        "Paper protocol: torch's choice",
     )
     parser.add_argument(
         "--bootstrap",
@@ -182,11 +211,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 def validate(args: argparse.Namespace) -> str:
     """Check the arguments against each other and the file system, before any work; returns the
     protocol. Raises CLIUsageError with a one-line message naming the flag."""
+    from tomediff.cli._method_args import check_named, method_options
     from tomediff.errors import CLIUsageError
 
     protocol = args.protocol or ("paper" if args.model else "bundled")
     paper_only = ("model", "num_classes", "class_names", "fid_ref", "dtype")
-    bundled_only = ("variants", "assets")
+    bundled_only = ("variants", "assets", "quick")
     wrong = paper_only if protocol == "bundled" else bundled_only
     for name in wrong:
         if getattr(args, name) not in (None, False):
@@ -235,6 +265,13 @@ def validate(args: argparse.Namespace) -> str:
                 "(or compare named settings: --setting levels:level_ratios=1:0.6/2:0.3 --setting merge)"
             )
         args.ratios, args.variants = [0.0, 0.5], ["none"]
+    if args.quick:
+        args.samples_per_class = args.samples_per_class or QUICK["samples_per_class"]
+        if not args.named:  # named settings replace the ratio sweep and the variants
+            args.ratios = args.ratios or QUICK["ratios"]
+            args.variants = QUICK["variants"] if args.variants is None else args.variants
+    if args.threads is None and protocol == "bundled":
+        args.threads = BUNDLED_MODEL_THREADS
     from tomediff.eval.settings import build_settings
 
     try:  # every row's ToMeConfig, before any work
@@ -249,7 +286,7 @@ def validate(args: argparse.Namespace) -> str:
         flags = ", ".join("--" + n.replace("_", "-") for n in args.tome_options)
         raise CLIUsageError(f"{flags}: {error}") from None
     if args.out is None:
-        args.out = Path("out/eval-paper" if protocol == "paper" else "out/eval")
+        args.out = Path("out/eval-paper" if protocol == "paper" else QUICK_OUT if args.quick else "out/eval")
     check_out_dir(args.out)
     return protocol
 
@@ -259,10 +296,11 @@ def run(args: argparse.Namespace) -> int:
         protocol = validate(args)
     except TomediffError as error:
         return fail("eval", error)
-    import torch
+    with torch_threads(args.threads):
+        return _run_valid(args, protocol)
 
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
+
+def _run_valid(args: argparse.Namespace, protocol: str) -> int:
     if protocol == "paper":
         from tomediff.eval.paper import PaperOptions, run_paper_eval
 
@@ -281,6 +319,7 @@ def run(args: argparse.Namespace) -> int:
             cpu=args.cpu,
             dtype=args.dtype,
             progress=not args.no_progress,
+            long_run_hint=LONG_RUN_HINT,
         )
         for name, value in (
             ("images_per_class", args.samples_per_class),
@@ -315,6 +354,9 @@ def run(args: argparse.Namespace) -> int:
         cpu=args.cpu,
         progress=not args.no_progress,
         bootstrap=args.bootstrap,
+        long_run_hint=""
+        if args.quick
+        else f"{LONG_RUN_HINT}; for a first look: tomediff eval --quick ({QUICK_ABOUT})",
     )
     options.compare_ratios = args.compare_ratios
     for name, value in (
@@ -325,6 +367,14 @@ def run(args: argparse.Namespace) -> int:
     ):
         if value is not None:
             setattr(options, name, value)
+    if args.quick and not args.no_progress:
+        if options.named:
+            rows = "settings " + ", ".join(n.name for n in options.named)
+        else:
+            ratios = ",".join(f"{r:g}" for r in options.ratios)
+            rows = f"ratios {ratios}, variants {', '.join(options.variants) or 'none'}"
+        per_class = f"{options.samples_per_class} images per class"
+        print(f"tomediff eval --quick: {per_class}, {rows}, into {options.out_dir}", file=sys.stderr)
     try:
         run_quality_eval(options)
     except TomediffError as error:
@@ -334,10 +384,10 @@ def run(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "eval",
-        help="measure image quality under token merging",
+        NAME,
+        help=HELP,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_arguments(parser)
-    parser.set_defaults(func=run)
+    parser.set_defaults(func=run, on_interrupt=ON_INTERRUPT)

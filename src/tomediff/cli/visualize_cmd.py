@@ -21,6 +21,8 @@ import time
 from pathlib import Path
 
 from tomediff.cli._args import (
+    BUNDLED_MODEL_THREADS,
+    BUNDLED_MODEL_THREADS_DEFAULT,
     MAX_RATIO,
     check_out_dir,
     comma_list,
@@ -30,10 +32,14 @@ from tomediff.cli._args import (
     positive_int,
     positive_ratio,
     threads_value,
+    torch_threads,
 )
 from tomediff.errors import CLIUsageError, ConfigError, TomediffError
 
-__all__ = ["register", "run"]
+__all__ = ["HELP", "NAME", "register", "run"]
+
+NAME = "visualize"
+HELP = "see which tokens merged: groups coloured over the generated image, as a PNG (offline)"
 
 DEFAULT_OUT = Path("out/visualize/merges.png")
 
@@ -74,31 +80,26 @@ def run(args: argparse.Namespace) -> int:
         _check_png_path(args.out)
     except TomediffError as error:
         return fail("visualize", _flagged(error))
-    import torch
-
     from tomediff.eval.visualize import save_png, visualize_merges
 
     started = time.perf_counter()
     options = {} if args.max_downsample is None else {"max_downsample": args.max_downsample}
-    previous_threads = torch.get_num_threads()
-    torch.set_num_threads(args.threads)
     try:
-        vis = visualize_merges(
-            class_id=args.class_,
-            seed=args.seed,
-            num_steps=args.steps,
-            step=steps,
-            block=args.block,
-            ratio=args.ratio,
-            guidance_scale=args.guidance,
-            half=args.half,
-            assets_dir=args.assets,
-            **options,
-        )
+        with torch_threads(args.threads):
+            vis = visualize_merges(
+                class_id=args.class_,
+                seed=args.seed,
+                num_steps=args.steps,
+                step=steps,
+                block=args.block,
+                ratio=args.ratio,
+                guidance_scale=args.guidance,
+                half=args.half,
+                assets_dir=args.assets,
+                **options,
+            )
     except ConfigError as error:  # a block that does not exist or merges nothing: known once patched
         return fail("visualize", _flagged(error))
-    finally:
-        torch.set_num_threads(previous_threads)
     path = save_png(vis, args.out, scale=args.scale, alpha=args.alpha)
     for view in vis.views:
         tokens = view.height * view.width
@@ -159,8 +160,8 @@ def _level(text: str) -> int:
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     parser = subparsers.add_parser(
-        "visualize",
-        help="see which tokens merged: groups coloured over the generated image, as a PNG (offline)",
+        NAME,
+        help=HELP,
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -239,7 +240,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--threads",
         type=threads_value,
-        default=1,
-        help="torch CPU threads. Default: 1 (the model is tiny: more threads mostly wait on each other)",
+        default=BUNDLED_MODEL_THREADS,
+        help=f"torch CPU threads. {BUNDLED_MODEL_THREADS_DEFAULT}",
     )
     parser.set_defaults(func=run)

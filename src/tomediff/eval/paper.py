@@ -61,6 +61,7 @@ class PaperOptions:
     cpu: bool = False
     dtype: str | None = None  # default fp16 on GPU, fp32 on CPU
     progress: bool = True
+    long_run_hint: str = ""  # said after the first batch when the rest will take long (see generate_settings)
     command: str = field(default_factory=lambda: " ".join(sys.argv))
 
 
@@ -253,6 +254,7 @@ def run_paper_eval(options: PaperOptions, pipe: Any = None) -> list[dict[str, An
         dist,
         progress=options.progress,
         run_key=key,
+        long_run_hint=options.long_run_hint,
     )
     if samples is None:
         return None

@@ -60,6 +60,7 @@ class QualityOptions:
     assets_dir: Path | None = None
     cpu: bool = False
     progress: bool = True
+    long_run_hint: str = ""  # said after the first batch when the rest will take long (see generate_settings)
     bootstrap: int = 1000
     command: str = field(default_factory=lambda: " ".join(sys.argv))
 
@@ -226,6 +227,7 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
         dist,
         progress=options.progress,
         run_key=key,
+        long_run_hint=options.long_run_hint,
     )
     if samples is None:  # not the main process
         return None

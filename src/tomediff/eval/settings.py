@@ -12,11 +12,9 @@ import dataclasses
 import inspect
 import math
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from tomediff.config import (
     DOWNSAMPLE_MODES,
@@ -27,6 +25,9 @@ from tomediff.config import (
     tomesd_arguments,
 )
 from tomediff.errors import ConfigError
+
+if TYPE_CHECKING:  # the command line's flags come from this module; torch is imported where it is used
+    import torch
 
 __all__ = [
     "DIFFERENT_SEED_OFFSET",
@@ -181,16 +182,21 @@ def tomesd_defaults() -> dict[str, Any]:
 
 @dataclass(frozen=True)
 class Preset:
-    """A named setting: the library and the ToMeConfig options over ToMeConfig's defaults."""
+    """A named setting: the library and the ToMeConfig options over ToMeConfig's defaults (or a function
+    returning them, for options read from the API: importing it takes seconds that the command line's
+    help and usage errors need not wait)."""
 
     library: str
-    options: Mapping[str, Any]
+    options: Mapping[str, Any] | Callable[[], Mapping[str, Any]]
     about: str
+
+    def resolved_options(self) -> Mapping[str, Any]:
+        return self.options() if callable(self.options) else self.options
 
 
 PRESETS: dict[str, Preset] = {
     "tomesd-default": Preset(
-        "tomesd", tomesd_defaults(), "tomesd 0.1.3 with its defaults (ratio 0.5, level 1, use_rand, attn)"
+        "tomesd", tomesd_defaults, "tomesd 0.1.3 with its defaults (ratio 0.5, level 1, use_rand, attn)"
     ),
     "merge": Preset("tomediff", {"method": "merge", "ratio": 0.5}, "ToMe, ratio 0.5 (tomediff's defaults)"),
     "downsample": Preset(
@@ -264,7 +270,7 @@ def parse_setting(text: str) -> NamedSetting:
             f"{name}:ratio=0.6,reuse_steps=2"
         )
     library = preset.library if preset else "tomediff"
-    options = dict(preset.options) if preset else {}
+    options = dict(preset.resolved_options()) if preset else {}
     for item in rest.split(","):
         if not item.strip():
             continue
@@ -407,6 +413,8 @@ class Patch:
             self._handle.reseed(seed)
         elif self.setting.library == "tomesd":
             # tomesd keeps its generator in the patched model's _tome_info; replace it with a seeded one.
+            import torch
+
             device = next(self.unet.parameters()).device
             self.unet._tome_info["args"]["generator"] = torch.Generator(device).manual_seed(seed)
 

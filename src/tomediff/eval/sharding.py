@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -32,11 +33,13 @@ from tomediff.eval.settings import METHOD_FIELDS, SETTING_FIELDS, Setting
 from tomediff.progress import ProgressBar
 
 __all__ = [
+    "LONG_RUN_S",
     "SETTINGS_FILE",
     "Batch",
     "DistContext",
     "Samples",
     "check_resume",
+    "estimate_text",
     "generate_settings",
     "load_samples",
     "plan_batches",
@@ -214,12 +217,15 @@ def generate_settings(
     dist: DistContext,
     progress: bool = True,
     run_key: Mapping[str, Any] | None = None,
+    long_run_hint: str = "",
 ) -> dict[str, Samples] | None:
     """Generate every (setting, batch) not already on disk; returns the samples on the main process.
 
     ``sample_fn(class_ids, seeds) -> uint8 images`` runs one batch with whatever patch is on ``unet``.
     ``run_key`` describes everything besides the setting that changes an image (see
     :func:`check_resume`); batches on disk are reused only when it and the setting match exactly.
+    With ``progress``, the main process says after its first batch about how long the rest will take,
+    adding ``long_run_hint`` when that is more than :data:`LONG_RUN_S`.
     """
     run_key = dict(run_key or {})
     check_resume(out_dir, settings, run_key)
@@ -233,31 +239,33 @@ def generate_settings(
         if _read_batch(_batch_path(out_dir, s, b), _seeds(s, b)) is None
     ]
     made: list[tuple[str, int, dict[str, np.ndarray]]] = []
-    bar = ProgressBar(len(todo), "batches generated", enabled=progress and dist.is_main)
-    for setting in settings:
-        pending = [b for s, b in todo if s == setting]
-        if not pending:
-            continue
-        patch = setting.apply(unet)
-        try:
-            for batch in pending:
-                patch.reseed(1_000_003 * batch.index + 17)
-                seeds = _seeds(setting, batch)
-                started = time.perf_counter()
-                images = sample_fn(batch.class_ids, seeds)
-                elapsed = time.perf_counter() - started
-                payload = {
-                    "images": images,
-                    "class_ids": np.array(batch.class_ids),
-                    "seeds": np.array(seeds),
-                    "seconds_per_step": np.array(elapsed / num_steps),
-                }
-                _write_batch(_batch_path(out_dir, setting, batch), payload)
-                made.append((setting.slug, batch.index, payload))
-                bar.advance(f"{setting.name}: batch {batch.index + 1} of {len(batches)}")
-        finally:
-            patch.remove()
-    bar.close()
+    announce = progress and dist.is_main
+    with ProgressBar(len(todo), "batches generated", enabled=announce) as bar:
+        for setting in settings:
+            pending = [b for s, b in todo if s == setting]
+            if not pending:
+                continue
+            patch = setting.apply(unet)
+            try:
+                for batch in pending:
+                    patch.reseed(1_000_003 * batch.index + 17)
+                    seeds = _seeds(setting, batch)
+                    started = time.perf_counter()
+                    images = sample_fn(batch.class_ids, seeds)
+                    elapsed = time.perf_counter() - started
+                    payload = {
+                        "images": images,
+                        "class_ids": np.array(batch.class_ids),
+                        "seeds": np.array(seeds),
+                        "seconds_per_step": np.array(elapsed / num_steps),
+                    }
+                    _write_batch(_batch_path(out_dir, setting, batch), payload)
+                    made.append((setting.slug, batch.index, payload))
+                    bar.advance(f"{setting.name}: batch {batch.index + 1} of {len(batches)}")
+                    if announce and len(made) == 1 and len(todo) > 1:
+                        print(estimate_text(elapsed, len(todo) - 1, long_run_hint), file=sys.stderr)
+            finally:
+                patch.remove()
     # Gather what every process generated, so the main process has all of it even without a shared disk.
     gathered = dist.gather(made)
     if not dist.is_main:
@@ -271,6 +279,26 @@ def generate_settings(
     result = {s.slug: load_samples(out_dir, s, batches) for s in settings}
     dist.barrier()
     return result
+
+
+LONG_RUN_S = 600  # a run expected to take longer than this gets the caller's hint (e.g. a quicker preset)
+
+
+def estimate_text(first_batch_s: float, batches_left: int, long_run_hint: str = "") -> str:
+    """What a run says after its first batch: about how long the other ``batches_left`` will take."""
+    left = first_batch_s * batches_left
+    text = (
+        f"first batch took {_duration(first_batch_s)}: the other {batches_left} should take about "
+        f"{_duration(left)} more"
+    )
+    return text + (f"; {long_run_hint}" if long_run_hint and left > LONG_RUN_S else "")
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    minutes = round(seconds / 60)
+    return f"{minutes} min" if minutes < 90 else f"{minutes // 60} h {minutes % 60:02d} min"
 
 
 def _seeds(setting: Setting, batch: Batch) -> list[int]:
