@@ -86,6 +86,26 @@ def test_ideal_skips_matching() -> None:
     assert not (ideal - baseline) & ranking, f"ideal ranks tokens: {(ideal - baseline) & ranking}"
 
 
+def test_reuse_cfg_takes_the_benchmark_batch_as_a_guidance_pair() -> None:
+    """The benchmark calls a bare model with batch 2 standing for [unconditional, conditional]: with
+    reuse_cfg both halves get the plan matched on the second, where a bare patch would refuse to guess."""
+    spec = get_model_spec("tiny-unet")
+    model = build_model(spec)
+    inputs = make_inputs(spec, 2, 64)
+    variant = make_variant("tomediff", MergeSettings(ratio=0.5, max_downsample=1, reuse_cfg=True))
+    variant.apply(model)
+    plans: list[Any] = []
+    variant._handle.watch(lambda event: plans.append(event.plan))
+    try:
+        forward(model, inputs)
+    finally:
+        variant.remove(model)
+    assert plans and all(torch.equal(p.local_slot[0], p.local_slot[1]) for p in plans)
+    with pytest.raises(tomediff.MergeCallError, match="cfg_layout"):
+        with tomediff.tome(model, ratio=0.5, max_downsample=1, reuse_cfg=True):
+            forward(model, inputs)
+
+
 def test_saving_realised_formula() -> None:
     def rec(variant: str, ratio: float | None, seconds: float, peak: int, flops: int) -> Record:
         return Record(

@@ -327,11 +327,16 @@ def test_eval_compares_named_settings(tiny_assets: Path, tmp_path: Path) -> None
         "eval", "--assets", str(tiny_assets), "--out", str(tmp_path), "--samples-per-class", "1",
         "--batch-size", "10", "--steps", "2", "--no-different-seed", "--threads", "1", "--bootstrap", "20",
         "--no-progress", "--setting", "downsample", "--setting", "merge+reuse:reuse_steps=2",
+        "--setting", "shared:reuse_cfg=true",
     ]  # fmt: skip
     assert _exit_code(argv) == 0
     rows = json.loads((tmp_path / "results.json").read_text())["rows"]
     by_name = {r["name"]: r for r in rows}
-    assert [r["name"] for r in rows if r["library"] != "real"] == ["unmerged", "downsample", "merge+reuse"]
+    names = [r["name"] for r in rows if r["library"] != "real"]
+    assert names == ["unmerged", "downsample", "merge+reuse", "shared"]
+    # reuse_cfg's default cfg_layout="auto" asks the pipeline whether a batch is a guidance pair: the
+    # eval patches through its pipeline, so the setting runs instead of refusing to guess.
+    assert by_name["shared"]["reuse_cfg"] is True and by_name["shared"]["psnr"]["value"] > 0
     assert by_name["downsample"]["method"] == "downsample" and by_name["downsample"]["downsample_factor"] == 2
     assert by_name["merge+reuse"]["reuse_steps"] == 2 and by_name["merge+reuse"]["reuse_level"] is True
     for name in ("downsample", "merge+reuse"):

@@ -172,6 +172,10 @@ class TomediffVariant(Variant):
     def apply(self, model: nn.Module) -> None:
         assert self.settings is not None
         config = self.settings.tome_config()
+        if config.reuse_cfg and config.cfg_layout == "auto":
+            # The benchmark calls the bare model with a batch of 2 standing for diffusers' guidance pair;
+            # no pipeline is there to say so.
+            config = config.replace(cfg_layout="uncond_cond")
         if self.ideal:
             self._handle = tomediff.apply_reducer(model, KeepReducer(), config)
         else:

@@ -255,6 +255,7 @@ def run_paper_eval(options: PaperOptions, pipe: Any = None) -> list[dict[str, An
         progress=options.progress,
         run_key=key,
         long_run_hint=options.long_run_hint,
+        pipeline=pipe,
     )
     if samples is None:
         return None

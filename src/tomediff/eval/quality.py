@@ -228,6 +228,7 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
         progress=options.progress,
         run_key=key,
         long_run_hint=options.long_run_hint,
+        pipeline=pipe,
     )
     if samples is None:  # not the main process
         return None

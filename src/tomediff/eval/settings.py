@@ -381,20 +381,24 @@ class Setting(_SettingFields):  # type: ignore[misc, valid-type]
     def as_dict(self) -> dict[str, Any]:
         return {"name": self.name, **asdict(self)}
 
-    def apply(self, unet: torch.nn.Module) -> Patch:
-        """Patch ``unet`` for this setting; the returned :class:`Patch` reseeds and removes it."""
-        return Patch(self, unet)
+    def apply(self, unet: torch.nn.Module, pipeline: Any = None) -> Patch:
+        """Patch ``unet`` for this setting; the returned :class:`Patch` reseeds and removes it.
+
+        tomediff patches through ``pipeline`` (whose ``unet`` is ``unet``) when given, so it can ask the
+        pipeline where generations start and whether a batch is a guidance pair (``reuse_steps``,
+        ``reuse_cfg``)."""
+        return Patch(self, unet, pipeline)
 
 
 class Patch:
     """A setting applied to a UNet: ``reseed(seed)`` before each batch, ``remove()`` at the end."""
 
-    def __init__(self, setting: Setting, unet: torch.nn.Module) -> None:
+    def __init__(self, setting: Setting, unet: torch.nn.Module, pipeline: Any = None) -> None:
         self.setting, self.unet, self._handle = setting, unet, None
         if setting.library == "tomediff":
             import tomediff
 
-            self._handle = tomediff.apply_tome(unet, setting.tome_config())
+            self._handle = tomediff.apply_tome(unet if pipeline is None else pipeline, setting.tome_config())
         elif setting.library == "tomesd":
             try:
                 import tomesd

@@ -218,10 +218,12 @@ def generate_settings(
     progress: bool = True,
     run_key: Mapping[str, Any] | None = None,
     long_run_hint: str = "",
+    pipeline: Any = None,
 ) -> dict[str, Samples] | None:
     """Generate every (setting, batch) not already on disk; returns the samples on the main process.
 
-    ``sample_fn(class_ids, seeds) -> uint8 images`` runs one batch with whatever patch is on ``unet``.
+    ``sample_fn(class_ids, seeds) -> uint8 images`` runs one batch with whatever patch is on ``unet``
+    (patched through ``pipeline``, the one ``sample_fn`` calls, when given: see :meth:`Setting.apply`).
     ``run_key`` describes everything besides the setting that changes an image (see
     :func:`check_resume`); batches on disk are reused only when it and the setting match exactly.
     With ``progress``, the main process says after its first batch about how long the rest will take,
@@ -245,7 +247,7 @@ def generate_settings(
             pending = [b for s, b in todo if s == setting]
             if not pending:
                 continue
-            patch = setting.apply(unet)
+            patch = setting.apply(unet, pipeline)
             try:
                 for batch in pending:
                     patch.reseed(1_000_003 * batch.index + 17)
