@@ -6,7 +6,7 @@ custom :class:`~tomediff.core.Site`s where only image tokens merge) and is decor
 :func:`register_adapter`; the core does not change.
 """
 
-from tomediff.adapters import diffusers_dit, diffusers_mmdit, diffusers_unet, generic, ldm
+from tomediff.adapters import diffusers_dit, diffusers_mmdit, diffusers_unet, diffusers_video, generic, ldm
 from tomediff.adapters.base import Adapter, adapters, find_adapter, register_adapter, resolve_model
 
 __all__ = [
@@ -15,6 +15,7 @@ __all__ = [
     "diffusers_dit",
     "diffusers_mmdit",
     "diffusers_unet",
+    "diffusers_video",
     "find_adapter",
     "generic",
     "ldm",

@@ -64,6 +64,13 @@ def _attention_site(attn: nn.Module, name: str, **fields: Any) -> Site:
     return Site(attn, "attn", role="attention", unsupported=_OutputCacheCheck(attn, name), **fields)
 
 
+def _call_site(attn: nn.Module) -> Site:
+    """Flux's attention call: ``[text, image]`` after the rotary embedding. Merging reduces the whole
+    attention at its block-level site; this one serves key/value reduction (``method="downsample"``,
+    ``kv_ratio``), which only the call itself can do with every token keeping its own position."""
+    return Site(attn, "attn", role="call", text_first=True, call_only_for_kv=True)
+
+
 def _key_value_sites(attn: nn.Module, name: str) -> list[Site]:
     check = _FusedProjectionCheck(attn, name)
     return [
@@ -112,7 +119,9 @@ class FluxAdapter(Adapter):
     feed-forward ``ff`` (``merge_mlp``); in single-stream blocks, which concatenate ``[text, image]``
     before ``attn``, the image part of that sequence in ``attn`` and in the parallel MLP's input
     projection ``proj_mlp`` (``merge_mlp``). The rotary table ``image_rotary_emb`` is reduced with the
-    image tokens, so one plan serves the whole batch. Flux pipelines pass ``timestep / 1000``."""
+    image tokens, so one plan serves the whole batch. Flux pipelines pass ``timestep / 1000``.
+    ``method="downsample"`` and ``kv_ratio`` act at the attention call, after the rotary embedding
+    (the image keys/values reduced, text untouched; with ``kv_ratio`` the queries merged at ``ratio``)."""
 
     name = "diffusers-flux"
     priority = 30
@@ -131,6 +140,7 @@ class FluxAdapter(Adapter):
                 name = f"transformer_blocks.{index}"
                 sites = (
                     _attention_site(block.attn, f"{name}.attn", rotary_names=_ROTARY),
+                    _call_site(block.attn),
                     Site(block.ff, "mlp"),
                 )
                 specs.append(BlockSpec(name, block, 1, grid, sites, batch_shared=True))
@@ -139,6 +149,7 @@ class FluxAdapter(Adapter):
                 name = f"single_transformer_blocks.{index}"
                 sites = (
                     _attention_site(block.attn, f"{name}.attn", text_first=True, rotary_names=_ROTARY),
+                    _call_site(block.attn),
                     Site(block.proj_mlp, "mlp", text_first=True),
                 )
                 specs.append(BlockSpec(name, block, 1, grid, sites, batch_shared=True))

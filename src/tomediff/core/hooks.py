@@ -102,7 +102,7 @@ class BlockCall:
         if left <= 0:
             call.plans[self.index] = None
 
-    def _grid_candidates(self, call: CallState, num_tokens: int) -> Iterator[tuple[int, int] | None]:
+    def _grid_candidates(self, call: CallState, num_tokens: int) -> Iterator[tuple[int, ...] | None]:
         """Possible token grids, most reliable first; produced lazily since the first usually fits."""
         state, spec = self.state, self.spec
         if self.grid_index is not None:
@@ -118,9 +118,10 @@ class BlockCall:
         if side * side == num_tokens:
             yield (side, side)
 
-    def token_grid(self, call: CallState, num_tokens: int) -> tuple[int, int]:
+    def token_grid(self, call: CallState, num_tokens: int) -> tuple[int, ...]:
+        """``(height, width)``, or ``(frames, height, width)`` for a video grid source."""
         for grid in self._grid_candidates(call, num_tokens):
-            if grid is not None and grid[0] * grid[1] == num_tokens:
+            if grid is not None and math.prod(grid) == num_tokens:
                 return grid
         raise MergeCallError(
             f"tomediff cannot tell the token grid of block '{self.spec.name}': it received {num_tokens} "
@@ -145,13 +146,23 @@ class BlockPreHook(ToMeHook):
             )
         call = state.call
         num_tokens = int(x.shape[1])
-        height, width = block.token_grid(call, num_tokens)
+        grid = block.token_grid(call, num_tokens)
+        frames = grid[0] if len(grid) == 3 else 1
+        height, width = frames * grid[-2], grid[-1]  # a video's frames stacked: one 2-D grid per call
         level = spec.downsample if spec.downsample is not None else state.infer_level(height, width)
         setting = state.selection.setting(level)
         plan = None
         if setting is not None and call.active and state.selection.block_active(num_tokens):
             request = PlanRequest(
-                x, height, width, level, setting, block.index, spec.name, batch_shared=spec.batch_shared
+                x,
+                height,
+                width,
+                level,
+                setting,
+                block.index,
+                spec.name,
+                batch_shared=spec.batch_shared,
+                frames=frames,
             )
             plan = state.make_plan(request)
         call.plans[block.index] = plan
@@ -235,7 +246,12 @@ def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> li
             handles.append(site.module.register_forward_pre_hook(SitePreHook(site_call), with_kwargs=True))
             if action.uses_output:
                 block_call.num_sites += 1
-                handles.append(site.module.register_forward_hook(SitePostHook(site_call), with_kwargs=True))
+                post = SitePostHook(site_call)
+                handles.append(
+                    site.module.register_forward_hook(
+                        post, with_kwargs=True, always_call=action.after_on_error
+                    )
+                )
     for grid_index, source in grid_sources.values():
         hook = GridHook(state, source, grid_index)
         handles.append(source.module.register_forward_pre_hook(hook, with_kwargs=True))

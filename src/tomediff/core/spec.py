@@ -11,10 +11,10 @@ from torch import nn
 
 from tomediff.core.calls import find_input
 
-__all__ = ["BlockSpec", "GridSource", "PositionIdsGrid", "Site", "SiteKind", "SiteRole"]
+__all__ = ["BlockSpec", "GridSource", "PositionIdsGrid", "Site", "SiteKind", "SiteRole", "VideoGrid"]
 
 SiteKind = Literal["attn", "crossattn", "mlp"]
-SiteRole = Literal["tokens", "attention", "key_value"]
+SiteRole = Literal["tokens", "attention", "key_value", "call"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +71,25 @@ class PositionIdsGrid(GridSource):
 
 
 @dataclass(frozen=True, eq=False)
+class VideoGrid(GridSource):
+    """A module whose input is a ``[B, C, F, H, W]`` video latent, patchified by ``patch_size = (pt,
+    ph, pw)``: its blocks see ``F/pt`` frames of ``(H/ph) × (W/pw)`` tokens, frame after frame.
+
+    :meth:`read` gives ``(frames, height, width)``; a ``[B, C, H, W]`` input (an image) is one frame.
+    """
+
+    video_patch: tuple[int, int, int] = (1, 1, 1)
+
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:  # type: ignore[override]
+        _, x = find_input(args, kwargs, self.input_names)
+        if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
+            return None
+        pt, ph, pw = self.video_patch
+        frames = int(x.shape[2]) // pt if x.dim() == 5 else 1
+        return frames, int(x.shape[-2]) // ph, int(x.shape[-1]) // pw
+
+
+@dataclass(frozen=True, eq=False)
 class Site:
     """A submodule whose token input is merged and whose output is unmerged.
 
@@ -91,13 +110,23 @@ class Site:
             values inside from the image tokens and others (MMDiT joint attention): merged; methods
             that reduce keys and values alone act on its ``"key_value"`` sites instead.
             ``"key_value"``: a projection computing keys or values from the image tokens (``to_k``,
-            ``to_v``): reduced by ``method="downsample"``, left alone by merging.
+            ``to_v``): reduced by ``method="downsample"``, left alone by merging. ``"call"``: an
+            attention module (diffusers ``Attention`` / ``AttentionModuleMixin``) whose attention call
+            (``F.scaled_dot_product_attention``, after the processor applied rotary positions) gets
+            fewer image keys/values, and with merging fewer queries, whose outputs are copied back
+            (:class:`tomediff.core.attention.AttentionCallAction`).
         text_first: the token input is ``[other tokens (text), the block's N image tokens]``
             concatenated (Flux's single-stream blocks); only the last N tokens are reduced.
         rotary_names: keyword names of a rotary position table (a tensor or diffusers' ``(cos, sin)``
             tuple, each ``[S, D]`` and shared by the batch) whose last N rows belong to the image
             tokens: reduced along with them, so each kept token keeps its own position. Such a block
             needs one plan for the whole batch (:attr:`BlockSpec.batch_shared`).
+        image_first: (``"call"`` sites) the attention sequence is ``[the N image tokens, others]``
+            (SD3's joint attention); with ``text_first`` it is ``[others, image]``; with neither, the
+            sequence must be the N image tokens alone.
+        call_only_for_kv: (``"call"`` sites) the block also has a block-level site merging this
+            attention's tokens (with ``method="merge"``); the call site then acts only for what that one
+            cannot do: key/value reduction (``method="downsample"``, ``kv_ratio``).
     """
 
     module: nn.Module
@@ -109,6 +138,8 @@ class Site:
     role: SiteRole = "tokens"
     text_first: bool = False
     rotary_names: tuple[str, ...] = ()
+    image_first: bool = False
+    call_only_for_kv: bool = False
 
 
 @dataclass(frozen=True, eq=False)
