@@ -92,7 +92,7 @@ class MergeAction(SiteAction):
             if site.call_only_for_kv and not self.separate_kv:
                 return None
             return self.attention_call
-        if self.separate_kv and site.role == "attention":
+        if self.separate_kv:  # block-level sites merge queries and keys/values alike
             return None
         if site.text_first or site.rotary_names:
             return ImageTokensMergeAction()

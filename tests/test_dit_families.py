@@ -1,0 +1,160 @@
+"""Video and image diffusion transformers reduced at the attention call (tiny random-weight configs of
+the real diffusers classes): Wan 2.1/2.2."""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import tomediff
+from conftest import assert_close
+from test_attention_site import SdpaSpy, spy_run
+from test_dit_models import tome_hooks
+
+diffusers = pytest.importorskip("diffusers")
+
+WAN_TEXT = 7
+
+
+def tiny_wan(**overrides: Any) -> nn.Module:
+    torch.manual_seed(0)
+    config: dict[str, Any] = dict(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    )
+    config.update(overrides)
+    return diffusers.WanTransformer3DModel(**config).eval()
+
+
+def wan_inputs(
+    batch: int = 2, frames: int = 3, height: int = 8, width: int = 6
+) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    gen = torch.Generator().manual_seed(1)
+    video = torch.randn(batch, 4, frames, height, width, generator=gen)
+    text = torch.randn(batch, WAN_TEXT, 16, generator=gen)
+    return (video, torch.full((batch,), 500.0), text), {"return_dict": False}
+
+
+def wan_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> torch.Tensor:
+    with torch.no_grad():
+        return model(*args, **kwargs)[0]
+
+
+def self_attention_calls(spy: SdpaSpy) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    return [call for call in spy.calls if call[1].shape[2] != WAN_TEXT]
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_wan_ratio_zero_and_removal_are_bit_exact_and_reduction_changes_the_output(batch: int) -> None:
+    model = tiny_wan()
+    args, kwargs = wan_inputs(batch=batch)
+    reference = wan_run(model, args, kwargs)
+    with tomediff.tome(model, ratio=0.0):
+        assert torch.equal(wan_run(model, args, kwargs), reference)
+    for settings in ({}, {"method": "downsample"}, {"ratio": 0.0, "kv_ratio": 0.5}, {"merge_mlp": True}):
+        handle = tomediff.apply_tome(model, **settings)
+        out = wan_run(model, args, kwargs)
+        assert out.shape == reference.shape and torch.isfinite(out).all()
+        assert not torch.equal(out, reference), settings
+        handle.remove()
+        assert tome_hooks(model) == 0
+        assert torch.equal(wan_run(model, args, kwargs), reference)
+
+
+@pytest.mark.parametrize("time_factor", [1, 2])
+def test_wan_downsample_keys_come_from_the_3d_grid_after_rotary(time_factor: int) -> None:
+    model = tiny_wan()
+    frames, height, width = 3, 10, 6  # odd frame count; 5 x 3 tokens per frame (non-square, odd)
+    args, kwargs = wan_inputs(batch=2, frames=frames, height=height, width=width)
+    _, base = spy_run(model, *args, **kwargs)
+    handle = tomediff.apply_tome(model, method="downsample", downsample_factor_time=time_factor)
+    _, spy = spy_run(model, *args, **kwargs)
+    f, h, w = frames, height // 2, width // 2
+    kept = math.ceil(f / time_factor) * math.ceil(h / 2) * math.ceil(w / 2)
+    calls, base_calls = self_attention_calls(spy), self_attention_calls(base)
+    assert len(calls) == len(base_calls) == 2
+    for (q, k, v), (q0, _, _) in zip(calls, base_calls, strict=True):
+        assert q.shape == q0.shape and k.shape[2] == v.shape[2] == kept
+    index = tomediff.ops.video_window_index(f, h, w, time_factor, 2, 2)
+    (q, k, v), (q0, k0, v0) = calls[0], base_calls[0]
+    assert torch.equal(q, q0) and torch.equal(k, k0[:, :, index]) and torch.equal(v, v0[:, :, index])
+    # The cross-attention (text keys/values) is left as it is.
+    cross = [c for c in spy.calls if c[1].shape[2] == WAN_TEXT]
+    assert len(cross) == 2 and all(c[0].shape[2] == f * h * w for c in cross)
+    report = handle.report()
+    assert report.blocks[0].last_call is not None and report.blocks[0].last_call.tokens_after_merge == kept
+    handle.remove()
+
+
+def test_wan_merging_reduces_queries_and_keys_and_copies_outputs_back() -> None:
+    model = tiny_wan()
+    args, kwargs = wan_inputs(batch=2, frames=2)
+    handle = tomediff.apply_tome(model, ratio=0.5, kv_ratio=0.25, use_rand=False)
+    _, spy = spy_run(model, *args, **kwargs)
+    num = 2 * 4 * 3
+    for q, k, _ in self_attention_calls(spy):
+        assert q.shape[2] == num - int(num * 0.5) and k.shape[2] == num - int(num * 0.25)
+    handle.remove()
+    with tomediff.tome(model, ratio=0.5, use_rand=False, merge_crossattn=True):
+        _, spy = spy_run(model, *args, **kwargs)
+    assert [c[0].shape[2] for c in spy.calls] == [num // 2] * 4  # self- and cross-attention queries
+
+
+def test_wan_image_to_video_with_image_context() -> None:
+    model = tiny_wan(image_dim=8, added_kv_proj_dim=24)
+    args, kwargs = wan_inputs(batch=1)
+    kwargs = {**kwargs, "encoder_hidden_states_image": torch.randn(1, 3, 8)}
+    # diffusers' I2V processor takes all but the last 512 context tokens as image context.
+    args = (args[0], args[1], torch.randn(1, 512, 16))
+    reference = wan_run(model, args, kwargs)
+    with tomediff.tome(model, method="downsample"):
+        out = wan_run(model, args, kwargs)
+    assert not torch.equal(out, reference)
+    assert torch.equal(wan_run(model, args, kwargs), reference)
+
+
+def test_wan_threads_keep_their_own_plans() -> None:
+    model = tiny_wan()
+    inputs = [wan_inputs(batch=1, frames=frames) for frames in (1, 3)]
+    tomediff.apply_tome(model, method="downsample")
+    expected = [wan_run(model, *pair) for pair in inputs]
+    results: dict[int, list[torch.Tensor]] = {0: [], 1: []}
+
+    def work(index: int) -> None:
+        for _ in range(3):
+            results[index].append(wan_run(model, *inputs[index]))
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in (0, 1)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    for index in (0, 1):
+        assert len(results[index]) == 3
+        for out in results[index]:
+            assert torch.equal(out, expected[index])
+
+
+def test_wan_compiled_matches_eager() -> None:
+    model = tiny_wan()
+    args, kwargs = wan_inputs(batch=1)
+    tomediff.apply_tome(model, method="downsample")
+    eager = wan_run(model, args, kwargs)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="eager")
+    assert_close(wan_run(compiled, args, kwargs), eager, atol=1e-5, rtol=1e-5)
