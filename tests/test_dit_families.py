@@ -1,10 +1,12 @@
 """Video and image diffusion transformers reduced at the attention call (tiny random-weight configs of
-the real diffusers classes): Wan 2.1/2.2."""
+the real diffusers classes): the same checks for every family, then family-specific ones (Wan 2.1/2.2)."""
 
 from __future__ import annotations
 
 import math
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import pytest
@@ -14,7 +16,7 @@ from torch import nn
 import tomediff
 from conftest import assert_close
 from test_attention_site import SdpaSpy, spy_run
-from test_dit_models import tome_hooks
+from test_dit_models import flux_inputs, tiny_flux, tome_hooks
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -57,6 +59,106 @@ def wan_run(model: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> 
 
 def self_attention_calls(spy: SdpaSpy) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     return [call for call in spy.calls if call[1].shape[2] != WAN_TEXT]
+
+
+def tiny_flux2() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.Flux2Transformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        timestep_guidance_channels=32,
+        axes_dims_rope=(4, 4, 4, 4),
+    ).eval()
+
+
+def flux2_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    _, height, width = grid
+    gen = torch.Generator().manual_seed(1)
+    one = torch.arange(1)
+    return (), {
+        "hidden_states": torch.randn(batch, height * width, 4, generator=gen),
+        "encoder_hidden_states": torch.randn(batch, 4, 32, generator=gen),
+        "timestep": torch.full((batch,), 0.5),
+        "img_ids": torch.cartesian_prod(one, torch.arange(height), torch.arange(width), one),
+        "txt_ids": torch.cartesian_prod(one, one, one, torch.arange(4)),
+        "guidance": torch.full((batch,), 3.5),
+        "return_dict": False,
+    }
+
+
+def flux1_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    x, kwargs = flux_inputs(batch=batch, height=grid[1], width=grid[2])
+    return (x,), kwargs
+
+
+def wan_case_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    frames, height, width = grid
+    return wan_inputs(batch=batch, frames=frames, height=2 * height, width=2 * width)
+
+
+@dataclass(frozen=True)
+class Family:
+    """A model class with a tiny config, its inputs for a batch and an image/video token grid
+    ``(frames, height, width)`` (in tokens), and whether it takes several frames."""
+
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int, tuple[int, int, int]], tuple[tuple[Any, ...], dict[str, Any]]]
+    video: bool = False
+
+
+FAMILIES = {
+    "flux": Family(tiny_flux, flux1_inputs),
+    "flux2": Family(tiny_flux2, flux2_inputs),
+    "wan": Family(tiny_wan, wan_case_inputs, video=True),
+}
+
+
+def family_run(
+    model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]]
+) -> tuple[torch.Tensor, SdpaSpy]:
+    return spy_run(model, *inputs[0], **inputs[1])
+
+
+def call_shapes(spy: SdpaSpy) -> list[tuple[int, int]]:
+    """(queries, keys) of each attention call, in order."""
+    return [(q.shape[2], k.shape[2]) for q, k, _ in spy.calls]
+
+
+@pytest.mark.parametrize("name", sorted(FAMILIES))
+@pytest.mark.parametrize("batch", [1, 3])
+def test_family_ratio_zero_removal_and_token_counts_inside_attention(name: str, batch: int) -> None:
+    family = FAMILIES[name]
+    model = family.build()
+    grid = (3, 5, 3) if family.video else (1, 5, 6)  # odd frames; non-square, odd sides
+    num = math.prod(grid)
+    inputs = family.inputs(batch, grid)
+    reference, base = family_run(model, inputs)
+    base_calls = call_shapes(base)
+    assert any(q == k >= num for q, k in base_calls)
+    with tomediff.tome(model, ratio=0.0):
+        assert torch.equal(family_run(model, inputs)[0], reference)
+    kept = math.ceil(grid[0] / 1) * math.ceil(grid[1] / 2) * math.ceil(grid[2] / 2)
+    settings: dict[str, tuple[dict[str, Any], int, int]] = {
+        "downsample": ({"method": "downsample"}, num, kept),
+        "kv_ratio": ({"ratio": 0.0, "kv_ratio": 0.5}, num, num - int(num * 0.5)),
+        "asymmetric": ({"ratio": 0.25, "kv_ratio": 0.5}, num - int(num * 0.25), num - int(num * 0.5)),
+    }
+    for label, (options, queries, keys) in settings.items():
+        handle = tomediff.apply_tome(model, use_rand=False, **options)
+        out, spy = family_run(model, inputs)
+        assert out.shape == reference.shape and not torch.equal(out, reference), label
+        # Self/joint attention: the image queries/keys as configured, every other token kept;
+        # cross-attention (text keys) untouched.
+        expected = [(q - num + queries, k - num + keys) if q == k >= num else (q, k) for q, k in base_calls]
+        assert call_shapes(spy) == expected, label
+        handle.remove()
+        assert tome_hooks(model) == 0
+        assert torch.equal(family_run(model, inputs)[0], reference), label
 
 
 @pytest.mark.parametrize("batch", [1, 3])

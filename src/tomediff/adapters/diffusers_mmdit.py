@@ -17,7 +17,7 @@ from tomediff.adapters.base import Adapter, ForwardChunkingCheck, class_name_in,
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import PositionIdsGrid
 
-__all__ = ["FluxAdapter", "SD3Adapter"]
+__all__ = ["Flux2Adapter", "FluxAdapter", "SD3Adapter"]
 
 _ROTARY = ("image_rotary_emb",)
 
@@ -153,4 +153,38 @@ class FluxAdapter(Adapter):
                     Site(block.proj_mlp, "mlp", text_first=True),
                 )
                 specs.append(BlockSpec(name, block, 1, grid, sites, batch_shared=True))
+        return specs
+
+
+@register_adapter
+class Flux2Adapter(Adapter):
+    """Flux.2 (``Flux2Transformer2DModel``, also Klein): every attention at its call, after the rotary
+    embedding, over ``[text, image]``: double-stream ``Flux2TransformerBlock.attn`` and single-stream
+    ``Flux2SingleTransformerBlock.attn`` (whose block input is already ``[text, image]``). Merging reduces
+    the image queries and keys/values there (outputs copied back), ``kv_ratio`` the keys/values apart,
+    ``method="downsample"`` the keys/values from the downsampled grid; text tokens are never reduced. The
+    double-stream image feed-forward ``ff`` merges at block level (``merge_mlp``). The grid comes from
+    ``img_ids`` (``(t, h, w, l)`` columns); reference-image tokens (edit) are refused as an unknown grid."""
+
+    name = "diffusers-flux2"
+    priority = 30
+    timestep_scale = 1.0
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"Flux2Transformer2DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        grid = PositionIdsGrid(model, position=3)
+        specs = []
+        for index, block in enumerate(model.transformer_blocks):
+            if class_name_in(block, {"Flux2TransformerBlock"}):
+                sites = (Site(block.attn, "attn", role="call", text_first=True), Site(block.ff, "mlp"))
+                specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, sites))
+        for index, block in enumerate(getattr(model, "single_transformer_blocks", ())):
+            if class_name_in(block, {"Flux2SingleTransformerBlock"}):
+                sites = (Site(block.attn, "attn", role="call", text_first=True),)
+                name = f"single_transformer_blocks.{index}"
+                specs.append(BlockSpec(name, block, 1, grid, sites, image_last=True))
         return specs

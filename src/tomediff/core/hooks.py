@@ -118,6 +118,17 @@ class BlockCall:
         if side * side == num_tokens:
             yield (side, side)
 
+    def image_tokens(self, call: CallState, num_inputs: int) -> int:
+        """How many of a block's ``num_inputs`` input tokens are image tokens, from its grid source."""
+        grid = call.grids.get(self.grid_index) if self.grid_index is not None else None
+        if grid is None or not 0 < math.prod(grid) <= num_inputs:
+            raise MergeCallError(
+                f"tomediff cannot tell how many of the {num_inputs} tokens block '{self.spec.name}' "
+                f"receives are image tokens: its model call gave the token grid {grid}. Call the model "
+                "with the position ids of one full image grid."
+            )
+        return math.prod(grid)
+
     def token_grid(self, call: CallState, num_tokens: int) -> tuple[int, ...]:
         """``(height, width)``, or ``(frames, height, width)`` for a video grid source."""
         for grid in self._grid_candidates(call, num_tokens):
@@ -146,6 +157,9 @@ class BlockPreHook(ToMeHook):
             )
         call = state.call
         num_tokens = int(x.shape[1])
+        if spec.image_last:  # [text, image]: the image tokens are the last N of the grid source's grid
+            num_tokens = block.image_tokens(call, num_tokens)
+            x = x[:, -num_tokens:]
         grid = block.token_grid(call, num_tokens)
         frames = grid[0] if len(grid) == 3 else 1
         height, width = frames * grid[-2], grid[-1]  # a video's frames stacked: one 2-D grid per call

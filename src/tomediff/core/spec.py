@@ -156,6 +156,8 @@ class BlockSpec:
         sites: the merge sites inside the block.
         batch_shared: every batch element must be reduced alike (one plan for the batch), because a
             table shared by the batch is reduced with the tokens (rotary positions).
+        image_last: the block's input is ``[other tokens (text), the N image tokens]`` (Flux.2's
+            single-stream blocks): N comes from its grid source, and the last N tokens are the metric.
     """
 
     name: str
@@ -165,3 +167,4 @@ class BlockSpec:
     sites: tuple[Site, ...]
     input_names: tuple[str, ...] = ("hidden_states", "x")
     batch_shared: bool = False
+    image_last: bool = False
