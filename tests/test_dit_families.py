@@ -101,6 +101,36 @@ def wan_case_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, 
     return wan_inputs(batch=batch, frames=frames, height=2 * height, width=2 * width)
 
 
+def tiny_qwenimage() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.QwenImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=3,
+        joint_attention_dim=16,
+        guidance_embeds=False,
+        axes_dims_rope=(8, 4, 4),
+    ).eval()
+
+
+def qwenimage_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    _, height, width = grid
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.ones(batch, 5, dtype=torch.long)
+    mask[0, -2:] = 0  # padded text: the processor's joint mask has text columns to keep
+    return (), {
+        "hidden_states": torch.randn(batch, height * width, 16, generator=gen),
+        "encoder_hidden_states": torch.randn(batch, 5, 16, generator=gen),
+        "encoder_hidden_states_mask": mask,
+        "timestep": torch.full((batch,), 0.5),
+        "img_shapes": [[(1, height, width)]] * batch,
+        "return_dict": False,
+    }
+
+
 @dataclass(frozen=True)
 class Family:
     """A model class with a tiny config, its inputs for a batch and an image/video token grid
@@ -114,6 +144,7 @@ class Family:
 FAMILIES = {
     "flux": Family(tiny_flux, flux1_inputs),
     "flux2": Family(tiny_flux2, flux2_inputs),
+    "qwenimage": Family(tiny_qwenimage, qwenimage_inputs),
     "wan": Family(tiny_wan, wan_case_inputs, video=True),
 }
 

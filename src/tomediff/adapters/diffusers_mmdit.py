@@ -15,9 +15,9 @@ from torch import nn
 
 from tomediff.adapters.base import Adapter, ForwardChunkingCheck, class_name_in, register_adapter
 from tomediff.core import BlockSpec, GridSource, Site
-from tomediff.core.spec import PositionIdsGrid
+from tomediff.core.spec import PositionIdsGrid, ShapeListGrid
 
-__all__ = ["Flux2Adapter", "FluxAdapter", "SD3Adapter"]
+__all__ = ["Flux2Adapter", "FluxAdapter", "QwenImageAdapter", "SD3Adapter"]
 
 _ROTARY = ("image_rotary_emb",)
 
@@ -187,4 +187,32 @@ class Flux2Adapter(Adapter):
                 sites = (Site(block.attn, "attn", role="call", text_first=True),)
                 name = f"single_transformer_blocks.{index}"
                 specs.append(BlockSpec(name, block, 1, grid, sites, image_last=True))
+        return specs
+
+
+@register_adapter
+class QwenImageAdapter(Adapter):
+    """Qwen-Image (``QwenImageTransformer2DModel``): the joint attention of every
+    ``QwenImageTransformerBlock`` at its call, after the rotary embedding, over ``[text, image]``; the
+    image feed-forward ``img_mlp`` at block level (``merge_mlp``). The text padding mask the processor
+    builds from ``encoder_hidden_states_mask`` keeps its text columns; its image columns are reduced with
+    the keys. The grid is read from ``img_shapes``; Qwen-Image-Edit's reference-image tokens (several
+    shapes per sample) are refused as an unknown grid."""
+
+    name = "diffusers-qwenimage"
+    priority = 30
+    timestep_scale = 1.0
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"QwenImageTransformer2DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        grid = ShapeListGrid(model)
+        specs = []
+        for index, block in enumerate(model.transformer_blocks):
+            if class_name_in(block, {"QwenImageTransformerBlock"}):
+                sites = (Site(block.attn, "attn", role="call", text_first=True), Site(block.img_mlp, "mlp"))
+                specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, sites))
         return specs

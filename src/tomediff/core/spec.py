@@ -11,7 +11,16 @@ from torch import nn
 
 from tomediff.core.calls import find_input
 
-__all__ = ["BlockSpec", "GridSource", "PositionIdsGrid", "Site", "SiteKind", "SiteRole", "VideoGrid"]
+__all__ = [
+    "BlockSpec",
+    "GridSource",
+    "PositionIdsGrid",
+    "ShapeListGrid",
+    "Site",
+    "SiteKind",
+    "SiteRole",
+    "VideoGrid",
+]
 
 SiteKind = Literal["attn", "crossattn", "mlp"]
 SiteRole = Literal["tokens", "attention", "key_value", "call"]
@@ -87,6 +96,35 @@ class VideoGrid(GridSource):
         pt, ph, pw = self.video_patch
         frames = int(x.shape[2]) // pt if x.dim() == 5 else 1
         return frames, int(x.shape[-2]) // ph, int(x.shape[-1]) // pw
+
+
+@dataclass(frozen=True, eq=False)
+class ShapeListGrid(GridSource):
+    """A module told its grids as a list (Qwen-Image's ``img_shapes``): per sample, a list of
+    ``(frames, height, width)`` token grids, or one such tuple for the whole batch. A sample with one
+    grid gives it; several grids (an edit model's reference images) give None, and the blocks then say
+    they cannot tell their grid.
+
+    Attributes:
+        position: the list's positional index in the module's call (when not passed by keyword).
+    """
+
+    input_names: tuple[str, ...] = ("img_shapes",)
+    position: int = 4
+
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:  # type: ignore[override]
+        shapes = args[self.position] if len(args) > self.position else None
+        if shapes is None:
+            shapes = next((kwargs[n] for n in self.input_names if kwargs.get(n) is not None), None)
+        if isinstance(shapes, (list, tuple)) and shapes and isinstance(shapes[0], (list, tuple)):
+            first = shapes[0]
+            if first and isinstance(first[0], (list, tuple)):  # per sample: a list of grids
+                if len(first) != 1:
+                    return None
+                first = first[0]
+            if len(first) == 3 and all(isinstance(v, int) for v in first):
+                return int(first[0]), int(first[1]), int(first[2])
+        return None
 
 
 @dataclass(frozen=True, eq=False)
