@@ -131,6 +131,100 @@ def qwenimage_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any,
     }
 
 
+def tiny_hunyuanvideo() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.HunyuanVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=10,
+        num_layers=1,
+        num_single_layers=1,
+        num_refiner_layers=1,
+        patch_size=1,
+        patch_size_t=1,
+        guidance_embeds=True,
+        text_embed_dim=16,
+        pooled_projection_dim=8,
+        rope_axes_dim=(2, 4, 4),
+    ).eval()
+
+
+def hunyuanvideo_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.ones(batch, 6, dtype=torch.long)
+    mask[0, -2:] = 0
+    return (), {
+        "hidden_states": torch.randn(batch, 4, *grid, generator=gen),
+        "timestep": torch.full((batch,), 500.0),
+        "encoder_hidden_states": torch.randn(batch, 6, 16, generator=gen),
+        "encoder_attention_mask": mask,
+        "pooled_projections": torch.randn(batch, 8, generator=gen),
+        "guidance": torch.full((batch,), 3500.0),
+        "return_dict": False,
+    }
+
+
+def tiny_cogvideox() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.CogVideoXTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=8,
+        in_channels=4,
+        out_channels=4,
+        time_embed_dim=2,
+        text_embed_dim=8,
+        num_layers=2,
+        sample_width=6,
+        sample_height=10,
+        sample_frames=9,
+        patch_size=2,
+        temporal_compression_ratio=4,
+        max_text_seq_length=8,
+    ).eval()
+
+
+def cogvideox_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    frames, height, width = grid
+    gen = torch.Generator().manual_seed(1)
+    return (), {
+        "hidden_states": torch.randn(batch, frames, 4, 2 * height, 2 * width, generator=gen),
+        "encoder_hidden_states": torch.randn(batch, 8, 8, generator=gen),
+        "timestep": torch.full((batch,), 500),
+        "return_dict": False,
+    }
+
+
+def tiny_ltxvideo() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.LTXVideoTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        patch_size=1,
+        patch_size_t=1,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        cross_attention_dim=16,
+        num_layers=2,
+        caption_channels=16,
+    ).eval()
+
+
+def ltxvideo_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    frames, height, width = grid
+    gen = torch.Generator().manual_seed(1)
+    return (), {
+        "hidden_states": torch.randn(batch, frames * height * width, 4, generator=gen),
+        "encoder_hidden_states": torch.randn(batch, 6, 16, generator=gen),
+        "timestep": torch.full((batch,), 500),
+        "encoder_attention_mask": torch.ones(batch, 6),
+        "num_frames": frames,
+        "height": height,
+        "width": width,
+        "return_dict": False,
+    }
+
+
 @dataclass(frozen=True)
 class Family:
     """A model class with a tiny config, its inputs for a batch and an image/video token grid
@@ -145,6 +239,9 @@ FAMILIES = {
     "flux": Family(tiny_flux, flux1_inputs),
     "flux2": Family(tiny_flux2, flux2_inputs),
     "qwenimage": Family(tiny_qwenimage, qwenimage_inputs),
+    "hunyuanvideo": Family(tiny_hunyuanvideo, hunyuanvideo_inputs, video=True),
+    "cogvideox": Family(tiny_cogvideox, cogvideox_inputs, video=True),
+    "ltxvideo": Family(tiny_ltxvideo, ltxvideo_inputs, video=True),
     "wan": Family(tiny_wan, wan_case_inputs, video=True),
 }
 

@@ -1,4 +1,4 @@
-"""diffusers' video diffusion transformers: Wan 2.1/2.2 (``WanTransformer3DModel``) and its relatives.
+"""diffusers' video diffusion transformers: Wan 2.1/2.2, HunyuanVideo, CogVideoX and LTX-Video.
 
 Their blocks see a video latent ``[B, C, F, H, W]`` patchified by ``patch_size = (pt, ph, pw)`` into
 ``F/pt × H/ph × W/pw`` tokens, frame after frame, and apply a 3-D rotary embedding inside the attention
@@ -11,13 +11,15 @@ rotary embedding): with merging, queries and keys/values merged (or, with ``kv_r
 
 from __future__ import annotations
 
+from typing import Any
+
 from torch import nn
 
 from tomediff.adapters.base import Adapter, class_name_in, register_adapter
-from tomediff.core import BlockSpec, Site
-from tomediff.core.spec import VideoGrid
+from tomediff.core import BlockSpec, GridSource, Site
+from tomediff.core.spec import KeywordGrid, VideoGrid
 
-__all__ = ["WanAdapter"]
+__all__ = ["CogVideoXAdapter", "HunyuanVideoAdapter", "LTXVideoAdapter", "WanAdapter"]
 
 
 def _patch_size(model: nn.Module) -> tuple[int, int, int]:
@@ -54,3 +56,108 @@ class WanAdapter(Adapter):
             )
             specs.append(BlockSpec(f"blocks.{index}", block, 1, grid, sites))
         return specs
+
+
+def _call_specs(
+    blocks: Any, prefix: str, grid: GridSource, names: set[str], image_first: bool = False, **sites: str
+) -> list[BlockSpec]:
+    """Specs of the blocks of ``blocks`` whose class is one of ``names``: a ``"call"`` site at the
+    self/joint attention ``sites["attn"]`` (image tokens first, or after the text), and block-level
+    ``crossattn``/``mlp`` sites at the named submodules that exist."""
+    specs = []
+    for index, block in enumerate(blocks):
+        if not class_name_in(block, names):
+            continue
+        attn = getattr(block, sites["attn"])
+        found = [Site(attn, "attn", role="call", image_first=image_first, text_first=not image_first)]
+        for kind in ("crossattn", "mlp"):
+            module = getattr(block, sites.get(kind, ""), None)
+            if isinstance(module, nn.Module):
+                found.append(Site(module, kind))  # type: ignore[arg-type]
+        specs.append(BlockSpec(f"{prefix}.{index}", block, 1, grid, tuple(found)))
+    return specs
+
+
+@register_adapter
+class HunyuanVideoAdapter(Adapter):
+    """HunyuanVideo (``HunyuanVideoTransformer3DModel``, T2V and its token-replace I2V blocks): the joint
+    attention of the double- and single-stream blocks at its call, after the rotary embedding, over
+    ``[video, text]`` (the text padding mask keeps its text columns); the double-stream video feed-forward
+    ``ff`` at block level (``merge_mlp``). Grid from the ``[B, C, F, H, W]`` latent and the patch sizes."""
+
+    name = "diffusers-hunyuanvideo"
+    priority = 30
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"HunyuanVideoTransformer3DModel"}) and hasattr(
+            model, "transformer_blocks"
+        )
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        config = model.config  # type: ignore[attr-defined]
+        p, pt = int(config.patch_size), int(config.patch_size_t)
+        grid = VideoGrid(model, video_patch=(pt, p, p))
+        double = {"HunyuanVideoTransformerBlock", "HunyuanVideoTokenReplaceTransformerBlock"}
+        single = {"HunyuanVideoSingleTransformerBlock", "HunyuanVideoTokenReplaceSingleTransformerBlock"}
+        specs = _call_specs(
+            model.transformer_blocks, "transformer_blocks", grid, double, True, attn="attn", mlp="ff"
+        )
+        specs += _call_specs(
+            model.single_transformer_blocks, "single_transformer_blocks", grid, single, True, attn="attn"
+        )
+        return specs
+
+
+@register_adapter
+class CogVideoXAdapter(Adapter):
+    """CogVideoX 1.0/1.5 (``CogVideoXTransformer3DModel``): the joint attention ``attn1`` of every
+    ``CogVideoXBlock`` at its call, after the rotary embedding, over ``[text, video]``; the feed-forward
+    ``ff`` is shared by text and video tokens and is not reduced. Grid from the ``[B, F, C, H, W]``
+    latent and the patch sizes (``patch_size_t`` for 1.5)."""
+
+    name = "diffusers-cogvideox"
+    priority = 30
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"CogVideoXTransformer3DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        config = model.config  # type: ignore[attr-defined]
+        p, pt = int(config.patch_size), int(config.patch_size_t or 1)
+        grid = VideoGrid(model, video_patch=(pt, p, p), frames_axis=1)
+        return _call_specs(
+            model.transformer_blocks, "transformer_blocks", grid, {"CogVideoXBlock"}, attn="attn1"
+        )
+
+
+@register_adapter
+class LTXVideoAdapter(Adapter):
+    """LTX-Video (``LTXVideoTransformer3DModel``): the self-attention ``attn1`` of every
+    ``LTXVideoTransformerBlock`` at its call, after the rotary embedding (video tokens only); the
+    cross-attention's queries (``merge_crossattn``) and the feed-forward ``ff`` (``merge_mlp``) at block
+    level. Grid from the call's ``num_frames``, ``height``, ``width`` (latent tokens)."""
+
+    name = "diffusers-ltxvideo"
+    priority = 30
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"LTXVideoTransformer3DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        grid = KeywordGrid(model)
+        names = {"LTXVideoTransformerBlock"}
+        return _call_specs(
+            model.transformer_blocks,
+            "transformer_blocks",
+            grid,
+            names,
+            attn="attn1",
+            crossattn="attn2",
+            mlp="ff",
+        )

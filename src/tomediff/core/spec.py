@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -14,6 +15,7 @@ from tomediff.core.calls import find_input
 __all__ = [
     "BlockSpec",
     "GridSource",
+    "KeywordGrid",
     "PositionIdsGrid",
     "ShapeListGrid",
     "Site",
@@ -88,14 +90,35 @@ class VideoGrid(GridSource):
     """
 
     video_patch: tuple[int, int, int] = (1, 1, 1)
+    frames_axis: int = 2  # CogVideoX's input is [B, F, C, H, W]: 1
 
     def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:  # type: ignore[override]
         _, x = find_input(args, kwargs, self.input_names)
         if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
             return None
         pt, ph, pw = self.video_patch
-        frames = int(x.shape[2]) // pt if x.dim() == 5 else 1
+        frames = math.ceil(int(x.shape[self.frames_axis]) / pt) if x.dim() == 5 else 1
         return frames, int(x.shape[-2]) // ph, int(x.shape[-1]) // pw
+
+
+@dataclass(frozen=True, eq=False)
+class KeywordGrid(GridSource):
+    """A module told its token grid as integer arguments (LTX-Video's ``num_frames``, ``height``,
+    ``width``, in tokens), by keyword or at ``positions`` in its call."""
+
+    input_names: tuple[str, ...] = ("num_frames", "height", "width")
+    positions: tuple[int, ...] = (4, 5, 6)
+
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:  # type: ignore[override]
+        values = []
+        for name, position in zip(self.input_names, self.positions, strict=True):
+            value = args[position] if len(args) > position else kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = int(value)
+            if not isinstance(value, int) or value < 1:
+                return None
+            values.append(value)
+        return tuple(values)
 
 
 @dataclass(frozen=True, eq=False)
