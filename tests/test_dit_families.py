@@ -225,6 +225,29 @@ def ltxvideo_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, 
     }
 
 
+def tiny_chroma() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.ChromaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 4, 8),
+        approximator_num_channels=8,
+        approximator_hidden_dim=16,
+        approximator_layers=1,
+    ).eval()
+
+
+def chroma_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    x, kwargs = flux_inputs(batch=batch, height=grid[1], width=grid[2])
+    del kwargs["pooled_projections"]
+    return (x[..., :4],), kwargs
+
+
 @dataclass(frozen=True)
 class Family:
     """A model class with a tiny config, its inputs for a batch and an image/video token grid
@@ -239,6 +262,7 @@ FAMILIES = {
     "flux": Family(tiny_flux, flux1_inputs),
     "flux2": Family(tiny_flux2, flux2_inputs),
     "qwenimage": Family(tiny_qwenimage, qwenimage_inputs),
+    "chroma": Family(tiny_chroma, chroma_inputs),
     "hunyuanvideo": Family(tiny_hunyuanvideo, hunyuanvideo_inputs, video=True),
     "cogvideox": Family(tiny_cogvideox, cogvideox_inputs, video=True),
     "ltxvideo": Family(tiny_ltxvideo, ltxvideo_inputs, video=True),

@@ -17,7 +17,7 @@ from tomediff.adapters.base import Adapter, ForwardChunkingCheck, class_name_in,
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import PositionIdsGrid, ShapeListGrid
 
-__all__ = ["Flux2Adapter", "FluxAdapter", "QwenImageAdapter", "SD3Adapter"]
+__all__ = ["ChromaAdapter", "Flux2Adapter", "FluxAdapter", "QwenImageAdapter", "SD3Adapter"]
 
 _ROTARY = ("image_rotary_emb",)
 
@@ -215,4 +215,35 @@ class QwenImageAdapter(Adapter):
             if class_name_in(block, {"QwenImageTransformerBlock"}):
                 sites = (Site(block.attn, "attn", role="call", text_first=True), Site(block.img_mlp, "mlp"))
                 specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, sites))
+        return specs
+
+
+@register_adapter
+class ChromaAdapter(Adapter):
+    """Chroma (``ChromaTransformer2DModel``, Flux-shaped): the attention of the double-stream blocks
+    (``[text, image]`` joint) and the single-stream blocks (whose input is already ``[text, image]``) at
+    its call, after the rotary embedding; the double-stream image ``ff`` at block level
+    (``merge_mlp``). Grid from ``img_ids``; text tokens and their mask columns are never reduced."""
+
+    name = "diffusers-chroma"
+    priority = 30
+    timestep_scale = 1.0
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"ChromaTransformer2DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        grid = PositionIdsGrid(model, position=3)
+        specs = []
+        for index, block in enumerate(model.transformer_blocks):
+            if class_name_in(block, {"ChromaTransformerBlock"}):
+                sites = (Site(block.attn, "attn", role="call", text_first=True), Site(block.ff, "mlp"))
+                specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, sites))
+        for index, block in enumerate(getattr(model, "single_transformer_blocks", ())):
+            if class_name_in(block, {"ChromaSingleTransformerBlock"}):
+                sites = (Site(block.attn, "attn", role="call", text_first=True),)
+                name = f"single_transformer_blocks.{index}"
+                specs.append(BlockSpec(name, block, 1, grid, sites, image_last=True))
         return specs
