@@ -412,3 +412,78 @@ def test_wan_compiled_matches_eager() -> None:
     torch._dynamo.reset()
     compiled = torch.compile(model, backend="eager")
     assert_close(wan_run(compiled, args, kwargs), eager, atol=1e-5, rtol=1e-5)
+
+
+# Sana: linear attention, reduced at block level --------------------------------------------------------
+
+
+def tiny_sana() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.SanaTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=4,
+        num_attention_heads=2,
+        num_cross_attention_heads=2,
+        cross_attention_head_dim=4,
+        cross_attention_dim=8,
+        caption_channels=8,
+        sample_size=32,
+    ).eval()
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_sana_merges_and_downsamples_its_linear_attention_at_block_level(batch: int) -> None:
+    model = tiny_sana()
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 4, 6, 10, generator=gen)
+    kwargs = {
+        "encoder_hidden_states": torch.randn(batch, 5, 8, generator=gen),
+        "timestep": torch.full((batch,), 500),
+        "return_dict": False,
+    }
+    reference = wan_run(model, (x,), kwargs)
+    seen: list[tuple[int, int]] = []
+
+    def spy(module: nn.Module, args: Any, kw: Any) -> None:
+        context = kw.get("encoder_hidden_states")
+        seen.append((args[0].shape[1], -1 if context is None else context.shape[1]))
+
+    with tomediff.tome(model, ratio=0.0):
+        assert torch.equal(wan_run(model, (x,), kwargs), reference)
+    attn1 = model.transformer_blocks[0].attn1
+    for options, expected in (({"ratio": 0.5}, (30, -1)), ({"method": "downsample"}, (60, 15))):
+        seen.clear()
+        with tomediff.tome(model, use_rand=False, **options):
+            hook = attn1.register_forward_pre_hook(spy, with_kwargs=True)  # after tomediff's hooks
+            out = wan_run(model, (x,), kwargs)
+            hook.remove()
+        assert not torch.equal(out, reference) and seen == [expected]
+        assert torch.equal(wan_run(model, (x,), kwargs), reference)
+    with pytest.raises(tomediff.NothingToPatchError, match="kv_ratio"):
+        tomediff.apply_tome(model, kv_ratio=0.5)
+
+
+def test_families_not_supported_yet_are_refused_with_their_reason() -> None:
+    torch.manual_seed(0)
+    model = diffusers.Lumina2Transformer2DModel(
+        sample_size=8,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=16,
+        num_layers=1,
+        num_refiner_layers=1,
+        num_attention_heads=2,
+        num_kv_heads=2,
+        multiple_of=4,
+        cap_feat_dim=8,
+        axes_dim_rope=(4, 2, 2),
+        axes_lens=(32, 16, 16),
+    )
+    with pytest.raises(
+        tomediff.UnsupportedModelError, match=r"Lumina2Transformer2DModel.*differs per sample"
+    ):
+        tomediff.apply_tome(model)
+    assert tome_hooks(model) == 0

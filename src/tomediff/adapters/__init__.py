@@ -6,13 +6,22 @@ custom :class:`~tomediff.core.Site`s where only image tokens merge) and is decor
 :func:`register_adapter`; the core does not change.
 """
 
-from tomediff.adapters import diffusers_dit, diffusers_mmdit, diffusers_unet, diffusers_video, generic, ldm
+from tomediff.adapters import (
+    diffusers_dit,
+    diffusers_image,
+    diffusers_mmdit,
+    diffusers_unet,
+    diffusers_video,
+    generic,
+    ldm,
+)
 from tomediff.adapters.base import Adapter, adapters, find_adapter, register_adapter, resolve_model
 
 __all__ = [
     "Adapter",
     "adapters",
     "diffusers_dit",
+    "diffusers_image",
     "diffusers_mmdit",
     "diffusers_unet",
     "diffusers_video",
