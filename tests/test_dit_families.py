@@ -487,3 +487,43 @@ def test_families_not_supported_yet_are_refused_with_their_reason() -> None:
     ):
         tomediff.apply_tome(model)
     assert tome_hooks(model) == 0
+
+
+@pytest.mark.parametrize(
+    "settings", [{"method": "downsample"}, {"ratio": 0.5}, {"ratio": 0.0, "kv_ratio": 0.5}]
+)
+def test_wan_pipeline_generates_end_to_end_and_restores(settings: dict[str, Any]) -> None:
+    """A whole ``WanPipeline`` (tiny transformer, prompt embeddings built here, latents out: the UMT5
+    tokenizer and the VAE would have to be downloaded or are not needed)."""
+    transformer = tiny_wan(in_channels=16, out_channels=16)
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = diffusers.WanPipeline(
+        tokenizer=None, text_encoder=None, vae=None, scheduler=scheduler, transformer=transformer
+    )
+    gen = torch.Generator().manual_seed(0)
+    prompt, negative = (
+        torch.randn(1, WAN_TEXT, 16, generator=gen),
+        torch.randn(1, WAN_TEXT, 16, generator=gen),
+    )
+
+    def generate() -> torch.Tensor:
+        return pipe(
+            prompt_embeds=prompt,
+            negative_prompt_embeds=negative,
+            height=32,
+            width=48,
+            num_frames=9,  # 3 latent frames of 4 x 6, i.e. 3 x 2 x 3 tokens
+            num_inference_steps=2,
+            guidance_scale=5.0,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ).frames
+
+    reference = generate()
+    with tomediff.tome(pipe, **settings) as handle:
+        out = generate()
+        report = handle.report()
+    assert report.calls == 4  # two steps, guidance as two calls each
+    assert all(b.last_call is not None and b.last_call.tokens == 18 for b in report.blocks)
+    assert out.shape == reference.shape and torch.isfinite(out).all() and not torch.equal(out, reference)
+    assert tome_hooks(transformer) == 0 and torch.equal(generate(), reference)
