@@ -405,13 +405,21 @@ def test_wan_threads_keep_their_own_plans() -> None:
 
 
 def test_wan_compiled_matches_eager() -> None:
+    from torch._dynamo.utils import counters
+
     model = tiny_wan()
     args, kwargs = wan_inputs(batch=1)
     tomediff.apply_tome(model, method="downsample")
     eager = wan_run(model, args, kwargs)
     torch._dynamo.reset()
+    counters.clear()
     compiled = torch.compile(model, backend="eager")
     assert_close(wan_run(compiled, args, kwargs), eager, atol=1e-5, rtol=1e-5)
+    # Known: torch.compile cannot trace Tensor.unflatten's Python body (super()) inside the attention
+    # processor while tomediff's torch-function mode is on, so each patched attention breaks the graph
+    # (2 breaks per block here); nothing else does.
+    breaks = [reason for reason, count in counters["graph_break"].items() for _ in range(count)]
+    assert len(breaks) <= 2 * len(model.blocks) and all("super()" in reason for reason in breaks), breaks
 
 
 # Sana: linear attention, reduced at block level --------------------------------------------------------

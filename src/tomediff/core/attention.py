@@ -16,6 +16,7 @@ site then raises instead of silently reducing nothing.
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -50,6 +51,13 @@ def attention_plan(plan: Any, reduce_queries: bool) -> AttentionPlan:
     return AttentionPlan(plan if reduce_queries else None, plan)
 
 
+# torch.Tensor methods written in Python (Tensor.unflatten, ...), by function: their names. Called as
+# methods from the mode, torch.compile traces most of them as such instead of their Python bodies.
+_PYTHON_TENSOR_METHODS = {
+    f: name for name, f in vars(torch.Tensor).items() if isinstance(f, types.FunctionType)
+}
+
+
 class _AttentionCallMode(TorchFunctionMode):
     """Reduces the image tokens of the SDPA calls made while it is on the stack (one module call)."""
 
@@ -63,6 +71,9 @@ class _AttentionCallMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Args = (), kwargs: Kwargs | None = None) -> Any:
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
+            method = _PYTHON_TENSOR_METHODS.get(func)
+            if method is not None and args and isinstance(args[0], torch.Tensor):
+                return getattr(args[0], method)(*args[1:], **kwargs)
             return func(*args, **kwargs)
         options = {**kwargs, **dict(zip(_SDPA_NAMES, args, strict=False))}
         values = {name: options.pop(name, None) for name in _SDPA_NAMES[:4]}
