@@ -251,3 +251,22 @@ def test_an_attention_computed_without_sdpa_is_refused_and_the_mode_stack_is_lef
         run(model, x, kwargs)
     handle.remove()
     assert torch.overrides._get_current_function_mode_stack() == []
+
+
+def test_context_parallel_attention_is_refused() -> None:
+    model = tiny_flux()
+    x, kwargs = flux_inputs(batch=1)
+    processor = model.transformer_blocks[0].attn.processor
+    handle = tomediff.apply_tome(model, method="downsample")
+    report = str(handle.report())
+    assert "method=downsample" in report
+    processor._parallel_config = object()  # what enable_parallelism() sets on every processor
+    try:
+        with pytest.raises(MergeCallError, match="context parallelism"):
+            run(model, x, kwargs)
+    finally:
+        del processor._parallel_config
+    assert torch.overrides._get_current_function_mode_stack() == []
+    handle.remove()
+    with tomediff.tome(model, ratio=0.25, kv_ratio=0.5) as handle:
+        assert "kv_ratio=0.5" in str(handle.report())

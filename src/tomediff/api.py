@@ -99,11 +99,15 @@ def _describe_method(cfg: ToMeConfig) -> str:
             f"downsample_factor_next={cfg.downsample_factor_next}",
             f"downsample_mode={cfg.downsample_mode}",
         ]
+        if cfg.downsample_factor_time > 1:
+            parts.append(f"downsample_factor_time={cfg.downsample_factor_time}")
     else:
         ratio = (
             f"level_ratios={dict(cfg.level_ratios)}" if cfg.level_ratios is not None else f"ratio={cfg.ratio}"
         )
         parts = [f"method=merge, {ratio}", f"use_rand={cfg.use_rand}", f"sx={cfg.sx}, sy={cfg.sy}"]
+        if cfg.kv_ratio is not None:
+            parts.insert(1, f"kv_ratio={cfg.kv_ratio} (keys/values merged apart from the queries)")
         reuse = [f"reuse_level={cfg.reuse_level}"] if cfg.reuse_level else []
         reuse += [f"reuse_steps={cfg.reuse_steps}"] if cfg.reuse_steps > 1 else []
         reuse += [f"reuse_cfg={cfg.reuse_cfg}"] if cfg.reuse_cfg else []
