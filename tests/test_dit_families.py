@@ -248,6 +248,51 @@ def chroma_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ..
     return (x[..., :4],), kwargs
 
 
+def tiny_skyreels() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.SkyReelsV2Transformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+    ).eval()
+
+
+def tiny_wan_vace() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.WanVACETransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=2,
+        cross_attn_norm=True,
+        qk_norm="rms_norm_across_heads",
+        rope_max_seq_len=32,
+        vace_layers=[0],
+        vace_in_channels=4,
+    ).eval()
+
+
+def wan_vace_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    args, kwargs = wan_case_inputs(batch, grid)
+    gen = torch.Generator().manual_seed(2)
+    control = torch.randn(args[0].shape, generator=gen)
+    return args, {**kwargs, "control_hidden_states": control}
+
+
 @dataclass(frozen=True)
 class Family:
     """A model class with a tiny config, its inputs for a batch and an image/video token grid
@@ -267,6 +312,8 @@ FAMILIES = {
     "cogvideox": Family(tiny_cogvideox, cogvideox_inputs, video=True),
     "ltxvideo": Family(tiny_ltxvideo, ltxvideo_inputs, video=True),
     "wan": Family(tiny_wan, wan_case_inputs, video=True),
+    "skyreels_v2": Family(tiny_skyreels, wan_case_inputs, video=True),
+    "wan_vace": Family(tiny_wan_vace, wan_vace_inputs, video=True),
 }
 
 

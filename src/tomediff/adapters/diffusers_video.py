@@ -28,26 +28,32 @@ def _patch_size(model: nn.Module) -> tuple[int, int, int]:
     return pt, ph, pw
 
 
+# Wan and the models built from its blocks.
+_WAN_MODELS = {"WanTransformer3DModel", "WanVACETransformer3DModel", "SkyReelsV2Transformer3DModel"}
+_WAN_BLOCKS = {"WanTransformerBlock", "SkyReelsV2TransformerBlock"}
+
+
 @register_adapter
 class WanAdapter(Adapter):
-    """Wan 2.1/2.2 (text- and image-to-video; ``WanTransformerBlock``): the self-attention ``attn1`` at
-    its attention call (``merge_attn``), the cross-attention ``attn2``'s queries (``merge_crossattn``) and
-    the feed-forward ``ffn`` (``merge_mlp``). The text (and I2V image-encoder) tokens are keys/values of
-    the cross-attention only and are never reduced."""
+    """Wan 2.1/2.2 (text- and image-to-video; ``WanTransformerBlock``), Wan VACE (also its control
+    ``vace_blocks``) and SkyReels-V2 (``SkyReelsV2TransformerBlock``; its block-causal mask follows the
+    keys): the self-attention ``attn1`` at its attention call (``merge_attn``), the cross-attention
+    ``attn2``'s queries (``merge_crossattn``) and the feed-forward ``ffn`` (``merge_mlp``). The text (and
+    I2V image-encoder) tokens are keys/values of the cross-attention only and are never reduced."""
 
     name = "diffusers-wan"
     priority = 30
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, {"WanTransformer3DModel"}) and hasattr(model, "blocks")
+        return class_name_in(model, _WAN_MODELS) and hasattr(model, "blocks")
 
     @classmethod
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
         grid = VideoGrid(model, video_patch=_patch_size(model))
         specs = []
         for index, block in enumerate(model.blocks):
-            if not class_name_in(block, {"WanTransformerBlock"}):
+            if not class_name_in(block, _WAN_BLOCKS):
                 continue
             sites = (
                 Site(block.attn1, "attn", role="call"),
@@ -55,6 +61,16 @@ class WanAdapter(Adapter):
                 Site(block.ffn, "mlp"),
             )
             specs.append(BlockSpec(f"blocks.{index}", block, 1, grid, sites))
+        # VACE's control blocks attend over the control tokens, on the same grid; their plan is made
+        # from the main stream they receive first.
+        for index, block in enumerate(getattr(model, "vace_blocks", ())):
+            if class_name_in(block, {"WanVACETransformerBlock"}):
+                sites = (
+                    Site(block.attn1, "attn", role="call"),
+                    Site(block.attn2, "crossattn"),
+                    Site(block.ffn, "mlp"),
+                )
+                specs.append(BlockSpec(f"vace_blocks.{index}", block, 1, grid, sites))
         return specs
 
 
