@@ -293,6 +293,64 @@ def wan_vace_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, 
     return args, {**kwargs, "control_hidden_states": control}
 
 
+def tiny_cogview4() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.CogView4Transformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=4,
+        num_attention_heads=4,
+        out_channels=4,
+        text_embed_dim=8,
+        time_embed_dim=8,
+        condition_dim=4,
+    ).eval()
+
+
+def cogview4_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    _, height, width = grid
+    gen = torch.Generator().manual_seed(1)
+    size = torch.tensor([[2 * height * 8, 2 * width * 8]] * batch, dtype=torch.float32)
+    return (), {
+        "hidden_states": torch.randn(batch, 4, 2 * height, 2 * width, generator=gen),
+        "encoder_hidden_states": torch.randn(batch, 6, 8, generator=gen),
+        "timestep": torch.full((batch,), 500),
+        "original_size": size,
+        "target_size": size,
+        "crop_coords": torch.zeros(batch, 2),
+        "return_dict": False,
+    }
+
+
+def tiny_auraflow() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.AuraFlowTransformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_mmdit_layers=1,
+        num_single_dit_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        caption_projection_dim=16,
+        joint_attention_dim=16,
+        out_channels=4,
+        pos_embed_max_size=64,
+    ).eval()
+
+
+def auraflow_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    _, height, width = grid
+    gen = torch.Generator().manual_seed(1)
+    return (), {
+        "hidden_states": torch.randn(batch, 4, 2 * height, 2 * width, generator=gen),
+        "encoder_hidden_states": torch.randn(batch, 6, 16, generator=gen),
+        "timestep": torch.full((batch,), 500),
+        "return_dict": False,
+    }
+
+
 @dataclass(frozen=True)
 class Family:
     """A model class with a tiny config, its inputs for a batch and an image/video token grid
@@ -308,6 +366,8 @@ FAMILIES = {
     "flux2": Family(tiny_flux2, flux2_inputs),
     "qwenimage": Family(tiny_qwenimage, qwenimage_inputs),
     "chroma": Family(tiny_chroma, chroma_inputs),
+    "cogview4": Family(tiny_cogview4, cogview4_inputs),
+    "auraflow": Family(tiny_auraflow, auraflow_inputs),
     "hunyuanvideo": Family(tiny_hunyuanvideo, hunyuanvideo_inputs, video=True),
     "cogvideox": Family(tiny_cogvideox, cogvideox_inputs, video=True),
     "ltxvideo": Family(tiny_ltxvideo, ltxvideo_inputs, video=True),

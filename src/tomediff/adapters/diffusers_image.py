@@ -1,15 +1,19 @@
-"""diffusers' image diffusion transformers with block-level sites only (Sana), and the families tomediff
-refuses, each with the reason (a clear ``UnsupportedModelError`` instead of the generic one)."""
+"""diffusers' image diffusion transformers: CogView4 and AuraFlow (attention-call sites), Sana
+(block-level sites only), and the families tomediff refuses, each with the reason (a clear
+``UnsupportedModelError`` instead of the generic one)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 from torch import nn
 
 from tomediff.adapters.base import Adapter, class_name_in, register_adapter
+from tomediff.adapters.diffusers_video import call_site_specs
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.errors import UnsupportedModelError
 
-__all__ = ["RefusedFamilyAdapter", "SanaAdapter"]
+__all__ = ["AuraFlowAdapter", "CogView4Adapter", "RefusedFamilyAdapter", "SanaAdapter"]
 
 
 @register_adapter
@@ -41,6 +45,62 @@ class SanaAdapter(Adapter):
                 sites.append(Site(block.attn2, "crossattn"))
             specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, tuple(sites)))
         return specs
+
+
+@register_adapter
+class CogView4Adapter(Adapter):
+    """CogView4 (``CogView4Transformer2DModel``): the joint attention ``attn1`` of every
+    ``CogView4TransformerBlock`` at its call, after the rotary embedding, over ``[text, image]``. Its
+    ``ff`` runs on the image and on the text in two calls and is not reduced."""
+
+    name = "diffusers-cogview4"
+    priority = 30
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"CogView4Transformer2DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        grid = GridSource(model, patch_size=int(model.config.patch_size))  # type: ignore[attr-defined]
+        names = {"CogView4TransformerBlock"}
+        return call_site_specs(model.transformer_blocks, "transformer_blocks", grid, names, attn="attn1")
+
+
+@register_adapter
+class AuraFlowAdapter(Adapter):
+    """AuraFlow (``AuraFlowTransformer2DModel``): the joint attention of the MMDiT blocks (``[registers
+    and text, image]``) and of the single DiT blocks (whose input is already ``[registers and text,
+    image]``) at its call; the MMDiT blocks' image ``ff`` at block level (``merge_mlp``)."""
+
+    name = "diffusers-auraflow"
+    priority = 30
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"AuraFlowTransformer2DModel"}) and hasattr(
+            model, "joint_transformer_blocks"
+        )
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        grid = GridSource(model, patch_size=int(model.config.patch_size))  # type: ignore[attr-defined]
+        specs = call_site_specs(
+            model.joint_transformer_blocks,
+            "joint_transformer_blocks",
+            grid,
+            {"AuraFlowJointTransformerBlock"},
+            attn="attn",
+            mlp="ff",
+        )
+        single = call_site_specs(
+            model.single_transformer_blocks,
+            "single_transformer_blocks",
+            grid,
+            {"AuraFlowSingleTransformerBlock"},
+            attn="attn",
+        )
+        return specs + [dataclasses.replace(spec, image_last=True) for spec in single]
 
 
 # Families with an image or video grid that tomediff does not reduce yet, and why.
@@ -81,5 +141,5 @@ class RefusedFamilyAdapter(Adapter):
         raise UnsupportedModelError(
             f"tomediff does not reduce tokens in {name} yet: {_REFUSED[name]}. Supported diffusion "
             "transformers: SD3, Flux.1, Flux.2, Chroma, Qwen-Image, Sana, PixArt, DiT, Wan 2.x, "
-            "HunyuanVideo, CogVideoX, LTX-Video (see docs/dits.md)."
+            "HunyuanVideo, CogVideoX, LTX-Video, CogView4, AuraFlow (see docs/dits.md)."
         )

@@ -19,7 +19,13 @@ from tomediff.adapters.base import Adapter, class_name_in, register_adapter
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import KeywordGrid, VideoGrid
 
-__all__ = ["CogVideoXAdapter", "HunyuanVideoAdapter", "LTXVideoAdapter", "WanAdapter"]
+__all__ = [
+    "CogVideoXAdapter",
+    "HunyuanVideoAdapter",
+    "LTXVideoAdapter",
+    "WanAdapter",
+    "call_site_specs",
+]
 
 
 def _patch_size(model: nn.Module) -> tuple[int, int, int]:
@@ -74,7 +80,7 @@ class WanAdapter(Adapter):
         return specs
 
 
-def _call_specs(
+def call_site_specs(
     blocks: Any, prefix: str, grid: GridSource, names: set[str], image_first: bool = False, **sites: str
 ) -> list[BlockSpec]:
     """Specs of the blocks of ``blocks`` whose class is one of ``names``: a ``"call"`` site at the
@@ -117,10 +123,10 @@ class HunyuanVideoAdapter(Adapter):
         grid = VideoGrid(model, video_patch=(pt, p, p))
         double = {"HunyuanVideoTransformerBlock", "HunyuanVideoTokenReplaceTransformerBlock"}
         single = {"HunyuanVideoSingleTransformerBlock", "HunyuanVideoTokenReplaceSingleTransformerBlock"}
-        specs = _call_specs(
+        specs = call_site_specs(
             model.transformer_blocks, "transformer_blocks", grid, double, True, attn="attn", mlp="ff"
         )
-        specs += _call_specs(
+        specs += call_site_specs(
             model.single_transformer_blocks, "single_transformer_blocks", grid, single, True, attn="attn"
         )
         return specs
@@ -145,7 +151,7 @@ class CogVideoXAdapter(Adapter):
         config = model.config  # type: ignore[attr-defined]
         p, pt = int(config.patch_size), int(config.patch_size_t or 1)
         grid = VideoGrid(model, video_patch=(pt, p, p), frames_axis=1)
-        return _call_specs(
+        return call_site_specs(
             model.transformer_blocks, "transformer_blocks", grid, {"CogVideoXBlock"}, attn="attn1"
         )
 
@@ -168,7 +174,7 @@ class LTXVideoAdapter(Adapter):
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
         grid = KeywordGrid(model)
         names = {"LTXVideoTransformerBlock"}
-        return _call_specs(
+        return call_site_specs(
             model.transformer_blocks,
             "transformer_blocks",
             grid,
