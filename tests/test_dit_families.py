@@ -351,6 +351,33 @@ def auraflow_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, 
     }
 
 
+def tiny_allegro() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.AllegroTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        cross_attention_dim=24,
+        sample_width=6,
+        sample_height=10,
+        sample_frames=12,
+        caption_channels=24,
+    ).eval()
+
+
+def allegro_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    frames, height, width = grid
+    gen = torch.Generator().manual_seed(1)
+    return (), {
+        "hidden_states": torch.randn(batch, 4, frames, 2 * height, 2 * width, generator=gen),
+        "encoder_hidden_states": torch.randn(batch, 6, 24, generator=gen),
+        "timestep": torch.full((batch,), 500),
+        "return_dict": False,
+    }
+
+
 @dataclass(frozen=True)
 class Family:
     """A model class with a tiny config, its inputs for a batch and an image/video token grid
@@ -371,6 +398,7 @@ FAMILIES = {
     "hunyuanvideo": Family(tiny_hunyuanvideo, hunyuanvideo_inputs, video=True),
     "cogvideox": Family(tiny_cogvideox, cogvideox_inputs, video=True),
     "ltxvideo": Family(tiny_ltxvideo, ltxvideo_inputs, video=True),
+    "allegro": Family(tiny_allegro, allegro_inputs, video=True),
     "wan": Family(tiny_wan, wan_case_inputs, video=True),
     "skyreels_v2": Family(tiny_skyreels, wan_case_inputs, video=True),
     "wan_vace": Family(tiny_wan_vace, wan_vace_inputs, video=True),

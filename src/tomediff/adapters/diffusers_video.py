@@ -20,6 +20,7 @@ from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import KeywordGrid, VideoGrid
 
 __all__ = [
+    "AllegroAdapter",
     "CogVideoXAdapter",
     "HunyuanVideoAdapter",
     "LTXVideoAdapter",
@@ -174,6 +175,37 @@ class LTXVideoAdapter(Adapter):
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
         grid = KeywordGrid(model)
         names = {"LTXVideoTransformerBlock"}
+        return call_site_specs(
+            model.transformer_blocks,
+            "transformer_blocks",
+            grid,
+            names,
+            attn="attn1",
+            crossattn="attn2",
+            mlp="ff",
+        )
+
+
+@register_adapter
+class AllegroAdapter(Adapter):
+    """Allegro (``AllegroTransformer3DModel``): the self-attention ``attn1`` of every
+    ``AllegroTransformerBlock`` at its call, after the rotary embedding (video tokens only; its mask
+    follows the keys); the cross-attention's queries (``merge_crossattn``) and ``ff`` (``merge_mlp``) at
+    block level. Grid from the ``[B, C, F, H, W]`` latent and the patch sizes."""
+
+    name = "diffusers-allegro"
+    priority = 30
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"AllegroTransformer3DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        config = model.config  # type: ignore[attr-defined]
+        p, pt = int(config.patch_size), int(config.patch_size_t)
+        grid = VideoGrid(model, video_patch=(pt, p, p))
+        names = {"AllegroTransformerBlock"}
         return call_site_specs(
             model.transformer_blocks,
             "transformer_blocks",
