@@ -378,6 +378,37 @@ def allegro_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, .
     }
 
 
+def tiny_cosmos() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.CosmosTransformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=12,
+        num_layers=2,
+        mlp_ratio=2,
+        text_embed_dim=16,
+        adaln_lora_dim=4,
+        max_size=(4, 32, 32),
+        patch_size=(1, 2, 2),
+        rope_scale=(2.0, 1.0, 1.0),
+        concat_padding_mask=False,  # True needs torchvision to resize the mask
+        extra_pos_embed_type="learnable",
+    ).eval()
+
+
+def cosmos_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    frames, height, width = grid
+    gen = torch.Generator().manual_seed(1)
+    return (), {
+        "hidden_states": torch.randn(batch, 4, frames, 2 * height, 2 * width, generator=gen),
+        "timestep": torch.full((batch,), 500),
+        "encoder_hidden_states": torch.randn(batch, 5, 16, generator=gen),
+        "fps": 30,
+        "return_dict": False,
+    }
+
+
 @dataclass(frozen=True)
 class Family:
     """A model class with a tiny config, its inputs for a batch and an image/video token grid
@@ -399,6 +430,7 @@ FAMILIES = {
     "cogvideox": Family(tiny_cogvideox, cogvideox_inputs, video=True),
     "ltxvideo": Family(tiny_ltxvideo, ltxvideo_inputs, video=True),
     "allegro": Family(tiny_allegro, allegro_inputs, video=True),
+    "cosmos": Family(tiny_cosmos, cosmos_inputs, video=True),
     "wan": Family(tiny_wan, wan_case_inputs, video=True),
     "skyreels_v2": Family(tiny_skyreels, wan_case_inputs, video=True),
     "wan_vace": Family(tiny_wan_vace, wan_vace_inputs, video=True),

@@ -141,5 +141,5 @@ class RefusedFamilyAdapter(Adapter):
         raise UnsupportedModelError(
             f"tomediff does not reduce tokens in {name} yet: {_REFUSED[name]}. Supported diffusion "
             "transformers: SD3, Flux.1, Flux.2, Chroma, Qwen-Image, Sana, PixArt, DiT, Wan 2.x, "
-            "HunyuanVideo, CogVideoX, LTX-Video, Allegro, CogView4, AuraFlow (see docs/dits.md)."
+            "HunyuanVideo, CogVideoX, LTX-Video, Allegro, Cosmos, CogView4, AuraFlow (see docs/dits.md)."
         )

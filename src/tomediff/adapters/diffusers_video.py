@@ -22,6 +22,7 @@ from tomediff.core.spec import KeywordGrid, VideoGrid
 __all__ = [
     "AllegroAdapter",
     "CogVideoXAdapter",
+    "CosmosAdapter",
     "HunyuanVideoAdapter",
     "LTXVideoAdapter",
     "WanAdapter",
@@ -206,6 +207,35 @@ class AllegroAdapter(Adapter):
         p, pt = int(config.patch_size), int(config.patch_size_t)
         grid = VideoGrid(model, video_patch=(pt, p, p))
         names = {"AllegroTransformerBlock"}
+        return call_site_specs(
+            model.transformer_blocks,
+            "transformer_blocks",
+            grid,
+            names,
+            attn="attn1",
+            crossattn="attn2",
+            mlp="ff",
+        )
+
+
+@register_adapter
+class CosmosAdapter(Adapter):
+    """Cosmos (``CosmosTransformer3DModel``, Cosmos-Predict2): the self-attention ``attn1`` of every
+    ``CosmosTransformerBlock`` at its call, after the rotary embedding (video tokens only); the
+    cross-attention's queries (``merge_crossattn``) and ``ff`` (``merge_mlp``) at block level. Grid from
+    the ``[B, C, F, H, W]`` latent and ``patch_size``."""
+
+    name = "diffusers-cosmos"
+    priority = 30
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"CosmosTransformer3DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        grid = VideoGrid(model, video_patch=_patch_size(model))
+        names = {"CosmosTransformerBlock"}
         return call_site_specs(
             model.transformer_blocks,
             "transformer_blocks",
