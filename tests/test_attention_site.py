@@ -159,27 +159,33 @@ def test_flux_asymmetric_ratios_count_queries_and_keys_separately(ratio: float, 
     assert torch.equal(run(model, x, kwargs), reference)
 
 
-def test_flux_queries_merged_at_the_call_take_the_text_untouched_and_rows_follow_tokens() -> None:
-    """With only keys/values merged, the first block's text queries and outputs depend on the merged
-    image keys alone: equal to attention over hand-merged post-rotary keys."""
+@pytest.mark.parametrize("ratio", [0.0, 0.25])
+def test_flux_merged_tokens_carry_their_own_rotary_positions(ratio: float) -> None:
+    """The first block's attention call gets the hand-merged post-rotary queries (``ratio``) and
+    keys/values (``kv_ratio``) of the unpatched call: each token is rotated at its own position
+    before it is merged, and the text rows are the unpatched ones."""
     model = tiny_flux()
     x, kwargs = flux_inputs(batch=2, height=4, width=4)
     _, base = spy_run(model, x, **kwargs)
     plans: list[Any] = []
-    handle = tomediff.apply_tome(model, ratio=0.0, kv_ratio=0.5, use_rand=False)
+    handle = tomediff.apply_tome(model, ratio=ratio, kv_ratio=0.5, use_rand=False)
     handle.watch(lambda event: plans.append(event.plan))
     _, spy = spy_run(model, x, **kwargs)
-    keys = plans[0].keys
     q0, k0, v0 = base.calls[0]
     q, k, v = spy.calls[0]
 
-    def hand(t: torch.Tensor) -> torch.Tensor:
+    def hand(t: torch.Tensor, plan: Any) -> torch.Tensor:
+        if plan is None:
+            return t
         tokens = t[:, :, TEXT:].transpose(1, 2).reshape(2, 16, -1)
-        merged = keys.merge(tokens).view(2, keys.num_merged, t.shape[1], -1).transpose(1, 2)
+        merged = plan.merge(tokens).view(2, plan.num_merged, t.shape[1], -1).transpose(1, 2)
         return torch.cat([t[:, :, :TEXT], merged], dim=2)
 
-    assert torch.equal(q, q0)
-    assert_close(k, hand(k0)) and assert_close(v, hand(v0))  # type: ignore[func-returns-value]
+    keys, queries = plans[0].keys, plans[0].queries
+    assert (queries is None) == (ratio == 0)
+    assert_close(q, hand(q0, queries))
+    assert_close(k, hand(k0, keys))
+    assert_close(v, hand(v0, keys))
     handle.remove()
 
 
