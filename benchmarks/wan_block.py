@@ -7,7 +7,7 @@ The model is ``WanTransformer3DModel`` with Wan 2.1 1.3B's config and one block,
 "ideal" runs the same attention with the same token counts at no reduction cost: a torch-function mode
 hands SDPA the first M keys/values (and queries) as views, and copies nothing back.
 
-    python benchmarks/wan_block.py [--rounds 3] [--warmup 1] [--threads 2] \
+    python benchmarks/wan_block.py [--rounds 3] [--warmup 1] [--threads 2]
         [--frames 21 --height 60 --width 104]
 """
 
