@@ -409,6 +409,39 @@ def cosmos_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ..
     }
 
 
+def tiny_hunyuanvideo15() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.HunyuanVideo15Transformer3DModel(
+        in_channels=4,
+        out_channels=4,
+        num_attention_heads=2,
+        attention_head_dim=8,
+        num_layers=2,
+        num_refiner_layers=1,
+        text_embed_dim=16,
+        text_embed_2_dim=8,
+        image_embed_dim=12,
+        rope_axes_dim=(2, 2, 4),
+        task_type="t2v",
+    ).eval()
+
+
+def hunyuanvideo15_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.ones(batch, 6)
+    mask[0, -2:] = 0
+    return (), {
+        "hidden_states": torch.randn(batch, 4, *grid, generator=gen),
+        "timestep": torch.full((batch,), 500.0),
+        "encoder_hidden_states": torch.randn(batch, 6, 16, generator=gen),
+        "encoder_attention_mask": mask,
+        "encoder_hidden_states_2": torch.randn(batch, 4, 8, generator=gen),
+        "encoder_attention_mask_2": torch.ones(batch, 4),
+        "image_embeds": torch.zeros(batch, 5, 12),
+        "return_dict": False,
+    }
+
+
 @dataclass(frozen=True)
 class Family:
     """A model class with a tiny config, its inputs for a batch and an image/video token grid
@@ -427,6 +460,7 @@ FAMILIES = {
     "cogview4": Family(tiny_cogview4, cogview4_inputs),
     "auraflow": Family(tiny_auraflow, auraflow_inputs),
     "hunyuanvideo": Family(tiny_hunyuanvideo, hunyuanvideo_inputs, video=True),
+    "hunyuanvideo15": Family(tiny_hunyuanvideo15, hunyuanvideo15_inputs, video=True),
     "cogvideox": Family(tiny_cogvideox, cogvideox_inputs, video=True),
     "ltxvideo": Family(tiny_ltxvideo, ltxvideo_inputs, video=True),
     "allegro": Family(tiny_allegro, allegro_inputs, video=True),

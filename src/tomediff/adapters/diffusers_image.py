@@ -140,6 +140,6 @@ class RefusedFamilyAdapter(Adapter):
         name = next(k.__name__ for k in type(model).__mro__ if k.__name__ in _REFUSED)
         raise UnsupportedModelError(
             f"tomediff does not reduce tokens in {name} yet: {_REFUSED[name]}. Supported diffusion "
-            "transformers: SD3, Flux.1, Flux.2, Chroma, Qwen-Image, Sana, PixArt, DiT, Wan 2.x, "
-            "HunyuanVideo, CogVideoX, LTX-Video, Allegro, Cosmos, CogView4, AuraFlow (see docs/dits.md)."
+            "transformers: SD3, Flux.1, Flux.2, Chroma, Qwen-Image, CogView4, AuraFlow, Sana, PixArt, DiT, "
+            "Wan 2.x, HunyuanVideo 1.0/1.5, CogVideoX, LTX-Video, Allegro, Cosmos (see docs/dits.md)."
         )

@@ -23,6 +23,7 @@ __all__ = [
     "AllegroAdapter",
     "CogVideoXAdapter",
     "CosmosAdapter",
+    "HunyuanVideo15Adapter",
     "HunyuanVideoAdapter",
     "LTXVideoAdapter",
     "WanAdapter",
@@ -132,6 +133,33 @@ class HunyuanVideoAdapter(Adapter):
             model.single_transformer_blocks, "single_transformer_blocks", grid, single, True, attn="attn"
         )
         return specs
+
+
+@register_adapter
+class HunyuanVideo15Adapter(Adapter):
+    """HunyuanVideo 1.5 (``HunyuanVideo15Transformer3DModel``): the joint attention of every
+    ``HunyuanVideo15TransformerBlock`` at its call, after the rotary embedding, over ``[video, text]``
+    (its reordered text padding mask keeps its text columns); the video ``ff`` at block level
+    (``merge_mlp``). Grid from the ``[B, C, F, H, W]`` latent and the patch sizes."""
+
+    name = "diffusers-hunyuanvideo15"
+    priority = 30
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"HunyuanVideo15Transformer3DModel"}) and hasattr(
+            model, "transformer_blocks"
+        )
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        config = model.config  # type: ignore[attr-defined]
+        p, pt = int(config.patch_size), int(config.patch_size_t)
+        grid = VideoGrid(model, video_patch=(pt, p, p))
+        names = {"HunyuanVideo15TransformerBlock"}
+        return call_site_specs(
+            model.transformer_blocks, "transformer_blocks", grid, names, True, attn="attn", mlp="ff"
+        )
 
 
 @register_adapter
