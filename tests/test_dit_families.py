@@ -442,6 +442,35 @@ def hunyuanvideo15_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple
     }
 
 
+def tiny_flux_shaped(name: str, **extra: Any) -> Callable[[], nn.Module]:
+    def build() -> nn.Module:
+        torch.manual_seed(0)
+        config = dict(
+            patch_size=1,
+            in_channels=4,
+            num_layers=1,
+            num_single_layers=1,
+            attention_head_dim=16,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            axes_dims_rope=(4, 6, 6),
+        )
+        return getattr(diffusers, name)(**config, **extra).eval()
+
+    return build
+
+
+def flux_shaped_inputs(
+    *drop: str,
+) -> Callable[[int, tuple[int, int, int]], tuple[tuple[Any, ...], dict[str, Any]]]:
+    def inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        x, kwargs = flux_inputs(batch=batch, height=grid[1], width=grid[2])
+        kwargs["timestep"] = torch.full((batch,), 0.5)
+        return (x[..., :4],), {k: v for k, v in kwargs.items() if k not in drop}
+
+    return inputs
+
+
 @dataclass(frozen=True)
 class Family:
     """A model class with a tiny config, its inputs for a batch and an image/video token grid
@@ -457,6 +486,15 @@ FAMILIES = {
     "flux2": Family(tiny_flux2, flux2_inputs),
     "qwenimage": Family(tiny_qwenimage, qwenimage_inputs),
     "chroma": Family(tiny_chroma, chroma_inputs),
+    "bria": Family(tiny_flux_shaped("BriaTransformer2DModel", pooled_projection_dim=8), flux_shaped_inputs()),
+    "longcat_image": Family(
+        tiny_flux_shaped("LongCatImageTransformer2DModel", pooled_projection_dim=8),
+        flux_shaped_inputs("pooled_projections"),
+    ),
+    "ovis_image": Family(
+        tiny_flux_shaped("OvisImageTransformer2DModel", out_channels=4),
+        flux_shaped_inputs("pooled_projections"),
+    ),
     "cogview4": Family(tiny_cogview4, cogview4_inputs),
     "auraflow": Family(tiny_auraflow, auraflow_inputs),
     "hunyuanvideo": Family(tiny_hunyuanvideo, hunyuanvideo_inputs, video=True),

@@ -140,6 +140,7 @@ class RefusedFamilyAdapter(Adapter):
         name = next(k.__name__ for k in type(model).__mro__ if k.__name__ in _REFUSED)
         raise UnsupportedModelError(
             f"tomediff does not reduce tokens in {name} yet: {_REFUSED[name]}. Supported diffusion "
-            "transformers: SD3, Flux.1, Flux.2, Chroma, Qwen-Image, CogView4, AuraFlow, Sana, PixArt, DiT, "
-            "Wan 2.x, HunyuanVideo 1.0/1.5, CogVideoX, LTX-Video, Allegro, Cosmos (see docs/dits.md)."
+            "transformers: SD3, Flux.1, Flux.2, Chroma, Bria, LongCat-Image, Ovis-Image, Qwen-Image, "
+            "CogView4, AuraFlow, Sana, PixArt, DiT, Wan 2.x, HunyuanVideo 1.0/1.5, CogVideoX, LTX-Video, "
+            "Allegro, Cosmos (see docs/dits.md)."
         )

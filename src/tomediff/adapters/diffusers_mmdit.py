@@ -9,7 +9,7 @@ from the ``img_ids`` of its packed latent. Which blocks merge is chosen with ``s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
@@ -17,7 +17,15 @@ from tomediff.adapters.base import Adapter, ForwardChunkingCheck, class_name_in,
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import PositionIdsGrid, ShapeListGrid
 
-__all__ = ["ChromaAdapter", "Flux2Adapter", "FluxAdapter", "QwenImageAdapter", "SD3Adapter"]
+__all__ = [
+    "BriaAdapter",
+    "ChromaAdapter",
+    "Flux2Adapter",
+    "FluxAdapter",
+    "FluxShapedAdapter",
+    "QwenImageAdapter",
+    "SD3Adapter",
+]
 
 _ROTARY = ("image_rotary_emb",)
 
@@ -247,3 +255,60 @@ class ChromaAdapter(Adapter):
                 name = f"single_transformer_blocks.{index}"
                 specs.append(BlockSpec(name, block, 1, grid, sites, image_last=True))
         return specs
+
+
+# Flux.1-shaped families: img_ids position in forward, double-stream and single-stream block classes.
+# Their single-stream blocks build [text, image] themselves.
+_FLUX_SHAPED: dict[str, tuple[int, str, str]] = {
+    "BriaTransformer2DModel": (4, "BriaTransformerBlock", "BriaSingleTransformerBlock"),
+    "LongCatImageTransformer2DModel": (
+        3,
+        "LongCatImageTransformerBlock",
+        "LongCatImageSingleTransformerBlock",
+    ),
+    "OvisImageTransformer2DModel": (3, "OvisImageTransformerBlock", "OvisImageSingleTransformerBlock"),
+}
+
+
+@register_adapter
+class FluxShapedAdapter(Adapter):
+    """LongCat-Image and Ovis-Image (Flux.1-shaped, timestep ``t / 1000``; Bria below): the joint
+    attention of the double- and single-stream blocks at its call, after the rotary embedding, over
+    ``[text, image]``; the double-stream image ``ff`` at block level (``merge_mlp``). Grid from
+    ``img_ids``."""
+
+    name = "diffusers-flux-shaped"
+    priority = 30
+    timestep_scale = 1.0
+    models: ClassVar[frozenset[str]] = frozenset(
+        {"LongCatImageTransformer2DModel", "OvisImageTransformer2DModel"}
+    )
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, set(cls.models)) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        name = next(k.__name__ for k in type(model).__mro__ if k.__name__ in _FLUX_SHAPED)
+        position, double, single = _FLUX_SHAPED[name]
+        grid = PositionIdsGrid(model, position=position)
+        specs = []
+        for index, block in enumerate(model.transformer_blocks):
+            if class_name_in(block, {double}):
+                sites = (Site(block.attn, "attn", role="call", text_first=True), Site(block.ff, "mlp"))
+                specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, sites))
+        for index, block in enumerate(getattr(model, "single_transformer_blocks", ())):
+            if class_name_in(block, {single}):
+                sites = (Site(block.attn, "attn", role="call", text_first=True),)
+                specs.append(BlockSpec(f"single_transformer_blocks.{index}", block, 1, grid, sites))
+        return specs
+
+
+@register_adapter
+class BriaAdapter(FluxShapedAdapter):
+    """Bria (Flux.1-shaped, timestep in ``[0, 1000]``): as :class:`FluxShapedAdapter`."""
+
+    name = "diffusers-bria"
+    timestep_scale = 1000.0
+    models = frozenset({"BriaTransformer2DModel"})
