@@ -405,14 +405,15 @@ def test_sd3_five_dual_attention_and_downsample_keys_only() -> None:
     assert torch.equal(run(model, x, kwargs), reference)
 
 
-def test_flux_refuses_downsample_before_touching_the_model() -> None:
+def test_flux_downsample_replaces_a_merge_patch_at_the_attention_call() -> None:
+    # Flux's downsampling acts at the attention call, after rotary (tests/test_attention_site.py).
     model = tiny_flux()
     x, kwargs = flux_inputs()
     handle = tomediff.apply_tome(model, ratio=0.5, use_rand=False)
     merged = run(model, x, kwargs)
-    with pytest.raises(ConfigError, match="rotary position table"):
-        tomediff.apply_tome(model, method="downsample")
-    assert handle.active and torch.equal(run(model, x, kwargs), merged)
+    downsampled = tomediff.apply_tome(model, method="downsample")
+    assert not handle.active and downsampled.active
+    assert not torch.equal(run(model, x, kwargs), merged)
 
 
 def test_skip_blocks_chooses_the_blocks_and_is_validated() -> None:

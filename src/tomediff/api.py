@@ -104,6 +104,8 @@ def _describe_method(cfg: ToMeConfig, partition: str | None = None) -> str:
             f"downsample_factor_next={cfg.downsample_factor_next}",
             f"downsample_mode={cfg.downsample_mode}",
         ]
+        if cfg.downsample_factor_time > 1:
+            parts.append(f"downsample_factor_time={cfg.downsample_factor_time}")
     else:
         ratio = (
             f"level_ratios={dict(cfg.level_ratios)}" if cfg.level_ratios is not None else f"ratio={cfg.ratio}"
@@ -115,6 +117,8 @@ def _describe_method(cfg: ToMeConfig, partition: str | None = None) -> str:
                 rand += ", as tomesd: guidance halves may run as separate calls"
             rand += ")"
         parts = [f"method=merge, {ratio}", rand, f"sx={cfg.sx}, sy={cfg.sy}"]
+        if cfg.kv_ratio is not None:
+            parts.insert(1, f"kv_ratio={cfg.kv_ratio} (keys/values merged apart from the queries)")
         reuse = [f"reuse_level={cfg.reuse_level}"] if cfg.reuse_level else []
         reuse += [f"reuse_steps={cfg.reuse_steps}"] if cfg.reuse_steps > 1 else []
         reuse += [f"reuse_cfg={cfg.reuse_cfg}, cfg_layout={cfg.cfg_layout}"] if cfg.reuse_cfg else []

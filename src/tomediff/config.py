@@ -166,6 +166,13 @@ class ToMeConfig:
             ``[start, 1]`` includes the final step (``t = 0``, ``p = 1``), as the default ``(0, 1)``
             does. Defaults 0 and 1: always active; ``start == stop`` never is. Reading the timestep
             costs one host synchronisation per model call, only when set.
+        kv_ratio: merge the image keys/values of self-attention at this ratio, apart from the queries,
+            which are merged at ``ratio`` (0 keeps every query): asymmetric reduction (AsymRnR) at the
+            attention call, after rotary positions, on models whose adapter declares attention-call
+            sites (Flux, Wan, ...). None (default): queries and keys/values are merged alike, where the
+            model's adapter places merging. ``merge_attn`` only.
+        downsample_factor_time: ``method="downsample"`` on video models: the keys/values' grid is also
+            downsampled in time by this factor (1 = per frame, in space only).
         skip_blocks: ``(first, last)``: leave the first ``first`` and the last ``last`` of the blocks
             the other settings select (in the model's order) unreduced. Diffusion transformers have no
             levels; this is how to spare their most sensitive blocks. ``(0, 0)`` (default) keeps all.
@@ -200,10 +207,52 @@ class ToMeConfig:
     start: float = 0.0
     stop: float = 1.0
     skip_blocks: tuple[int, int] = (0, 0)
+    kv_ratio: float | None = None
+    downsample_factor_time: int = 1
 
     def __post_init__(self) -> None:
         self._check_merge_fields()
         self._check_method_fields()
+        self._check_attention_call_fields()
+
+    def _check_attention_call_fields(self) -> None:
+        """``kv_ratio`` and ``downsample_factor_time``: settings of the attention-call sites (DiTs)."""
+        name = "downsample_factor_time"
+        object.__setattr__(self, name, _as_int(name, self.downsample_factor_time, "a positive integer"))
+        if self.downsample_factor_time < 1:
+            raise ConfigError(
+                f"downsample_factor_time must be a positive integer, got {self.downsample_factor_time!r}."
+            )
+        if self.downsample_factor_time > 1 and self.method != "downsample":
+            raise ConfigError(
+                f"downsample_factor_time={self.downsample_factor_time} applies to method='downsample' only "
+                f"(got method={self.method!r}); leave it at 1."
+            )
+        if self.kv_ratio is None:
+            return
+        kv_ratio = _as_float("kv_ratio", self.kv_ratio)
+        object.__setattr__(self, "kv_ratio", kv_ratio)
+        if not 0.0 <= kv_ratio <= self.max_ratio + 1e-12:  # also refuses NaN
+            raise ConfigError(
+                f"kv_ratio={kv_ratio!r} is outside [0, {self.max_ratio:g}] (sx={self.sx}, sy={self.sy}); "
+                "it is the fraction of image keys/values merged."
+            )
+        if self.method != "merge":
+            raise ConfigError(
+                "kv_ratio applies to method='merge' (keys/values merged apart from the queries); "
+                "method='downsample' reduces them by downsample_factor. Leave kv_ratio=None."
+            )
+        conflicts = [n for n in ("merge_crossattn", "merge_mlp") if getattr(self, n)]
+        conflicts += ["level_ratios"] if self.level_ratios is not None else []
+        if conflicts:
+            raise ConfigError(
+                f"kv_ratio reduces tokens inside self-attention only; it cannot be combined with "
+                f"{', '.join(conflicts)} (set them to their defaults, or leave kv_ratio=None)."
+            )
+        if kv_ratio == 0 and self.ratio == 0:
+            raise ConfigError(
+                "ratio=0 and kv_ratio=0 reduce neither queries nor keys/values; raise one of them."
+            )
 
     def _check_merge_fields(self) -> None:
         # numpy scalars (np.int64, np.float32, np.bool_) are accepted and stored as Python numbers, so

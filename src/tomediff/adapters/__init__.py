@@ -6,7 +6,15 @@ custom :class:`~tomediff.core.Site`s where only image tokens merge) and is decor
 :func:`register_adapter`; the core does not change.
 """
 
-from tomediff.adapters import diffusers_dit, diffusers_mmdit, diffusers_unet, generic, ldm
+from tomediff.adapters import (
+    diffusers_dit,
+    diffusers_image,
+    diffusers_mmdit,
+    diffusers_unet,
+    diffusers_video,
+    generic,
+    ldm,
+)
 from tomediff.adapters.base import (
     Adapter,
     adapters,
@@ -20,8 +28,10 @@ __all__ = [
     "Adapter",
     "adapters",
     "diffusers_dit",
+    "diffusers_image",
     "diffusers_mmdit",
     "diffusers_unet",
+    "diffusers_video",
     "find_adapter",
     "generic",
     "ldm",

@@ -9,16 +9,24 @@ from the ``img_ids`` of its packed latent. Which blocks merge is chosen with ``s
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, ClassVar
 
 from torch import nn
 
 from tomediff.adapters.base import Adapter, ForwardChunkingCheck, class_name_in, register_adapter
 from tomediff.adapters.diffusers_caches import ReplayedOutputCheck
 from tomediff.core import BlockSpec, GridSource, Site
-from tomediff.core.spec import PositionIdsGrid
+from tomediff.core.spec import PositionIdsGrid, ShapeListGrid
 
-__all__ = ["FluxAdapter", "SD3Adapter"]
+__all__ = [
+    "BriaAdapter",
+    "ChromaAdapter",
+    "Flux2Adapter",
+    "FluxAdapter",
+    "FluxShapedAdapter",
+    "QwenImageAdapter",
+    "SD3Adapter",
+]
 
 _ROTARY = ("image_rotary_emb",)
 
@@ -47,6 +55,13 @@ def _attention_site(attn: nn.Module, name: str, **fields: Any) -> Site:
 
 def _mlp_site(module: nn.Module, name: str, **fields: Any) -> Site:
     return Site(module, "mlp", conflict=ReplayedOutputCheck(module, name), **fields)
+
+
+def _call_site(attn: nn.Module) -> Site:
+    """Flux's attention call: ``[text, image]`` after the rotary embedding. Merging reduces the whole
+    attention at its block-level site; this one serves key/value reduction (``method="downsample"``,
+    ``kv_ratio``), which only the call itself can do with every token keeping its own position."""
+    return Site(attn, "attn", role="call", text_first=True, call_only_for_kv=True)
 
 
 def _key_value_sites(attn: nn.Module, name: str) -> list[Site]:
@@ -101,7 +116,10 @@ class FluxAdapter(Adapter):
 
     FLUX.1 is guidance-distilled: a call predicts the whole step, so ``use_rand`` keeps its random
     partition at batch 1 too (with ``true_cfg_scale``, whose halves run as two calls, each half draws
-    its own; pass ``use_rand=False`` to give both the top-left one)."""
+    its own; pass ``use_rand=False`` to give both the top-left one).
+
+    ``method="downsample"`` and ``kv_ratio`` act at the attention call, after the rotary embedding
+    (the image keys/values reduced, text untouched; with ``kv_ratio`` the queries merged at ``ratio``)."""
 
     name = "diffusers-flux"
     priority = 30
@@ -121,6 +139,7 @@ class FluxAdapter(Adapter):
                 name = f"transformer_blocks.{index}"
                 sites = (
                     _attention_site(block.attn, f"{name}.attn", rotary_names=_ROTARY),
+                    _call_site(block.attn),
                     _mlp_site(block.ff, f"{name}.ff"),
                 )
                 specs.append(BlockSpec(name, block, 1, grid, sites, batch_shared=True))
@@ -129,7 +148,158 @@ class FluxAdapter(Adapter):
                 name = f"single_transformer_blocks.{index}"
                 sites = (
                     _attention_site(block.attn, f"{name}.attn", text_first=True, rotary_names=_ROTARY),
+                    _call_site(block.attn),
                     _mlp_site(block.proj_mlp, f"{name}.proj_mlp", text_first=True),
                 )
                 specs.append(BlockSpec(name, block, 1, grid, sites, batch_shared=True))
         return specs
+
+
+@register_adapter
+class Flux2Adapter(Adapter):
+    """Flux.2 (``Flux2Transformer2DModel``, also Klein): every attention at its call, after the rotary
+    embedding, over ``[text, image]``: double-stream ``Flux2TransformerBlock.attn`` and single-stream
+    ``Flux2SingleTransformerBlock.attn`` (whose block input is already ``[text, image]``). Merging reduces
+    the image queries and keys/values there (outputs copied back), ``kv_ratio`` the keys/values apart,
+    ``method="downsample"`` the keys/values from the downsampled grid; text tokens are never reduced. The
+    double-stream image feed-forward ``ff`` merges at block level (``merge_mlp``). The grid comes from
+    ``img_ids`` (``(t, h, w, l)`` columns); reference-image tokens (edit) are refused as an unknown grid."""
+
+    name = "diffusers-flux2"
+    priority = 30
+    timestep_scale = 1.0
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"Flux2Transformer2DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        grid = PositionIdsGrid(model, position=3)
+        specs = []
+        for index, block in enumerate(model.transformer_blocks):
+            if class_name_in(block, {"Flux2TransformerBlock"}):
+                sites = (Site(block.attn, "attn", role="call", text_first=True), Site(block.ff, "mlp"))
+                specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, sites))
+        for index, block in enumerate(getattr(model, "single_transformer_blocks", ())):
+            if class_name_in(block, {"Flux2SingleTransformerBlock"}):
+                sites = (Site(block.attn, "attn", role="call", text_first=True),)
+                name = f"single_transformer_blocks.{index}"
+                specs.append(BlockSpec(name, block, 1, grid, sites, image_last=True))
+        return specs
+
+
+@register_adapter
+class QwenImageAdapter(Adapter):
+    """Qwen-Image (``QwenImageTransformer2DModel``): the joint attention of every
+    ``QwenImageTransformerBlock`` at its call, after the rotary embedding, over ``[text, image]``; the
+    image feed-forward ``img_mlp`` at block level (``merge_mlp``). The text padding mask the processor
+    builds from ``encoder_hidden_states_mask`` keeps its text columns; its image columns are reduced with
+    the keys. The grid is read from ``img_shapes``; Qwen-Image-Edit's reference-image tokens (several
+    shapes per sample) are refused as an unknown grid."""
+
+    name = "diffusers-qwenimage"
+    priority = 30
+    timestep_scale = 1.0
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"QwenImageTransformer2DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        grid = ShapeListGrid(model)
+        specs = []
+        for index, block in enumerate(model.transformer_blocks):
+            if class_name_in(block, {"QwenImageTransformerBlock"}):
+                sites = (Site(block.attn, "attn", role="call", text_first=True), Site(block.img_mlp, "mlp"))
+                specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, sites))
+        return specs
+
+
+@register_adapter
+class ChromaAdapter(Adapter):
+    """Chroma (``ChromaTransformer2DModel``, Flux-shaped): the attention of the double-stream blocks
+    (``[text, image]`` joint) and the single-stream blocks (whose input is already ``[text, image]``) at
+    its call, after the rotary embedding; the double-stream image ``ff`` at block level
+    (``merge_mlp``). Grid from ``img_ids``; text tokens and their mask columns are never reduced."""
+
+    name = "diffusers-chroma"
+    priority = 30
+    timestep_scale = 1.0
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"ChromaTransformer2DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        grid = PositionIdsGrid(model, position=3)
+        specs = []
+        for index, block in enumerate(model.transformer_blocks):
+            if class_name_in(block, {"ChromaTransformerBlock"}):
+                sites = (Site(block.attn, "attn", role="call", text_first=True), Site(block.ff, "mlp"))
+                specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, sites))
+        for index, block in enumerate(getattr(model, "single_transformer_blocks", ())):
+            if class_name_in(block, {"ChromaSingleTransformerBlock"}):
+                sites = (Site(block.attn, "attn", role="call", text_first=True),)
+                name = f"single_transformer_blocks.{index}"
+                specs.append(BlockSpec(name, block, 1, grid, sites, image_last=True))
+        return specs
+
+
+# Flux.1-shaped families: img_ids position in forward, double-stream and single-stream block classes.
+# Their single-stream blocks build [text, image] themselves.
+_FLUX_SHAPED: dict[str, tuple[int, str, str]] = {
+    "BriaTransformer2DModel": (4, "BriaTransformerBlock", "BriaSingleTransformerBlock"),
+    "LongCatImageTransformer2DModel": (
+        3,
+        "LongCatImageTransformerBlock",
+        "LongCatImageSingleTransformerBlock",
+    ),
+    "OvisImageTransformer2DModel": (3, "OvisImageTransformerBlock", "OvisImageSingleTransformerBlock"),
+}
+
+
+@register_adapter
+class FluxShapedAdapter(Adapter):
+    """LongCat-Image and Ovis-Image (Flux.1-shaped, timestep ``t / 1000``; Bria below): the joint
+    attention of the double- and single-stream blocks at its call, after the rotary embedding, over
+    ``[text, image]``; the double-stream image ``ff`` at block level (``merge_mlp``). Grid from
+    ``img_ids``."""
+
+    name = "diffusers-flux-shaped"
+    priority = 30
+    timestep_scale = 1.0
+    models: ClassVar[frozenset[str]] = frozenset(
+        {"LongCatImageTransformer2DModel", "OvisImageTransformer2DModel"}
+    )
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, set(cls.models)) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        name = next(k.__name__ for k in type(model).__mro__ if k.__name__ in _FLUX_SHAPED)
+        position, double, single = _FLUX_SHAPED[name]
+        grid = PositionIdsGrid(model, position=position)
+        specs = []
+        for index, block in enumerate(model.transformer_blocks):
+            if class_name_in(block, {double}):
+                sites = (Site(block.attn, "attn", role="call", text_first=True), Site(block.ff, "mlp"))
+                specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, sites))
+        for index, block in enumerate(getattr(model, "single_transformer_blocks", ())):
+            if class_name_in(block, {single}):
+                sites = (Site(block.attn, "attn", role="call", text_first=True),)
+                specs.append(BlockSpec(f"single_transformer_blocks.{index}", block, 1, grid, sites))
+        return specs
+
+
+@register_adapter
+class BriaAdapter(FluxShapedAdapter):
+    """Bria (Flux.1-shaped, timestep in ``[0, 1000]``): as :class:`FluxShapedAdapter`."""
+
+    name = "diffusers-bria"
+    timestep_scale = 1000.0
+    models = frozenset({"BriaTransformer2DModel"})

@@ -34,9 +34,12 @@ class SiteAction:
 
     Attributes:
         uses_output: whether :meth:`after` needs the plan (it is kept alive until then).
+        after_on_error: :meth:`after` also runs when the submodule raises (to undo what :meth:`before`
+            set up around the call).
     """
 
     uses_output: ClassVar[bool] = True
+    after_on_error: ClassVar[bool] = False
 
     def for_site(self, site: Site, block_name: str) -> SiteAction | None:
         """The action for ``site`` (by its role and layout): this one, a variant, or None to leave the
@@ -72,10 +75,24 @@ def _is_self_attention(site: Site, kwargs: Kwargs) -> bool:
 
 
 class MergeAction(SiteAction):
-    """Merge the input (and a self-attention mask) with the plan; unmerge ``output`` / ``output[0]``."""
+    """Merge the input (and a self-attention mask) with the plan; unmerge ``output`` / ``output[0]``.
+
+    ``attention_call``: the action of ``"call"`` sites (merging at the attention call itself), or None to
+    leave them alone. ``separate_kv``: keys/values are reduced apart from the queries (``kv_ratio``), which
+    only the attention call can do, so block-level attention sites are then left to it."""
+
+    def __init__(self, attention_call: SiteAction | None = None, separate_kv: bool = False) -> None:
+        self.attention_call = attention_call
+        self.separate_kv = separate_kv
 
     def for_site(self, site: Site, block_name: str) -> SiteAction | None:
         if site.role == "key_value":  # merging reduces the whole attention at its own site
+            return None
+        if site.role == "call":
+            if site.call_only_for_kv and not self.separate_kv:
+                return None
+            return self.attention_call
+        if self.separate_kv:  # block-level sites merge queries and keys/values alike
             return None
         if site.text_first or site.rotary_names:
             return ImageTokensMergeAction()
@@ -114,12 +131,15 @@ class KeyValueAction(SiteAction):
 
     uses_output = False
 
-    def __init__(self) -> None:
+    def __init__(self, attention_call: SiteAction | None = None) -> None:
         self._context_names: dict[int, str] = {}
+        self.attention_call = attention_call
 
     def for_site(self, site: Site, block_name: str) -> SiteAction | None:
         if site.role == "key_value":
             return ReduceInputAction()
+        if site.role == "call":
+            return self.attention_call
         if site.role == "tokens":
             if getattr(site.module, "is_cross_attention", False):  # diffusers' only_cross_attention
                 raise ConfigError(
@@ -128,7 +148,7 @@ class KeyValueAction(SiteAction):
                     "only_cross_attention=True): its keys come from the text. Use method='merge'."
                 )
             return self
-        if site.rotary_names:
+        if site.rotary_names and self.attention_call is None:
             raise ConfigError(
                 f"method='downsample' cannot reduce the keys and values of the {site.kind} site of block "
                 f"'{block_name}' ({type(site.module).__name__}): its attention processor applies one "

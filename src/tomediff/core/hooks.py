@@ -123,7 +123,7 @@ class BlockCall:
         if left <= 0:
             call.plans[self.index] = None
 
-    def _grid_candidates(self, call: CallState) -> Iterator[tuple[int, int] | None]:
+    def _grid_candidates(self, call: CallState) -> Iterator[tuple[int, ...] | None]:
         """Token grids the call's inputs give, most reliable first (lazily: the first usually fits).
         What the adapter says wins: the grid its grid source read in this call (None when that input
         shows no single grid), else the grid of the block's level; only a block whose level only a call
@@ -184,7 +184,12 @@ class BlockPreHook(ToMeHook):
             )
         call = state.call
         num_tokens = int(x.shape[1])
-        height, width = block.token_grid(call, num_tokens)
+        if spec.image_last:  # [text, image]: the image tokens are the last N of the grid source's grid
+            num_tokens = block.image_tokens(call, num_tokens)
+            x = x[:, -num_tokens:]
+        grid = block.token_grid(call, num_tokens)
+        frames = grid[0] if len(grid) == 3 else 1
+        height, width = frames * grid[-2], grid[-1]  # a video's frames stacked: one 2-D grid per call
         level = spec.downsample if spec.downsample is not None else state.infer_level(height, width)
         setting = state.selection.setting(level)
         call.plans[block.index] = None
@@ -192,7 +197,15 @@ class BlockPreHook(ToMeHook):
         if setting is not None and call.active and state.selection.block_active(num_tokens):
             # Planned by the first site that runs (plan_for_site): a block a cache skips costs nothing.
             call.requests[block.index] = PlanRequest(
-                x, height, width, level, setting, block.index, spec.name, batch_shared=spec.batch_shared
+                x,
+                height,
+                width,
+                level,
+                setting,
+                block.index,
+                spec.name,
+                batch_shared=spec.batch_shared,
+                frames=frames,
             )
         else:
             call.requests.pop(block.index, None)
@@ -276,7 +289,12 @@ def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> li
             handles.append(site.module.register_forward_pre_hook(SitePreHook(site_call), with_kwargs=True))
             if action.uses_output:
                 block_call.num_sites += 1
-                handles.append(site.module.register_forward_hook(SitePostHook(site_call), with_kwargs=True))
+                post = SitePostHook(site_call)
+                handles.append(
+                    site.module.register_forward_hook(
+                        post, with_kwargs=True, always_call=action.after_on_error
+                    )
+                )
     for grid_index, source in grid_sources.values():
         hook = GridHook(state, source, grid_index)
         handles.append(source.module.register_forward_pre_hook(hook, with_kwargs=True))

@@ -25,6 +25,7 @@ from tomediff.core.actions import (
     ReduceInputAction,
     SiteAction,
 )
+from tomediff.core.attention import AttentionCallAction, AttentionReducer
 from tomediff.core.reducers import (
     DownsampleReducer,
     MatchReducer,
@@ -34,6 +35,7 @@ from tomediff.core.reducers import (
     cached,
 )
 from tomediff.core.spec import BlockSpec, Site, SiteKind
+from tomediff.errors import NothingToPatchError
 
 __all__ = [
     "DownsampleReducer",
@@ -67,10 +69,15 @@ class Method:
 
     def check(self, specs: Sequence[BlockSpec]) -> None:
         """Raise :class:`ConfigError` now (before anything is hooked) for a site the method cannot
-        act on."""
-        for spec in specs:
-            for site in spec.sites:
-                self.action_for(site, spec.name)
+        act on, and :class:`NothingToPatchError` when it acts on none of them."""
+        acting = [self.action_for(site, spec.name) for spec in specs for site in spec.sites]
+        if specs and not any(action is not None for action in acting):
+            kinds = sorted(self.actions)
+            raise NothingToPatchError(
+                f"the method's settings act on none of the {kinds} sites of the {len(specs)} selected "
+                "blocks (e.g. kv_ratio needs attention-call sites, which this model's adapter does not "
+                "declare); use the default settings for this model, or another site switch."
+            )
 
     def conflict(self, specs: Sequence[BlockSpec]) -> str | None:
         """The message of the first site whose output the method unmerges and whose
@@ -90,9 +97,14 @@ def build_method(config: ToMeConfig, enabled: set[SiteKind], reducer: Reducer | 
     references, research methods); its plans must suit the config's site actions."""
     if config.method == "downsample":
         base: Reducer = DownsampleReducer(config)
-        return Method(reducer or base, {"attn": KeyValueAction()} if "attn" in enabled else {})
+        action = KeyValueAction(AttentionCallAction(reduce_queries=False))
+        return Method(reducer or base, {"attn": action} if "attn" in enabled else {})
     # A given reducer is reused like the built-in matching: reuse_level/reuse_steps apply to it too.
     base = reducer if reducer is not None else MatchReducer(config)
+    separate_kv = config.kv_ratio is not None
+    if separate_kv:  # two plans per block call (queries, keys/values); reused together
+        base = AttentionReducer(base, config.kv_ratio)  # type: ignore[arg-type]
     if config.reuse_level or config.reuse_steps > 1:
         base = ReusingReducer(base, config.reuse_level, config.reuse_steps)
-    return Method(base, dict.fromkeys(enabled, MergeAction()))
+    merge = MergeAction(AttentionCallAction(reduce_queries=True), separate_kv=separate_kv)
+    return Method(base, dict.fromkeys(enabled, merge))

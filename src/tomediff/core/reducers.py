@@ -69,6 +69,7 @@ class PlanRequest:
         block_name: its qualified name (for messages).
         batch_shared: the plan must reduce every batch element alike and say which token's position
             each slot keeps (a rotary table shared by the batch is reduced with it).
+        frames: for a video, the number of frames stacked in ``height`` (each ``height // frames`` rows).
     """
 
     metric: torch.Tensor
@@ -79,6 +80,7 @@ class PlanRequest:
     block_index: int
     block_name: str
     batch_shared: bool = False
+    frames: int = 1
 
 
 class Reducer:
@@ -244,7 +246,11 @@ class DownsampleReducer(Reducer):
         if factor <= 1:
             return None
         batch = request.metric.shape[0]
-        plan = GridDownsample.build(batch, request.height, request.width, factor, self.config.downsample_mode)  # type: ignore[arg-type]
+        mode = self.config.downsample_mode
+        time_factor = self.config.downsample_factor_time if request.frames > 1 else 1
+        plan = GridDownsample.build(
+            batch, request.height, request.width, factor, mode, request.frames, time_factor
+        )  # type: ignore[arg-type]
         return plan if plan.num_merged < plan.num_tokens else None
 
     def nothing_reason(self, request: PlanRequest) -> str | None:

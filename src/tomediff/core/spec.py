@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
@@ -11,10 +12,21 @@ from torch import nn
 
 from tomediff.core.calls import find_input
 
-__all__ = ["BlockSpec", "Caller", "GridSource", "PositionIdsGrid", "Site", "SiteKind", "SiteRole"]
+__all__ = [
+    "BlockSpec",
+    "Caller",
+    "GridSource",
+    "KeywordGrid",
+    "PositionIdsGrid",
+    "ShapeListGrid",
+    "Site",
+    "SiteKind",
+    "SiteRole",
+    "VideoGrid",
+]
 
 SiteKind = Literal["attn", "crossattn", "mlp"]
-SiteRole = Literal["tokens", "attention", "key_value"]
+SiteRole = Literal["tokens", "attention", "key_value", "call"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -71,6 +83,75 @@ class PositionIdsGrid(GridSource):
 
 
 @dataclass(frozen=True, eq=False)
+class VideoGrid(GridSource):
+    """A module whose input is a ``[B, C, F, H, W]`` video latent, patchified by ``patch_size = (pt,
+    ph, pw)``: its blocks see ``F/pt`` frames of ``(H/ph) × (W/pw)`` tokens, frame after frame.
+
+    :meth:`read` gives ``(frames, height, width)``; a ``[B, C, H, W]`` input (an image) is one frame.
+    """
+
+    video_patch: tuple[int, int, int] = (1, 1, 1)
+    frames_axis: int = 2  # CogVideoX's input is [B, F, C, H, W]: 1
+
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:  # type: ignore[override]
+        _, x = find_input(args, kwargs, self.input_names)
+        if not isinstance(x, torch.Tensor) or x.dim() not in (4, 5):
+            return None
+        pt, ph, pw = self.video_patch
+        frames = math.ceil(int(x.shape[self.frames_axis]) / pt) if x.dim() == 5 else 1
+        return frames, int(x.shape[-2]) // ph, int(x.shape[-1]) // pw
+
+
+@dataclass(frozen=True, eq=False)
+class KeywordGrid(GridSource):
+    """A module told its token grid as integer arguments (LTX-Video's ``num_frames``, ``height``,
+    ``width``, in tokens), by keyword or at ``positions`` in its call."""
+
+    input_names: tuple[str, ...] = ("num_frames", "height", "width")
+    positions: tuple[int, ...] = (4, 5, 6)
+
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:  # type: ignore[override]
+        values = []
+        for name, position in zip(self.input_names, self.positions, strict=True):
+            value = args[position] if len(args) > position else kwargs.get(name)
+            if isinstance(value, torch.Tensor) and value.numel() == 1:
+                value = int(value)
+            if not isinstance(value, int) or value < 1:
+                return None
+            values.append(value)
+        return tuple(values)
+
+
+@dataclass(frozen=True, eq=False)
+class ShapeListGrid(GridSource):
+    """A module told its grids as a list (Qwen-Image's ``img_shapes``): per sample, a list of
+    ``(frames, height, width)`` token grids, or one such tuple for the whole batch. A sample with one
+    grid gives it; several grids (an edit model's reference images) give None, and the blocks then say
+    they cannot tell their grid.
+
+    Attributes:
+        position: the list's positional index in the module's call (when not passed by keyword).
+    """
+
+    input_names: tuple[str, ...] = ("img_shapes",)
+    position: int = 4
+
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:  # type: ignore[override]
+        shapes = args[self.position] if len(args) > self.position else None
+        if shapes is None:
+            shapes = next((kwargs[n] for n in self.input_names if kwargs.get(n) is not None), None)
+        if isinstance(shapes, (list, tuple)) and shapes and isinstance(shapes[0], (list, tuple)):
+            first = shapes[0]
+            if first and isinstance(first[0], (list, tuple)):  # per sample: a list of grids
+                if len(first) != 1:
+                    return None
+                first = first[0]
+            if len(first) == 3 and all(isinstance(v, int) for v in first):
+                return int(first[0]), int(first[1]), int(first[2])
+        return None
+
+
+@dataclass(frozen=True, eq=False)
 class Site:
     """A submodule whose token input is merged and whose output is unmerged.
 
@@ -94,13 +175,23 @@ class Site:
             values inside from the image tokens and others (MMDiT joint attention): merged; methods
             that reduce keys and values alone act on its ``"key_value"`` sites instead.
             ``"key_value"``: a projection computing keys or values from the image tokens (``to_k``,
-            ``to_v``): reduced by ``method="downsample"``, left alone by merging.
+            ``to_v``): reduced by ``method="downsample"``, left alone by merging. ``"call"``: an
+            attention module (diffusers ``Attention`` / ``AttentionModuleMixin``) whose attention call
+            (``F.scaled_dot_product_attention``, after the processor applied rotary positions) gets
+            fewer image keys/values, and with merging fewer queries, whose outputs are copied back
+            (:class:`tomediff.core.attention.AttentionCallAction`).
         text_first: the token input is ``[other tokens (text), the block's N image tokens]``
             concatenated (Flux's single-stream blocks); only the last N tokens are reduced.
         rotary_names: keyword names of a rotary position table (a tensor or diffusers' ``(cos, sin)``
             tuple, each ``[S, D]`` and shared by the batch) whose last N rows belong to the image
             tokens: reduced along with them, so each kept token keeps its own position. Such a block
             needs one plan for the whole batch (:attr:`BlockSpec.batch_shared`).
+        image_first: (``"call"`` sites) the attention sequence is ``[the N image tokens, others]``
+            (SD3's joint attention); with ``text_first`` it is ``[others, image]``; with neither, the
+            sequence must be the N image tokens alone.
+        call_only_for_kv: (``"call"`` sites) the block also has a block-level site merging this
+            attention's tokens (with ``method="merge"``); the call site then acts only for what that one
+            cannot do: key/value reduction (``method="downsample"``, ``kv_ratio``).
     """
 
     module: nn.Module
@@ -113,6 +204,8 @@ class Site:
     role: SiteRole = "tokens"
     text_first: bool = False
     rotary_names: tuple[str, ...] = ()
+    image_first: bool = False
+    call_only_for_kv: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -129,6 +222,8 @@ class BlockSpec:
         sites: the merge sites inside the block.
         batch_shared: every batch element must be reduced alike (one plan for the batch), because a
             table shared by the batch is reduced with the tokens (rotary positions).
+        image_last: the block's input is ``[other tokens (text), the N image tokens]`` (Flux.2's
+            single-stream blocks): N comes from its grid source, and the last N tokens are the metric.
     """
 
     name: str
@@ -138,6 +233,7 @@ class BlockSpec:
     sites: tuple[Site, ...]
     input_names: tuple[str, ...] = ("hidden_states", "x")
     batch_shared: bool = False
+    image_last: bool = False
 
 
 class Caller(Protocol):

@@ -1,5 +1,6 @@
 """Pure tensor functions of token merging: partition, matching, merge/unmerge. No model imports."""
 
+from tomediff.ops.attention import AttentionPlan, reduced_attention
 from tomediff.ops.downsample import (
     DOWNSAMPLE_MODES,
     DownsampleMode,
@@ -26,9 +27,11 @@ from tomediff.ops.tokens import (
     slot_positions,
     unmerge_trailing,
 )
+from tomediff.ops.video import downsample_video, downsampled_video, video_window_index
 
 __all__ = [
     "DOWNSAMPLE_MODES",
+    "AttentionPlan",
     "Backend",
     "DownsampleMode",
     "GridDownsample",
@@ -40,7 +43,9 @@ __all__ = [
     "TokenPlan",
     "best_dst_for_src",
     "downsample_grid",
+    "downsample_video",
     "downsampled_grid",
+    "downsampled_video",
     "draw_dst_offsets",
     "grid_partition",
     "merge_trailing",
@@ -48,10 +53,12 @@ __all__ = [
     "plan_constants",
     "plan_merge",
     "reduce_rotary",
+    "reduced_attention",
     "score_block_elements",
     "shared_metric",
     "slot_positions",
     "triton_enabled",
     "unmerge_trailing",
+    "video_window_index",
     "window_tokens",
 ]

@@ -9,6 +9,8 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
+from tomediff.ops.video import downsample_video, downsampled_video, video_window_index
+
 __all__ = ["DOWNSAMPLE_MODES", "DownsampleMode", "GridDownsample", "downsample_grid", "downsampled_grid"]
 
 DownsampleMode = Literal["nearest", "avg", "bilinear"]
@@ -53,7 +55,11 @@ def downsample_grid(
 @dataclass(frozen=True, eq=False)
 class GridDownsample:
     """Plan of a downsampling block call: queries keep all ``num_tokens`` tokens; keys and values come
-    from ``num_merged`` tokens of the grid downsampled by ``factor``. Nothing is unmerged."""
+    from ``num_merged`` tokens of the grid downsampled by ``factor`` (in height and width; for a video
+    grid of ``frames`` frames also by ``time_factor`` in time). Nothing is unmerged.
+
+    ``height`` is the height of all frames stacked (``frames × frame height``), so a reader that knows
+    only 2-D grids sees a valid ``height × width`` grid."""
 
     batch: int
     num_tokens: int
@@ -62,12 +68,42 @@ class GridDownsample:
     width: int
     factor: int
     mode: DownsampleMode
+    frames: int = 1
+    time_factor: int = 1
 
     @classmethod
-    def build(cls, batch: int, height: int, width: int, factor: int, mode: DownsampleMode) -> GridDownsample:
-        out_h, out_w = downsampled_grid(height, width, factor)
-        return cls(batch, height * width, out_h * out_w, height, width, factor, mode)
+    def build(
+        cls,
+        batch: int,
+        height: int,
+        width: int,
+        factor: int,
+        mode: DownsampleMode,
+        frames: int = 1,
+        time_factor: int = 1,
+    ) -> GridDownsample:
+        if frames > 1 or time_factor > 1:
+            out = downsampled_video(frames, height // frames, width, time_factor, factor, factor)
+            num_merged = out[0] * out[1] * out[2]
+        else:
+            out_h, out_w = downsampled_grid(height, width, factor)
+            num_merged = out_h * out_w
+        return cls(batch, height * width, num_merged, height, width, factor, mode, frames, time_factor)
 
     def reduce(self, x: torch.Tensor) -> torch.Tensor:
         """``x: [B, N, C] -> [B, M, C]`` key/value tokens."""
+        if self.frames > 1 or self.time_factor > 1:
+            f = self.frames
+            return downsample_video(
+                x, f, self.height // f, self.width, self.time_factor, self.factor, self.factor, self.mode
+            )
         return downsample_grid(x, self.height, self.width, self.factor, self.mode)
+
+    def kept_index(self, device: torch.device) -> torch.Tensor | None:
+        """``[M]`` the tokens ``reduce`` keeps when it only selects (``mode="nearest"``), else None."""
+        if self.mode != "nearest":
+            return None
+        f = self.frames
+        return video_window_index(
+            f, self.height // f, self.width, self.time_factor, self.factor, self.factor, device
+        )

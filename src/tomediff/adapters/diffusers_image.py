@@ -1,0 +1,146 @@
+"""diffusers' image diffusion transformers: CogView4 and AuraFlow (attention-call sites), Sana
+(block-level sites only), and the families tomediff refuses, each with the reason (a clear
+``UnsupportedModelError`` instead of the generic one)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from torch import nn
+
+from tomediff.adapters.base import Adapter, class_name_in, register_adapter
+from tomediff.adapters.diffusers_video import call_site_specs
+from tomediff.core import BlockSpec, GridSource, Site
+from tomediff.errors import UnsupportedModelError
+
+__all__ = ["AuraFlowAdapter", "CogView4Adapter", "RefusedFamilyAdapter", "SanaAdapter"]
+
+
+@register_adapter
+class SanaAdapter(Adapter):
+    """Sana (``SanaTransformer2DModel``): the linear self-attention ``attn1`` of every
+    ``SanaTransformerBlock`` at block level (merging: its tokens merged and the output copied back;
+    ``method="downsample"``: keys/values from the downsampled grid, passed as its context), and the
+    cross-attention's queries (``merge_crossattn``). Sana's attention is linear (no softmax, no SDPA
+    call), so the attention-call site and ``kv_ratio`` do not apply; its feed-forward (``GLUMBConv``)
+    convolves the token grid and is never merged."""
+
+    name = "diffusers-sana"
+    priority = 30
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"SanaTransformer2DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        patch_size = int(getattr(model.config, "patch_size", 1) or 1)  # type: ignore[attr-defined]
+        grid = GridSource(model, patch_size=patch_size)
+        specs = []
+        for index, block in enumerate(model.transformer_blocks):
+            if not class_name_in(block, {"SanaTransformerBlock"}):
+                continue
+            sites = [Site(block.attn1, "attn")]
+            if isinstance(getattr(block, "attn2", None), nn.Module):
+                sites.append(Site(block.attn2, "crossattn"))
+            specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, tuple(sites)))
+        return specs
+
+
+@register_adapter
+class CogView4Adapter(Adapter):
+    """CogView4 (``CogView4Transformer2DModel``): the joint attention ``attn1`` of every
+    ``CogView4TransformerBlock`` at its call, after the rotary embedding, over ``[text, image]``. Its
+    ``ff`` runs on the image and on the text in two calls and is not reduced."""
+
+    name = "diffusers-cogview4"
+    priority = 30
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"CogView4Transformer2DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        grid = GridSource(model, patch_size=int(model.config.patch_size))  # type: ignore[attr-defined]
+        names = {"CogView4TransformerBlock"}
+        return call_site_specs(model.transformer_blocks, "transformer_blocks", grid, names, attn="attn1")
+
+
+@register_adapter
+class AuraFlowAdapter(Adapter):
+    """AuraFlow (``AuraFlowTransformer2DModel``): the joint attention of the MMDiT blocks (``[registers
+    and text, image]``) and of the single DiT blocks (whose input is already ``[registers and text,
+    image]``) at its call; the MMDiT blocks' image ``ff`` at block level (``merge_mlp``)."""
+
+    name = "diffusers-auraflow"
+    priority = 30
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"AuraFlowTransformer2DModel"}) and hasattr(
+            model, "joint_transformer_blocks"
+        )
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        grid = GridSource(model, patch_size=int(model.config.patch_size))  # type: ignore[attr-defined]
+        specs = call_site_specs(
+            model.joint_transformer_blocks,
+            "joint_transformer_blocks",
+            grid,
+            {"AuraFlowJointTransformerBlock"},
+            attn="attn",
+            mlp="ff",
+        )
+        single = call_site_specs(
+            model.single_transformer_blocks,
+            "single_transformer_blocks",
+            grid,
+            {"AuraFlowSingleTransformerBlock"},
+            attn="attn",
+        )
+        return specs + [dataclasses.replace(spec, image_last=True) for spec in single]
+
+
+# Families with an image or video grid that tomediff does not reduce yet, and why.
+_REFUSED = {
+    "ZImageTransformer2DModel": (
+        "Z-Image packs a list of images of different sizes and their captions into one padded sequence, "
+        "so the image tokens' place in the attention differs per sample"
+    ),
+    "Lumina2Transformer2DModel": (
+        "Lumina2's joint layers place each sample's image tokens after its own caption length (padded "
+        "per sample), so their place in the attention differs per sample"
+    ),
+    "MochiTransformer3DModel": (
+        "Mochi's asymmetric joint attention runs per sample on the unpadded text, with the video tokens "
+        "in a separate stream; its attention-call layout is not described yet"
+    ),
+    "HiDreamImageTransformer2DModel": (
+        "HiDream's blocks append a different Llama layer's tokens in every block and route the image "
+        "feed-forward through a mixture of experts; its attention-call layout is not described yet"
+    ),
+}
+
+
+@register_adapter
+class RefusedFamilyAdapter(Adapter):
+    """Matches the families of ``_REFUSED`` and refuses them with their reason."""
+
+    name = "diffusers-refused"
+    priority = 25
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, set(_REFUSED))
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        name = next(k.__name__ for k in type(model).__mro__ if k.__name__ in _REFUSED)
+        raise UnsupportedModelError(
+            f"tomediff does not reduce tokens in {name} yet: {_REFUSED[name]}. Supported diffusion "
+            "transformers: SD3, Flux.1, Flux.2, Chroma, Bria, LongCat-Image, Ovis-Image, Qwen-Image, "
+            "CogView4, AuraFlow, Sana, PixArt, DiT, Wan 2.x, HunyuanVideo 1.0/1.5, CogVideoX, LTX-Video, "
+            "Allegro, Cosmos (see docs/dits.md)."
+        )

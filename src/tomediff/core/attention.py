@@ -1,0 +1,185 @@
+"""The attention-call site: token reduction inside an attention module, at its attention call.
+
+Modern diffusion transformers compute queries, keys and values in the attention processor, apply their
+rotary positions there, and only then call attention. A hook around the module cannot reach that point,
+so :class:`AttentionCallAction` pushes a :class:`torch.overrides.TorchFunctionMode` for the duration of
+the module's call: it sees every ``F.scaled_dot_product_attention`` made inside (diffusers' ``native``
+attention backend, and processors calling SDPA themselves) and reduces its image tokens with the block's
+plan (:func:`tomediff.ops.reduced_attention`). Torch-function modes are per thread, so concurrent calls
+of one module never see each other's plans; the mode is popped when the module returns or raises, so
+nothing is left behind.
+
+Attention computed any other way (flash-attn, SageAttention or xFormers backends) is never seen; the
+site then raises instead of silently reducing nothing.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+from tomediff.core.actions import SiteAction
+from tomediff.core.calls import Args, Kwargs
+from tomediff.core.reducers import PlanRequest, Reducer
+from tomediff.core.selection import LevelSetting
+from tomediff.core.spec import Site
+from tomediff.errors import MergeCallError
+from tomediff.ops import AttentionPlan, reduced_attention
+
+if TYPE_CHECKING:
+    from tomediff.core.state import CallState, ToMeState
+
+__all__ = ["AttentionCallAction", "AttentionReducer", "attention_plan"]
+
+# F.scaled_dot_product_attention's parameters in order; the first four are the tensors reduced.
+_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+
+
+def attention_plan(plan: Any, reduce_queries: bool) -> AttentionPlan:
+    """The :class:`AttentionPlan` a block plan means at an attention call: itself; a downsampled grid
+    (``reduce``) for the keys/values only; a merge plan for the keys/values, and for the queries when
+    ``reduce_queries``."""
+    if isinstance(plan, AttentionPlan):
+        return plan
+    if hasattr(plan, "reduce"):
+        return AttentionPlan(None, plan)
+    return AttentionPlan(plan if reduce_queries else None, plan)
+
+
+# torch.Tensor methods written in Python (Tensor.unflatten, ...), by function: their names. Called as
+# methods from the mode, torch.compile traces most of them as such instead of their Python bodies.
+_PYTHON_TENSOR_METHODS = {
+    f: name for name, f in vars(torch.Tensor).items() if isinstance(f, types.FunctionType)
+}
+
+
+class _AttentionCallMode(TorchFunctionMode):
+    """Reduces the image tokens of the SDPA calls made while it is on the stack (one module call)."""
+
+    def __init__(self, plan: AttentionPlan, site: Site, block_name: str) -> None:
+        super().__init__()
+        self.plan = plan
+        self.site = site
+        self.block_name = block_name
+        self.calls = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Args = (), kwargs: Kwargs | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            method = _PYTHON_TENSOR_METHODS.get(func)
+            if method is not None and args and isinstance(args[0], torch.Tensor):
+                return getattr(args[0], method)(*args[1:], **kwargs)
+            return func(*args, **kwargs)
+        options = {**kwargs, **dict(zip(_SDPA_NAMES, args, strict=False))}
+        values = {name: options.pop(name, None) for name in _SDPA_NAMES[:4]}
+        query, key, value = values["query"], values["key"], values["value"]
+        if key.shape[-2] != query.shape[-2]:  # a cross-attention inside the module: keys are not its tokens
+            return func(query, key, value, attn_mask=values["attn_mask"], **options)
+        self.calls += 1
+        start = self._image_start(query)
+        if options.get("is_causal"):
+            raise MergeCallError(
+                f"tomediff cannot reduce the causal attention of block '{self.block_name}' (is_causal=True)."
+            )
+        return reduced_attention(func, self.plan, start, query, key, value, values["attn_mask"], **options)
+
+    def _image_start(self, query: torch.Tensor) -> int:
+        plan, site = self.plan, self.site
+        num, seq = plan.num_tokens, int(query.shape[-2])
+        if (
+            query.dim() != 4
+            or query.shape[0] != plan.batch
+            or seq < num
+            or (seq != num and not (site.text_first or site.image_first))
+        ):
+            raise MergeCallError(
+                f"tomediff cannot reduce the attention call of the {site.kind} site in block "
+                f"'{self.block_name}': it expected queries [batch={plan.batch}, heads, {num} image tokens"
+                f"{' + others' if site.text_first or site.image_first else ''}, dim], got "
+                f"{tuple(query.shape)}."
+            )
+        return 0 if site.image_first else seq - num
+
+
+class AttentionCallAction(SiteAction):
+    """Reduce the image tokens at the attention call(s) of an attention module: fewer keys/values, and
+    with ``reduce_queries`` fewer queries (merged, outputs copied back). See the module docstring."""
+
+    uses_output: ClassVar[bool] = True
+    after_on_error: ClassVar[bool] = True
+
+    def __init__(self, reduce_queries: bool) -> None:
+        self.reduce_queries = reduce_queries
+
+    def before(self, plan: Any, site: Site, block_name: str, args: Args, kwargs: Kwargs) -> None:
+        if getattr(getattr(site.module, "processor", None), "_parallel_config", None) is not None:
+            raise MergeCallError(
+                f"tomediff cannot reduce the attention of block '{block_name}' under diffusers' context "
+                "parallelism (its attention sees a shard of the sequence or of the heads, whose image "
+                "tokens tomediff cannot place); disable context parallelism or tomediff."
+            )
+        mode = _AttentionCallMode(attention_plan(plan, self.reduce_queries), site, block_name)
+        torch._C._push_on_torch_function_stack(mode)
+        return None
+
+    def after(self, plan: Any, output: Any) -> Any:
+        mode = torch._C._pop_torch_function_stack()
+        if not isinstance(mode, _AttentionCallMode):  # someone else's mode on top: put it back
+            torch._C._push_on_torch_function_stack(mode)
+            raise MergeCallError(
+                f"tomediff found a torch function mode ({type(mode).__name__}) left on the stack by an "
+                "attention module it reduces; modes pushed inside the module must be popped inside it."
+            )
+        if mode.calls == 0:
+            raise MergeCallError(
+                f"tomediff saw no attention call (torch.nn.functional.scaled_dot_product_attention) inside "
+                f"the {mode.site.kind} site of block '{mode.block_name}' "
+                f"({type(mode.site.module).__name__}), so it reduced nothing there: its attention backend "
+                "computes attention another way. Use "
+                "diffusers' native backend (model.reset_attention_backend() or "
+                "model.set_attention_backend('native')) with tomediff."
+            )
+        return None
+
+
+class AttentionReducer(Reducer):
+    """Two plans of one block call from ``inner``: the queries' at ``ratio`` and the keys/values' at
+    ``kv_ratio`` (one plan when equal), as an :class:`AttentionPlan` (asymmetric reduction, AsymRnR)."""
+
+    def __init__(self, inner: Reducer, kv_ratio: float) -> None:
+        self.inner = inner
+        self.kv_ratio = kv_ratio
+
+    def draws_per_call(self) -> bool:
+        return self.inner.draws_per_call()
+
+    def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
+        self.inner.begin_call(state, call, sample)
+
+    def plan(self, state: ToMeState, request: PlanRequest) -> AttentionPlan | None:
+        queries = self.inner.plan(state, request) if request.setting.ratio > 0 else None
+        if self.kv_ratio == request.setting.ratio:
+            keys = queries
+        elif self.kv_ratio > 0:
+            setting = LevelSetting(self.kv_ratio, request.setting.factor)
+            keys = self.inner.plan(state, dataclasses.replace(request, setting=setting))
+        else:
+            keys = None
+        if queries is None and keys is None:
+            return None
+        return AttentionPlan(queries, keys)
+
+    def nothing_reason(self, request: PlanRequest) -> str | None:
+        if request.setting.ratio == 0 and self.kv_ratio == 0:
+            return None
+        return self.inner.nothing_reason(
+            dataclasses.replace(
+                request,
+                setting=LevelSetting(max(request.setting.ratio, self.kv_ratio), request.setting.factor),
+            )
+        )
