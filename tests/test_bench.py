@@ -101,9 +101,11 @@ def test_reuse_cfg_takes_the_benchmark_batch_as_a_guidance_pair() -> None:
     finally:
         variant.remove(model)
     assert plans and all(torch.equal(p.local_slot[0], p.local_slot[1]) for p in plans)
-    with pytest.raises(tomediff.MergeCallError, match="cfg_layout"):
-        with tomediff.tome(model, ratio=0.5, max_downsample=1, reuse_cfg=True):
-            forward(model, inputs)
+    with (
+        pytest.raises(tomediff.MergeCallError, match="cfg_layout"),
+        tomediff.tome(model, ratio=0.5, max_downsample=1, reuse_cfg=True),
+    ):
+        forward(model, inputs)
 
 
 def test_saving_realised_formula() -> None:

@@ -6,6 +6,7 @@ hook tables without any marker attribute on the module itself.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -139,9 +140,21 @@ class BlockCall:
                 yield state.grid_for_downsample(factor)
                 factor *= 2
 
-    def token_grid(self, call: CallState, num_tokens: int) -> tuple[int, int]:
+    def image_tokens(self, call: CallState, num_inputs: int) -> int:
+        """How many of a block's ``num_inputs`` input tokens are image tokens, from its grid source."""
+        grid = call.grids.get(self.grid_index) if self.grid_index is not None else None
+        if grid is None or not 0 < math.prod(grid) <= num_inputs:
+            raise MergeCallError(
+                f"tomediff cannot tell how many of the {num_inputs} tokens block '{self.spec.name}' "
+                f"receives are image tokens: its model call gave the token grid {grid}. Call the model "
+                "with the position ids of one full image grid."
+            )
+        return math.prod(grid)
+
+    def token_grid(self, call: CallState, num_tokens: int) -> tuple[int, ...]:
+        """``(height, width)``, or ``(frames, height, width)`` for a video grid source."""
         for grid in self._grid_candidates(call):
-            if grid is not None and grid[0] * grid[1] == num_tokens:
+            if grid is not None and math.prod(grid) == num_tokens:
                 return grid
         name = self.spec.name
         if (
@@ -207,6 +220,11 @@ class BlockPreHook(ToMeHook):
                 batch_shared=spec.batch_shared,
                 frames=frames,
             )
+            if torch.compiler.is_compiling():
+                # Traced, the plan is made here, in the block's frame: made in a site's pre-hook, which
+                # dynamo may trace as a frame of its own, it would share that frame with the attention
+                # call's torch-function mode, which dynamo cannot carry out of a frame it created it in.
+                block.plan_for_site(call)
         else:
             call.requests.pop(block.index, None)
             if not torch.compiler.is_compiling():  # a report entry; compiled graphs skip the bookkeeping
