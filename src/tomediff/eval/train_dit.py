@@ -29,12 +29,10 @@ from tomediff.eval.model import (
     dit_position_ids,
     latents_to_tokens,
 )
+from tomediff.eval.pipeline import DIT_FILES
 from tomediff.eval.train_demo import load_ema, run_training, save_module
 
-__all__ = ["DIT_FILES", "export_dit_weights", "main", "train_dit"]
-
-# Asset file names: transformer weights, prompt-encoder weights, configs.
-DIT_FILES = ("demo_dit_transformer.safetensors", "demo_dit_text_encoder.safetensors", "demo_dit.json")
+__all__ = ["export_dit_weights", "main", "train_dit"]
 
 
 class _DiTDenoiser(torch.nn.Module):
@@ -73,7 +71,7 @@ def flow_matching_loss(
 
 def train_dit(
     out_dir: Path,
-    steps: int = 1200,
+    steps: int = 1000,
     batch_size: int = 32,
     lr: float = 1e-3,
     warmup: int = 100,
@@ -134,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("runs/dit"))
-    parser.add_argument("--steps", type=int, default=1200)
+    parser.add_argument("--steps", type=int, default=1000)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
