@@ -178,3 +178,43 @@ def test_bundled_dit_generates_and_merges_removably() -> None:
     assert all(b.last_call.tokens == 256 and b.last_call.tokens_after_merge == 128 for b in report.blocks)
     assert not np.array_equal(merged, first)
     np.testing.assert_array_equal(pipe([0, 7], [1, 2], num_inference_steps=2), first)
+
+
+def test_quality_eval_runs_on_the_dit_with_its_own_sampler(tmp_path: Path) -> None:
+    import json
+
+    from tomediff.eval.quality import QualityOptions, run_quality_eval
+    from tomediff.eval.testing import make_tiny_assets
+
+    assets = make_tiny_dit_assets(make_tiny_assets(tmp_path / "assets"))  # + classifier and reference stats
+    options = QualityOptions(
+        out_dir=tmp_path / "eval",
+        model="dit",
+        samples_per_class=1,
+        batch_size=10,
+        steps=2,
+        ratios=(0.0, 0.5),
+        variants=(),
+        different_seed=False,
+        assets_dir=assets,
+        progress=False,
+        bootstrap=10,
+    )
+    rows = run_quality_eval(options)
+    assert rows is not None and len(rows) == 2
+    meta = json.loads((tmp_path / "eval" / "results.json").read_text())["meta"]
+    assert (meta["model"], meta["scheduler"]) == ("dit", "euler")
+    assert rows[0]["psnr"] is None  # the unmerged row is the reference
+    assert rows[1]["psnr"]["value"] < 100  # merging changed the DiT's images (identical images give inf)
+
+
+def test_quality_eval_refuses_tomesd_and_unknown_models_on_the_dit() -> None:
+    from tomediff.errors import ConfigError
+    from tomediff.eval.quality import QualityOptions, run_quality_eval
+
+    with pytest.raises(ConfigError, match="tomesd patches only UNets"):
+        run_quality_eval(QualityOptions(model="dit", compare=("tomesd",)))
+    with pytest.raises(
+        ConfigError, match=r"model='vit' is not a bundled model; use one of \['dit', 'unet'\]"
+    ):
+        run_quality_eval(QualityOptions(model="vit"))

@@ -71,7 +71,7 @@ def flow_matching_loss(
 
 def train_dit(
     out_dir: Path,
-    steps: int = 1000,
+    steps: int = 700,
     batch_size: int = 32,
     lr: float = 1e-3,
     warmup: int = 100,
@@ -132,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--out", type=Path, default=Path("runs/dit"))
-    parser.add_argument("--steps", type=int, default=1000)
+    parser.add_argument("--steps", type=int, default=700)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
