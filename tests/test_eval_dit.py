@@ -208,7 +208,7 @@ def test_quality_eval_runs_on_the_dit_with_its_own_sampler(tmp_path: Path) -> No
     assert rows[1]["psnr"]["value"] < 100  # merging changed the DiT's images (identical images give inf)
 
 
-def test_quality_eval_refuses_tomesd_and_unknown_models_on_the_dit() -> None:
+def test_quality_eval_refuses_tomesd_unet_samplers_and_unknown_models_for_the_dit() -> None:
     from tomediff.errors import ConfigError
     from tomediff.eval.quality import QualityOptions, run_quality_eval
 

@@ -52,9 +52,8 @@ class QualityOptions:
     batch_size: int = 50
     steps: int = 20
     guidance: float = 3.0
-    scheduler: str | None = (
-        None  # None: the model's own (BUNDLED_MODELS): "dpm" for the UNet, "euler" for the DiT
-    )
+    # None: the model's own sampler (BUNDLED_MODELS), "dpm" for the UNet and "euler" for the DiT.
+    scheduler: str | None = None
     model: str = "unet"  # which bundled model: "unet" (SD-style) or "dit" (Flux-style transformer)
     base_seed: int = 0
     ratios: Sequence[float] = (0.0, 0.3, 0.5, 0.6, 0.7)
@@ -168,6 +167,10 @@ def _check_model(options: QualityOptions) -> None:
     if options.model not in BUNDLED_MODELS:
         raise ConfigError(
             f"model={options.model!r} is not a bundled model; use one of {sorted(BUNDLED_MODELS)}."
+        )
+    if options.model == "dit" and options.scheduler not in (None, "euler"):
+        raise ConfigError(
+            f"scheduler={options.scheduler!r} cannot sample the flow-matching DiT; use 'euler' (or None)."
         )
     uses_tomesd = bool(options.compare) or any(s.library == "tomesd" for s in options.named)
     if options.model == "dit" and uses_tomesd:
