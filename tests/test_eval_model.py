@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gzip
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,7 @@ import torch
 import tomediff
 from tomediff.eval.model import DEMO_UNET_CONFIG, ClassPromptEncoder, build_demo_unet
 from tomediff.eval.pipeline import load_demo_model
-from tomediff.eval.testing import TINY_UNET_OVERRIDES, make_tiny_assets
+from tomediff.eval.testing import TINY_UNET_OVERRIDES, make_tiny_assets, write_fake_fashion_mnist
 from tomediff.eval.train_demo import export_weights, train
 
 
@@ -67,23 +66,8 @@ def test_sampler_is_deterministic_per_seed_and_merging_is_removable(tiny_assets:
     np.testing.assert_array_equal(pipe([0, 1, 2, 3], [10, 11, 12, 13], num_inference_steps=3), first)
 
 
-def _write_fake_fashion_mnist(directory: Path, count: int = 128) -> Path:
-    rng = np.random.default_rng(0)
-    for stem, array in (
-        ("train-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28))),
-        ("train-labels-idx1-ubyte", rng.integers(0, 10, count)),
-    ):
-        array = np.asarray(array, dtype=np.uint8)
-        header = (0x0800 | array.ndim).to_bytes(4, "big") + b"".join(
-            d.to_bytes(4, "big") for d in array.shape
-        )
-        with gzip.open(directory / f"{stem}.gz", "wb") as handle:
-            handle.write(header + array.tobytes())
-    return directory
-
-
 def test_training_resumes_to_the_same_weights_and_exports_a_loadable_model(tmp_path: Path) -> None:
-    data = _write_fake_fashion_mnist(tmp_path)
+    data = write_fake_fashion_mnist(tmp_path)
     common = {
         "batch_size": 8,
         "warmup": 2,

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from typing import Any
 
-__all__ = ["load_classifier", "load_demo_model"]
+__all__ = ["load_classifier", "load_demo_dit", "load_demo_model"]
 
 
 def load_demo_model(*args: Any, **kwargs: Any) -> Any:
@@ -16,6 +16,16 @@ def load_demo_model(*args: Any, **kwargs: Any) -> Any:
     See :func:`tomediff.eval.pipeline.load_demo_model`.
     """
     from tomediff.eval.pipeline import load_demo_model as _load
+
+    return _load(*args, **kwargs)
+
+
+def load_demo_dit(*args: Any, **kwargs: Any) -> Any:
+    """The bundled trained DiT (a small ``FluxTransformer2DModel``) as a ready ``DemoDiTPipeline``.
+
+    See :func:`tomediff.eval.pipeline.load_demo_dit`.
+    """
+    from tomediff.eval.pipeline import load_demo_dit as _load
 
     return _load(*args, **kwargs)
 

@@ -1,4 +1,5 @@
-"""The bundled demo model: a small Stable-Diffusion-style UNet trained on Fashion-MNIST.
+"""The bundled demo models: a small Stable-Diffusion-style UNet and a small Flux-style diffusion
+transformer (DiT), both trained on Fashion-MNIST.
 
 Layout, chosen so token merging meets the same structures it meets in SD 1.x:
 
@@ -11,6 +12,10 @@ Layout, chosen so token merging meets the same structures it meets in SD 1.x:
   (``"Ankle boot"`` → ``<bos> ankle boot <eos>``) plus positions, the way CLIP's hidden states
   condition SD through cross-attention. The empty prompt ``<bos> <eos>`` is the unconditional input
   for classifier-free guidance.
+* DiT: a diffusers ``FluxTransformer2DModel`` (double-stream then single-stream blocks, joint attention
+  of the prompt tokens and the image tokens, 2-D rotary positions from ``img_ids``, no guidance
+  embedding) over the same "latent", one token per latent position (patch 1): 16×16 = 256 image
+  tokens of 4 channels. Trained with flow matching, as Flux is; sampled with flow-matching Euler.
 """
 
 from __future__ import annotations
@@ -28,13 +33,19 @@ from torch.nn import functional as F
 from tomediff.eval.data import CLASS_NAMES
 
 __all__ = [
+    "DEMO_DIT_CONFIG",
     "DEMO_UNET_CONFIG",
     "PROMPT_LENGTH",
     "ClassPromptEncoder",
+    "build_demo_dit",
     "build_demo_unet",
+    "build_flow_scheduler_config",
     "build_scheduler_config",
+    "dit_position_ids",
     "images_to_latents",
     "latents_to_images",
+    "latents_to_tokens",
+    "tokens_to_latents",
 ]
 
 PROMPT_LENGTH = 4
@@ -64,6 +75,56 @@ _SCHEDULER_CONFIG: dict[str, Any] = {
     "prediction_type": "v_prediction",
     "clip_sample": False,
 }
+
+
+# The DiT's text side is the same prompt encoder, so its width is the encoder's (64). The rotary axes
+# (unused frame axis, rows, columns) split the 32-d heads; sized so one CPU thread trains it in ~45 min.
+DEMO_DIT_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": LATENT_CHANNELS,
+    "num_layers": 2,
+    "num_single_layers": 4,
+    "attention_head_dim": 32,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 64,
+    "pooled_projection_dim": 64,
+    "guidance_embeds": False,
+    "axes_dims_rope": (8, 12, 12),
+}
+
+# Flow matching (x_t = (1 - sigma) x0 + sigma noise), no resolution shift: the grid is fixed at 256 tokens.
+_FLOW_SCHEDULER_CONFIG: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 1.0}
+
+
+def build_flow_scheduler_config() -> dict[str, Any]:
+    """Config of the DiT's ``FlowMatchEulerDiscreteScheduler``."""
+    return dict(_FLOW_SCHEDULER_CONFIG)
+
+
+def build_demo_dit(**overrides: Any) -> nn.Module:
+    """A freshly initialised demo DiT (``FluxTransformer2DModel``); ``overrides`` patch the config."""
+    from diffusers import FluxTransformer2DModel
+
+    return FluxTransformer2DModel(**{**DEMO_DIT_CONFIG, **overrides})
+
+
+def dit_position_ids(height: int, width: int, prompt_length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flux's position ids: ``img_ids (height*width, 3)`` = (0, row, column) in row-major token order,
+    and ``txt_ids (prompt_length, 3)`` all zero (text tokens carry no 2-D position), as Flux pipelines
+    build them."""
+    rows, cols = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
+    img_ids = torch.stack([torch.zeros_like(rows), rows, cols], dim=-1).reshape(-1, 3).float()
+    return img_ids, torch.zeros(prompt_length, 3)
+
+
+def latents_to_tokens(latents: torch.Tensor) -> torch.Tensor:
+    """Latents ``(B, C, H, W)`` → image tokens ``(B, H*W, C)`` in row-major order (patch 1)."""
+    return latents.flatten(2).transpose(1, 2)
+
+
+def tokens_to_latents(tokens: torch.Tensor, height: int, width: int) -> torch.Tensor:
+    """Inverse of :func:`latents_to_tokens`: ``(B, H*W, C)`` → ``(B, C, H, W)``."""
+    return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], height, width)
 
 
 def build_scheduler_config() -> dict[str, Any]:
@@ -121,6 +182,12 @@ class ClassPromptEncoder(nn.Module):
     def forward(self, token_ids: torch.Tensor) -> torch.Tensor:
         hidden = self.token_embedding(token_ids) + self.position_embedding[: token_ids.shape[1]]
         return self.norm(hidden)
+
+    def pool(self, hidden_states: torch.Tensor, token_ids: torch.Tensor) -> torch.Tensor:
+        """Mean of ``hidden_states (B, L, dim)`` over the non-padding tokens → ``(B, dim)``: the pooled
+        prompt vector Flux's ``pooled_projections`` takes (where CLIP's pooled output goes)."""
+        keep = (token_ids != self.PAD).unsqueeze(-1).to(hidden_states.dtype)
+        return (hidden_states * keep).sum(1) / keep.sum(1)
 
     def config(self) -> dict[str, Any]:
         return {

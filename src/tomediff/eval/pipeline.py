@@ -1,10 +1,13 @@
-"""``DemoPipeline``: class-conditional sampling from the bundled Fashion-MNIST diffusion model.
+"""Class-conditional sampling from the bundled Fashion-MNIST diffusion models: ``DemoPipeline`` (the
+SD-style UNet) and ``DemoDiTPipeline`` (the Flux-style transformer). Both take the same call.
 
 >>> import tomediff
->>> from tomediff.eval import load_demo_model
+>>> from tomediff.eval import load_demo_dit, load_demo_model
 >>> pipe = load_demo_model()                                       # doctest: +SKIP
 >>> images = pipe(class_ids=[0, 7], seeds=[1, 2])                  # doctest: +SKIP
 >>> with tomediff.tome(pipe, ratio=0.5): merged = pipe([0, 7], [1, 2])   # doctest: +SKIP
+>>> dit = load_demo_dit()                                          # doctest: +SKIP
+>>> with tomediff.tome(dit, ratio=0.5): merged = dit([0, 7], [1, 2])     # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -23,14 +26,29 @@ from tomediff.eval.model import (
     LATENT_CHANNELS,
     LATENT_SIZE,
     ClassPromptEncoder,
+    build_demo_dit,
     build_demo_unet,
+    build_flow_scheduler_config,
     build_scheduler_config,
+    dit_position_ids,
     latents_to_images,
+    latents_to_tokens,
+    tokens_to_latents,
 )
 
-__all__ = ["ASSETS_DIR", "DemoPipeline", "initial_noise", "load_demo_model"]
+__all__ = [
+    "ASSETS_DIR",
+    "DIT_FILES",
+    "DemoDiTPipeline",
+    "DemoPipeline",
+    "initial_noise",
+    "load_demo_dit",
+    "load_demo_model",
+]
 
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
+# The bundled DiT's files: transformer weights, prompt-encoder weights, configs.
+DIT_FILES = ("demo_dit_transformer.safetensors", "demo_dit_text_encoder.safetensors", "demo_dit.json")
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -40,6 +58,11 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
     batch or process generated it — what paired metrics and sharded runs need.
     """
     return torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(int(s))) for s in seeds])
+
+
+def _to_images(latents: torch.Tensor) -> np.ndarray:
+    """Latents ``(B, 4, 16, 16)`` → uint8 images ``(B, 28, 28)`` (the padding cropped back off)."""
+    return to_uint8(latents_to_images(latents.float())[:, :, 2:30, 2:30])
 
 
 class DemoPipeline:
@@ -64,6 +87,13 @@ class DemoPipeline:
         self.text_encoder = text_encoder.eval()
         self.scheduler_config = dict(scheduler_config or build_scheduler_config())
         self.class_names = text_encoder.class_names
+
+    default_scheduler = "dpm"
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The network token reduction patches (here the UNet)."""
+        return self.unet
 
     @property
     def device(self) -> torch.device:
@@ -149,8 +179,7 @@ class DemoPipeline:
         latents = self.generate_latents(
             class_ids, seeds, num_inference_steps, guidance_scale, scheduler, step_callback
         )
-        images = latents_to_images(latents.float())[:, :, 2:30, 2:30]  # crop the padding back to 28×28
-        return to_uint8(images)
+        return _to_images(latents)
 
 
 def load_demo_model(
@@ -178,4 +207,153 @@ def load_demo_model(
     )
     encoder.load_state_dict(load_file(directory / "demo_text_encoder.safetensors"))
     pipe = DemoPipeline(unet, encoder, meta.get("scheduler")).to(device)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+class DemoDiTPipeline:
+    """The DiT counterpart of :class:`DemoPipeline`, called the same way: flow-matching Euler sampling
+    with classifier-free guidance.
+
+    Attributes:
+        transformer: the ``FluxTransformer2DModel`` (what ``tomediff.apply_tome(pipe)`` patches, through
+            the Flux adapter).
+        text_encoder: :class:`ClassPromptEncoder`; its hidden states are the joint-attention text tokens
+            and their masked mean the pooled projection.
+        class_names: the prompts it knows, index = Fashion-MNIST label.
+    """
+
+    default_scheduler = "euler"
+
+    def __init__(
+        self,
+        transformer: nn.Module,
+        text_encoder: ClassPromptEncoder,
+        scheduler_config: dict[str, Any] | None = None,
+    ) -> None:
+        self.transformer = transformer.eval()
+        self.text_encoder = text_encoder.eval()
+        self.scheduler_config = dict(scheduler_config or build_flow_scheduler_config())
+        self.class_names = text_encoder.class_names
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The network token reduction patches (here the transformer)."""
+        return self.transformer
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.transformer.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.transformer.parameters()).dtype
+
+    def to(
+        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> DemoDiTPipeline:
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        self.transformer.to(**kwargs)
+        self.text_encoder.to(**kwargs)
+        return self
+
+    def make_scheduler(self, name: str = "euler") -> Any:
+        """A fresh sampling scheduler: ``"euler"`` (diffusers' ``FlowMatchEulerDiscreteScheduler``), the
+        only one that follows the flow-matching trajectory this model was trained on."""
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        if name != "euler":
+            raise ValueError(
+                f"unknown scheduler {name!r} for the demo DiT; use 'euler' (flow matching; 'dpm', 'ddim' "
+                "and 'pndm' are the UNet's)."
+            )
+        return FlowMatchEulerDiscreteScheduler(**self.scheduler_config)
+
+    @torch.no_grad()
+    def generate_latents(
+        self,
+        class_ids: Sequence[int],
+        seeds: Sequence[int],
+        num_inference_steps: int = 20,
+        guidance_scale: float = 3.0,
+        scheduler: str = "euler",
+        step_callback: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Denoise one batch; returns latents ``(B, 4, 16, 16)``."""
+        if len(class_ids) != len(seeds):
+            raise ValueError(f"{len(class_ids)} class ids but {len(seeds)} seeds.")
+        sched = self.make_scheduler(scheduler)
+        sched.set_timesteps(num_inference_steps)
+        device, dtype = self.device, self.dtype
+        noise = initial_noise(seeds, (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE))
+        latents = latents_to_tokens(noise).to(device, dtype)  # flow matching starts at sigma = 1: pure noise
+        cond_ids = self.text_encoder.tokenize_classes(class_ids).to(device)
+        uncond_ids = self.text_encoder.tokenize([""] * len(class_ids)).to(device)
+        use_cfg = guidance_scale != 1.0
+        # Unconditional and conditional halves as one batch, as in SD/Flux CFG pipelines.
+        token_ids = torch.cat([uncond_ids, cond_ids]) if use_cfg else cond_ids
+        context = self.text_encoder(token_ids).to(dtype)
+        pooled = self.text_encoder.pool(context, token_ids)
+        img_ids, txt_ids = dit_position_ids(LATENT_SIZE, LATENT_SIZE, token_ids.shape[1])
+        img_ids, txt_ids = img_ids.to(device, dtype), txt_ids.to(device, dtype)
+        for i, t in enumerate(sched.timesteps):
+            model_in = torch.cat([latents, latents]) if use_cfg else latents
+            timestep = (t / 1000).expand(model_in.shape[0]).to(device, dtype)  # Flux takes sigma
+            out = self.transformer(
+                model_in,
+                encoder_hidden_states=context,
+                pooled_projections=pooled,
+                timestep=timestep,
+                img_ids=img_ids,
+                txt_ids=txt_ids,
+            ).sample
+            if use_cfg:
+                out_uncond, out_cond = out.chunk(2)
+                out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            latents = sched.step(out, t, latents).prev_sample
+            if step_callback is not None:
+                step_callback(i)
+        return tokens_to_latents(latents, LATENT_SIZE, LATENT_SIZE)
+
+    def __call__(
+        self,
+        class_ids: Sequence[int],
+        seeds: Sequence[int],
+        num_inference_steps: int = 20,
+        guidance_scale: float = 3.0,
+        scheduler: str = "euler",
+        step_callback: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Generate ``len(class_ids)`` images in one batch; returns uint8 ``(B, 28, 28)``."""
+        latents = self.generate_latents(
+            class_ids, seeds, num_inference_steps, guidance_scale, scheduler, step_callback
+        )
+        return _to_images(latents)
+
+
+def load_demo_dit(
+    assets_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> DemoDiTPipeline:
+    """The bundled trained Fashion-MNIST DiT as a ready :class:`DemoDiTPipeline` (offline)."""
+    from safetensors.torch import load_file
+
+    directory = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
+    transformer_file, encoder_file, meta_file = DIT_FILES
+    missing = [name for name in DIT_FILES if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(
+            f"demo DiT not found in {directory} (missing {', '.join(missing)}); train and export it with "
+            "`python -m tomediff.eval.train_dit --out runs/dit --export DIR`."
+        )
+    meta = json.loads((directory / meta_file).read_text())
+    transformer_config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["transformer"].items()}
+    transformer = build_demo_dit(**transformer_config)
+    transformer.load_state_dict(load_file(directory / transformer_file))
+    encoder_config = meta["text_encoder"]
+    encoder = ClassPromptEncoder(
+        encoder_config.get("class_names", CLASS_NAMES), encoder_config["dim"], encoder_config["length"]
+    )
+    encoder.load_state_dict(load_file(directory / encoder_file))
+    pipe = DemoDiTPipeline(transformer, encoder, meta.get("scheduler")).to(device)
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

@@ -1,4 +1,5 @@
-"""``tomediff eval`` on the bundled Fashion-MNIST model: the quality protocol.
+"""``tomediff eval`` on a bundled Fashion-MNIST model (the UNet, or the DiT with ``model="dit"``): the
+quality protocol.
 
 For each setting (unmerged, a ratio sweep, option variants, tomesd) the same seeds generate
 ``samples_per_class`` images per class; metrics (each with a bootstrap 95% CI):
@@ -23,12 +24,16 @@ from typing import Any
 import numpy as np
 import torch
 
+from tomediff.errors import ConfigError
 from tomediff.eval.metrics import frechet_with_ci, mean_with_ci, psnr, ssim
 from tomediff.eval.report import markdown_table, plot_metrics, save_grid, write_csv, write_json
 from tomediff.eval.settings import NamedSetting, Setting, build_settings
 from tomediff.eval.sharding import DistContext, Samples, check_resume, generate_settings, plan_batches
 
-__all__ = ["QualityOptions", "evaluate_samples", "run_quality_eval"]
+__all__ = ["BUNDLED_MODELS", "QualityOptions", "evaluate_samples", "run_quality_eval"]
+
+# The bundled models ``QualityOptions.model`` names, each with its default sampler.
+BUNDLED_MODELS: dict[str, str] = {"unet": "dpm", "dit": "euler"}
 
 METRIC_COLUMNS = [
     ("accuracy", "class accuracy (%)", 1),
@@ -47,7 +52,9 @@ class QualityOptions:
     batch_size: int = 50
     steps: int = 20
     guidance: float = 3.0
-    scheduler: str = "dpm"
+    # None: the model's own sampler (BUNDLED_MODELS), "dpm" for the UNet and "euler" for the DiT.
+    scheduler: str | None = None
+    model: str = "unet"  # which bundled model: "unet" (SD-style) or "dit" (Flux-style transformer)
     base_seed: int = 0
     ratios: Sequence[float] = (0.0, 0.3, 0.5, 0.6, 0.7)
     variants: Sequence[str] = ("no_rand", "max_downsample_2", "all_sites")
@@ -157,6 +164,35 @@ def files_digest(paths: Sequence[Path]) -> str:
     return digest.hexdigest()[:16]
 
 
+def _check_model(options: QualityOptions) -> None:
+    if options.model not in BUNDLED_MODELS:
+        raise ConfigError(
+            f"model={options.model!r} is not a bundled model; use one of {sorted(BUNDLED_MODELS)}."
+        )
+    if options.model == "dit" and options.scheduler not in (None, "euler"):
+        raise ConfigError(
+            f"scheduler={options.scheduler!r} cannot sample the flow-matching DiT; use 'euler' (or None)."
+        )
+    uses_tomesd = bool(options.compare) or any(s.library == "tomesd" for s in options.named)
+    if options.model == "dit" and uses_tomesd:
+        raise ConfigError(
+            "tomesd patches only UNets; drop the tomesd comparison (compare=(), no library=tomesd setting) "
+            "for model='dit'."
+        )
+
+
+def _model_files(model: str) -> tuple[str, ...]:
+    from tomediff.eval.pipeline import DIT_FILES
+
+    if model == "dit":
+        return DIT_FILES
+    return ("demo_unet.safetensors", "demo_text_encoder.safetensors", "demo_model.json")
+
+
+def _scheduler(options: QualityOptions) -> str:
+    return options.scheduler or BUNDLED_MODELS[options.model]
+
+
 def run_key(options: QualityOptions, device: torch.device) -> dict[str, Any]:
     """Everything besides the setting that changes a bundled-protocol image (see ``check_resume``)."""
     import diffusers
@@ -165,14 +201,13 @@ def run_key(options: QualityOptions, device: torch.device) -> dict[str, Any]:
     from tomediff.eval.pipeline import ASSETS_DIR
 
     assets = Path(options.assets_dir or ASSETS_DIR)
-    names = ("demo_unet.safetensors", "demo_text_encoder.safetensors", "demo_model.json")
-    files = [assets / name for name in names]
+    files = [assets / name for name in _model_files(options.model)]
     return {
         "protocol": "bundled",
         "model": files_digest([f for f in files if f.is_file()]),
         "steps": options.steps,
         "guidance": options.guidance,
-        "scheduler": options.scheduler,
+        "scheduler": _scheduler(options),
         "base_seed": options.base_seed,
         "batch_size": options.batch_size,
         "device": device.type,
@@ -186,8 +221,9 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
     """Generate (resumably, sharded), then on the main process compute metrics and write
     ``results.json``, ``results.csv``, ``results.md``, ``grid.png`` and ``metrics_vs_ratio.png``."""
     from tomediff.eval.classifier import load_classifier, load_reference_stats
-    from tomediff.eval.pipeline import ASSETS_DIR, load_demo_model
+    from tomediff.eval.pipeline import ASSETS_DIR, load_demo_dit, load_demo_model
 
+    _check_model(options)
     dist = DistContext(cpu=options.cpu)
     assets = options.assets_dir or ASSETS_DIR
     settings = build_settings(
@@ -202,7 +238,9 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
     )
     key = run_key(options, dist.device)
     check_resume(options.out_dir, settings, key)  # before loading anything
-    pipe = load_demo_model(assets, device=dist.device)
+    loader = load_demo_dit if options.model == "dit" else load_demo_model
+    pipe = loader(assets, device=dist.device)
+    scheduler = _scheduler(options)
     batches = plan_batches(
         options.samples_per_class, len(pipe.class_names), options.batch_size, options.base_seed
     )
@@ -213,14 +251,14 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
             seeds,
             num_inference_steps=options.steps,
             guidance_scale=options.guidance,
-            scheduler=options.scheduler,
+            scheduler=scheduler,
         )
 
     started = time.time()
     samples = generate_settings(
         settings,
         batches,
-        pipe.unet,
+        pipe.denoiser,
         sample_fn,
         options.steps,
         options.out_dir,
@@ -241,10 +279,11 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
     meta = {
         "command": options.command,
         "protocol": "bundled",
+        "model": options.model,
         "samples_per_class": options.samples_per_class,
         "steps": options.steps,
         "guidance": options.guidance,
-        "scheduler": options.scheduler,
+        "scheduler": scheduler,
         "batch_size": options.batch_size,
         "wall_seconds_this_run": round(time.time() - started, 1),
         "environment": environment(dist),

@@ -15,6 +15,7 @@ import copy
 import json
 import math
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,7 @@ from tomediff.eval.model import (
     images_to_latents,
 )
 
-__all__ = ["export_weights", "main", "train"]
+__all__ = ["export_weights", "load_ema", "main", "run_training", "save_module", "train"]
 
 
 class _Denoiser(torch.nn.Module):
@@ -49,41 +50,43 @@ def _lr_at(step: int, total: int, peak: float, warmup: int) -> float:
     return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
-def train(
+LossFn = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, torch.Generator], torch.Tensor]
+"""``loss_fn(model, x0, context_tokens, rng) -> loss``: draws its noise and timesteps from ``rng``."""
+
+
+def run_training(
     out_dir: Path,
-    steps: int = 1400,
-    batch_size: int = 64,
-    lr: float = 5e-4,
-    warmup: int = 100,
-    cfg_dropout: float = 0.1,
-    ema_decay: float = 0.999,
-    seed: int = 0,
-    checkpoint_every: int = 250,
-    log_every: int = 25,
-    data_dir: str | None = None,
-    device: str = "cpu",
-    unet_overrides: dict[str, Any] | None = None,
-    max_images: int | None = None,
+    model: torch.nn.Module,
+    loss_fn: LossFn,
+    steps: int,
+    batch_size: int,
+    lr: float,
+    warmup: int,
+    cfg_dropout: float,
+    ema_decay: float,
+    seed: int,
+    checkpoint_every: int,
+    log_every: int,
+    data_dir: str | None,
+    device: str,
+    max_images: int | None,
 ) -> Path:
-    """Train (or resume) and return the checkpoint path.
-
-    ``unet_overrides`` and ``max_images`` (a prefix of the training split) exist for fast tests.
-    """
-    from diffusers import DDPMScheduler
-
+    """The training loop both bundled models share: seeded Fashion-MNIST batches of "latents" and
+    class-name prompts (dropped to ``""`` with probability ``cfg_dropout`` for classifier-free
+    guidance), AdamW with warm-up and cosine decay, gradient clipping, an EMA copy, and an atomic
+    checkpoint a rerun resumes from. ``model`` has a ``text_encoder`` (:class:`ClassPromptEncoder`);
+    ``loss_fn`` does the rest. Returns the checkpoint path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pt"
-    torch.manual_seed(seed)
     images, labels = load_fashion_mnist("train", data_dir)
     if max_images is not None:
         images, labels = images[:max_images], labels[:max_images]
     latents_all = images_to_latents(to_model_space(images))  # (60000, 4, 16, 16)
     labels_all = torch.from_numpy(labels)
 
-    model = _Denoiser(unet_overrides).to(device)
+    model = model.to(device)
     ema = copy.deepcopy(model).requires_grad_(False)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
-    scheduler = DDPMScheduler(**build_scheduler_config())
     # Every random draw of training comes from this generator, so a resumed run is identical.
     rng = torch.Generator().manual_seed(seed)
     tokens_per_class = model.text_encoder.tokenize_classes(range(len(model.text_encoder.class_names)))
@@ -124,17 +127,9 @@ def train(
         tokens = tokens_per_class[labels_all[index]]
         drop = torch.rand(batch_size, generator=rng) < cfg_dropout
         tokens[drop] = uncond_tokens
-        noise = torch.randn(x0.shape, generator=rng).to(device)
-        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (batch_size,), generator=rng).to(
-            device
-        )
-        noisy = scheduler.add_noise(x0, noise, timesteps)
-        target = scheduler.get_velocity(x0, noise, timesteps)
         for group in optimizer.param_groups:
             group["lr"] = _lr_at(step, steps, lr, warmup)
-        context = model.text_encoder(tokens.to(device))
-        prediction = model.unet(noisy, timesteps, encoder_hidden_states=context).sample
-        loss = F.mse_loss(prediction, target)
+        loss = loss_fn(model, x0, tokens.to(device), rng)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -179,29 +174,92 @@ def train(
     return ckpt_path
 
 
+def load_ema(checkpoint: Path, model: torch.nn.Module) -> int:
+    """Load a checkpoint's EMA weights into ``model``; returns the step it was saved at."""
+    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
+    model.load_state_dict(state["ema"])
+    return int(state["step"])
+
+
+def save_module(module: torch.nn.Module, path: Path) -> None:
+    """``module``'s weights as safetensors (contiguous copies, as safetensors requires)."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in module.state_dict().items()}, path)
+
+
+def train(
+    out_dir: Path,
+    steps: int = 1400,
+    batch_size: int = 64,
+    lr: float = 5e-4,
+    warmup: int = 100,
+    cfg_dropout: float = 0.1,
+    ema_decay: float = 0.999,
+    seed: int = 0,
+    checkpoint_every: int = 250,
+    log_every: int = 25,
+    data_dir: str | None = None,
+    device: str = "cpu",
+    unet_overrides: dict[str, Any] | None = None,
+    max_images: int | None = None,
+) -> Path:
+    """Train (or resume) the demo UNet (v-prediction, DDPM noise) and return the checkpoint path.
+
+    ``unet_overrides`` and ``max_images`` (a prefix of the training split) exist for fast tests.
+    """
+    from diffusers import DDPMScheduler
+
+    torch.manual_seed(seed)
+    model = _Denoiser(unet_overrides)
+    scheduler = DDPMScheduler(**build_scheduler_config())
+
+    def loss_fn(
+        model: torch.nn.Module, x0: torch.Tensor, tokens: torch.Tensor, rng: torch.Generator
+    ) -> torch.Tensor:
+        noise = torch.randn(x0.shape, generator=rng).to(x0.device)
+        timesteps = torch.randint(0, scheduler.config.num_train_timesteps, (x0.shape[0],), generator=rng)
+        timesteps = timesteps.to(x0.device)
+        noisy = scheduler.add_noise(x0, noise, timesteps)
+        target = scheduler.get_velocity(x0, noise, timesteps)
+        context = model.text_encoder(tokens)
+        prediction = model.unet(noisy, timesteps, encoder_hidden_states=context).sample
+        return F.mse_loss(prediction, target)
+
+    return run_training(
+        out_dir,
+        model,
+        loss_fn,
+        steps=steps,
+        batch_size=batch_size,
+        lr=lr,
+        warmup=warmup,
+        cfg_dropout=cfg_dropout,
+        ema_decay=ema_decay,
+        seed=seed,
+        checkpoint_every=checkpoint_every,
+        log_every=log_every,
+        data_dir=data_dir,
+        device=device,
+        max_images=max_images,
+    )
+
+
 def export_weights(checkpoint: Path, assets_dir: Path, unet_overrides: dict[str, Any] | None = None) -> None:
     """Write the EMA weights of a checkpoint as ``demo_unet.safetensors``, ``demo_text_encoder.safetensors``
     and ``demo_model.json`` (the configs) into ``assets_dir``."""
-    from safetensors.torch import save_file
-
     from tomediff.eval.model import DEMO_UNET_CONFIG
 
-    state = torch.load(checkpoint, map_location="cpu", weights_only=False)
     model = _Denoiser(unet_overrides)
-    model.load_state_dict(state["ema"])
-    assets_dir.mkdir(parents=True, exist_ok=True)
-    save_file(
-        {k: v.contiguous() for k, v in model.unet.state_dict().items()}, assets_dir / "demo_unet.safetensors"
-    )
-    save_file(
-        {k: v.contiguous() for k, v in model.text_encoder.state_dict().items()},
-        assets_dir / "demo_text_encoder.safetensors",
-    )
+    trained_steps = load_ema(checkpoint, model)
+    save_module(model.unet, assets_dir / "demo_unet.safetensors")
+    save_module(model.text_encoder, assets_dir / "demo_text_encoder.safetensors")
     meta = {
         "unet": {**DEMO_UNET_CONFIG, **(unet_overrides or {})},
         "text_encoder": model.text_encoder.config(),
         "scheduler": build_scheduler_config(),
-        "trained_steps": state["step"],
+        "trained_steps": trained_steps,
     }
     (assets_dir / "demo_model.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
 
