@@ -220,6 +220,7 @@ class DemoDiTPipeline:
         text_encoder: :class:`ClassPromptEncoder`; its hidden states are the joint-attention text tokens
             and their masked mean the pooled projection.
         class_names: the prompts it knows, index = Fashion-MNIST label.
+        scheduler, do_classifier_free_guidance: the latest call's, as for :class:`DemoPipeline`.
     """
 
     default_scheduler = "euler"
@@ -289,6 +290,7 @@ class DemoDiTPipeline:
         cond_ids = self.text_encoder.tokenize_classes(class_ids).to(device)
         uncond_ids = self.text_encoder.tokenize([""] * len(class_ids)).to(device)
         use_cfg = guidance_scale != 1.0
+        self.scheduler, self.do_classifier_free_guidance = sched, use_cfg
         # Unconditional and conditional halves as one batch, as in SD/Flux CFG pipelines.
         token_ids = torch.cat([uncond_ids, cond_ids]) if use_cfg else cond_ids
         context = self.text_encoder(token_ids).to(dtype)
