@@ -4,7 +4,9 @@
    unmerged and at a few merge ratios; a labelled grid (rows = ratio, then |merged - unmerged| x8 per
    ratio so you see where merging changed the image; columns = class) and a table of fidelity (PSNR/SSIM
    against the unmerged image, class accuracy under the bundled classifier). This model has only 256
-   tokens at its top level, too few for merging to save time: it shows quality, not speed.
+   tokens at its top level, too few for merging to save time: it shows quality, not speed. ``--model dit``
+   runs this part on the bundled DiT instead (a small Flux transformer, 256 image tokens in every block,
+   its flow-matching Euler sampler); the speed part stays on ``--speed-model``.
 2. Speed (random weights, cost only): one denoising call of SD 1.5's highest-resolution transformer,
    built from the published SD 1.5 config with random weights, at 1024x1024 pixels (16,384 tokens),
    baseline vs tomediff at --speed-ratio vs the README's recommended setting (``fast``: ratio 0.7,
@@ -37,6 +39,7 @@ from tomediff.cli._args import (
     threads_value,
     torch_threads,
 )
+from tomediff.cli.eval_cmd import BUNDLED_MODEL_FILES, CLASSIFIER_FILES, check_assets
 from tomediff.errors import CLIUsageError, TomediffError
 
 __all__ = ["HELP", "NAME", "register", "run", "run_demo", "run_speed"]
@@ -46,6 +49,7 @@ HELP = "see what token merging does to images and how much faster it makes SD 1.
 
 DIFF_GAIN = 8  # |merged - unmerged| is multiplied by this in the grid so small changes are visible
 SPEED_MODELS = ("sd15-block", "sd15", "sd21", "sdxl", "pixart")  # tomediff bench model names, test-checked
+QUALITY_MODELS = {"unet": "UNet", "dit": "DiT"}  # the bundled models, keys as in BUNDLED_MODEL_FILES
 
 
 def run_demo(
@@ -59,13 +63,19 @@ def run_demo(
     threads: int | None = None,
     progress: bool = True,
     assets_dir: Path | None = None,
+    model: str = "unet",
 ) -> list[dict[str, Any]]:
-    """Run the quality part with ``threads`` torch threads (None: torch's choice; restored after); returns
-    one row per ratio (``ratio``, ``seconds_per_step``, ``psnr``, ``ssim``, ``accuracy``) and writes
-    ``grid.png`` and ``results.json`` to ``out_dir``. No speedup: at the bundled model's 256 tokens the
-    timings differ by noise, not by merging (the speed part measures that)."""
+    """Run the quality part on the bundled ``model`` ("unet" or "dit", each with its own sampler) with
+    ``threads`` torch threads (None: torch's choice; restored after); returns one row per ratio
+    (``ratio``, ``seconds_per_step``, ``psnr``, ``ssim``, ``accuracy``) and writes ``grid.png`` and
+    ``results.json`` to ``out_dir``. No speedup: at the bundled models' 256 tokens the timings of one
+    small batch say little (the speed part measures speed)."""
+    if model not in QUALITY_MODELS:
+        raise CLIUsageError(f"model {model!r} is not a bundled model; use one of {', '.join(QUALITY_MODELS)}")
     with torch_threads(threads):
-        return _run_quality(ratios, out_dir, steps, guidance, seed, per_class, repeats, progress, assets_dir)
+        return _run_quality(
+            ratios, out_dir, steps, guidance, seed, per_class, repeats, progress, assets_dir, model
+        )
 
 
 def _run_quality(
@@ -78,6 +88,7 @@ def _run_quality(
     repeats: int,
     progress: bool,
     assets_dir: Path | None,
+    model: str,
 ) -> list[dict[str, Any]]:
     import numpy as np
     import torch
@@ -85,11 +96,11 @@ def _run_quality(
     import tomediff
     from tomediff.eval.classifier import classify, load_classifier
     from tomediff.eval.metrics import psnr, ssim
-    from tomediff.eval.pipeline import load_demo_model
+    from tomediff.eval.pipeline import load_demo_dit, load_demo_model
     from tomediff.eval.report import save_grid, write_json
     from tomediff.progress import ProgressBar
 
-    pipe = load_demo_model(assets_dir)
+    pipe = (load_demo_dit if model == "dit" else load_demo_model)(assets_dir)
     classifier = load_classifier(assets_dir) if assets_dir else load_classifier()
     num_classes = len(pipe.class_names)
     class_ids = [c for _ in range(per_class) for c in range(num_classes)]
@@ -146,6 +157,8 @@ def _run_quality(
     write_json(
         out_dir / "results.json",
         {
+            "model": model,
+            "scheduler": pipe.default_scheduler,
             "steps": steps,
             "guidance": guidance,
             "seeds": seeds,
@@ -153,15 +166,17 @@ def _run_quality(
             "rows": rows,
         },
     )
-    _print_table(rows, steps, len(class_ids), torch.get_num_threads())
+    _print_table(rows, steps, len(class_ids), torch.get_num_threads(), QUALITY_MODELS[model])
     print(f"grid: {grid}")
     return rows
 
 
-def _print_table(rows: list[dict[str, Any]], steps: int, batch: int, threads: int) -> None:
+def _print_table(rows: list[dict[str, Any]], steps: int, batch: int, threads: int, model: str) -> None:
+    # The UNet's top level is too small to gain; the DiT's speed at this batch is in docs/quality.md §6.
+    about_speed = "see docs/quality.md section 6" if model == "DiT" else "too few for a speed-up"
     title = (
-        f"Quality - bundled Fashion-MNIST model (trained here), {batch} images, {steps} steps, {threads} "
-        "threads (256 tokens: too few for a speed-up, see the speed section)"
+        f"Quality - bundled Fashion-MNIST {model} (trained here), {batch} images, {steps} steps, {threads} "
+        f"threads (256 tokens: {about_speed}; see the speed section)"
     )
     headers = ["ratio", "ms / step", "PSNR vs r=0 (dB)", "SSIM vs r=0", "class acc. (%)"]
     cells = [
@@ -305,10 +320,8 @@ def _table(title: str, headers: list[str], cells: list[list[str]]) -> None:
 
 def run(args: argparse.Namespace) -> int:
     try:
-        if args.assets is not None and not (args.assets / "demo_unet.safetensors").is_file():
-            raise CLIUsageError(
-                f"--assets {args.assets} lacks demo_unet.safetensors; pass a folder of weights"
-            )
+        if args.assets is not None:
+            check_assets(args.assets, [*BUNDLED_MODEL_FILES[args.model], CLASSIFIER_FILES[0]])
         if args.speed_model != "none":
             from tomediff.bench.models import get_model_spec
 
@@ -333,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
         threads=args.threads,
         progress=not args.no_progress,
         assets_dir=args.assets,
+        model=args.model,
     )
     if args.speed_model != "none":
         speed = run_speed(
@@ -407,10 +421,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help=f"quality: torch CPU threads. {BUNDLED_MODEL_THREADS_DEFAULT}",
     )
     parser.add_argument(
+        "--model",
+        choices=tuple(QUALITY_MODELS),
+        default="unet",
+        help="quality: the bundled model to show: unet (SD-style UNet, DPM-Solver++) or dit (Flux-style "
+        "transformer, flow-matching Euler; docs/quality.md section 6). The speed part stays on "
+        "--speed-model. Default: unet",
+    )
+    parser.add_argument(
         "--assets",
         type=Path,
         default=None,
-        help="quality: folder with other trained weights. Default: the shipped ones",
+        help="quality: folder with other trained weights (those of --model and the classifier, in the "
+        "shipped layout). Default: the shipped ones",
     )
     parser.add_argument(
         "--speed-model",

@@ -34,6 +34,17 @@ NAME = "eval"
 HELP = "measure image quality under token merging"
 
 VARIANT_NAMES = ("no_rand", "max_downsample_2", "all_sites")  # tomediff.eval.settings.VARIANTS; test-checked
+# The bundled protocol's models (tomediff.eval.quality.BUNDLED_MODELS) and the files each needs in --assets
+# (tomediff.eval.pipeline.DIT_FILES, tomediff.eval.classifier); test-checked, spelled out here because
+# those modules import torch and a usage error must not.
+BUNDLED_MODEL_FILES: dict[str, tuple[str, ...]] = {
+    "unet": ("demo_unet.safetensors", "demo_text_encoder.safetensors", "demo_model.json"),
+    "dit": ("demo_dit_transformer.safetensors", "demo_dit_text_encoder.safetensors", "demo_dit.json"),
+}
+CLASSIFIER_FILES = ("classifier.safetensors", "fashion_mnist_test_features.npz")
+# The DiT has one token grid and no levels, so max_downsample_2 merges exactly the blocks the plain row
+# does (the same images): its default variants are the two that change something.
+DIT_VARIANTS = ("no_rand", "all_sites")
 DTYPES = ("float16", "bfloat16", "float32")
 
 # --quick: the bundled protocol on a tenth of the images (100 per setting), unmerged and two ratios, no
@@ -70,20 +81,24 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--protocol",
         choices=("bundled", "paper"),
         default=None,
-        help="'bundled': the shipped Fashion-MNIST model with classifier metrics; 'paper': SD 1.5, 512², "
-        "ImageNet prompts, FID/CLIP. Default: paper when --model is given, else bundled",
+        help="'bundled': a shipped Fashion-MNIST model with classifier metrics; 'paper': SD 1.5, 512², "
+        "ImageNet prompts, FID/CLIP. Default: bundled for --model unet/dit or no --model, else paper",
     )
     parser.add_argument(
         "--model",
         default=None,
-        help="paper protocol only: local diffusers folder or Hub id. Default: runwayml/stable-diffusion-v1-5",
+        help="which model, per protocol. Bundled: 'unet' (the SD-style UNet) or 'dit' (the Flux-style "
+        "transformer, docs/quality.md section 6; no tomesd, variants no_rand,all_sites). Paper: a local "
+        "diffusers folder or Hub id (a folder named unet or dit: write ./dit). Default: unet (bundled), "
+        "runwayml/stable-diffusion-v1-5 (paper)",
     )
     parser.add_argument(
         "--out",
         type=Path,
         default=None,
         help="output folder, created if missing; rerunning into it resumes when every setting matches "
-        f"and refuses otherwise. Default: out/eval (--quick: {QUICK_OUT}; paper: out/eval-paper)",
+        f"and refuses otherwise. Default: out/eval (--quick: {QUICK_OUT}; --model dit: the same with -dit "
+        "added; paper: out/eval-paper)",
     )
     parser.add_argument(
         "--quick",
@@ -106,7 +121,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="NAME,...",
         help="bundled: option variants run at --variant-ratio, comma-separated from "
-        f"{', '.join(VARIANT_NAMES)}, or 'none'. Default: all three",
+        f"{', '.join(VARIANT_NAMES)}, or 'none'. Default: all three (--model dit: {','.join(DIT_VARIANTS)})",
     )
     parser.add_argument(
         "--variant-ratio",
@@ -120,7 +135,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=_words,
         default=[],
         metavar="NAME",
-        help="'tomesd': tomesd 0.1.3 at the same ratios (must be installed). Default: none",
+        help="'tomesd': tomesd 0.1.3 at the same ratios (must be installed; UNets only, not --model dit). "
+        "Default: none",
     )
     parser.add_argument(
         "--compare-ratios",
@@ -160,7 +176,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--assets",
         type=Path,
         default=None,
-        help="bundled: folder with other trained weights. Default: the shipped ones",
+        help="bundled: folder with other trained weights (those of --model, the classifier and its "
+        "reference statistics, in the shipped layout). Default: the shipped ones",
     )
     parser.add_argument(
         "--resolution", type=_resolution, default=512, help="paper: image size in pixels. Default: 512"
@@ -214,8 +231,21 @@ def validate(args: argparse.Namespace) -> str:
     from tomediff.cli._method_args import check_named, method_options
     from tomediff.errors import CLIUsageError
 
-    protocol = args.protocol or ("paper" if args.model else "bundled")
-    paper_only = ("model", "num_classes", "class_names", "fid_ref", "dtype")
+    bundled_model = args.model in BUNDLED_MODEL_FILES
+    protocol = args.protocol or ("paper" if args.model and not bundled_model else "bundled")
+    if protocol == "bundled" and args.model is not None and not bundled_model:
+        raise CLIUsageError(
+            f"--model {args.model}: the bundled protocol's models are {', '.join(BUNDLED_MODEL_FILES)}; "
+            "for a diffusers model use --protocol paper"
+        )
+    if protocol == "paper" and bundled_model:
+        raise CLIUsageError(
+            f"--model {args.model} is a bundled model, which the paper protocol (SD 1.5 prompts, FID/CLIP) "
+            f"cannot run; drop --protocol paper (or, for a diffusers folder named {args.model}, write "
+            f"./{args.model})"
+        )
+    args.bundled_model = args.model if bundled_model else "unet"
+    paper_only = ("num_classes", "class_names", "fid_ref", "dtype")
     bundled_only = ("variants", "assets", "quick")
     wrong = paper_only if protocol == "bundled" else bundled_only
     for name in wrong:
@@ -226,6 +256,8 @@ def validate(args: argparse.Namespace) -> str:
     if args.variants is not None:
         check_choices([v for v in args.variants if v != "none"], VARIANT_NAMES, "--variants")
     check_choices(args.compare, ("tomesd",), "--compare")
+    if args.bundled_model == "dit":
+        _check_dit(args)
     if "tomesd" in args.compare:
         from tomediff.bench.variants import tomesd_version
 
@@ -234,11 +266,7 @@ def validate(args: argparse.Namespace) -> str:
     if args.compare_ratios is not None and not args.compare:
         raise CLIUsageError("--compare-ratios needs --compare tomesd")
     if args.assets is not None:
-        missing = [n for n in ("demo_unet.safetensors", "demo_model.json") if not (args.assets / n).is_file()]
-        if missing:
-            raise CLIUsageError(
-                f"--assets {args.assets} lacks {', '.join(missing)}; pass a folder of trained weights"
-            )
+        check_assets(args.assets, [*BUNDLED_MODEL_FILES[args.bundled_model], *CLASSIFIER_FILES])
     if args.class_names is not None and not args.class_names.is_file():
         raise CLIUsageError(f"--class-names {args.class_names} is not a file")
     if args.fid_ref is not None and not args.fid_ref.is_dir():
@@ -255,6 +283,11 @@ def validate(args: argparse.Namespace) -> str:
             "--compare-ratios": args.compare_ratios is not None,
         },
     )
+    tomesd_settings = [s.name for s in args.named if s.library == "tomesd"]
+    if args.bundled_model == "dit" and tomesd_settings:
+        raise CLIUsageError(
+            f"--setting {', '.join(tomesd_settings)}: tomesd patches only UNets, not --model dit; drop it"
+        )
     args.tome_options = method_options(args)
     if args.tome_options.get("level_ratios") is not None:
         given = [f for f, v in (("--ratios", args.ratios), ("--variants", args.variants)) if v is not None]
@@ -287,8 +320,32 @@ def validate(args: argparse.Namespace) -> str:
         raise CLIUsageError(f"{flags}: {error}") from None
     if args.out is None:
         args.out = Path("out/eval-paper" if protocol == "paper" else QUICK_OUT if args.quick else "out/eval")
+        if protocol == "bundled" and args.bundled_model == "dit":  # the UNet's results would refuse a resume
+            args.out = args.out.with_name(args.out.name + "-dit")
     check_out_dir(args.out)
     return protocol
+
+
+def _check_dit(args: argparse.Namespace) -> None:
+    """The DiT's own refusals: tomesd has no DiT support, and max_downsample_2 is the plain row again."""
+    from tomediff.errors import CLIUsageError
+
+    if args.compare:
+        raise CLIUsageError("--compare tomesd: tomesd patches only UNets, not --model dit; drop --compare")
+    if args.variants is not None and "max_downsample_2" in args.variants:
+        raise CLIUsageError(
+            "--variants max_downsample_2 gives --model dit the plain row's images again (one token grid, no "
+            f"levels); choose from {', '.join(DIT_VARIANTS)} or none"
+        )
+
+
+def check_assets(folder: Path, names: list[str]) -> None:
+    """Raise CLIUsageError naming the files of ``names`` that ``folder`` lacks."""
+    from tomediff.errors import CLIUsageError
+
+    missing = [name for name in names if not (folder / name).is_file()]
+    if missing:
+        raise CLIUsageError(f"--assets {folder} lacks {', '.join(missing)}; pass a folder of trained weights")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -339,8 +396,11 @@ def _run_valid(args: argparse.Namespace, protocol: str) -> int:
         return 0
     from tomediff.eval.quality import QualityOptions, run_quality_eval
 
-    variants = args.variants if args.variants is not None else list(QualityOptions.variants)
+    default_variants = DIT_VARIANTS if args.bundled_model == "dit" else QualityOptions.variants
+    variants = args.variants if args.variants is not None else list(default_variants)
+    dit = " --model dit" if args.bundled_model == "dit" else ""
     options = QualityOptions(
+        model=args.bundled_model,
         out_dir=args.out,
         ratios=args.ratios or QualityOptions.ratios,
         variants=[v for v in variants if v != "none"],
@@ -356,7 +416,7 @@ def _run_valid(args: argparse.Namespace, protocol: str) -> int:
         bootstrap=args.bootstrap,
         long_run_hint=""
         if args.quick
-        else f"{LONG_RUN_HINT}; for a first look: tomediff eval --quick ({QUICK_ABOUT})",
+        else f"{LONG_RUN_HINT}; for a first look: tomediff eval{dit} --quick ({QUICK_ABOUT})",
     )
     options.compare_ratios = args.compare_ratios
     for name, value in (
