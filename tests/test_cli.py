@@ -46,6 +46,9 @@ def test_help_and_usage_errors_import_nothing_heavy() -> None:
         ["eval", "--bogus"],
         ["eval", "--ratios", "0,-1"],
         ["eval", "--setting", "nope"],
+        ["eval", "--model", "dit", "--compare", "tomesd"],
+        ["eval", "--model", "dit", "--protocol", "paper"],
+        ["demo", "--model", "dit", "--assets", "/nonexistent"],
         ["bench", "--ratio", "2"],
         ["bench", "--reuse-steps", "0"],
     ]
@@ -236,6 +239,23 @@ def test_eval_quick_is_a_small_bundled_run_into_its_own_folder(
     assert options.samples_per_class == 100 and "tomediff eval --quick" in options.long_run_hint
     assert _exit_code(["eval", "--quick", "--model", "some/model"]) == 2
     assert "--quick applies to --protocol bundled only" in capsys.readouterr().err
+
+
+def test_eval_model_dit_is_the_bundled_protocol_on_the_dit_into_its_own_folder(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    options, threads, _ = _eval_options(["--model", "dit"], monkeypatch, capsys)
+    assert (options.model, options.out_dir, threads) == ("dit", Path("out/eval-dit"), 1)
+    assert list(options.variants) == ["no_rand", "all_sites"] and options.compare == []
+    assert "tomediff eval --model dit --quick" in options.long_run_hint
+    options, _, err = _eval_options(["--model", "dit", "--quick"], monkeypatch, capsys)
+    assert (options.model, options.out_dir, list(options.variants)) == ("dit", Path("out/eval-quick-dit"), [])
+    assert "variants none" in err
+    options, _, _ = _eval_options(["--model", "dit", "--variants", "no_rand"], monkeypatch, capsys)
+    assert list(options.variants) == ["no_rand"]
+    options, _, _ = _eval_options(["--model", "unet"], monkeypatch, capsys)  # the default, said explicitly
+    assert (options.model, options.out_dir, len(options.variants)) == ("unet", Path("out/eval"), 3)
 
 
 def test_generation_says_how_long_the_rest_will_take_after_its_first_batch(

@@ -11,12 +11,21 @@ import pytest
 
 from tomediff.cli import demo_cmd, eval_cmd
 from tomediff.eval.data import DEFAULT_DATA_DIR
-from tomediff.eval.testing import make_tiny_assets
+from tomediff.eval.testing import make_tiny_assets, make_tiny_dit_assets
 
 
 @pytest.fixture(scope="module")
 def tiny_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_tiny_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture(scope="module")
+def tiny_dit_assets(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The tiny DiT beside the classifier and reference statistics (no UNet files)."""
+    assets = make_tiny_assets(tmp_path_factory.mktemp("dit_assets"))
+    for name in eval_cmd.BUNDLED_MODEL_FILES["unet"]:
+        (assets / name).unlink()
+    return make_tiny_dit_assets(assets)
 
 
 def _parse(module: object, argv: list[str]) -> argparse.Namespace:
@@ -63,6 +72,27 @@ def test_demo_writes_grid_and_table(
     width, height = Image.open(tmp_path / "grid.png").size
     # 10 class columns; rows: unmerged, ratio 0.5, |ratio 0.5 - unmerged| amplified
     assert width > 10 * 28 * 3 and 3 * 28 * 3 < height < 4 * 28 * 3
+
+
+def test_demo_model_dit_shows_the_dit(
+    tiny_dit_assets: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = [
+        "demo", "--model", "dit", "--assets", str(tiny_dit_assets), "--out", str(tmp_path), "--steps", "2",
+        "--repeats", "1", "--ratios", "0.5", "--threads", "1", "--speed-model", "none", "--no-progress",
+    ]  # fmt: skip
+    args = _parse(demo_cmd, argv)
+    assert args.func(args) == 0
+    assert "Quality - bundled Fashion-MNIST DiT" in capsys.readouterr().out
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert (result["model"], result["scheduler"]) == ("dit", "euler")
+    rows = result["rows"]
+    assert [r["ratio"] for r in rows] == [0.0, 0.5] and rows[0]["psnr"] is None
+    assert rows[1]["psnr"] < 100  # merging changed the DiT's images (identical images give inf)
+    from PIL import Image
+
+    width, height = Image.open(tmp_path / "grid.png").size
+    assert width > 10 * 28 * 3 and 3 * 28 * 3 < height < 4 * 28 * 3  # as for the UNet
 
 
 def test_difference_row_is_the_amplified_absolute_difference() -> None:
@@ -148,6 +178,25 @@ def test_eval_bundled_writes_every_output(tiny_assets: Path, tmp_path: Path) -> 
         assert (tmp_path / name).is_file()
 
 
+def test_eval_model_dit_runs_the_bundled_protocol_on_the_dit(tiny_dit_assets: Path, tmp_path: Path) -> None:
+    argv = ["eval", "--model", "dit", "--assets", str(tiny_dit_assets), "--out", str(tmp_path),
+            "--samples-per-class", "1", "--batch-size", "10", "--steps", "2", "--ratios", "0,0.5",
+            "--no-different-seed", "--threads", "1", "--bootstrap", "20", "--no-progress"]  # fmt: skip
+    assert _exit_code(argv) == 0
+    result = json.loads((tmp_path / "results.json").read_text())
+    assert (result["meta"]["protocol"], result["meta"]["model"], result["meta"]["scheduler"]) == (
+        "bundled",
+        "dit",
+        "euler",
+    )
+    rows = {r["name"]: r for r in result["rows"] if r["library"] != "real"}
+    # The DiT's default variants: max_downsample_2 would repeat the plain row (no levels).
+    assert list(rows) == ["unmerged", "tomediff r=0.5", "tomediff r=0.5 no_rand", "tomediff r=0.5 all_sites"]
+    assert rows["tomediff r=0.5"]["psnr"]["value"] < 100 and rows["tomediff r=0.5"]["num_images"] == 10
+    for name in ("results.md", "grid.png", "metrics_vs_ratio.png"):
+        assert (tmp_path / name).is_file()
+
+
 def _exit_code(argv: list[str]) -> int:
     from tomediff.cli import main
 
@@ -174,6 +223,24 @@ def _exit_code(argv: list[str]) -> int:
         (["eval", "--model", "x", "--fid-ref", "/nonexistent"], "--fid-ref /nonexistent is not a directory"),
         (["eval", "--assets", "/nonexistent"], "--assets /nonexistent lacks demo_unet.safetensors"),
         (["eval", "--dtype", "fp8"], "invalid choice: 'fp8'"),
+        (["eval", "--model", "dit", "--compare", "tomesd"], "--compare tomesd: tomesd patches only UNets"),
+        (
+            ["eval", "--model", "dit", "--setting", "tomesd-default"],
+            "--setting tomesd-default: tomesd patches",
+        ),
+        (["eval", "--model", "dit", "--variants", "max_downsample_2"], "--variants max_downsample_2 gives"),
+        (
+            ["eval", "--model", "dit", "--protocol", "paper"],
+            "--model dit is a bundled model, which the paper",
+        ),
+        (
+            ["eval", "--protocol", "bundled", "--model", "a/b"],
+            "--model a/b: the bundled protocol's models are",
+        ),
+        (["eval", "--model", "dit", "--assets", "/nonexistent"], "lacks demo_dit_transformer.safetensors"),
+        (["eval", "--model", "dit", "--num-classes", "5"], "--num-classes applies to --protocol paper only"),
+        (["demo", "--model", "dit", "--assets", "/nonexistent"], "lacks demo_dit_transformer.safetensors"),
+        (["demo", "--model", "vit"], "invalid choice: 'vit'"),
         (["demo", "--ratios", "0.5,abc"], "ratio must be a number, got 'abc'"),
         (["demo", "--ratios", "0.9"], "ratio 0.9 is out of range"),
         (["demo", "--out", "/proc/nope"], "--out /proc/nope is not a writable directory"),
@@ -223,6 +290,19 @@ def test_eval_variant_names_match_the_settings() -> None:
     from tomediff.eval.settings import VARIANTS
 
     assert tuple(VARIANTS) == eval_cmd.VARIANT_NAMES
+
+
+def test_cli_names_the_bundled_models_and_their_files_as_the_library_does() -> None:
+    from tomediff.eval.classifier import CLASSIFIER_FILE, REFERENCE_STATS_FILE
+    from tomediff.eval.pipeline import DIT_FILES
+    from tomediff.eval.quality import BUNDLED_MODELS, _model_files
+
+    assert set(eval_cmd.BUNDLED_MODEL_FILES) == set(BUNDLED_MODELS) == set(demo_cmd.QUALITY_MODELS)
+    assert eval_cmd.BUNDLED_MODEL_FILES["dit"] == DIT_FILES
+    for model, files in eval_cmd.BUNDLED_MODEL_FILES.items():
+        assert files == _model_files(model)
+    assert eval_cmd.CLASSIFIER_FILES == (CLASSIFIER_FILE, REFERENCE_STATS_FILE)
+    assert set(eval_cmd.DIT_VARIANTS) < set(eval_cmd.VARIANT_NAMES)
 
 
 def _small_eval(assets: Path, out: Path, *extra: str) -> list[str]:

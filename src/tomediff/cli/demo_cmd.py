@@ -172,7 +172,7 @@ def _run_quality(
 
 
 def _print_table(rows: list[dict[str, Any]], steps: int, batch: int, threads: int, model: str) -> None:
-    # The UNet's top level is too small to gain; the DiT's speed at this batch is in docs/quality.md §6.
+    # The UNet's top level is too small to gain; the DiT's measured speed-up is in docs/quality.md §6.
     about_speed = "see docs/quality.md section 6" if model == "DiT" else "too few for a speed-up"
     title = (
         f"Quality - bundled Fashion-MNIST {model} (trained here), {batch} images, {steps} steps, {threads} "
