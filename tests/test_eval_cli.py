@@ -305,6 +305,16 @@ def test_cli_names_the_bundled_models_and_their_files_as_the_library_does() -> N
     assert set(eval_cmd.DIT_VARIANTS) < set(eval_cmd.VARIANT_NAMES)
 
 
+def test_eval_model_help_gives_the_paper_protocols_real_default() -> None:
+    from tomediff.cli import main
+    from tomediff.eval.paper import PaperOptions
+
+    parser = main.build_parser({"eval"})
+    subparser = parser._subparsers._group_actions[0].choices["eval"]  # type: ignore[union-attr]
+    model = next(a for a in subparser._actions if a.dest == "model")
+    assert f"{PaperOptions.model} (paper)" in " ".join(model.help.split())
+
+
 def _small_eval(assets: Path, out: Path, *extra: str) -> list[str]:
     return [
         "eval", "--assets", str(assets), "--out", str(out), "--samples-per-class", "1", "--batch-size", "10",

@@ -90,7 +90,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="which model, per protocol. Bundled: 'unet' (the SD-style UNet) or 'dit' (the Flux-style "
         "transformer, docs/quality.md section 6; no tomesd, variants no_rand,all_sites). Paper: a local "
         "diffusers folder or Hub id (a folder named unet or dit: write ./dit). Default: unet (bundled), "
-        "runwayml/stable-diffusion-v1-5 (paper)",
+        "stable-diffusion-v1-5/stable-diffusion-v1-5 (paper)",
     )
     parser.add_argument(
         "--out",
