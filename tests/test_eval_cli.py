@@ -93,6 +93,10 @@ def test_demo_model_dit_shows_the_dit(
 
     width, height = Image.open(tmp_path / "grid.png").size
     assert width > 10 * 28 * 3 and 3 * 28 * 3 < height < 4 * 28 * 3  # as for the UNet
+    from tomediff.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"model='vit' is not a bundled model; use one of unet, dit"):
+        demo_cmd.run_demo([0.5], tmp_path, model="vit")
 
 
 def test_difference_row_is_the_amplified_absolute_difference() -> None:

@@ -40,7 +40,7 @@ from tomediff.cli._args import (
     torch_threads,
 )
 from tomediff.cli.eval_cmd import BUNDLED_MODEL_FILES, CLASSIFIER_FILES, check_assets
-from tomediff.errors import CLIUsageError, TomediffError
+from tomediff.errors import CLIUsageError, ConfigError, TomediffError
 
 __all__ = ["HELP", "NAME", "register", "run", "run_demo", "run_speed"]
 
@@ -71,7 +71,7 @@ def run_demo(
     ``results.json`` to ``out_dir``. No speedup: at the bundled models' 256 tokens the timings of one
     small batch say little (the speed part measures speed)."""
     if model not in QUALITY_MODELS:
-        raise CLIUsageError(f"model {model!r} is not a bundled model; use one of {', '.join(QUALITY_MODELS)}")
+        raise ConfigError(f"model={model!r} is not a bundled model; use one of {', '.join(QUALITY_MODELS)}.")
     with torch_threads(threads):
         return _run_quality(
             ratios, out_dir, steps, guidance, seed, per_class, repeats, progress, assets_dir, model
