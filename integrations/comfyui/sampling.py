@@ -1,0 +1,119 @@
+"""tomediff inside ComfyUI: hooks on the shared diffusion model only while one ModelPatcher clone samples.
+
+ComfyUI's clones of a model share one ``diffusion_model`` module; options and wrappers live on each
+clone. So the node never touches the module: it registers :class:`SamplingPatch` as the clone's
+``OUTER_SAMPLE`` wrapper under :data:`PATCH_KEY`, which calls :func:`tomediff.apply_tome` when that
+clone starts sampling and removes the hooks in ``finally`` when it stops (or fails). Every other clone
+of the same model, sampled before, after or in between, runs the unpatched module.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import comfy.patcher_extension as patcher_extension
+
+import tomediff
+
+__all__ = ["PATCH_KEY", "SamplingPatch", "attach", "comfy_tome_patch_in", "refuse_comfy_tome"]
+
+# One tomediff patch per clone: registering again under this key replaces the previous one.
+PATCH_KEY = "tomediff"
+
+_LOG = logging.getLogger("tomediff.comfyui")
+_SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads node seeds apart before adding the sigma
+
+
+def _names(patch: Callable[..., Any]) -> tuple[str, str]:
+    return getattr(patch, "__qualname__", ""), getattr(patch, "__module__", "") or ""
+
+
+def comfy_tome_patch_in(model_options: dict[str, Any]) -> bool:
+    """Whether ComfyUI's own ``TomePatchModel`` (comfy_extras/nodes_tomesd.py, also copied into Forge)
+    patches the model these options belong to: it adds its functions as ``attn1_patch`` and
+    ``attn1_output_patch``, defined inside ``TomePatchModel.execute``."""
+    patches = model_options.get("transformer_options", {}).get("patches", {})
+    found: Iterable[Callable[..., Any]] = (
+        *patches.get("attn1_patch", ()),
+        *patches.get("attn1_output_patch", ()),
+    )
+    for patch in found:
+        qualname, module = _names(patch)
+        if qualname.startswith("TomePatchModel.") or module.endswith("nodes_tomesd"):
+            return True
+    return False
+
+
+def refuse_comfy_tome(model_options: dict[str, Any]) -> None:
+    """Raise when ``TomePatchModel`` patches the same model: both would merge self-attention tokens."""
+    if comfy_tome_patch_in(model_options):
+        raise tomediff.ConflictingPatchError(
+            "this model is already patched by ComfyUI's TomePatchModel node, which merges the same "
+            "self-attention tokens; tomediff on top would merge twice. Remove or bypass one of the two "
+            "nodes (tomediff's node covers what TomePatchModel does, and SDXL too)."
+        )
+
+
+def call_seed(seed: int, sigma: float) -> int:
+    """The partition seed of a model call at noise level ``sigma``: the same for the conditional and
+    unconditional calls of a step, whether ComfyUI batches them together or runs them apart."""
+    (sigma_bits,) = struct.unpack("<Q", struct.pack("<d", sigma))
+    return (seed * _SEED_MIX + sigma_bits) % 2**64
+
+
+class _CallReseed:
+    """``APPLY_MODEL`` wrapper (for one sampling run): reseeds the partition generator per model call
+    from the node's seed and the call's sigma, so random partitions do not depend on how ComfyUI
+    splits guidance into calls (it batches ``[uncond, cond]`` when memory allows, else one call each)."""
+
+    def __init__(self, handle: tomediff.ToMeHandle, seed: int) -> None:
+        self.handle = handle
+        self.seed = seed
+
+    def __call__(self, executor: Any, x: Any, t: Any, *args: Any, **kwargs: Any) -> Any:
+        self.handle.reseed(call_seed(self.seed, float(t.reshape(-1)[0])))
+        return executor(x, t, *args, **kwargs)
+
+
+class SamplingPatch:
+    """``OUTER_SAMPLE`` wrapper: tomediff on the diffusion model for the length of one sampling run.
+
+    Attributes:
+        config: the validated settings.
+        last_report: :meth:`tomediff.ToMeHandle.report` of the latest run (None before one), also
+            logged at INFO level on the ``tomediff.comfyui`` logger.
+    """
+
+    def __init__(self, config: tomediff.ToMeConfig) -> None:
+        self.config = config
+        self.last_report: tomediff.ToMeReport | None = None
+
+    def __call__(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
+        guider = executor.class_obj
+        model_options = guider.model_options
+        # A TomePatchModel placed after this node patches the same clone: caught here.
+        refuse_comfy_tome(model_options)
+        handle = tomediff.apply_tome(guider.model_patcher.model.diffusion_model, self.config)
+        wrappers = model_options.setdefault("transformer_options", {}).setdefault("wrappers", {})
+        per_call = wrappers.setdefault(patcher_extension.WrappersMP.APPLY_MODEL, {})
+        per_call[PATCH_KEY] = [_CallReseed(handle, self.config.seed)]
+        try:
+            return executor(*args, **kwargs)
+        finally:
+            per_call.pop(PATCH_KEY, None)
+            self.last_report = handle.report()
+            handle.remove()
+            _LOG.info("%s", self.last_report)
+
+
+def attach(model: Any, config: tomediff.ToMeConfig) -> Any:
+    """A clone of the ``ModelPatcher`` ``model`` that samples with tomediff (``model`` is unchanged);
+    a tomediff patch already on ``model`` is replaced, not stacked."""
+    refuse_comfy_tome(model.model_options)
+    patched = model.clone()
+    patched.remove_wrappers_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY)
+    patched.add_wrapper_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY, SamplingPatch(config))
+    return patched

@@ -1,0 +1,175 @@
+"""The ComfyUI node pack (integrations/comfyui) against real ComfyUI 0.3.64 on the CPU: tiny
+random-weight models built through ComfyUI's own classes, sampled by its KSampler node."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+import tomediff
+from comfyui_env import (
+    SDXL_POOLED,
+    Comfy,
+    build_model,
+    conditioning,
+    ksample,
+    sd15_unet_config,
+    sdxl_unet_config,
+    start_comfy,
+    stop_comfy,
+    vendor_archive,
+)
+
+CONTEXT = 16
+
+
+@pytest.fixture(scope="module")
+def comfy(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Comfy]:
+    if vendor_archive() is None:
+        pytest.skip("ComfyUI archive shared/vendor/comfyui-0.3.64-a125cd8.tar.gz not found")
+    env = start_comfy(tmp_path_factory.mktemp("comfyui"))
+    yield env
+    stop_comfy(env)
+
+
+@pytest.fixture(scope="module")
+def sd15(comfy: Comfy) -> Any:
+    return build_model(comfy, "SD15", sd15_unet_config(), seed=0)
+
+
+def cond(seed: int, **extra: Any) -> list[list[Any]]:
+    return conditioning(CONTEXT, 4, seed, **extra)
+
+
+def latent(batch: int = 1, size: int = 16) -> torch.Tensor:
+    return torch.zeros(batch, 4, size, size)
+
+
+def run(
+    comfy: Comfy, model: Any, batch: int = 1, size: int = 16, steps: int = 1, seed: int = 0
+) -> torch.Tensor:
+    return ksample(comfy, model, cond(1), cond(2), latent(batch, size), steps=steps, seed=seed)
+
+
+def simple(comfy: Comfy, model: Any, method: str = "merge", ratio: float = 0.5, seed: int = 0) -> Any:
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["TomediffToMe"]()
+    (patched,) = node.patch(model, method=method, ratio=ratio, seed=seed)
+    return patched
+
+
+def advanced_defaults(comfy: Comfy) -> dict[str, Any]:
+    node_class = comfy.nodes.NODE_CLASS_MAPPINGS["TomediffToMeAdvanced"]
+    required = node_class.INPUT_TYPES()["required"]
+    return {name: spec[1]["default"] for name, spec in required.items() if name != "model"}
+
+
+def advanced(comfy: Comfy, model: Any, **options: Any) -> Any:
+    node = comfy.nodes.NODE_CLASS_MAPPINGS["TomediffToMeAdvanced"]()
+    (patched,) = node.patch(model, **{**advanced_defaults(comfy), **options})
+    return patched
+
+
+def sampling_patch(comfy: Comfy, patched: Any) -> Any:
+    outer = comfy.patcher_extension.WrappersMP.OUTER_SAMPLE
+    (wrapper,) = patched.get_wrappers(outer, "tomediff")
+    return wrapper
+
+
+def hook_count(model: Any) -> int:
+    return sum(
+        len(m._forward_pre_hooks) + len(m._forward_hooks) for m in model.model.diffusion_model.modules()
+    )
+
+
+def test_comfy_loader_registers_both_nodes(comfy: Comfy) -> None:
+    mappings = comfy.nodes.NODE_CLASS_MAPPINGS
+    assert mappings["TomediffToMe"].__module__.endswith("tome_nodes")
+    assert {"TomediffToMe", "TomediffToMeAdvanced"} <= set(comfy.nodes.NODE_DISPLAY_NAME_MAPPINGS)
+
+
+def test_node_merges_sd15_at_level_1_and_leaves_no_hook(comfy: Comfy, sd15: Any) -> None:
+    reference = run(comfy, sd15)
+    patched = simple(comfy, sd15)
+    assert hook_count(sd15) == 0  # the node itself touches nothing
+    merged = run(comfy, patched)
+    assert hook_count(sd15) == 0  # removed when sampling ended
+    assert not torch.equal(merged, reference)
+    report = sampling_patch(comfy, patched).last_report
+    assert report.adapter == "ldm-unet" and report.max_downsample == 1
+    level_1 = [b.last_call for b in report.blocks if b.downsample == 1]
+    assert level_1 and all(s.tokens == 256 and s.tokens_after_merge == 128 for s in level_1)
+
+
+def test_unrelated_clone_is_bit_exact_while_and_after_the_node_workflow(comfy: Comfy, sd15: Any) -> None:
+    unrelated = sd15.clone()
+    reference = run(comfy, unrelated)
+    patched = simple(comfy, sd15)
+    assert torch.equal(run(comfy, unrelated), reference)  # node executed, its sampler not yet run
+    run(comfy, patched)
+    assert torch.equal(run(comfy, unrelated), reference)
+    assert torch.equal(run(comfy, sd15), reference)
+
+
+def test_bypass_leaves_the_input_model_alone(comfy: Comfy, sd15: Any) -> None:
+    before = (repr(sd15.model_options), repr(sd15.wrappers))
+    reference = run(comfy, sd15)
+    patched = simple(comfy, sd15)
+    run(comfy, patched)
+    assert (repr(sd15.model_options), repr(sd15.wrappers)) == before
+    assert torch.equal(run(comfy, sd15), reference)  # a bypassed node passes this model on
+
+
+def test_ratio_zero_is_bit_exact(comfy: Comfy, sd15: Any) -> None:
+    reference = run(comfy, sd15, steps=2)
+    assert torch.equal(run(comfy, simple(comfy, sd15, ratio=0.0), steps=2), reference)
+    assert torch.equal(run(comfy, simple(comfy, sd15, method="downsample", ratio=0.0), steps=2), reference)
+
+
+def test_same_seed_same_image_other_seed_other_image(comfy: Comfy, sd15: Any) -> None:
+    first = run(comfy, simple(comfy, sd15, seed=7), steps=2)
+    assert torch.equal(run(comfy, simple(comfy, sd15, seed=7), steps=2), first)
+    assert not torch.equal(run(comfy, simple(comfy, sd15, seed=8), steps=2), first)
+
+
+def test_two_workflows_alternating(comfy: Comfy, sd15: Any) -> None:
+    a, b = simple(comfy, sd15, ratio=0.5, seed=1), simple(comfy, sd15, method="downsample", ratio=0.5)
+    first_a, first_b = run(comfy, a), run(comfy, b)
+    assert not torch.equal(first_a, first_b)
+    for _ in range(2):
+        assert torch.equal(run(comfy, a), first_a)
+        assert torch.equal(run(comfy, b), first_b)
+
+
+def test_reapplying_replaces_instead_of_stacking(comfy: Comfy, sd15: Any) -> None:
+    reference = run(comfy, sd15)
+    twice = simple(comfy, simple(comfy, sd15, ratio=0.5), ratio=0.0)
+    assert len(twice.get_wrappers(comfy.patcher_extension.WrappersMP.OUTER_SAMPLE, "tomediff")) == 1
+    assert torch.equal(run(comfy, twice), reference)
+
+
+def test_tome_patch_model_on_the_same_model_is_refused(comfy: Comfy, sd15: Any) -> None:
+    (comfy_tome,) = comfy.tome_patch_model.execute(sd15, 0.5).result
+    with pytest.raises(tomediff.ConflictingPatchError, match="TomePatchModel"):
+        simple(comfy, comfy_tome)
+    # TomePatchModel after the node: refused when sampling starts, and nothing stays hooked.
+    (both,) = comfy.tome_patch_model.execute(simple(comfy, sd15), 0.5).result
+    with pytest.raises(tomediff.ConflictingPatchError, match="TomePatchModel"):
+        run(comfy, both)
+    assert hook_count(sd15) == 0
+
+
+def test_hooks_removed_when_sampling_fails(comfy: Comfy, sd15: Any) -> None:
+    patched = simple(comfy, sd15)
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+
+    def fail(executor: Any, *args: Any, **kwargs: Any) -> Any:
+        assert hook_count(sd15) > 0  # tomediff is on while this clone samples
+        raise RuntimeError("interrupted")
+
+    patched.add_wrapper_with_key(apply_model, "test-failure", fail)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(comfy, patched)
+    assert hook_count(sd15) == 0
