@@ -127,6 +127,8 @@ def init_weights(model: torch.nn.Module, seed: int) -> None:
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
+            if parameter.numel() == 0:
+                continue
             if parameter.dim() >= 2:
                 fan_in = parameter[0].numel()
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) / fan_in**0.5)
@@ -148,9 +150,9 @@ def sd15_unet_config(
         "model_channels": channels,
         "num_res_blocks": [1] * levels,
         "channel_mult": [1, 2, 4, 4][:levels],
-        "transformer_depth": [1] * (2 * levels),
+        "transformer_depth": [1] * levels,  # one entry per input res block
         "transformer_depth_middle": 1,
-        "transformer_depth_output": [1] * (3 * levels),
+        "transformer_depth_output": [1] * (2 * levels),  # one per output res block
         "use_spatial_transformer": True,
         "legacy": False,
         "adm_in_channels": None,
@@ -176,9 +178,9 @@ def sdxl_unet_config(channels: int = 32, context: int = 16) -> dict[str, Any]:
         "model_channels": channels,
         "num_res_blocks": [1, 1, 1],
         "channel_mult": [1, 2, 2],
-        "transformer_depth": [0, 0, 1, 1, 1, 1],
+        "transformer_depth": [0, 1, 1],
         "transformer_depth_middle": 1,
-        "transformer_depth_output": [0, 0, 0, 1, 1, 1, 1, 1, 1],
+        "transformer_depth_output": [0, 0, 1, 1, 1, 1],
         "use_spatial_transformer": True,
         "legacy": False,
         "num_classes": "sequential",

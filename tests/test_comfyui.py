@@ -173,3 +173,118 @@ def test_hooks_removed_when_sampling_fails(comfy: Comfy, sd15: Any) -> None:
     with pytest.raises(RuntimeError, match="interrupted"):
         run(comfy, patched)
     assert hook_count(sd15) == 0
+
+
+def test_sdxl_level_2_reduced_where_tome_patch_model_changes_nothing(comfy: Comfy) -> None:
+    sdxl = build_model(comfy, "SDXL", sdxl_unet_config(), seed=3)
+    pooled = {"pooled_output": torch.randn(1, SDXL_POOLED, generator=torch.Generator().manual_seed(4))}
+    positive, negative = cond(1, **pooled), cond(2, **pooled)
+
+    def sample(model: Any) -> torch.Tensor:
+        return ksample(comfy, model, positive, negative, latent(1, 16))
+
+    reference = sample(sdxl)
+    patched = simple(comfy, sdxl)
+    assert not torch.equal(sample(patched), reference)
+    report = sampling_patch(comfy, patched).last_report
+    assert report.max_downsample == 2 and report.levels_found == (2, 4)
+    reduced = {b.downsample for b in report.blocks if b.last_call and b.last_call.removed}
+    assert reduced == {2}
+    assert all(b.last_call.tokens == 64 and b.last_call.removed == 32 for b in report.blocks)
+    (comfy_tome,) = comfy.tome_patch_model.execute(sdxl, 0.5).result
+    assert torch.equal(sample(comfy_tome), reference)  # max_downsample=1 is hard-coded in it
+    assert hook_count(sdxl) == 0
+
+
+def test_cond_and_uncond_share_the_partition_when_comfy_runs_them_apart(
+    comfy: Comfy, sd15: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ComfyUI batches [uncond, cond] in one call when memory allows, else runs one call each. With an
+    even latent batch both layouts use random partitions: the node draws them per noise level, so
+    both halves of a step get the same one and the image does not depend on the split."""
+    calls: list[list[int]] = []
+
+    def record(executor: Any, x: Any, t: Any, *args: Any, **kwargs: Any) -> Any:
+        calls.append(list(args[3]["cond_or_uncond"]))
+        return executor(x, t, *args, **kwargs)
+
+    apply_model = comfy.patcher_extension.WrappersMP.APPLY_MODEL
+    patched, unpatched = simple(comfy, sd15, seed=5), sd15.clone()
+    for model in (patched, unpatched):
+        model.add_wrapper_with_key(apply_model, "test-record", record)
+    joint = run(comfy, patched, batch=2, steps=2)
+    joint_unpatched = run(comfy, unpatched, batch=2, steps=2)
+    assert calls[:2] == [[1, 0], [1, 0]]
+    calls.clear()
+    # No room for both halves at once: ComfyUI runs cond and uncond as separate calls.
+    monkeypatch.setattr(sd15.model, "memory_required", lambda *args, **kwargs: float("inf"))
+    split = run(comfy, patched, batch=2, steps=2)
+    split_unpatched = run(comfy, unpatched, batch=2, steps=2)
+    assert sorted(map(tuple, calls[:4])) == [(0,), (0,), (1,), (1,)]
+    # Unpatched, the split changes the result by float rounding only; patched, by no more than that.
+    rounding = (joint_unpatched - split_unpatched).abs().max().item()
+    assert (joint - split).abs().max().item() <= max(4 * rounding, 1e-6)
+    assert not torch.equal(joint, joint_unpatched)
+
+
+@pytest.mark.parametrize(
+    ("node_type", "options", "expected"),
+    [
+        ("TomediffToMeAdvanced", {"ratio": 0.9}, "ratio=0.9 is outside [0, 0.75]"),
+        ("TomediffToMeAdvanced", {"level_ratios": "1=0.5"}, "level_ratios '1=0.5' is not a list"),
+        ("TomediffToMeAdvanced", {"start": 0.8, "stop": 0.2}, "start=0.8 and stop=0.2"),
+        ("TomediffToMeAdvanced", {"method": "downsample", "reuse_level": True}, "reuse_level apply"),
+        ("TomediffToMeAdvanced", {"reuse_cfg": True}, "reuse_cfg is not available in ComfyUI"),
+    ],
+)
+def test_bad_settings_are_a_one_line_validation_error(
+    comfy: Comfy, node_type: str, options: dict[str, Any], expected: str
+) -> None:
+    import asyncio
+
+    inputs = {**advanced_defaults(comfy), **options, "model": ["1", 0]}
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+        "2": {"class_type": node_type, "inputs": inputs},
+    }
+    valid, errors, _ = asyncio.run(comfy.execution.validate_inputs("p", prompt, "2", {}))
+    assert not valid
+    messages = {e["details"].split(" - ", 1)[1] for e in errors if e["type"] == "custom_validation_failed"}
+    assert len(messages) == 1
+    (message,) = messages
+    assert expected in message and "\n" not in message
+    node = comfy.nodes.NODE_CLASS_MAPPINGS[node_type]()
+    with pytest.raises(tomediff.ConfigError):  # the same settings fed by links: refused when run
+        node.patch(None, **{k: v for k, v in inputs.items() if k != "model"})
+
+
+def test_good_settings_validate(comfy: Comfy) -> None:
+    import asyncio
+
+    prompt = {
+        "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
+        "2": {
+            "class_type": "TomediffToMe",
+            "inputs": {"model": ["1", 0], "method": "merge", "ratio": 0.6, "seed": 3},
+        },
+    }
+    _, errors, _ = asyncio.run(comfy.execution.validate_inputs("p", prompt, "2", {}))
+    assert [e for e in errors if e["type"] == "custom_validation_failed"] == []
+
+
+def test_advanced_node_options_reach_the_patch(comfy: Comfy, sd15: Any) -> None:
+    reference = run(comfy, sd15)
+    patched = advanced(
+        comfy, sd15, level_ratios="1:0.25, 2:0.5", reuse_level=True, sx=2, sy=1, seed=9, skip_first=1
+    )
+    assert not torch.equal(run(comfy, patched), reference)
+    report = sampling_patch(comfy, patched).last_report
+    config = report.config
+    assert (
+        config.level_ratios == ((1, 0.25), (2, 0.5)) and config.reuse_level and config.skip_blocks == (1, 0)
+    )
+    removed = {b.name: b.last_call.removed for b in report.blocks if b.last_call is not None}
+    assert "input_blocks.1.1.transformer_blocks.0" not in removed  # the first block, skipped
+    assert removed["output_blocks.3.1.transformer_blocks.0"] == 64  # level 1: 256 tokens * 0.25
+    assert removed["middle_block.1.transformer_blocks.0"] == 32  # level 2: 64 tokens * 0.5
+    assert len(removed) == 6
