@@ -81,7 +81,7 @@ def start_comfy(folder: Path) -> Comfy:
         archive.extractall(folder, filter="data")
     root = folder / "comfyui"
     before = set(sys.modules)
-    _stub_torchvision()
+    stubs = _stub_torchvision()
     sys.path.insert(0, str(root))
     import comfy.cli_args
 
@@ -109,16 +109,41 @@ def start_comfy(folder: Path) -> Comfy:
     env.pack = sys.modules[str(PACK).replace(".", "_x_")]
     env.tome_patch_model = nodes.NODE_CLASS_MAPPINGS["TomePatchModel"]
     env.added_modules = sorted(set(sys.modules) - before)
+    _drop_stubs(stubs)
     return env
 
 
+def _drop_stubs(names: list[str]) -> None:
+    """Forget the torchvision stand-in once ComfyUI is imported, and what transformers concluded from
+    it (its availability checks are cached), so later code sees the real environment."""
+    for name in names:
+        sys.modules.pop(name, None)
+    import_utils = sys.modules.get("transformers.utils.import_utils")
+    for name in dir(import_utils) if import_utils is not None else ():
+        check = getattr(import_utils, name)
+        if name.startswith("is_torchvision") and hasattr(check, "cache_clear"):
+            check.cache_clear()
+
+
 def stop_comfy(env: Comfy) -> None:
-    """Forget ComfyUI's modules (top-level names like ``nodes`` and ``utils``) and its path entry."""
-    for name in env.added_modules:
-        if not name.startswith("tomediff"):
-            sys.modules.pop(name, None)
-    if str(env.root) in sys.path:
-        sys.path.remove(str(env.root))
+    """Forget ComfyUI's modules (top-level names like ``nodes`` and ``utils``), the pack's, and ComfyUI's
+    path entry; the libraries ComfyUI imported (transformers, ...) stay loaded as they are."""
+    root = str(env.root)
+    owned = [
+        name for name in env.added_modules if _origin(sys.modules.get(name)).startswith((root, str(PACK)))
+    ]
+    for name in owned:
+        sys.modules.pop(name, None)
+    if root in sys.path:
+        sys.path.remove(root)
+
+
+def _origin(module: Any) -> str:
+    """Where ``module`` was loaded from (its file, or a namespace package's first folder)."""
+    origin = getattr(module, "__file__", None)
+    if origin is None:
+        origin = next(iter(getattr(module, "__path__", None) or ()), "")
+    return str(origin)
 
 
 def init_weights(model: torch.nn.Module, seed: int) -> None:
@@ -223,3 +248,13 @@ def ksample(
         model, seed, steps, cfg, "euler", "normal", positive, negative, {"samples": latent}, denoise=1.0
     )
     return out["samples"]
+
+
+def sd15_full_unet_config() -> dict[str, Any]:
+    """The published SD 1.5 UNet layout (what ComfyUI detects from a v1-5 checkpoint), for the benchmark."""
+    return {
+        **sd15_unet_config(channels=320, heads=8, context=768, levels=4),
+        "num_res_blocks": [2, 2, 2, 2],
+        "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
+        "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
+    }
