@@ -258,3 +258,60 @@ def sd15_full_unet_config() -> dict[str, Any]:
         "transformer_depth": [1, 1, 1, 1, 1, 1, 0, 0],
         "transformer_depth_output": [1, 1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0],
     }
+
+
+def flux_unet_config() -> dict[str, Any]:
+    """Flux.1 layout at toy width: one double-stream and one single-stream block, no guidance input."""
+    return {
+        "image_model": "flux",
+        "in_channels": 16,
+        "out_channels": 16,
+        "vec_in_dim": 8,
+        "context_in_dim": 16,
+        "hidden_size": 32,
+        "mlp_ratio": 2.0,
+        "num_heads": 2,
+        "depth": 1,
+        "depth_single_blocks": 1,
+        "axes_dim": [4, 6, 6],
+        "theta": 10000,
+        "patch_size": 2,
+        "qkv_bias": True,
+        "guidance_embed": False,
+    }
+
+
+def sd3_unet_config() -> dict[str, Any]:
+    """SD3 (MMDiT) layout at toy width: ComfyUI makes the width 64 per block and one head per block."""
+    return {
+        "in_channels": 16,
+        "out_channels": 16,
+        "patch_size": 2,
+        "depth": 2,
+        "adm_in_channels": 8,
+        "context_embedder_config": {
+            "target": "torch.nn.Linear",
+            "params": {"in_features": 16, "out_features": 128},
+        },
+        "pos_embed_max_size": 16,
+        "num_patches": 256,
+        "pos_embed_scaling_factor": None,
+        "x_block_self_attn_layers": [],
+    }
+
+
+def wan_unet_config() -> dict[str, Any]:
+    """Wan 2.1 text-to-video layout at toy width, one block."""
+    return {
+        "image_model": "wan2.1",
+        "model_type": "t2v",
+        "patch_size": (1, 2, 2),
+        "in_dim": 16,
+        "dim": 32,
+        "ffn_dim": 64,
+        "freq_dim": 16,
+        "text_dim": 16,
+        "out_dim": 16,
+        "num_heads": 2,
+        "num_layers": 1,
+    }

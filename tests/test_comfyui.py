@@ -15,12 +15,15 @@ from comfyui_env import (
     Comfy,
     build_model,
     conditioning,
+    flux_unet_config,
     ksample,
+    sd3_unet_config,
     sd15_unet_config,
     sdxl_unet_config,
     start_comfy,
     stop_comfy,
     vendor_archive,
+    wan_unet_config,
 )
 
 CONTEXT = 16
@@ -288,3 +291,36 @@ def test_advanced_node_options_reach_the_patch(comfy: Comfy, sd15: Any) -> None:
     assert removed["output_blocks.3.1.transformer_blocks.0"] == 64  # level 1: 256 tokens * 0.25
     assert removed["middle_block.1.transformer_blocks.0"] == 32  # level 2: 64 tokens * 0.5
     assert len(removed) == 6
+
+
+DIT_FAMILIES = {
+    # family: (supported_models class, unet config, latent shape, pooled width, image tokens)
+    "flux": ("Flux", flux_unet_config, (1, 16, 16, 16), 8, 64),
+    "sd3": ("SD3", sd3_unet_config, (1, 16, 16, 16), 8, 64),
+    "wan": ("WAN21_T2V", wan_unet_config, (1, 16, 2, 16, 16), 0, 128),
+}
+
+
+@pytest.mark.parametrize("family", sorted(DIT_FAMILIES))
+def test_dit_keys_and_values_downsampled(comfy: Comfy, family: str) -> None:
+    model_class, unet_config, latent_shape, pooled, image_tokens = DIT_FAMILIES[family]
+    model = build_model(comfy, model_class, unet_config(), seed=11)
+    extra = {"pooled_output": torch.randn(1, pooled)} if pooled else {}
+    positive, negative = cond(1, **extra), cond(2, **extra)
+
+    def sample(patched: Any) -> torch.Tensor:
+        return ksample(comfy, patched, positive, negative, torch.zeros(latent_shape))
+
+    reference = sample(model)
+    patched = simple(comfy, model, method="downsample")
+    reduced = sample(patched)
+    assert not torch.equal(reduced, reference)
+    report = sampling_patch(comfy, patched).last_report
+    assert report.family == family and report.reduced_calls > 0, str(report)
+    text = 4  # the conditioning's tokens
+    assert report.keys_before in (image_tokens, image_tokens + text)
+    assert report.keys_after == report.keys_before - image_tokens * 3 // 4, str(report)
+    assert torch.equal(sample(model), reference)  # the unpatched model is untouched
+    with pytest.raises(tomediff.ConfigError, match="set method to 'downsample'"):
+        simple(comfy, model, method="merge")
+    assert torch.equal(sample(simple(comfy, model, method="downsample", ratio=0.0)), reference)

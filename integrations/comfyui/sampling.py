@@ -18,6 +18,8 @@ import comfy.patcher_extension as patcher_extension
 
 import tomediff
 
+from .dit_attention import AttentionReport, KeyValueDownsample, dit_family, dit_options_error
+
 __all__ = ["PATCH_KEY", "SamplingPatch", "attach", "comfy_tome_patch_in", "refuse_comfy_tome"]
 
 # One tomediff patch per clone: registering again under this key replaces the previous one.
@@ -83,22 +85,35 @@ class SamplingPatch:
 
     Attributes:
         config: the validated settings.
-        last_report: :meth:`tomediff.ToMeHandle.report` of the latest run (None before one), also
-            logged at INFO level on the ``tomediff.comfyui`` logger.
+        last_report: :meth:`tomediff.ToMeHandle.report` of the latest run (an
+            :class:`~.dit_attention.AttentionReport` on ComfyUI's DiTs; None before a run), also logged
+            at INFO level on the ``tomediff.comfyui`` logger.
     """
 
     def __init__(self, config: tomediff.ToMeConfig) -> None:
         self.config = config
-        self.last_report: tomediff.ToMeReport | None = None
+        self.last_report: tomediff.ToMeReport | AttentionReport | None = None
 
     def __call__(self, executor: Any, *args: Any, **kwargs: Any) -> Any:
         guider = executor.class_obj
         model_options = guider.model_options
         # A TomePatchModel placed after this node patches the same clone: caught here.
         refuse_comfy_tome(model_options)
-        handle = tomediff.apply_tome(guider.model_patcher.model.diffusion_model, self.config)
+        diffusion_model = guider.model_patcher.model.diffusion_model
         wrappers = model_options.setdefault("transformer_options", {}).setdefault("wrappers", {})
         per_call = wrappers.setdefault(patcher_extension.WrappersMP.APPLY_MODEL, {})
+        family = dit_family(diffusion_model)
+        if family is not None:  # ComfyUI's own DiTs: keys/values reduced in its attention override
+            _refuse_dit_options(self.config, family)
+            downsample = KeyValueDownsample(self.config, family, diffusion_model)
+            per_call[PATCH_KEY] = [downsample]
+            try:
+                return executor(*args, **kwargs)
+            finally:
+                per_call.pop(PATCH_KEY, None)
+                self.last_report = downsample.report
+                _LOG.info("%s", self.last_report)
+        handle = tomediff.apply_tome(diffusion_model, self.config)
         per_call[PATCH_KEY] = [_CallReseed(handle, self.config.seed)]
         try:
             return executor(*args, **kwargs)
@@ -109,10 +124,19 @@ class SamplingPatch:
             _LOG.info("%s", self.last_report)
 
 
+def _refuse_dit_options(config: tomediff.ToMeConfig, family: str) -> None:
+    message = dit_options_error(config, family)
+    if message is not None:
+        raise tomediff.ConfigError(message)
+
+
 def attach(model: Any, config: tomediff.ToMeConfig) -> Any:
     """A clone of the ``ModelPatcher`` ``model`` that samples with tomediff (``model`` is unchanged);
     a tomediff patch already on ``model`` is replaced, not stacked."""
     refuse_comfy_tome(model.model_options)
+    family = dit_family(model.model.diffusion_model)  # reads the class name only
+    if family is not None:
+        _refuse_dit_options(config, family)
     patched = model.clone()
     patched.remove_wrappers_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY)
     patched.add_wrapper_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY, SamplingPatch(config))
