@@ -324,3 +324,25 @@ def test_dit_keys_and_values_downsampled(comfy: Comfy, family: str) -> None:
     with pytest.raises(tomediff.ConfigError, match="set method to 'downsample'"):
         simple(comfy, model, method="merge")
     assert torch.equal(sample(simple(comfy, model, method="downsample", ratio=0.0)), reference)
+
+
+def test_example_workflow_is_valid_for_comfy(comfy: Comfy) -> None:
+    import asyncio
+    import json
+
+    path = comfy.pack.__path__[0] + "/example_workflows/tomediff_sd15.json"
+    with open(path) as file:
+        prompt = json.load(file)
+    validated: dict[str, Any] = {}
+    asyncio.run(comfy.execution.validate_inputs("p", prompt, "8", validated))
+    # Only the checkpoint (absent here) may fail; every other node, tomediff's included, validates.
+    failed = {node for node, (ok, errors, _) in validated.items() if errors}
+    assert failed == {"1"}, {node: validated[node][1] for node in failed}
+    assert prompt["2"]["class_type"] == "TomediffToMe"
+
+
+def test_start_stop_follow_comfy_timesteps(comfy: Comfy, sd15: Any) -> None:
+    """ComfyUI passes the UNet its 0..999 timestep; one step at the largest sigma is progress 0."""
+    reference = run(comfy, sd15)
+    assert torch.equal(run(comfy, advanced(comfy, sd15, start=0.5)), reference)
+    assert not torch.equal(run(comfy, advanced(comfy, sd15, stop=0.5)), reference)
