@@ -346,3 +346,24 @@ def test_start_stop_follow_comfy_timesteps(comfy: Comfy, sd15: Any) -> None:
     reference = run(comfy, sd15)
     assert torch.equal(run(comfy, advanced(comfy, sd15, start=0.5)), reference)
     assert not torch.equal(run(comfy, advanced(comfy, sd15, stop=0.5)), reference)
+
+
+def test_attention_replaced_by_another_node_is_refused(comfy: Comfy, sd15: Any) -> None:
+    """A node replacing attn1 of a patched block (ComfyUI then calls to_q/to_k/to_v itself) would leave
+    tomediff's hooks idle there: refused, naming the block; a replacement elsewhere is fine."""
+    import comfy.ldm.modules.attention as attention
+
+    def replacement(q: Any, k: Any, v: Any, extra: dict[str, Any]) -> Any:
+        return attention.optimized_attention(q, k, v, extra["n_heads"])
+
+    clashing = simple(comfy, sd15)
+    clashing.set_model_attn1_replace(replacement, "input", 1)
+    with pytest.raises(
+        tomediff.ConflictingPatchError, match=r"input_blocks\.1\.1\.transformer_blocks\.0 \(attn1\)"
+    ):
+        run(comfy, clashing)
+    assert hook_count(sd15) == 0
+    elsewhere = simple(comfy, sd15)
+    elsewhere.set_model_attn1_replace(replacement, "middle", 0)  # level 2: not merged by default
+    run(comfy, elsewhere)
+    assert sampling_patch(comfy, elsewhere).last_report.calls == 1

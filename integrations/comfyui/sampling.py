@@ -114,6 +114,14 @@ class SamplingPatch:
                 self.last_report = downsample.report
                 _LOG.info("%s", self.last_report)
         handle = tomediff.apply_tome(diffusion_model, self.config)
+        clashes = replaced_attention(model_options, handle.report())
+        if clashes:
+            handle.remove()
+            raise tomediff.ConflictingPatchError(
+                f"another node replaces the attention that tomediff reduces in {', '.join(clashes)} "
+                "(ComfyUI then calls its projections directly, so tomediff could not act there); limit "
+                "tomediff's levels (max_downsample, level_ratios, skip_first/skip_last) or remove that node."
+            )
         per_call[PATCH_KEY] = [_CallReseed(handle, self.config.seed)]
         try:
             return executor(*args, **kwargs)
@@ -122,6 +130,38 @@ class SamplingPatch:
             self.last_report = handle.report()
             handle.remove()
             _LOG.info("%s", self.last_report)
+
+
+# tomediff's site kinds and the ComfyUI attention each one acts on in a BasicTransformerBlock.
+_SITE_ATTENTION = {"attn": "attn1", "crossattn": "attn2"}
+_UNET_PARTS = {"input_blocks": "input", "middle_block": "middle", "output_blocks": "output"}
+
+
+def _comfy_block_key(name: str) -> tuple[str, int, int] | None:
+    """ComfyUI's ``(block, number, transformer_index)`` key of a patched block's name
+    (``input_blocks.4.1.transformer_blocks.0`` -> ``("input", 4, 0)``)."""
+    parts = name.split(".")
+    part = _UNET_PARTS.get(parts[0])
+    if part is None or not parts[-1].isdigit():
+        return None
+    number = 0 if part == "middle" else int(parts[1])
+    return part, number, int(parts[-1])
+
+
+def replaced_attention(model_options: dict[str, Any], report: tomediff.ToMeReport) -> list[str]:
+    """The patched sites whose attention another node replaces (``set_model_attn1_replace`` and the
+    like): ComfyUI then calls ``to_q``/``to_k``/``to_v`` itself and tomediff's hooks on the attention
+    module would never run."""
+    replace = model_options.get("transformer_options", {}).get("patches_replace", {})
+    clashes = []
+    for block in report.blocks:
+        key = _comfy_block_key(block.name)
+        for kind in block.sites if key is not None else ():
+            attention = _SITE_ATTENTION.get(kind)
+            table = replace.get(attention, {}) if attention else {}
+            if key in table or key[:2] in table:
+                clashes.append(f"{block.name} ({attention})")
+    return clashes
 
 
 def _refuse_dit_options(config: tomediff.ToMeConfig, family: str) -> None:
