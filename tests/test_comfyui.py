@@ -3,6 +3,7 @@ random-weight models built through ComfyUI's own classes, sampled by its KSample
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -305,13 +306,18 @@ DIT_FAMILIES = {
 def test_dit_keys_and_values_downsampled(comfy: Comfy, family: str) -> None:
     model_class, unet_config, latent_shape, pooled, image_tokens = DIT_FAMILIES[family]
     model = build_model(comfy, model_class, unet_config(), seed=11)
-    extra = {"pooled_output": torch.randn(1, pooled)} if pooled else {}
+    extra = (
+        {"pooled_output": torch.randn(1, pooled, generator=torch.Generator().manual_seed(5))}
+        if pooled
+        else {}
+    )
     positive, negative = cond(1, **extra), cond(2, **extra)
 
     def sample(patched: Any) -> torch.Tensor:
         return ksample(comfy, patched, positive, negative, torch.zeros(latent_shape))
 
     reference = sample(model)
+    assert torch.isfinite(reference).all()
     patched = simple(comfy, model, method="downsample")
     reduced = sample(patched)
     assert not torch.equal(reduced, reference)
@@ -367,3 +373,14 @@ def test_attention_replaced_by_another_node_is_refused(comfy: Comfy, sd15: Any) 
     elsewhere.set_model_attn1_replace(replacement, "middle", 0)  # level 2: not merged by default
     run(comfy, elsewhere)
     assert sampling_patch(comfy, elsewhere).last_report.calls == 1
+
+
+def test_dit_without_matching_attention_is_an_error(comfy: Comfy, monkeypatch: pytest.MonkeyPatch) -> None:
+    """When no attention call holds the image tokens the latent implies (e.g. extra reference-image
+    tokens), the node says so instead of sampling unreduced."""
+    model_class, unet_config, latent_shape, _, _ = DIT_FAMILIES["wan"]
+    model = build_model(comfy, model_class, unet_config(), seed=11)
+    dit_attention = sys.modules[comfy.pack.__name__ + ".dit_attention"]
+    monkeypatch.setattr(dit_attention, "_token_grid", lambda model, latent: (1, 3, 3))
+    with pytest.raises(tomediff.MergeCallError, match="reduced no attention call"):
+        ksample(comfy, simple(comfy, model, method="downsample"), cond(1), cond(2), torch.zeros(latent_shape))

@@ -118,9 +118,17 @@ class KeyValueDownsample:
             )
         transformer_options["optimized_attention_override"] = _Override(self, grid, text)
         try:
-            return executor(x, t, *args, **kwargs)
+            out = executor(x, t, *args, **kwargs)
         finally:
             transformer_options.pop("optimized_attention_override", None)
+        if self.factor > 1 and self.report.reduced_calls == 0:
+            raise tomediff.MergeCallError(
+                f"tomediff reduced no attention call of this {self.report.family} model: none had the "
+                f"{grid[0] * grid[1] * grid[2]} image tokens of the latent's {grid} grid (alone or after "
+                f"{text} text tokens); {self.report}. Extra image inputs (reference latents) are not "
+                "supported yet: bypass the tomediff node for this workflow."
+            )
+        return out
 
     def reduce(
         self, k: torch.Tensor, v: torch.Tensor, axis: int, prefix: int, grid: tuple[int, int, int]
