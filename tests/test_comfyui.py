@@ -239,6 +239,8 @@ def test_cond_and_uncond_share_the_partition_when_comfy_runs_them_apart(
         ("TomediffToMeAdvanced", {"start": 0.8, "stop": 0.2}, "start=0.8 and stop=0.2"),
         ("TomediffToMeAdvanced", {"method": "downsample", "reuse_level": True}, "reuse_level apply"),
         ("TomediffToMeAdvanced", {"reuse_cfg": True}, "reuse_cfg is not available in ComfyUI"),
+        ("TomediffToMeAdvanced", {"max_downsample": "3"}, "max_downsample must be one of auto, 1, 2"),
+        ("TomediffToMe", {"method": "merge", "ratio": 0.8, "seed": 0}, "ratio=0.8 is outside [0, 0.75]"),
     ],
 )
 def test_bad_settings_are_a_one_line_validation_error(
@@ -246,7 +248,8 @@ def test_bad_settings_are_a_one_line_validation_error(
 ) -> None:
     import asyncio
 
-    inputs = {**advanced_defaults(comfy), **options, "model": ["1", 0]}
+    defaults = advanced_defaults(comfy) if node_type == "TomediffToMeAdvanced" else {}
+    inputs = {**defaults, **options, "model": ["1", 0]}
     prompt = {
         "1": {"class_type": "CheckpointLoaderSimple", "inputs": {"ckpt_name": "tiny.safetensors"}},
         "2": {"class_type": node_type, "inputs": inputs},

@@ -49,6 +49,8 @@ def build_config(**options: Any) -> tomediff.ToMeConfig:
         raise tomediff.ConfigError(REUSE_CFG_UNAVAILABLE)
     if "max_downsample" in options:
         level = options.pop("max_downsample")
+        if level not in LEVELS:
+            raise tomediff.ConfigError(f"max_downsample must be one of {', '.join(LEVELS)}, got {level!r}.")
         options["max_downsample"] = None if level == "auto" else int(level)
     if "level_ratios" in options:
         options["level_ratios"] = parse_level_ratios(options["level_ratios"])
