@@ -238,7 +238,6 @@ def test_cond_and_uncond_share_the_partition_when_comfy_runs_them_apart(
         ("TomediffToMeAdvanced", {"level_ratios": "1=0.5"}, "level_ratios '1=0.5' is not a list"),
         ("TomediffToMeAdvanced", {"start": 0.8, "stop": 0.2}, "start=0.8 and stop=0.2"),
         ("TomediffToMeAdvanced", {"method": "downsample", "reuse_level": True}, "reuse_level apply"),
-        ("TomediffToMeAdvanced", {"reuse_cfg": True}, "reuse_cfg is not available in ComfyUI"),
         ("TomediffToMeAdvanced", {"max_downsample": "3"}, "max_downsample must be one of auto, 1, 2"),
         ("TomediffToMe", {"method": "merge", "ratio": 0.8, "seed": 0}, "ratio=0.8 is outside [0, 0.75]"),
     ],
@@ -387,3 +386,38 @@ def test_dit_without_matching_attention_is_an_error(comfy: Comfy, monkeypatch: p
     monkeypatch.setattr(dit_attention, "_token_grid", lambda model, latent: (1, 3, 3))
     with pytest.raises(tomediff.MergeCallError, match="reduced no attention call"):
         ksample(comfy, simple(comfy, model, method="downsample"), cond(1), cond(2), torch.zeros(latent_shape))
+
+
+def test_reuse_cfg_on_comfy_guidance_pairs(comfy: Comfy, sd15: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """reuse_cfg matches on the conditional half of ComfyUI's [uncond, cond] call; when ComfyUI splits
+    the halves, an even batch (two images of one half) is refused instead of sharing a matching."""
+    nodes = sys.modules[comfy.pack.__name__ + ".tome_nodes"]
+    if not nodes.supports_cfg_layout():
+        with pytest.raises(
+            tomediff.ConfigError, match=r"reuse_cfg needs a tomediff with ToMeConfig\.cfg_layout"
+        ):
+            advanced(comfy, sd15, reuse_cfg=True)
+        return
+    reference = run(comfy, sd15, batch=2)
+    patched = advanced(comfy, sd15, reuse_cfg=True)
+    shared = run(comfy, patched, batch=2)
+    assert not torch.equal(shared, reference)
+    assert not torch.equal(shared, run(comfy, advanced(comfy, sd15), batch=2))
+    config = sampling_patch(comfy, patched).last_report.config
+    assert config.reuse_cfg and config.cfg_layout == "uncond_cond"
+    monkeypatch.setattr(sd15.model, "memory_required", lambda *args, **kwargs: float("inf"))
+    run(comfy, patched, batch=1)  # halves apart, one image each: odd batches plan per sample
+    with pytest.raises(tomediff.MergeCallError, match=r"halves \[[01]\]"):
+        run(comfy, patched, batch=2)
+    assert hook_count(sd15) == 0
+
+
+def test_reuse_steps_keeps_plans_across_steps(comfy: Comfy, sd15: Any) -> None:
+    """The per-call reseed must not cut tomediff's generations: with reuse_steps=2 the second step
+    reuses the first step's matching, which changes the image."""
+    every_step = run(comfy, advanced(comfy, sd15, seed=3), steps=2)
+    patched = advanced(comfy, sd15, seed=3, reuse_steps=2)
+    assert not torch.equal(run(comfy, patched, steps=2), every_step)
+    assert torch.equal(
+        run(comfy, advanced(comfy, sd15, seed=3, reuse_steps=2), steps=2), run(comfy, patched, steps=2)
+    )

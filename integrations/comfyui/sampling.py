@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import comfy.patcher_extension as patcher_extension
+import torch
 
 import tomediff
 
@@ -69,15 +70,36 @@ def call_seed(seed: int, sigma: float) -> int:
 class _CallReseed:
     """``APPLY_MODEL`` wrapper (for one sampling run): reseeds the partition generator per model call
     from the node's seed and the call's sigma, so random partitions do not depend on how ComfyUI
-    splits guidance into calls (it batches ``[uncond, cond]`` when memory allows, else one call each)."""
+    splits guidance into calls (it batches ``[uncond, cond]`` when memory allows, else one call each).
 
-    def __init__(self, handle: tomediff.ToMeHandle, seed: int) -> None:
+    The generator is the patch's own (``ToMeConfig.generator``), reseeded directly: restarting it
+    through the handle would also start a new generation and drop the plans ``reuse_steps`` keeps."""
+
+    def __init__(self, handle: tomediff.ToMeHandle, generator: torch.Generator, seed: int) -> None:
         self.handle = handle
+        self.generator = generator
         self.seed = seed
 
     def __call__(self, executor: Any, x: Any, t: Any, *args: Any, **kwargs: Any) -> Any:
-        self.handle.reseed(call_seed(self.seed, float(t.reshape(-1)[0])))
+        if self.handle.config.reuse_cfg:
+            transformer_options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
+            _check_guidance_pair(x, transformer_options.get("cond_or_uncond"))
+        self.generator.manual_seed(call_seed(self.seed, float(t.reshape(-1)[0])))
         return executor(x, t, *args, **kwargs)
+
+
+def _check_guidance_pair(x: Any, cond_or_uncond: list[int] | None) -> None:
+    """With ``reuse_cfg`` an even batch must be ComfyUI's ``[uncond, cond]`` pair: when it runs the
+    halves apart (little free memory, area conditioning), an even batch holds several images of one
+    half, which must not share a matching."""
+    if x.shape[0] % 2 or cond_or_uncond == [1, 0]:
+        return
+    raise tomediff.MergeCallError(
+        f"reuse_cfg shares one matching between the halves of a guidance pair, but ComfyUI ran this "
+        f"call with the halves {cond_or_uncond} (0 = cond, 1 = uncond) in a batch of {x.shape[0]}, not "
+        "as one [uncond, cond] pair (it splits them when memory is short or with area conditioning). "
+        "Turn reuse_cfg off for this workflow."
+    )
 
 
 class SamplingPatch:
@@ -113,7 +135,8 @@ class SamplingPatch:
                 per_call.pop(PATCH_KEY, None)
                 self.last_report = downsample.report
                 _LOG.info("%s", self.last_report)
-        handle = tomediff.apply_tome(diffusion_model, self.config)
+        generator = torch.Generator()
+        handle = tomediff.apply_tome(diffusion_model, self.config.replace(generator=generator))
         clashes = replaced_attention(model_options, handle.report())
         if clashes:
             handle.remove()
@@ -122,7 +145,7 @@ class SamplingPatch:
                 "(ComfyUI then calls its projections directly, so tomediff could not act there); limit "
                 "tomediff's levels (max_downsample, level_ratios, skip_first/skip_last) or remove that node."
             )
-        per_call[PATCH_KEY] = [_CallReseed(handle, self.config.seed)]
+        per_call[PATCH_KEY] = [_CallReseed(handle, generator, self.config.seed)]
         try:
             return executor(*args, **kwargs)
         finally:

@@ -17,10 +17,14 @@ SEED_RANGE = {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}
 LEVELS = ["auto", "1", "2", "4", "8"]
 
 REUSE_CFG_UNAVAILABLE = (
-    "reuse_cfg is not available in ComfyUI yet: ComfyUI runs the two halves of guidance in one call "
-    "([uncond, cond]) or in separate calls depending on free memory, and tomediff cannot yet be told "
-    "which a call holds; leave reuse_cfg off (reuse_level and reuse_steps work)."
+    "reuse_cfg needs a tomediff with ToMeConfig.cfg_layout (to say that ComfyUI stacks guidance as "
+    "[uncond, cond]); update tomediff, or leave reuse_cfg off (reuse_level and reuse_steps work)."
 )
+
+
+def supports_cfg_layout() -> bool:
+    """Whether the installed tomediff can be told the guidance layout (``ToMeConfig.cfg_layout``)."""
+    return "cfg_layout" in tomediff.ToMeConfig.__dataclass_fields__
 
 
 def parse_level_ratios(text: str) -> dict[int, float] | None:
@@ -45,8 +49,14 @@ def parse_level_ratios(text: str) -> dict[int, float] | None:
 
 def build_config(**options: Any) -> tomediff.ToMeConfig:
     """The ToMeConfig of a node's widget values (raises tomediff's errors with a one-line message)."""
-    if options.pop("reuse_cfg", False):
-        raise tomediff.ConfigError(REUSE_CFG_UNAVAILABLE)
+    if options.get("reuse_cfg"):
+        if not supports_cfg_layout():
+            raise tomediff.ConfigError(REUSE_CFG_UNAVAILABLE)
+        # ComfyUI runs both halves in one call as [uncond, cond] (cond_or_uncond == [1, 0]); calls
+        # holding anything else are refused per call by the sampling patch.
+        options["cfg_layout"] = "uncond_cond"
+    else:
+        options.pop("reuse_cfg", None)
     if "max_downsample" in options:
         level = options.pop("max_downsample")
         if level not in LEVELS:
@@ -205,7 +215,9 @@ class ToMeAdvanced:
                 "min_tokens": integer(0, "leave blocks with fewer tokens alone", 0, 1 << 20),
                 "reuse_level": boolean(False, "merge: one matching per level and model call"),
                 "reuse_steps": integer(1, "merge: recompute each block's matching every k steps", 1),
-                "reuse_cfg": boolean(False, "not available in ComfyUI yet (refused when on)"),
+                "reuse_cfg": boolean(
+                    False, "merge: both guidance halves share the matching of the conditional half"
+                ),
                 "skip_first": integer(0, "leave the first n selected blocks unreduced", 0, 1024),
                 "skip_last": integer(0, "leave the last n selected blocks unreduced", 0, 1024),
                 "seed": ("INT", {**SEED_RANGE, "tooltip": "seed of the random merge partitions"}),
