@@ -32,6 +32,11 @@ def main() -> None:
     parser.add_argument("--ratio", type=float, default=0.5)
     parser.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     parser.add_argument("--json", type=Path, help="also write the times here")
+    parser.add_argument(
+        "--reverse",
+        action="store_true",
+        help="run the variants in reverse order (balances a load that drifts)",
+    )
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as folder:
@@ -42,6 +47,8 @@ def main() -> None:
             base, method="merge", ratio=args.ratio, seed=0
         )
         variants = {"unpatched": base, "TomePatchModel": comfy_tome, "tomediff": tomediff_node}
+        if args.reverse:
+            variants = dict(reversed(variants.items()))
         positive, negative = conditioning(768, 77, 1), conditioning(768, 77, 2)
         latent = torch.zeros(1, 4, args.size // 8, args.size // 8)
         unet_seconds: list[float] = []
