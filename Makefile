@@ -34,8 +34,8 @@ test-all: $(STAMP)
 	$(PY) -m pytest -q -m "slow or not slow"
 
 lint: $(STAMP)
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(VENV)/bin/ruff format --check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks integrations
+	$(VENV)/bin/ruff format --check src tests benchmarks integrations
 
 demo: $(STAMP)
 	$(VENV)/bin/tomediff demo

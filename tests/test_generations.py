@@ -234,7 +234,7 @@ def test_a_pipeline_that_does_not_say_whether_it_guides_gets_an_error() -> None:
 
 @torch.no_grad()
 def test_cfg_layout_cond_uncond_plans_on_the_first_half() -> None:
-    """ComfyUI's order: [conditional, unconditional]; both halves get the first half's own matching."""
+    """The reverse order, [conditional, unconditional]: both halves get the first half's own matching."""
     model = tiny_sd_unet()
     handle = tomediff.apply_tome(model, reuse_cfg=True, cfg_layout="cond_uncond", use_rand=False)
     events: list[PlanEvent] = []

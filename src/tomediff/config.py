@@ -43,7 +43,7 @@ TOMESD_FIELDS = (
 METHODS = ("merge", "downsample")
 DOWNSAMPLE_MODES = ("nearest", "avg", "bilinear")
 # How a classifier-free-guidance batch is stacked (``reuse_cfg``): asked of the patched pipeline, diffusers'
-# [unconditional, conditional], or ComfyUI's [conditional, unconditional].
+# and ComfyUI's [unconditional, conditional], or the reverse for a host that stacks them the other way.
 CFG_LAYOUTS = ("auto", "uncond_cond", "cond_uncond")
 
 # What torch.Generator.manual_seed accepts (negative seeds wrap around to 2**64 + seed).
@@ -158,8 +158,8 @@ class ToMeConfig:
             batch twice, stacked ``[unconditional, conditional]`` as diffusers does (one host
             synchronisation per call). A model patched on its own, or a pipeline that does not say, gets an
             error instead of a guess. ``"uncond_cond"``: every even batch is ``[unconditional,
-            conditional]`` (diffusers' order); ``"cond_uncond"``: ``[conditional, unconditional]``
-            (ComfyUI's order).
+            conditional]`` (diffusers', and ComfyUI 0.3's when it runs both halves in one call);
+            ``"cond_uncond"``: ``[conditional, unconditional]``, for a host that stacks them that way.
         start, stop: active only while the denoising progress ``p = 1 - t / T`` is in ``[start, stop)``,
             with ``t`` the timestep the model receives and ``T`` its training horizon (1000 for the
             Stable Diffusion family), ``p`` clamped to ``[0, 1]``. ``stop == 1`` closes the range:
@@ -323,8 +323,8 @@ class ToMeConfig:
             layouts = ", ".join(map(repr, CFG_LAYOUTS))
             raise ConfigError(
                 f"cfg_layout must be one of {layouts}, got {self.cfg_layout!r}: 'uncond_cond' when a "
-                "guidance batch is [unconditional, conditional] (diffusers), 'cond_uncond' when it is "
-                "[conditional, unconditional] (ComfyUI), 'auto' to ask the patched pipeline."
+                "guidance batch is [unconditional, conditional] (diffusers, ComfyUI), 'cond_uncond' when "
+                "it is [conditional, unconditional], 'auto' to ask the patched pipeline."
             )
         if self.downsample_mode not in DOWNSAMPLE_MODES:
             modes = ", ".join(map(repr, DOWNSAMPLE_MODES))

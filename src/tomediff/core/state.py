@@ -340,7 +340,7 @@ class ToMeState:
             f"reuse_cfg=True gives both halves of a classifier-free-guidance batch one plan, but tomediff "
             f"cannot tell whether this batch of {batch} is such a pair: {why}. To fix it, {fix} "
             "cfg_layout='uncond_cond' if every even batch is [unconditional, conditional] (diffusers' "
-            "order) or cfg_layout='cond_uncond' if it is [conditional, unconditional] (ComfyUI's), or use "
+            "order) or cfg_layout='cond_uncond' if it is [conditional, unconditional], or use "
             "reuse_cfg=False."
         )
 
