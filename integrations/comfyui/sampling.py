@@ -26,7 +26,7 @@ __all__ = ["PATCH_KEY", "SamplingPatch", "attach", "comfy_tome_patch_in", "refus
 # One tomediff patch per clone: registering again under this key replaces the previous one.
 PATCH_KEY = "tomediff"
 
-_LOG = logging.getLogger("tomediff.comfyui")
+_LOG = logging.getLogger("comfyui.tomediff")
 _SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads node seeds apart before adding the sigma
 
 
@@ -109,7 +109,7 @@ class SamplingPatch:
         config: the validated settings.
         last_report: :meth:`tomediff.ToMeHandle.report` of the latest run (an
             :class:`~.dit_attention.AttentionReport` on ComfyUI's DiTs; None before a run), also logged
-            at INFO level on the ``tomediff.comfyui`` logger.
+            at INFO level on the ``comfyui.tomediff`` logger.
     """
 
     def __init__(self, config: tomediff.ToMeConfig) -> None:
