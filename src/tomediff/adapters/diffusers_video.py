@@ -84,14 +84,15 @@ class WanAdapter(Adapter):
         return specs
 
 
-def _config_video_grid(model: nn.Module, frames_axis: int = 2) -> VideoGrid:
+def _config_video_grid(model: nn.Module) -> VideoGrid:
     """The grid of a model whose config gives ``patch_size`` (space) and ``patch_size_t`` (time)."""
     config = model.config  # type: ignore[attr-defined]
     p, pt = int(config.patch_size), int(config.patch_size_t)
-    return VideoGrid(model, video_patch=(pt, p, p), frames_axis=frames_axis)
+    return VideoGrid(model, video_patch=(pt, p, p))
 
 
 def _blocks(attr: str, *block_classes: str, **fields: Any) -> BlockStack:
+    """The block list ``attr`` of blocks of one of ``block_classes``, reduced at the attention call."""
     return BlockStack(attr, frozenset(block_classes), **fields)
 
 
