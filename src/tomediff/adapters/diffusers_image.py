@@ -4,12 +4,10 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 from torch import nn
 
 from tomediff.adapters.base import Adapter, class_name_in, register_adapter
-from tomediff.adapters.diffusers_video import call_site_specs
+from tomediff.adapters.call_sites import BlockStack, CallSiteAdapter
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.errors import UnsupportedModelError
 
@@ -47,60 +45,48 @@ class SanaAdapter(Adapter):
         return specs
 
 
+def _patch_grid(model: nn.Module) -> GridSource:
+    return GridSource(model, patch_size=int(model.config.patch_size))  # type: ignore[attr-defined]
+
+
 @register_adapter
-class CogView4Adapter(Adapter):
+class CogView4Adapter(CallSiteAdapter):
     """CogView4 (``CogView4Transformer2DModel``): the joint attention ``attn1`` of every
     ``CogView4TransformerBlock`` at its call, after the rotary embedding, over ``[text, image]``. Its
     ``ff`` runs on the image and on the text in two calls and is not reduced."""
 
     name = "diffusers-cogview4"
-    priority = 30
+    models = frozenset({"CogView4Transformer2DModel"})
+    stacks = (BlockStack("transformer_blocks", frozenset({"CogView4TransformerBlock"}), attn="attn1"),)
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, {"CogView4Transformer2DModel"}) and hasattr(model, "transformer_blocks")
-
-    @classmethod
-    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
-        grid = GridSource(model, patch_size=int(model.config.patch_size))  # type: ignore[attr-defined]
-        names = {"CogView4TransformerBlock"}
-        return call_site_specs(model.transformer_blocks, "transformer_blocks", grid, names, attn="attn1")
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
 
 
 @register_adapter
-class AuraFlowAdapter(Adapter):
+class AuraFlowAdapter(CallSiteAdapter):
     """AuraFlow (``AuraFlowTransformer2DModel``): the joint attention of the MMDiT blocks (``[registers
     and text, image]``) and of the single DiT blocks (whose input is already ``[registers and text,
     image]``) at its call; the MMDiT blocks' image ``ff`` at block level (``merge_mlp``)."""
 
     name = "diffusers-auraflow"
-    priority = 30
-
-    @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, {"AuraFlowTransformer2DModel"}) and hasattr(
-            model, "joint_transformer_blocks"
-        )
-
-    @classmethod
-    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
-        grid = GridSource(model, patch_size=int(model.config.patch_size))  # type: ignore[attr-defined]
-        specs = call_site_specs(
-            model.joint_transformer_blocks,
-            "joint_transformer_blocks",
-            grid,
-            {"AuraFlowJointTransformerBlock"},
-            attn="attn",
-            mlp="ff",
-        )
-        single = call_site_specs(
-            model.single_transformer_blocks,
+    models = frozenset({"AuraFlowTransformer2DModel"})
+    stacks = (
+        BlockStack(
+            "joint_transformer_blocks", frozenset({"AuraFlowJointTransformerBlock"}), attn="attn", mlp="ff"
+        ),
+        BlockStack(
             "single_transformer_blocks",
-            grid,
-            {"AuraFlowSingleTransformerBlock"},
+            frozenset({"AuraFlowSingleTransformerBlock"}),
             attn="attn",
-        )
-        return specs + [dataclasses.replace(spec, image_last=True) for spec in single]
+            image_last=True,
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
 
 
 # Families with an image or video grid that tomediff does not reduce yet, and why.

@@ -14,6 +14,7 @@ from typing import Any, ClassVar
 from torch import nn
 
 from tomediff.adapters.base import Adapter, ForwardChunkingCheck, class_name_in, register_adapter
+from tomediff.adapters.call_sites import BlockStack, CallSiteAdapter
 from tomediff.adapters.diffusers_caches import ReplayedOutputCheck
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import PositionIdsGrid, ShapeListGrid
@@ -155,8 +156,23 @@ class FluxAdapter(Adapter):
         return specs
 
 
+def _double_and_single(double: str, single: str, single_image_last: bool) -> tuple[BlockStack, BlockStack]:
+    """Flux-shaped block lists: double-stream blocks (joint attention ``attn`` over ``[text, image]``,
+    image ``ff``) then, if the model has them, single-stream blocks (``attn`` only)."""
+    return (
+        BlockStack("transformer_blocks", frozenset({double}), attn="attn", mlp="ff"),
+        BlockStack(
+            "single_transformer_blocks",
+            frozenset({single}),
+            attn="attn",
+            image_last=single_image_last,
+            optional=True,
+        ),
+    )
+
+
 @register_adapter
-class Flux2Adapter(Adapter):
+class Flux2Adapter(CallSiteAdapter):
     """Flux.2 (``Flux2Transformer2DModel``, also Klein): every attention at its call, after the rotary
     embedding, over ``[text, image]``: double-stream ``Flux2TransformerBlock.attn`` and single-stream
     ``Flux2SingleTransformerBlock.attn`` (whose block input is already ``[text, image]``). Merging reduces
@@ -166,31 +182,17 @@ class Flux2Adapter(Adapter):
     ``img_ids`` (``(t, h, w, l)`` columns); reference-image tokens (edit) are refused as an unknown grid."""
 
     name = "diffusers-flux2"
-    priority = 30
     timestep_scale = 1.0
+    models = frozenset({"Flux2Transformer2DModel"})
+    stacks = _double_and_single("Flux2TransformerBlock", "Flux2SingleTransformerBlock", True)
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, {"Flux2Transformer2DModel"}) and hasattr(model, "transformer_blocks")
-
-    @classmethod
-    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
-        grid = PositionIdsGrid(model, position=3)
-        specs = []
-        for index, block in enumerate(model.transformer_blocks):
-            if class_name_in(block, {"Flux2TransformerBlock"}):
-                sites = (Site(block.attn, "attn", role="call", text_first=True), Site(block.ff, "mlp"))
-                specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, sites))
-        for index, block in enumerate(getattr(model, "single_transformer_blocks", ())):
-            if class_name_in(block, {"Flux2SingleTransformerBlock"}):
-                sites = (Site(block.attn, "attn", role="call", text_first=True),)
-                name = f"single_transformer_blocks.{index}"
-                specs.append(BlockSpec(name, block, 1, grid, sites, image_last=True))
-        return specs
+    def grid(cls, model: nn.Module) -> GridSource:
+        return PositionIdsGrid(model, position=3)
 
 
 @register_adapter
-class QwenImageAdapter(Adapter):
+class QwenImageAdapter(CallSiteAdapter):
     """Qwen-Image (``QwenImageTransformer2DModel``): the joint attention of every
     ``QwenImageTransformerBlock`` at its call, after the rotary embedding, over ``[text, image]``; the
     image feed-forward ``img_mlp`` at block level (``merge_mlp``). The text padding mask the processor
@@ -199,53 +201,34 @@ class QwenImageAdapter(Adapter):
     shapes per sample) are refused as an unknown grid."""
 
     name = "diffusers-qwenimage"
-    priority = 30
     timestep_scale = 1.0
+    models = frozenset({"QwenImageTransformer2DModel"})
+    stacks = (
+        BlockStack(
+            "transformer_blocks", frozenset({"QwenImageTransformerBlock"}), attn="attn", mlp="img_mlp"
+        ),
+    )
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, {"QwenImageTransformer2DModel"}) and hasattr(model, "transformer_blocks")
-
-    @classmethod
-    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
-        grid = ShapeListGrid(model)
-        specs = []
-        for index, block in enumerate(model.transformer_blocks):
-            if class_name_in(block, {"QwenImageTransformerBlock"}):
-                sites = (Site(block.attn, "attn", role="call", text_first=True), Site(block.img_mlp, "mlp"))
-                specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, sites))
-        return specs
+    def grid(cls, model: nn.Module) -> GridSource:
+        return ShapeListGrid(model)
 
 
 @register_adapter
-class ChromaAdapter(Adapter):
+class ChromaAdapter(CallSiteAdapter):
     """Chroma (``ChromaTransformer2DModel``, Flux-shaped): the attention of the double-stream blocks
     (``[text, image]`` joint) and the single-stream blocks (whose input is already ``[text, image]``) at
     its call, after the rotary embedding; the double-stream image ``ff`` at block level
     (``merge_mlp``). Grid from ``img_ids``; text tokens and their mask columns are never reduced."""
 
     name = "diffusers-chroma"
-    priority = 30
     timestep_scale = 1.0
+    models = frozenset({"ChromaTransformer2DModel"})
+    stacks = _double_and_single("ChromaTransformerBlock", "ChromaSingleTransformerBlock", True)
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, {"ChromaTransformer2DModel"}) and hasattr(model, "transformer_blocks")
-
-    @classmethod
-    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
-        grid = PositionIdsGrid(model, position=3)
-        specs = []
-        for index, block in enumerate(model.transformer_blocks):
-            if class_name_in(block, {"ChromaTransformerBlock"}):
-                sites = (Site(block.attn, "attn", role="call", text_first=True), Site(block.ff, "mlp"))
-                specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, sites))
-        for index, block in enumerate(getattr(model, "single_transformer_blocks", ())):
-            if class_name_in(block, {"ChromaSingleTransformerBlock"}):
-                sites = (Site(block.attn, "attn", role="call", text_first=True),)
-                name = f"single_transformer_blocks.{index}"
-                specs.append(BlockSpec(name, block, 1, grid, sites, image_last=True))
-        return specs
+    def grid(cls, model: nn.Module) -> GridSource:
+        return PositionIdsGrid(model, position=3)
 
 
 # Flux.1-shaped families: img_ids position in forward, double-stream and single-stream block classes.
@@ -284,16 +267,8 @@ class FluxShapedAdapter(Adapter):
         name = next(k.__name__ for k in type(model).__mro__ if k.__name__ in _FLUX_SHAPED)
         position, double, single = _FLUX_SHAPED[name]
         grid = PositionIdsGrid(model, position=position)
-        specs = []
-        for index, block in enumerate(model.transformer_blocks):
-            if class_name_in(block, {double}):
-                sites = (Site(block.attn, "attn", role="call", text_first=True), Site(block.ff, "mlp"))
-                specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, sites))
-        for index, block in enumerate(getattr(model, "single_transformer_blocks", ())):
-            if class_name_in(block, {single}):
-                sites = (Site(block.attn, "attn", role="call", text_first=True),)
-                specs.append(BlockSpec(f"single_transformer_blocks.{index}", block, 1, grid, sites))
-        return specs
+        stacks = _double_and_single(double, single, False)
+        return [spec for stack in stacks for spec in stack.specs(model, grid)]
 
 
 @register_adapter

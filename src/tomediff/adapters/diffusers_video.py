@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from tomediff.adapters.base import Adapter, class_name_in, register_adapter
+from tomediff.adapters.call_sites import BlockStack, CallSiteAdapter, call_site_specs
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import KeywordGrid, VideoGrid
 
@@ -42,6 +43,16 @@ _WAN_MODELS = {"WanTransformer3DModel", "WanVACETransformer3DModel", "SkyReelsV2
 _WAN_BLOCKS = {"WanTransformerBlock", "SkyReelsV2TransformerBlock"}
 
 
+def _wan_sites(block: nn.Module) -> tuple[Site, ...]:
+    """A Wan block's sites: the self-attention (video tokens only) at its call, the cross-attention's
+    queries and the feed-forward at block level."""
+    return (
+        Site(block.attn1, "attn", role="call"),
+        Site(block.attn2, "crossattn"),
+        Site(block.ffn, "mlp"),
+    )
+
+
 @register_adapter
 class WanAdapter(Adapter):
     """Wan 2.1/2.2 (text- and image-to-video; ``WanTransformerBlock``), Wan VACE (also its control
@@ -64,212 +75,146 @@ class WanAdapter(Adapter):
         for index, block in enumerate(model.blocks):
             if not class_name_in(block, _WAN_BLOCKS):
                 continue
-            sites = (
-                Site(block.attn1, "attn", role="call"),
-                Site(block.attn2, "crossattn"),
-                Site(block.ffn, "mlp"),
-            )
-            specs.append(BlockSpec(f"blocks.{index}", block, 1, grid, sites))
+            specs.append(BlockSpec(f"blocks.{index}", block, 1, grid, _wan_sites(block)))
         # VACE's control blocks attend over the control tokens, on the same grid; their plan is made
         # from the main stream they receive first.
         for index, block in enumerate(getattr(model, "vace_blocks", ())):
             if class_name_in(block, {"WanVACETransformerBlock"}):
-                sites = (
-                    Site(block.attn1, "attn", role="call"),
-                    Site(block.attn2, "crossattn"),
-                    Site(block.ffn, "mlp"),
-                )
-                specs.append(BlockSpec(f"vace_blocks.{index}", block, 1, grid, sites))
+                specs.append(BlockSpec(f"vace_blocks.{index}", block, 1, grid, _wan_sites(block)))
         return specs
 
 
-def call_site_specs(
-    blocks: Any, prefix: str, grid: GridSource, names: set[str], image_first: bool = False, **sites: str
-) -> list[BlockSpec]:
-    """Specs of the blocks of ``blocks`` whose class is one of ``names``: a ``"call"`` site at the
-    self/joint attention ``sites["attn"]`` (image tokens first, or after the text), and block-level
-    ``crossattn``/``mlp`` sites at the named submodules that exist."""
-    specs = []
-    for index, block in enumerate(blocks):
-        if not class_name_in(block, names):
-            continue
-        attn = getattr(block, sites["attn"])
-        found = [Site(attn, "attn", role="call", image_first=image_first, text_first=not image_first)]
-        for kind in ("crossattn", "mlp"):
-            module = getattr(block, sites.get(kind, ""), None)
-            if isinstance(module, nn.Module):
-                found.append(Site(module, kind))  # type: ignore[arg-type]
-        specs.append(BlockSpec(f"{prefix}.{index}", block, 1, grid, tuple(found)))
-    return specs
+def _config_video_grid(model: nn.Module) -> VideoGrid:
+    """The grid of a model whose config gives ``patch_size`` (space) and ``patch_size_t`` (time)."""
+    config = model.config  # type: ignore[attr-defined]
+    p, pt = int(config.patch_size), int(config.patch_size_t)
+    return VideoGrid(model, video_patch=(pt, p, p))
+
+
+def _blocks(attr: str, *block_classes: str, **fields: Any) -> BlockStack:
+    """The block list ``attr`` of blocks of one of ``block_classes``, reduced at the attention call."""
+    return BlockStack(attr, frozenset(block_classes), **fields)
 
 
 @register_adapter
-class HunyuanVideoAdapter(Adapter):
+class HunyuanVideoAdapter(CallSiteAdapter):
     """HunyuanVideo (``HunyuanVideoTransformer3DModel``, T2V and its token-replace I2V blocks): the joint
     attention of the double- and single-stream blocks at its call, after the rotary embedding, over
     ``[video, text]`` (the text padding mask keeps its text columns); the double-stream video feed-forward
     ``ff`` at block level (``merge_mlp``). Grid from the ``[B, C, F, H, W]`` latent and the patch sizes."""
 
     name = "diffusers-hunyuanvideo"
-    priority = 30
+    models = frozenset({"HunyuanVideoTransformer3DModel"})
+    stacks = (
+        _blocks(
+            "transformer_blocks",
+            "HunyuanVideoTransformerBlock",
+            "HunyuanVideoTokenReplaceTransformerBlock",
+            attn="attn",
+            mlp="ff",
+            image_first=True,
+        ),
+        _blocks(
+            "single_transformer_blocks",
+            "HunyuanVideoSingleTransformerBlock",
+            "HunyuanVideoTokenReplaceSingleTransformerBlock",
+            attn="attn",
+            image_first=True,
+        ),
+    )
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, {"HunyuanVideoTransformer3DModel"}) and hasattr(
-            model, "transformer_blocks"
-        )
-
-    @classmethod
-    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
-        config = model.config  # type: ignore[attr-defined]
-        p, pt = int(config.patch_size), int(config.patch_size_t)
-        grid = VideoGrid(model, video_patch=(pt, p, p))
-        double = {"HunyuanVideoTransformerBlock", "HunyuanVideoTokenReplaceTransformerBlock"}
-        single = {"HunyuanVideoSingleTransformerBlock", "HunyuanVideoTokenReplaceSingleTransformerBlock"}
-        specs = call_site_specs(
-            model.transformer_blocks, "transformer_blocks", grid, double, True, attn="attn", mlp="ff"
-        )
-        specs += call_site_specs(
-            model.single_transformer_blocks, "single_transformer_blocks", grid, single, True, attn="attn"
-        )
-        return specs
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _config_video_grid(model)
 
 
 @register_adapter
-class HunyuanVideo15Adapter(Adapter):
+class HunyuanVideo15Adapter(CallSiteAdapter):
     """HunyuanVideo 1.5 (``HunyuanVideo15Transformer3DModel``): the joint attention of every
     ``HunyuanVideo15TransformerBlock`` at its call, after the rotary embedding, over ``[video, text]``
     (its reordered text padding mask keeps its text columns); the video ``ff`` at block level
     (``merge_mlp``). Grid from the ``[B, C, F, H, W]`` latent and the patch sizes."""
 
     name = "diffusers-hunyuanvideo15"
-    priority = 30
+    models = frozenset({"HunyuanVideo15Transformer3DModel"})
+    stacks = (
+        _blocks(
+            "transformer_blocks", "HunyuanVideo15TransformerBlock", attn="attn", mlp="ff", image_first=True
+        ),
+    )
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, {"HunyuanVideo15Transformer3DModel"}) and hasattr(
-            model, "transformer_blocks"
-        )
-
-    @classmethod
-    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
-        config = model.config  # type: ignore[attr-defined]
-        p, pt = int(config.patch_size), int(config.patch_size_t)
-        grid = VideoGrid(model, video_patch=(pt, p, p))
-        names = {"HunyuanVideo15TransformerBlock"}
-        return call_site_specs(
-            model.transformer_blocks, "transformer_blocks", grid, names, True, attn="attn", mlp="ff"
-        )
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _config_video_grid(model)
 
 
 @register_adapter
-class CogVideoXAdapter(Adapter):
+class CogVideoXAdapter(CallSiteAdapter):
     """CogVideoX 1.0/1.5 (``CogVideoXTransformer3DModel``): the joint attention ``attn1`` of every
     ``CogVideoXBlock`` at its call, after the rotary embedding, over ``[text, video]``; the feed-forward
     ``ff`` is shared by text and video tokens and is not reduced. Grid from the ``[B, F, C, H, W]``
     latent and the patch sizes (``patch_size_t`` for 1.5)."""
 
     name = "diffusers-cogvideox"
-    priority = 30
+    models = frozenset({"CogVideoXTransformer3DModel"})
+    stacks = (_blocks("transformer_blocks", "CogVideoXBlock", attn="attn1"),)
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, {"CogVideoXTransformer3DModel"}) and hasattr(model, "transformer_blocks")
-
-    @classmethod
-    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+    def grid(cls, model: nn.Module) -> GridSource:
         config = model.config  # type: ignore[attr-defined]
         p, pt = int(config.patch_size), int(config.patch_size_t or 1)
-        grid = VideoGrid(model, video_patch=(pt, p, p), frames_axis=1)
-        return call_site_specs(
-            model.transformer_blocks, "transformer_blocks", grid, {"CogVideoXBlock"}, attn="attn1"
-        )
+        return VideoGrid(model, video_patch=(pt, p, p), frames_axis=1)
 
 
 @register_adapter
-class LTXVideoAdapter(Adapter):
+class LTXVideoAdapter(CallSiteAdapter):
     """LTX-Video (``LTXVideoTransformer3DModel``): the self-attention ``attn1`` of every
     ``LTXVideoTransformerBlock`` at its call, after the rotary embedding (video tokens only); the
     cross-attention's queries (``merge_crossattn``) and the feed-forward ``ff`` (``merge_mlp``) at block
     level. Grid from the call's ``num_frames``, ``height``, ``width`` (latent tokens)."""
 
     name = "diffusers-ltxvideo"
-    priority = 30
+    models = frozenset({"LTXVideoTransformer3DModel"})
+    stacks = (
+        _blocks("transformer_blocks", "LTXVideoTransformerBlock", attn="attn1", crossattn="attn2", mlp="ff"),
+    )
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, {"LTXVideoTransformer3DModel"}) and hasattr(model, "transformer_blocks")
-
-    @classmethod
-    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
-        grid = KeywordGrid(model)
-        names = {"LTXVideoTransformerBlock"}
-        return call_site_specs(
-            model.transformer_blocks,
-            "transformer_blocks",
-            grid,
-            names,
-            attn="attn1",
-            crossattn="attn2",
-            mlp="ff",
-        )
+    def grid(cls, model: nn.Module) -> GridSource:
+        return KeywordGrid(model)
 
 
 @register_adapter
-class AllegroAdapter(Adapter):
+class AllegroAdapter(CallSiteAdapter):
     """Allegro (``AllegroTransformer3DModel``): the self-attention ``attn1`` of every
     ``AllegroTransformerBlock`` at its call, after the rotary embedding (video tokens only; its mask
     follows the keys); the cross-attention's queries (``merge_crossattn``) and ``ff`` (``merge_mlp``) at
     block level. Grid from the ``[B, C, F, H, W]`` latent and the patch sizes."""
 
     name = "diffusers-allegro"
-    priority = 30
+    models = frozenset({"AllegroTransformer3DModel"})
+    stacks = (
+        _blocks("transformer_blocks", "AllegroTransformerBlock", attn="attn1", crossattn="attn2", mlp="ff"),
+    )
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, {"AllegroTransformer3DModel"}) and hasattr(model, "transformer_blocks")
-
-    @classmethod
-    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
-        config = model.config  # type: ignore[attr-defined]
-        p, pt = int(config.patch_size), int(config.patch_size_t)
-        grid = VideoGrid(model, video_patch=(pt, p, p))
-        names = {"AllegroTransformerBlock"}
-        return call_site_specs(
-            model.transformer_blocks,
-            "transformer_blocks",
-            grid,
-            names,
-            attn="attn1",
-            crossattn="attn2",
-            mlp="ff",
-        )
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _config_video_grid(model)
 
 
 @register_adapter
-class CosmosAdapter(Adapter):
+class CosmosAdapter(CallSiteAdapter):
     """Cosmos (``CosmosTransformer3DModel``, Cosmos-Predict2): the self-attention ``attn1`` of every
     ``CosmosTransformerBlock`` at its call, after the rotary embedding (video tokens only); the
     cross-attention's queries (``merge_crossattn``) and ``ff`` (``merge_mlp``) at block level. Grid from
     the ``[B, C, F, H, W]`` latent and ``patch_size``."""
 
     name = "diffusers-cosmos"
-    priority = 30
+    models = frozenset({"CosmosTransformer3DModel"})
+    stacks = (
+        _blocks("transformer_blocks", "CosmosTransformerBlock", attn="attn1", crossattn="attn2", mlp="ff"),
+    )
 
     @classmethod
-    def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, {"CosmosTransformer3DModel"}) and hasattr(model, "transformer_blocks")
-
-    @classmethod
-    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
-        grid = VideoGrid(model, video_patch=_patch_size(model))
-        names = {"CosmosTransformerBlock"}
-        return call_site_specs(
-            model.transformer_blocks,
-            "transformer_blocks",
-            grid,
-            names,
-            attn="attn1",
-            crossattn="attn2",
-            mlp="ff",
-        )
+    def grid(cls, model: nn.Module) -> GridSource:
+        return VideoGrid(model, video_patch=_patch_size(model))

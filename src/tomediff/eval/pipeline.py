@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import torch
@@ -46,6 +46,8 @@ __all__ = [
     "load_demo_model",
 ]
 
+_PipelineT = TypeVar("_PipelineT", bound="_ClassConditionalPipeline")
+
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 # The bundled DiT's files: transformer weights, prompt-encoder weights, configs.
 DIT_FILES = ("demo_dit_transformer.safetensors", "demo_dit_text_encoder.safetensors", "demo_dit.json")
@@ -65,7 +67,103 @@ def _to_images(latents: torch.Tensor) -> np.ndarray:
     return to_uint8(latents_to_images(latents.float())[:, :, 2:30, 2:30])
 
 
-class DemoPipeline:
+class _ClassConditionalPipeline:
+    """What both demo pipelines share: device/dtype moves and the classifier-free-guidance sampling loop.
+
+    A subclass says what differs: its ``denoiser``, its schedulers (``make_scheduler``), how a batch
+    starts (``_start``: initial latents and the model call) and how its latents end (``_finish``).
+    """
+
+    default_scheduler: str
+
+    def __init__(self, text_encoder: ClassPromptEncoder, scheduler_config: dict[str, Any]) -> None:
+        self.text_encoder = text_encoder.eval()
+        self.scheduler_config = dict(scheduler_config)
+        self.class_names = text_encoder.class_names
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The network token reduction patches."""
+        raise NotImplementedError
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.denoiser.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.denoiser.parameters()).dtype
+
+    def to(
+        self: _PipelineT, device: str | torch.device | None = None, dtype: torch.dtype | None = None
+    ) -> _PipelineT:
+        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        self.denoiser.to(**kwargs)
+        self.text_encoder.to(**kwargs)
+        return self
+
+    def make_scheduler(self, name: str) -> Any:
+        raise NotImplementedError
+
+    def _start(
+        self, class_ids: Sequence[int], seeds: Sequence[int], sched: Any, use_cfg: bool
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
+        """The batch's initial latents, and the model call ``(model_in, t) -> prediction`` that sees
+        both CFG halves (``[uncond, cond]``) stacked when ``use_cfg``."""
+        raise NotImplementedError
+
+    def _finish(self, latents: torch.Tensor) -> torch.Tensor:
+        """The sampled latents as ``(B, 4, 16, 16)``."""
+        return latents
+
+    @torch.no_grad()
+    def generate_latents(
+        self,
+        class_ids: Sequence[int],
+        seeds: Sequence[int],
+        num_inference_steps: int = 20,
+        guidance_scale: float = 3.0,
+        scheduler: str | None = None,
+        step_callback: Callable[[int], None] | None = None,
+    ) -> torch.Tensor:
+        """Denoise one batch; returns latents ``(B, 4, 16, 16)``. ``scheduler`` defaults to the
+        pipeline's ``default_scheduler``."""
+        if len(class_ids) != len(seeds):
+            raise ValueError(f"{len(class_ids)} class ids but {len(seeds)} seeds.")
+        sched = self.make_scheduler(self.default_scheduler if scheduler is None else scheduler)
+        sched.set_timesteps(num_inference_steps)
+        use_cfg = guidance_scale != 1.0
+        self.scheduler, self.do_classifier_free_guidance = sched, use_cfg
+        latents, predict = self._start(class_ids, seeds, sched, use_cfg)
+        for i, t in enumerate(sched.timesteps):
+            # Unconditional and conditional halves go through the model as one batch, as in SD/Flux
+            # pipelines, so token merging sees an even batch and shares one partition between them.
+            out = predict(torch.cat([latents, latents]) if use_cfg else latents, t)
+            if use_cfg:
+                out_uncond, out_cond = out.chunk(2)
+                out = out_uncond + guidance_scale * (out_cond - out_uncond)
+            latents = sched.step(out, t, latents).prev_sample
+            if step_callback is not None:
+                step_callback(i)
+        return self._finish(latents)
+
+    def __call__(
+        self,
+        class_ids: Sequence[int],
+        seeds: Sequence[int],
+        num_inference_steps: int = 20,
+        guidance_scale: float = 3.0,
+        scheduler: str | None = None,
+        step_callback: Callable[[int], None] | None = None,
+    ) -> np.ndarray:
+        """Generate ``len(class_ids)`` images in one batch; returns uint8 ``(B, 28, 28)``."""
+        latents = self.generate_latents(
+            class_ids, seeds, num_inference_steps, guidance_scale, scheduler, step_callback
+        )
+        return _to_images(latents)
+
+
+class DemoPipeline(_ClassConditionalPipeline):
     """Text(class-name)-to-image sampler with classifier-free guidance.
 
     Attributes:
@@ -77,6 +175,8 @@ class DemoPipeline:
             generations and guidance pairs apart (``reuse_steps``, ``reuse_cfg``), as in diffusers.
     """
 
+    default_scheduler = "dpm"
+
     def __init__(
         self,
         unet: nn.Module,
@@ -84,30 +184,12 @@ class DemoPipeline:
         scheduler_config: dict[str, Any] | None = None,
     ) -> None:
         self.unet = unet.eval()
-        self.text_encoder = text_encoder.eval()
-        self.scheduler_config = dict(scheduler_config or build_scheduler_config())
-        self.class_names = text_encoder.class_names
-
-    default_scheduler = "dpm"
+        super().__init__(text_encoder, scheduler_config or build_scheduler_config())
 
     @property
     def denoiser(self) -> nn.Module:
         """The network token reduction patches (here the UNet)."""
         return self.unet
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.unet.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.unet.parameters()).dtype
-
-    def to(self, device: str | torch.device | None = None, dtype: torch.dtype | None = None) -> DemoPipeline:
-        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        self.unet.to(**kwargs)
-        self.text_encoder.to(**kwargs)
-        return self
 
     def make_scheduler(self, name: str = "dpm") -> Any:
         """A fresh sampling scheduler: ``"dpm"`` (DPM-Solver++ 2M), ``"ddim"`` or ``"pndm"``."""
@@ -128,89 +210,24 @@ class DemoPipeline:
             )
         raise ValueError(f"unknown scheduler {name!r}; use 'dpm', 'ddim' or 'pndm'.")
 
-    @torch.no_grad()
-    def generate_latents(
-        self,
-        class_ids: Sequence[int],
-        seeds: Sequence[int],
-        num_inference_steps: int = 20,
-        guidance_scale: float = 3.0,
-        scheduler: str = "dpm",
-        step_callback: Callable[[int], None] | None = None,
-    ) -> torch.Tensor:
-        """Denoise one batch; returns latents ``(B, 4, 16, 16)``."""
-        if len(class_ids) != len(seeds):
-            raise ValueError(f"{len(class_ids)} class ids but {len(seeds)} seeds.")
-        sched = self.make_scheduler(scheduler)
-        sched.set_timesteps(num_inference_steps)
-        use_cfg = guidance_scale != 1.0
-        self.scheduler, self.do_classifier_free_guidance = sched, use_cfg
+    def _start(
+        self, class_ids: Sequence[int], seeds: Sequence[int], sched: Any, use_cfg: bool
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         device, dtype = self.device, self.dtype
         latents = initial_noise(seeds, (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE)).to(device, dtype)
         latents = latents * sched.init_noise_sigma
         cond = self.text_encoder(self.text_encoder.tokenize_classes(class_ids).to(device))
         uncond = self.text_encoder(self.text_encoder.tokenize([""] * len(class_ids)).to(device))
-        # Unconditional and conditional halves go through the UNet as one batch, as in SD pipelines,
-        # so token merging sees an even batch and shares one partition between the halves.
         context = torch.cat([uncond, cond]) if use_cfg else cond
-        for i, t in enumerate(sched.timesteps):
-            model_in = torch.cat([latents, latents]) if use_cfg else latents
-            model_in = sched.scale_model_input(model_in, t)
+
+        def predict(model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             # Sample passed positionally: tomesd's patch hooks read it that way.
-            out = self.unet(model_in, t, encoder_hidden_states=context).sample
-            if use_cfg:
-                out_uncond, out_cond = out.chunk(2)
-                out = out_uncond + guidance_scale * (out_cond - out_uncond)
-            latents = sched.step(out, t, latents).prev_sample
-            if step_callback is not None:
-                step_callback(i)
-        return latents
+            return self.unet(sched.scale_model_input(model_in, t), t, encoder_hidden_states=context).sample
 
-    def __call__(
-        self,
-        class_ids: Sequence[int],
-        seeds: Sequence[int],
-        num_inference_steps: int = 20,
-        guidance_scale: float = 3.0,
-        scheduler: str = "dpm",
-        step_callback: Callable[[int], None] | None = None,
-    ) -> np.ndarray:
-        """Generate ``len(class_ids)`` images in one batch; returns uint8 ``(B, 28, 28)``."""
-        latents = self.generate_latents(
-            class_ids, seeds, num_inference_steps, guidance_scale, scheduler, step_callback
-        )
-        return _to_images(latents)
+        return latents, predict
 
 
-def load_demo_model(
-    assets_dir: str | Path | None = None,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-) -> DemoPipeline:
-    """The bundled trained Fashion-MNIST model as a ready :class:`DemoPipeline` (offline, ~6 MB)."""
-    from safetensors.torch import load_file
-
-    directory = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
-    meta_path = directory / "demo_model.json"
-    if not meta_path.is_file():
-        raise FileNotFoundError(
-            f"demo model not found in {directory} (expected demo_model.json, demo_unet.safetensors, "
-            "demo_text_encoder.safetensors); train it with `python -m tomediff.eval.train_demo --export DIR`."
-        )
-    meta = json.loads(meta_path.read_text())
-    unet_config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["unet"].items()}
-    unet = build_demo_unet(**unet_config)
-    unet.load_state_dict(load_file(directory / "demo_unet.safetensors"))
-    encoder_config = meta["text_encoder"]
-    encoder = ClassPromptEncoder(
-        encoder_config.get("class_names", CLASS_NAMES), encoder_config["dim"], encoder_config["length"]
-    )
-    encoder.load_state_dict(load_file(directory / "demo_text_encoder.safetensors"))
-    pipe = DemoPipeline(unet, encoder, meta.get("scheduler")).to(device)
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
-
-
-class DemoDiTPipeline:
+class DemoDiTPipeline(_ClassConditionalPipeline):
     """The DiT counterpart of :class:`DemoPipeline`, called the same way: flow-matching Euler sampling
     with classifier-free guidance.
 
@@ -232,30 +249,12 @@ class DemoDiTPipeline:
         scheduler_config: dict[str, Any] | None = None,
     ) -> None:
         self.transformer = transformer.eval()
-        self.text_encoder = text_encoder.eval()
-        self.scheduler_config = dict(scheduler_config or build_flow_scheduler_config())
-        self.class_names = text_encoder.class_names
+        super().__init__(text_encoder, scheduler_config or build_flow_scheduler_config())
 
     @property
     def denoiser(self) -> nn.Module:
         """The network token reduction patches (here the transformer)."""
         return self.transformer
-
-    @property
-    def device(self) -> torch.device:
-        return next(self.transformer.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.transformer.parameters()).dtype
-
-    def to(
-        self, device: str | torch.device | None = None, dtype: torch.dtype | None = None
-    ) -> DemoDiTPipeline:
-        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
-        self.transformer.to(**kwargs)
-        self.text_encoder.to(**kwargs)
-        return self
 
     def make_scheduler(self, name: str = "euler") -> Any:
         """A fresh sampling scheduler: ``"euler"`` (diffusers' ``FlowMatchEulerDiscreteScheduler``), the
@@ -269,38 +268,23 @@ class DemoDiTPipeline:
             )
         return FlowMatchEulerDiscreteScheduler(**self.scheduler_config)
 
-    @torch.no_grad()
-    def generate_latents(
-        self,
-        class_ids: Sequence[int],
-        seeds: Sequence[int],
-        num_inference_steps: int = 20,
-        guidance_scale: float = 3.0,
-        scheduler: str = "euler",
-        step_callback: Callable[[int], None] | None = None,
-    ) -> torch.Tensor:
-        """Denoise one batch; returns latents ``(B, 4, 16, 16)``."""
-        if len(class_ids) != len(seeds):
-            raise ValueError(f"{len(class_ids)} class ids but {len(seeds)} seeds.")
-        sched = self.make_scheduler(scheduler)
-        sched.set_timesteps(num_inference_steps)
+    def _start(
+        self, class_ids: Sequence[int], seeds: Sequence[int], sched: Any, use_cfg: bool
+    ) -> tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         device, dtype = self.device, self.dtype
         noise = initial_noise(seeds, (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE))
         latents = latents_to_tokens(noise).to(device, dtype)  # flow matching starts at sigma = 1: pure noise
         cond_ids = self.text_encoder.tokenize_classes(class_ids).to(device)
         uncond_ids = self.text_encoder.tokenize([""] * len(class_ids)).to(device)
-        use_cfg = guidance_scale != 1.0
-        self.scheduler, self.do_classifier_free_guidance = sched, use_cfg
-        # Unconditional and conditional halves as one batch, as in SD/Flux CFG pipelines.
         token_ids = torch.cat([uncond_ids, cond_ids]) if use_cfg else cond_ids
         context = self.text_encoder(token_ids).to(dtype)
         pooled = self.text_encoder.pool(context, token_ids)
         img_ids, txt_ids = dit_position_ids(LATENT_SIZE, LATENT_SIZE, token_ids.shape[1])
         img_ids, txt_ids = img_ids.to(device, dtype), txt_ids.to(device, dtype)
-        for i, t in enumerate(sched.timesteps):
-            model_in = torch.cat([latents, latents]) if use_cfg else latents
+
+        def predict(model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             timestep = (t / 1000).expand(model_in.shape[0]).to(device, dtype)  # Flux takes sigma
-            out = self.transformer(
+            return self.transformer(
                 model_in,
                 encoder_hidden_states=context,
                 pooled_projections=pooled,
@@ -308,28 +292,58 @@ class DemoDiTPipeline:
                 img_ids=img_ids,
                 txt_ids=txt_ids,
             ).sample
-            if use_cfg:
-                out_uncond, out_cond = out.chunk(2)
-                out = out_uncond + guidance_scale * (out_cond - out_uncond)
-            latents = sched.step(out, t, latents).prev_sample
-            if step_callback is not None:
-                step_callback(i)
+
+        return latents, predict
+
+    def _finish(self, latents: torch.Tensor) -> torch.Tensor:
         return tokens_to_latents(latents, LATENT_SIZE, LATENT_SIZE)
 
-    def __call__(
-        self,
-        class_ids: Sequence[int],
-        seeds: Sequence[int],
-        num_inference_steps: int = 20,
-        guidance_scale: float = 3.0,
-        scheduler: str = "euler",
-        step_callback: Callable[[int], None] | None = None,
-    ) -> np.ndarray:
-        """Generate ``len(class_ids)`` images in one batch; returns uint8 ``(B, 28, 28)``."""
-        latents = self.generate_latents(
-            class_ids, seeds, num_inference_steps, guidance_scale, scheduler, step_callback
+
+def _resolve_assets_dir(assets_dir: str | Path | None) -> Path:
+    return Path(assets_dir) if assets_dir is not None else ASSETS_DIR
+
+
+def _model_config(config: dict[str, Any]) -> dict[str, Any]:
+    """A model config read from JSON, its lists back to the tuples the builders take."""
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in config.items()}
+
+
+def _load_text_encoder(meta: dict[str, Any], weights: Path) -> ClassPromptEncoder:
+    from safetensors.torch import load_file
+
+    encoder_config = meta["text_encoder"]
+    encoder = ClassPromptEncoder(
+        encoder_config.get("class_names", CLASS_NAMES), encoder_config["dim"], encoder_config["length"]
+    )
+    encoder.load_state_dict(load_file(weights))
+    return encoder
+
+
+def _placed(pipe: _PipelineT, device: str | torch.device, dtype: torch.dtype) -> _PipelineT:
+    pipe = pipe.to(device)
+    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+
+
+def load_demo_model(
+    assets_dir: str | Path | None = None,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> DemoPipeline:
+    """The bundled trained Fashion-MNIST model as a ready :class:`DemoPipeline` (offline, ~6 MB)."""
+    from safetensors.torch import load_file
+
+    directory = _resolve_assets_dir(assets_dir)
+    meta_path = directory / "demo_model.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"demo model not found in {directory} (expected demo_model.json, demo_unet.safetensors, "
+            "demo_text_encoder.safetensors); train it with `python -m tomediff.eval.train_demo --export DIR`."
         )
-        return _to_images(latents)
+    meta = json.loads(meta_path.read_text())
+    unet = build_demo_unet(**_model_config(meta["unet"]))
+    unet.load_state_dict(load_file(directory / "demo_unet.safetensors"))
+    encoder = _load_text_encoder(meta, directory / "demo_text_encoder.safetensors")
+    return _placed(DemoPipeline(unet, encoder, meta.get("scheduler")), device, dtype)
 
 
 def load_demo_dit(
@@ -340,7 +354,7 @@ def load_demo_dit(
     """The bundled trained Fashion-MNIST DiT as a ready :class:`DemoDiTPipeline` (offline)."""
     from safetensors.torch import load_file
 
-    directory = Path(assets_dir) if assets_dir is not None else ASSETS_DIR
+    directory = _resolve_assets_dir(assets_dir)
     transformer_file, encoder_file, meta_file = DIT_FILES
     missing = [name for name in DIT_FILES if not (directory / name).is_file()]
     if missing:
@@ -349,13 +363,7 @@ def load_demo_dit(
             "`python -m tomediff.eval.train_dit --out runs/dit --export DIR`."
         )
     meta = json.loads((directory / meta_file).read_text())
-    transformer_config = {k: tuple(v) if isinstance(v, list) else v for k, v in meta["transformer"].items()}
-    transformer = build_demo_dit(**transformer_config)
+    transformer = build_demo_dit(**_model_config(meta["transformer"]))
     transformer.load_state_dict(load_file(directory / transformer_file))
-    encoder_config = meta["text_encoder"]
-    encoder = ClassPromptEncoder(
-        encoder_config.get("class_names", CLASS_NAMES), encoder_config["dim"], encoder_config["length"]
-    )
-    encoder.load_state_dict(load_file(directory / encoder_file))
-    pipe = DemoDiTPipeline(transformer, encoder, meta.get("scheduler")).to(device)
-    return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)
+    encoder = _load_text_encoder(meta, directory / encoder_file)
+    return _placed(DemoDiTPipeline(transformer, encoder, meta.get("scheduler")), device, dtype)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import inspect
 import json
 import math
 import time
@@ -30,7 +31,16 @@ from tomediff.eval.model import (
     images_to_latents,
 )
 
-__all__ = ["export_weights", "load_ema", "main", "run_training", "save_module", "train"]
+__all__ = [
+    "export_ema",
+    "export_weights",
+    "load_ema",
+    "main",
+    "run_training",
+    "save_module",
+    "train",
+    "training_main",
+]
 
 
 class _Denoiser(torch.nn.Module):
@@ -246,37 +256,73 @@ def train(
     )
 
 
+def export_ema(
+    checkpoint: Path,
+    model: torch.nn.Module,
+    assets_dir: Path,
+    *,
+    denoiser: tuple[str, dict[str, Any], str],
+    encoder_file: str,
+    meta_file: str,
+    scheduler_config: dict[str, Any],
+) -> None:
+    """Write a checkpoint's EMA weights and the configs into ``assets_dir``.
+
+    ``model`` holds the trained network as attribute ``denoiser[0]`` (config ``denoiser[1]``, weights
+    file ``denoiser[2]``) and the prompt encoder as ``text_encoder``; the meta file records both
+    configs, the sampling scheduler's and the step the checkpoint was saved at.
+    """
+    name, config, weights_file = denoiser
+    trained_steps = load_ema(checkpoint, model)
+    save_module(getattr(model, name), assets_dir / weights_file)
+    save_module(model.text_encoder, assets_dir / encoder_file)
+    meta = {
+        name: config,
+        "text_encoder": model.text_encoder.config(),
+        "scheduler": scheduler_config,
+        "trained_steps": trained_steps,
+    }
+    (assets_dir / meta_file).write_text(json.dumps(meta, indent=2, default=list) + "\n")
+
+
 def export_weights(checkpoint: Path, assets_dir: Path, unet_overrides: dict[str, Any] | None = None) -> None:
     """Write the EMA weights of a checkpoint as ``demo_unet.safetensors``, ``demo_text_encoder.safetensors``
     and ``demo_model.json`` (the configs) into ``assets_dir``."""
     from tomediff.eval.model import DEMO_UNET_CONFIG
 
-    model = _Denoiser(unet_overrides)
-    trained_steps = load_ema(checkpoint, model)
-    save_module(model.unet, assets_dir / "demo_unet.safetensors")
-    save_module(model.text_encoder, assets_dir / "demo_text_encoder.safetensors")
-    meta = {
-        "unet": {**DEMO_UNET_CONFIG, **(unet_overrides or {})},
-        "text_encoder": model.text_encoder.config(),
-        "scheduler": build_scheduler_config(),
-        "trained_steps": trained_steps,
-    }
-    (assets_dir / "demo_model.json").write_text(json.dumps(meta, indent=2, default=list) + "\n")
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    export_ema(
+        checkpoint,
+        _Denoiser(unet_overrides),
+        assets_dir,
+        denoiser=("unet", {**DEMO_UNET_CONFIG, **(unet_overrides or {})}, "demo_unet.safetensors"),
+        encoder_file="demo_text_encoder.safetensors",
+        meta_file="demo_model.json",
+        scheduler_config=build_scheduler_config(),
     )
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--steps", type=int, default=1400)
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=5e-4)
+
+
+def training_main(
+    argv: list[str] | None,
+    description: str | None,
+    train_fn: Callable[..., Path],
+    export_fn: Callable[[Path, Path], None],
+    default_out: Path,
+) -> int:
+    """The command line both demo trainers share; the defaults of ``--steps``, ``--batch-size``,
+    ``--lr`` and ``--checkpoint-every`` are ``train_fn``'s own."""
+    defaults = {name: p.default for name, p in inspect.signature(train_fn).parameters.items()}
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--out", type=Path, default=default_out)
+    parser.add_argument("--steps", type=int, default=defaults["steps"])
+    parser.add_argument("--batch-size", type=int, default=defaults["batch_size"])
+    parser.add_argument("--lr", type=float, default=defaults["lr"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
         "--threads", type=int, default=1, help="torch intra-op threads (leave cores to others)"
     )
-    parser.add_argument("--checkpoint-every", type=int, default=250)
+    parser.add_argument("--checkpoint-every", type=int, default=defaults["checkpoint_every"])
     parser.add_argument("--data-dir", default=None)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument(
@@ -284,7 +330,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ckpt = train(
+    ckpt = train_fn(
         args.out,
         steps=args.steps,
         batch_size=args.batch_size,
@@ -295,9 +341,13 @@ def main(argv: list[str] | None = None) -> int:
         device=args.device,
     )
     if args.export is not None:
-        export_weights(ckpt, args.export)
+        export_fn(ckpt, args.export)
         print(f"exported EMA weights to {args.export}", flush=True)
     return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return training_main(argv, __doc__, train, export_weights, Path("runs/demo"))
 
 
 if __name__ == "__main__":

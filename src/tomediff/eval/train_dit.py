@@ -12,8 +12,6 @@ have seen) are the demo UNet's: :func:`tomediff.eval.train_demo.run_training`.
 
 from __future__ import annotations
 
-import argparse
-import json
 from pathlib import Path
 from typing import Any
 
@@ -30,7 +28,7 @@ from tomediff.eval.model import (
     latents_to_tokens,
 )
 from tomediff.eval.pipeline import DIT_FILES
-from tomediff.eval.train_demo import load_ema, run_training, save_module
+from tomediff.eval.train_demo import export_ema, run_training, training_main
 
 __all__ = ["export_dit_weights", "main", "train_dit"]
 
@@ -113,54 +111,20 @@ def export_dit_weights(
     checkpoint: Path, assets_dir: Path, dit_overrides: dict[str, Any] | None = None
 ) -> None:
     """Write the EMA weights of a checkpoint and the configs into ``assets_dir`` (:data:`DIT_FILES`)."""
-    model = _DiTDenoiser(dit_overrides)
-    trained_steps = load_ema(checkpoint, model)
     transformer_file, encoder_file, meta_file = DIT_FILES
-    save_module(model.transformer, assets_dir / transformer_file)
-    save_module(model.text_encoder, assets_dir / encoder_file)
-    meta = {
-        "transformer": {**DEMO_DIT_CONFIG, **(dit_overrides or {})},
-        "text_encoder": model.text_encoder.config(),
-        "scheduler": build_flow_scheduler_config(),
-        "trained_steps": trained_steps,
-    }
-    (assets_dir / meta_file).write_text(json.dumps(meta, indent=2, default=list) + "\n")
+    export_ema(
+        checkpoint,
+        _DiTDenoiser(dit_overrides),
+        assets_dir,
+        denoiser=("transformer", {**DEMO_DIT_CONFIG, **(dit_overrides or {})}, transformer_file),
+        encoder_file=encoder_file,
+        meta_file=meta_file,
+        scheduler_config=build_flow_scheduler_config(),
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("--out", type=Path, default=Path("runs/dit"))
-    parser.add_argument("--steps", type=int, default=700)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--threads", type=int, default=1, help="torch intra-op threads (leave cores to others)"
-    )
-    parser.add_argument("--checkpoint-every", type=int, default=100)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument(
-        "--export", type=Path, default=None, help="after training, write the EMA weights to this directory"
-    )
-    args = parser.parse_args(argv)
-    torch.set_num_threads(args.threads)
-    ckpt = train_dit(
-        args.out,
-        steps=args.steps,
-        batch_size=args.batch_size,
-        lr=args.lr,
-        seed=args.seed,
-        checkpoint_every=args.checkpoint_every,
-        data_dir=args.data_dir,
-        device=args.device,
-    )
-    if args.export is not None:
-        export_dit_weights(ckpt, args.export)
-        print(f"exported EMA weights to {args.export}", flush=True)
-    return 0
+    return training_main(argv, __doc__, train_dit, export_dit_weights, Path("runs/dit"))
 
 
 if __name__ == "__main__":

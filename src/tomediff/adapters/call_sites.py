@@ -1,0 +1,103 @@
+"""Block specs for diffusion transformers reduced at their attention call, and adapters that are only a
+declaration of their block lists (:class:`CallSiteAdapter`)."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+
+from tomediff.adapters.base import Adapter, class_name_in
+from tomediff.core import BlockSpec, GridSource, Site
+
+__all__ = ["BlockStack", "CallSiteAdapter", "call_site_specs"]
+
+
+def call_site_specs(
+    blocks: Iterable[nn.Module],
+    prefix: str,
+    grid: GridSource,
+    names: set[str],
+    image_first: bool = False,
+    *,
+    image_last: bool = False,
+    **sites: str,
+) -> list[BlockSpec]:
+    """Specs of the blocks of ``blocks`` whose class is one of ``names``: a ``"call"`` site at the
+    self/joint attention ``sites["attn"]`` (image tokens first, or after the text), and block-level
+    ``crossattn``/``mlp`` sites at the named submodules that exist. ``image_last``: the block input is
+    already ``[text, image]`` (single-stream blocks)."""
+    specs = []
+    for index, block in enumerate(blocks):
+        if not class_name_in(block, names):
+            continue
+        attn = getattr(block, sites["attn"])
+        found = [Site(attn, "attn", role="call", image_first=image_first, text_first=not image_first)]
+        for kind in ("crossattn", "mlp"):
+            module = getattr(block, sites.get(kind, ""), None)
+            if isinstance(module, nn.Module):
+                found.append(Site(module, kind))  # type: ignore[arg-type]
+        specs.append(BlockSpec(f"{prefix}.{index}", block, 1, grid, tuple(found), image_last=image_last))
+    return specs
+
+
+@dataclass(frozen=True)
+class BlockStack:
+    """One list of a model's blocks reduced at the attention call.
+
+    Attributes:
+        attr: the model attribute holding the blocks (also the prefix of their spec names).
+        block_classes: the class names of the blocks to reduce; others are left alone.
+        attn: the block's self/joint attention (its call site).
+        crossattn, mlp: the block's cross-attention / feed-forward, merged at block level, if any.
+        image_first: the attention sequence is ``[image, text]`` (else ``[text, image]``).
+        image_last: the block input is already ``[text, image]`` (single-stream blocks).
+        optional: the model may lack this list (e.g. no single-stream blocks).
+    """
+
+    attr: str
+    block_classes: frozenset[str]
+    attn: str
+    crossattn: str | None = None
+    mlp: str | None = None
+    image_first: bool = False
+    image_last: bool = False
+    optional: bool = False
+
+    def specs(self, model: nn.Module, grid: GridSource) -> list[BlockSpec]:
+        blocks = getattr(model, self.attr, ()) if self.optional else getattr(model, self.attr)
+        sites = {"attn": self.attn, "crossattn": self.crossattn, "mlp": self.mlp}
+        return call_site_specs(
+            blocks,
+            self.attr,
+            grid,
+            set(self.block_classes),
+            self.image_first,
+            image_last=self.image_last,
+            **{kind: name for kind, name in sites.items() if name is not None},
+        )
+
+
+class CallSiteAdapter(Adapter):
+    """An adapter declared by its model classes (``models``), its block lists (``stacks``) and where
+    its token grid comes from (``grid``). It matches a model of one of ``models`` that has the first
+    stack's block list."""
+
+    priority = 30
+    models: ClassVar[frozenset[str]] = frozenset()
+    stacks: ClassVar[tuple[BlockStack, ...]] = ()
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        raise NotImplementedError
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, set(cls.models)) and hasattr(model, cls.stacks[0].attr)
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        grid = cls.grid(model)
+        return [spec for stack in cls.stacks for spec in stack.specs(model, grid)]
