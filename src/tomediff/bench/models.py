@@ -167,12 +167,33 @@ FLUX_DEV: dict[str, Any] = {
     "pooled_projection_dim": 768,
 }
 
+# Wan 2.1 T2V 1.3B (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/): the "Wan-T2V-1.3B" config of
+# diffusers' scripts/convert_wan_to_diffusers.py, which made that checkpoint (30 blocks of width
+# 12 x 128 = 1536; Wan's own config: dim 1536, ffn_dim 8960, 12 heads, 30 layers). Published only as
+# "1.3B" (no exact count); this config builds 1,418,996,800 parameters (counted on the meta device).
+WAN_T2V_13B: dict[str, Any] = {
+    "added_kv_proj_dim": None,
+    "attention_head_dim": 128,
+    "cross_attn_norm": True,
+    "eps": 1e-6,
+    "ffn_dim": 8960,
+    "freq_dim": 256,
+    "in_channels": 16,
+    "num_attention_heads": 12,
+    "num_layers": 30,
+    "out_channels": 16,
+    "patch_size": [1, 2, 2],
+    "qk_norm": "rms_norm_across_heads",
+    "text_dim": 4096,
+}
+
 # On a CPU the DiTs keep only a few of their (identical) blocks: a call at 1024² of all 24 SD3 blocks
 # takes minutes there, and Flux's 12B weights do not fit in memory. Each block costs the same, so the
 # per-call speed-up of a few blocks is that of the whole stack less the (small) embedding and output
 # layers, which are not reduced.
 SD3_CPU_BLOCKS: dict[str, Any] = {"num_layers": 2}
 FLUX_CPU_BLOCKS: dict[str, Any] = {"num_layers": 1, "num_single_layers": 2}
+WAN_CPU_BLOCKS: dict[str, Any] = {"num_layers": 1}
 
 # SD 1.5's first transformer (down_blocks[0].attentions[0]): the full-resolution level where ToMe
 # merges. Lets the 2048² case be measured on a CPU, where the whole UNet at 2048² takes minutes.
@@ -197,6 +218,13 @@ SDXL_TOP_BLOCK: dict[str, Any] = {
     "norm_num_groups": 32,
     "use_linear_projection": True,
 }
+
+# Wan's text-to-video sizes (WanPipeline's 832x480 default; 1280x720 for 720p): --resolution is the
+# height, the width is looked up here (other heights give square frames). 81 frames: the pipeline's
+# default (5 s at 16 fps); the VAE keeps 1 + (81 - 1) / 4 = 21 latent frames.
+WAN_WIDTHS: dict[int, int] = {480: 832, 720: 1280}
+WAN_FRAMES = 81
+WAN_VAE_TIME_STRIDE = 4
 
 # Tiny stand-ins with the same structure, for tests and smoke runs (not real models).
 TINY_UNET: dict[str, Any] = {
@@ -229,7 +257,8 @@ class ModelSpec:
     Attributes:
         name: the ``--model`` value.
         title: human-readable name for tables and plots.
-        kind: ``"unet"``, ``"pixart"`` or ``"transformer2d"``: picks the class and the inputs.
+        kind: ``"unet"``, ``"pixart"``, ``"transformer2d"``, ``"sd3"``, ``"flux"`` or ``"wan"``: picks
+            the class and the inputs.
         config: constructor arguments of the diffusers class.
         text_tokens: length of the text-encoder sequence fed to cross-attention
             (77 CLIP tokens for SD, 120 T5 tokens for PixArt-α).
@@ -243,6 +272,9 @@ class ModelSpec:
             large transformer; see ``SD3_CPU_BLOCKS``).
         input_downsample: for a lone transformer (``"transformer2d"``) taken from inside a UNet, how
             much its input map is downsampled relative to the latent (SDXL's first transformer: 2).
+        frames: video models: pixel frames of one clip (0: an image model).
+        widths: video models: the frame width at a given ``--resolution`` (the height); heights not
+            listed give square frames.
     """
 
     name: str
@@ -257,6 +289,8 @@ class ModelSpec:
     extra: Mapping[str, Any] = field(default_factory=dict)
     cpu_overrides: Mapping[str, Any] = field(default_factory=dict)
     input_downsample: int = 1
+    frames: int = 0
+    widths: Mapping[int, int] = field(default_factory=dict)
 
     @property
     def text_dim(self) -> int:
@@ -264,7 +298,17 @@ class ModelSpec:
             return int(self.config["caption_channels"])
         if self.kind in ("sd3", "flux"):
             return int(self.config["joint_attention_dim"])
+        if self.kind == "wan":
+            return int(self.config["text_dim"])
         return int(self.config["cross_attention_dim"])
+
+    def frame_size(self, resolution: int) -> tuple[int, int]:
+        """(height, width) in pixels of an image or video frame at ``--resolution`` ``resolution``."""
+        return resolution, int(self.widths.get(resolution, resolution))
+
+    def latent_frames(self) -> int:
+        """Frames of the video latent (Wan's VAE: the first frame alone, then 4 per latent frame)."""
+        return (self.frames - 1) // WAN_VAE_TIME_STRIDE + 1
 
     def config_for(self, device: str | torch.device) -> dict[str, Any]:
         """The constructor arguments on ``device`` (with :attr:`cpu_overrides` on the CPU)."""
@@ -306,6 +350,17 @@ MODELS: dict[str, ModelSpec] = {
             text_tokens=512,  # FluxPipeline's max_sequence_length for FLUX.1-dev
             resolution_multiple=16,
             cpu_overrides=FLUX_CPU_BLOCKS,
+        ),
+        ModelSpec(
+            "wan-1.3b",
+            "Wan 2.1 T2V 1.3B transformer",
+            "wan",
+            WAN_T2V_13B,
+            text_tokens=512,  # WanPipeline's max_sequence_length (UMT5 tokens)
+            resolution_multiple=16,  # latent /8, then 2x2 patches
+            cpu_overrides=WAN_CPU_BLOCKS,
+            frames=WAN_FRAMES,
+            widths=WAN_WIDTHS,
         ),
         ModelSpec("sd15-block", "SD 1.5 top transformer block", "transformer2d", SD15_TOP_BLOCK),
         ModelSpec(
@@ -369,6 +424,7 @@ def _model_class(kind: str) -> type[nn.Module]:
         "transformer2d": diffusers.Transformer2DModel,
         "sd3": diffusers.SD3Transformer2DModel,
         "flux": diffusers.FluxTransformer2DModel,
+        "wan": diffusers.WanTransformer3DModel,
     }
     return classes[kind]
 
@@ -442,7 +498,8 @@ def make_inputs(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
 ) -> ModelInputs:
-    """Inputs of one denoising call at ``resolution``² pixels (latent = resolution / 8).
+    """Inputs of one denoising call at ``resolution``² pixels (latent = resolution / 8); for a video
+    model, of one ``spec.frames``-frame clip of height ``resolution`` (see :meth:`ModelSpec.frame_size`).
 
     ``batch`` = 2 is one image with classifier-free guidance (conditional and unconditional halves).
     """
@@ -514,6 +571,13 @@ def make_inputs(
         if spec.config.get("guidance_embeds"):
             kwargs["guidance"] = torch.full((batch,), 3.5, dtype=dtype, device=device)
         return ModelInputs((packed,), kwargs)
+    if spec.kind == "wan":
+        # (batch, channels, latent frames, height / 8, width / 8); WanPipeline passes the scheduler's
+        # timestep (0-1000) as is.
+        height, width = spec.frame_size(resolution)
+        sample = randn(batch, int(spec.config["in_channels"]), spec.latent_frames(), height // 8, width // 8)
+        kwargs = {"encoder_hidden_states": text, "timestep": timestep, "return_dict": False}
+        return ModelInputs((sample,), kwargs)
     raise ValueError(f"Unknown model kind {spec.kind!r}.")
 
 

@@ -274,7 +274,11 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def _tokens(spec: ModelSpec, resolution: int) -> int:
-    """Image tokens at the level where merging happens."""
+    """Image (or video) tokens at the level where merging happens."""
+    if spec.kind == "wan":
+        pt, ph, pw = (int(p) for p in spec.config["patch_size"])
+        height, width = spec.frame_size(resolution)
+        return (spec.latent_frames() // pt) * (height // 8 // ph) * (width // 8 // pw)
     side = resolution // 8 // spec.input_downsample
     if spec.kind in ("pixart", "sd3"):
         side //= int(spec.config["patch_size"])

@@ -152,7 +152,7 @@ def parse_value(name: str, text: str) -> Any:
             value = int(word)
         except ValueError:
             raise ConfigError(f"{name} must be an integer, got {text!r}") from None
-    elif kind == "float":
+    elif kind.startswith("float"):  # also "float | None" (kv_ratio)
         try:
             value = float(word)
         except ValueError:
