@@ -318,3 +318,26 @@ def test_token_count_and_trajectory_timesteps_follow_each_family() -> None:
     assert make_inputs(MODELS["sdxl-block"], 1, 1024).args[0].shape == (1, 640, 64, 64)
     unet = at_timestep(MODELS["sd15"], make_inputs(MODELS["sd15"], 1, 256), 250)
     assert int(unet.args[1][0]) == 250
+
+
+def test_wan_config_is_wan21_t2v_13b() -> None:
+    model = build_on_meta("wan-1.3b")
+    assert type(model).__name__ == "WanTransformer3DModel"
+    assert len(model.blocks) == 30
+    assert model.blocks[0].attn1.to_q.in_features == 12 * 128 == 1536
+    assert model.blocks[0].ffn.net[0].proj.out_features == 8960
+    # Published only as "1.3B"; the count this config builds (the converter's config for that checkpoint).
+    assert parameter_count(model) == 1_418_996_800
+
+
+def test_wan_inputs_are_81_frames_at_480p_and_720p() -> None:
+    from tomediff.bench.runner import _tokens
+
+    wan = MODELS["wan-1.3b"]
+    # 480p = 832x480, 81 frames: latent 21 x 60 x 104, (1, 2, 2) patches -> 21 x 30 x 52 tokens.
+    assert make_inputs(wan, 1, 480, device="meta").args[0].shape == (1, 16, 21, 60, 104)
+    assert _tokens(wan, 480) == 32_760
+    assert _tokens(wan, 720) == 21 * 45 * 80 == 75_600  # 1280x720
+    assert make_inputs(wan, 1, 64, device="meta").args[0].shape == (1, 16, 21, 8, 8)  # other sizes: square
+    assert wan.config_for("cpu")["num_layers"] == 1 and wan.config_for("cuda")["num_layers"] == 30
+    assert make_inputs(wan, 1, 64).kwargs["encoder_hidden_states"].shape == (1, 512, 4096)

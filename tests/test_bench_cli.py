@@ -322,3 +322,33 @@ def test_a_small_gain_at_a_small_size_is_explained() -> None:
         "so there is little to gain. Merging pays off with more tokens: larger images "
         "(e.g. --resolution 512)."
     )
+
+
+def test_wan_runs_merge_downsample_and_kv_ratio_settings(tmp_path: Path) -> None:
+    """The video model through the whole command on a CPU (one block, 64x64 frames: 336 tokens)."""
+    import json
+
+    from tomediff.cli.main import main
+
+    argv = ["bench", "--model", "wan-1.3b", "--resolution", "64", "--batch", "1", "--device", "cpu"]
+    argv += ["--repeats", "1", "--warmup", "1", "--no-memory", "--out", str(tmp_path)]
+    argv += ["--setting", "merge", "--setting", "downsample", "--setting", "kv:kv_ratio=0.75,ratio=0"]
+    assert main(argv) == 0
+    written = json.loads((tmp_path / "bench.json").read_text())
+    records = {r["key"]: r for r in written["records"]}
+    assert set(records) == {
+        "baseline",
+        "tomediff:merge",
+        "ideal:merge",
+        "tomediff:downsample",
+        "tomediff:kv",
+        "ideal:kv",
+    }
+    assert all(r["status"] == "ok" and r["tokens"] == 21 * 4 * 4 for r in records.values())
+    kv = next(named for named in written["config"]["named"] if named["name"] == "kv")
+    assert ["kv_ratio", 0.75] in kv["options"]  # a number, not the text "0.75"
+    base = records["baseline"]["flops"]
+    for key in ("tomediff:merge", "tomediff:downsample", "tomediff:kv"):
+        # Each setting reduced the attention (fewer FLOPs) and changed the output.
+        assert records[key]["flops"] < base
+        assert records[key]["max_rel_diff_vs_baseline"] > 0

@@ -46,8 +46,8 @@ QUICK: dict[str, Any] = {"model": ["sd15"], "resolution": [256], "ratio": [0.5],
 DESCRIPTION = """\
 Measure one denoising call (the UNet/transformer forward; batch 2 = one image with classifier-free
 guidance) of published architectures - SD 1.5, SD 2.1, SDXL base, PixArt-alpha, SD3-medium,
-FLUX.1-dev, Wan 2.1 T2V 1.3B (video) - built from their released configs with random weights (nothing is downloaded; cost does
-not depend on the weights).
+FLUX.1-dev, Wan 2.1 T2V 1.3B (video) - built from their released configs with random weights
+(nothing is downloaded; cost does not depend on the weights).
 
 Variants, all in the same run, their timed calls interleaved so machine drift hits all alike:
   baseline   the unmodified model
