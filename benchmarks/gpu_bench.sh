@@ -26,6 +26,11 @@
 #             2-call trajectory
 #   dits      issue 9: SD3-medium (bf16, batch 2) and FLUX.1-dev (bf16, batch 1), full published configs,
 #             at 1024/2048: baseline vs tomediff vs ideal at ratio 0.5
+#   video     issue 15: Wan 2.1 T2V 1.3B, whole transformer (30 blocks, published config), bf16, batch 1,
+#             480p x 81 frames (832x480, 32,760 tokens): baseline vs method=downsample (keys/values x2 per
+#             side), the same also x2 in time, kv_ratio 0.75 and 0.5 (queries kept; each with its ideal)
+#             and merge at 0.5; the issue's target is at least 1.5x with downsampling x2 per side
+#             (VIDEO_RESOLUTIONS="480 720" adds 1280x720, 75,600 tokens; not timed yet)
 # Every part has its own time cap, so one that overruns leaves the others' results. All parts together
 # take longer than one session's device time (15 min, machine start included): pick them, e.g.
 # PARTS="tests methods dits" or PARTS="tests compiled".
@@ -148,6 +153,15 @@ if has_part methods; then
     bench_settings sdxl_methods 120 --model sdxl --resolution 1024 2048 --dtype fp16 --batch 2 --repeats 5 \
         --warmup 2 --trajectory 2 --setting merge:max_downsample=2 --setting "fast:max_downsample=2" \
         --setting "levels:level_ratios=2:0.7/4:0.5" --setting "downsample:downsample_factor_next=2"
+fi
+if has_part video; then
+    VIDEO_SETTINGS=(--setting downsample
+        --setting "downsample-t2:method=downsample,downsample_factor=2,downsample_factor_time=2"
+        --setting "kv0.75:ratio=0,kv_ratio=0.75" --setting "kv0.5:ratio=0,kv_ratio=0.5" --setting merge)
+    for res in ${VIDEO_RESOLUTIONS:-480}; do
+        bench_settings "wan_1.3b_$res" 240 --model wan-1.3b --resolution "$res" --dtype bf16 --batch 1 \
+            --repeats 5 --warmup 2 "${VIDEO_SETTINGS[@]}"
+    done
 fi
 if has_part dits; then
     bench sd3 120 --model sd3 --resolution 1024 2048 --dtype bf16 --repeats 5 --warmup 2 --no-memory

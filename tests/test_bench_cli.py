@@ -333,6 +333,7 @@ def test_wan_runs_merge_downsample_and_kv_ratio_settings(tmp_path: Path) -> None
     argv = ["bench", "--model", "wan-1.3b", "--resolution", "64", "--batch", "1", "--device", "cpu"]
     argv += ["--repeats", "1", "--warmup", "1", "--no-memory", "--out", str(tmp_path)]
     argv += ["--setting", "merge", "--setting", "downsample", "--setting", "kv:kv_ratio=0.75,ratio=0"]
+    argv += ["--setting", "downsample-t2:method=downsample,downsample_factor_time=2"]
     assert main(argv) == 0
     written = json.loads((tmp_path / "bench.json").read_text())
     records = {r["key"]: r for r in written["records"]}
@@ -341,6 +342,7 @@ def test_wan_runs_merge_downsample_and_kv_ratio_settings(tmp_path: Path) -> None
         "tomediff:merge",
         "ideal:merge",
         "tomediff:downsample",
+        "tomediff:downsample-t2",
         "tomediff:kv",
         "ideal:kv",
     }
@@ -348,7 +350,16 @@ def test_wan_runs_merge_downsample_and_kv_ratio_settings(tmp_path: Path) -> None
     kv = next(named for named in written["config"]["named"] if named["name"] == "kv")
     assert ["kv_ratio", 0.75] in kv["options"]  # a number, not the text "0.75"
     base = records["baseline"]["flops"]
-    for key in ("tomediff:merge", "tomediff:downsample", "tomediff:kv"):
+    for key in ("tomediff:merge", "tomediff:downsample", "tomediff:downsample-t2", "tomediff:kv"):
         # Each setting reduced the attention (fewer FLOPs) and changed the output.
         assert records[key]["flops"] < base
         assert records[key]["max_rel_diff_vs_baseline"] > 0
+    assert records["tomediff:downsample-t2"]["flops"] < records["tomediff:downsample"]["flops"]
+
+
+def test_downsample_factor_time_is_accepted_beside_method_downsample() -> None:
+    # Each value is checked alone first; this one only applies with method=downsample.
+    args = parse("--method", "downsample", "--downsample-factor-time", "2")
+    assert args.downsample_factor_time == 2
+    (named,) = parse("--setting", "t2:method=downsample,downsample_factor_time=2").setting
+    assert named.config().downsample_factor_time == 2

@@ -165,8 +165,10 @@ def parse_value(name: str, text: str) -> Any:
         if choices is not None and value not in choices:
             raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {text!r}")
     if name != "level_ratios":  # level_ratios was checked with its own message
+        # Alone, but beside the method a field only applies to; the caller checks the whole setting.
+        context = {"method": "downsample"} if name == "downsample_factor_time" else {}
         try:
-            ToMeConfig(**{name: value})
+            ToMeConfig(**context, **{name: value})
         except ConfigError as error:
             raise ConfigError(f"{name}={word}: {error}") from None
     return value
