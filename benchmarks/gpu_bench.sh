@@ -31,6 +31,8 @@
 #             side), the same also x2 in time, kv_ratio 0.75 and 0.5 (queries kept; each with its ideal)
 #             and merge at 0.5; the issue's target is at least 1.5x with downsampling x2 per side
 #             (VIDEO_RESOLUTIONS="480 720" adds 1280x720, 75,600 tokens; not timed yet)
+#   flux2     issue 15: FLUX.2-dev (published config, 32B parameters: 64 GB of bf16 weights), batch 1, at
+#             1024/2048: baseline vs tomediff vs ideal at ratio 0.5 (not timed yet)
 # Every part has its own time cap, so one that overruns leaves the others' results. All parts together
 # take longer than one session's device time (15 min, machine start included): pick them, e.g.
 # PARTS="tests methods dits" or PARTS="tests compiled".
@@ -162,6 +164,9 @@ if has_part video; then
         bench_settings "wan_1.3b_$res" 240 --model wan-1.3b --resolution "$res" --dtype bf16 --batch 1 \
             --repeats 5 --warmup 2 "${VIDEO_SETTINGS[@]}"
     done
+fi
+if has_part flux2; then
+    bench flux2 300 --model flux2 --resolution 1024 2048 --dtype bf16 --batch 1 --repeats 5 --warmup 2 --no-memory
 fi
 if has_part dits; then
     bench sd3 120 --model sd3 --resolution 1024 2048 --dtype bf16 --repeats 5 --warmup 2 --no-memory

@@ -341,3 +341,38 @@ def test_wan_inputs_are_81_frames_at_480p_and_720p() -> None:
     assert make_inputs(wan, 1, 64, device="meta").args[0].shape == (1, 16, 21, 8, 8)  # other sizes: square
     assert wan.config_for("cpu")["num_layers"] == 1 and wan.config_for("cuda")["num_layers"] == 30
     assert make_inputs(wan, 1, 64).kwargs["encoder_hidden_states"].shape == (1, 512, 4096)
+
+
+def test_flux2_config_is_flux2_dev() -> None:
+    model = build_on_meta("flux2")
+    assert type(model).__name__ == "Flux2Transformer2DModel"
+    assert len(model.transformer_blocks) == 8 and len(model.single_transformer_blocks) == 48
+    assert model.inner_dim == 48 * 128 == 6144
+    assert model.context_embedder.in_features == 15360
+    # Published as "32B"; the count this config builds.
+    assert parameter_count(model) == 32_223_281_152
+
+
+def test_flux2_inputs_run_with_every_kind_of_setting() -> None:
+    """A narrow Flux.2 (the published class, 2 heads) on the bench's inputs: merging, downsampling and
+    kv_ratio each change the output, and removing them restores it bit for bit."""
+    import dataclasses
+
+    from tomediff.bench.runner import _tokens
+
+    published = MODELS["flux2"]
+    assert _tokens(published, 1024) == 64 * 64 and _tokens(published, 2048) == 128 * 128
+    narrow = {"num_attention_heads": 2, "joint_attention_dim": 32, "num_layers": 1, "num_single_layers": 1}
+    spec = dataclasses.replace(published, config={**published.config, **narrow}, text_tokens=8)
+    model = build_model(spec)
+    inputs = make_inputs(spec, 2, 256)
+    assert inputs.args[0].shape == (2, 16 * 16, 128) and inputs.kwargs["img_ids"].shape == (2, 256, 4)
+    base = forward(model, inputs)
+    assert base.shape == (2, 256, 128) and torch.isfinite(base).all()
+    for options in ({"ratio": 0.5}, {"method": "downsample"}, {"ratio": 0.0, "kv_ratio": 0.75}):
+        variant = make_variant("tomediff", MergeSettings(**options, use_rand=False))
+        variant.apply(model)
+        out = forward(model, inputs)
+        variant.remove(model)
+        assert torch.isfinite(out).all() and not torch.equal(out, base), options
+    assert torch.equal(forward(model, inputs), base)

@@ -167,6 +167,26 @@ FLUX_DEV: dict[str, Any] = {
     "pooled_projection_dim": 768,
 }
 
+# black-forest-labs/FLUX.2-dev, transformer/: the "flux2-dev" config of diffusers'
+# scripts/convert_flux2_to_diffusers.py (8 double-stream + 48 single-stream blocks of width 48 x 128 =
+# 6144, Mistral-3 text features 15360 wide). Published as "32B"; this config builds 32,223,281,152
+# parameters (counted on the meta device).
+FLUX2_DEV: dict[str, Any] = {
+    "attention_head_dim": 128,
+    "axes_dims_rope": [32, 32, 32, 32],
+    "eps": 1e-6,
+    "guidance_embeds": True,
+    "in_channels": 128,
+    "joint_attention_dim": 15360,
+    "mlp_ratio": 3.0,
+    "num_attention_heads": 48,
+    "num_layers": 8,
+    "num_single_layers": 48,
+    "patch_size": 1,
+    "rope_theta": 2000,
+    "timestep_guidance_channels": 256,
+}
+
 # Wan 2.1 T2V 1.3B (Wan-AI/Wan2.1-T2V-1.3B-Diffusers, transformer/): the "Wan-T2V-1.3B" config of
 # diffusers' scripts/convert_wan_to_diffusers.py, which made that checkpoint (30 blocks of width
 # 12 x 128 = 1536; Wan's own config: dim 1536, ffn_dim 8960, 12 heads, 30 layers). Published only as
@@ -194,6 +214,7 @@ WAN_T2V_13B: dict[str, Any] = {
 SD3_CPU_BLOCKS: dict[str, Any] = {"num_layers": 2}
 FLUX_CPU_BLOCKS: dict[str, Any] = {"num_layers": 1, "num_single_layers": 2}
 WAN_CPU_BLOCKS: dict[str, Any] = {"num_layers": 1}
+FLUX2_CPU_BLOCKS: dict[str, Any] = {"num_layers": 1, "num_single_layers": 1}
 
 # SD 1.5's first transformer (down_blocks[0].attentions[0]): the full-resolution level where ToMe
 # merges. Lets the 2048² case be measured on a CPU, where the whole UNet at 2048² takes minutes.
@@ -257,8 +278,8 @@ class ModelSpec:
     Attributes:
         name: the ``--model`` value.
         title: human-readable name for tables and plots.
-        kind: ``"unet"``, ``"pixart"``, ``"transformer2d"``, ``"sd3"``, ``"flux"`` or ``"wan"``: picks
-            the class and the inputs.
+        kind: ``"unet"``, ``"pixart"``, ``"transformer2d"``, ``"sd3"``, ``"flux"``, ``"flux2"`` or
+            ``"wan"``: picks the class and the inputs.
         config: constructor arguments of the diffusers class.
         text_tokens: length of the text-encoder sequence fed to cross-attention
             (77 CLIP tokens for SD, 120 T5 tokens for PixArt-α).
@@ -296,7 +317,7 @@ class ModelSpec:
     def text_dim(self) -> int:
         if self.kind == "pixart":
             return int(self.config["caption_channels"])
-        if self.kind in ("sd3", "flux"):
+        if self.kind in ("sd3", "flux", "flux2"):
             return int(self.config["joint_attention_dim"])
         if self.kind == "wan":
             return int(self.config["text_dim"])
@@ -350,6 +371,15 @@ MODELS: dict[str, ModelSpec] = {
             text_tokens=512,  # FluxPipeline's max_sequence_length for FLUX.1-dev
             resolution_multiple=16,
             cpu_overrides=FLUX_CPU_BLOCKS,
+        ),
+        ModelSpec(
+            "flux2",
+            "FLUX.2-dev transformer",
+            "flux2",
+            FLUX2_DEV,
+            text_tokens=512,  # Flux2Pipeline's max_sequence_length
+            resolution_multiple=16,
+            cpu_overrides=FLUX2_CPU_BLOCKS,
         ),
         ModelSpec(
             "wan-1.3b",
@@ -424,6 +454,7 @@ def _model_class(kind: str) -> type[nn.Module]:
         "transformer2d": diffusers.Transformer2DModel,
         "sd3": diffusers.SD3Transformer2DModel,
         "flux": diffusers.FluxTransformer2DModel,
+        "flux2": diffusers.Flux2Transformer2DModel,
         "wan": diffusers.WanTransformer3DModel,
     }
     return classes[kind]
@@ -570,6 +601,26 @@ def make_inputs(
         }
         if spec.config.get("guidance_embeds"):
             kwargs["guidance"] = torch.full((batch,), 3.5, dtype=dtype, device=device)
+        return ModelInputs((packed,), kwargs)
+    if spec.kind == "flux2":
+        # Flux2Pipeline packs 2x2 latent patches (32 channels each) into tokens; positions are
+        # (time, row, column, layer) per token: (0, row, column, 0) for the image, (0, 0, 0, index) for text.
+        side = latent // 2
+        packed = randn(batch, side * side, int(spec.config["in_channels"]))
+        rows, columns = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+        img_ids = torch.zeros(side * side, 4)
+        img_ids[:, 1], img_ids[:, 2] = rows.reshape(-1), columns.reshape(-1)
+        txt_ids = torch.zeros(spec.text_tokens, 4)
+        txt_ids[:, 3] = torch.arange(spec.text_tokens)
+        kwargs = {
+            "encoder_hidden_states": text,
+            "timestep": torch.full((batch,), 0.999, dtype=dtype, device=device),  # the pipeline's t / 1000
+            "img_ids": img_ids.expand(batch, -1, -1).to(device=device, dtype=dtype),
+            "txt_ids": txt_ids.expand(batch, -1, -1).to(device=device, dtype=dtype),
+            "return_dict": False,
+        }
+        if spec.config.get("guidance_embeds"):
+            kwargs["guidance"] = torch.full((batch,), 4.0, dtype=dtype, device=device)  # pipeline default
         return ModelInputs((packed,), kwargs)
     if spec.kind == "wan":
         # (batch, channels, latent frames, height / 8, width / 8); WanPipeline passes the scheduler's

@@ -158,7 +158,7 @@ def at_timestep(spec: ModelSpec, inputs: ModelInputs, timestep: int) -> ModelInp
         old = None
     batch = int(args[0].shape[0])
     device = args[0].device if old is None else old.device
-    if spec.kind == "flux":  # FluxPipeline passes t / 1000 (the model scales it back)
+    if spec.kind in ("flux", "flux2"):  # Flux(2)Pipeline passes t / 1000 (the model scales it back)
         value = torch.full(
             (batch,), timestep / 1000, dtype=old.dtype if old is not None else None, device=device
         )
@@ -282,7 +282,7 @@ def _tokens(spec: ModelSpec, resolution: int) -> int:
     side = resolution // 8 // spec.input_downsample
     if spec.kind in ("pixart", "sd3"):
         side //= int(spec.config["patch_size"])
-    elif spec.kind == "flux":  # FluxPipeline packs 2x2 latent patches into one token
+    elif spec.kind in ("flux", "flux2"):  # Flux(2)Pipeline packs 2x2 latent patches into one token
         side //= 2
     for _ in range(spec.max_downsample.bit_length() - 1):
         side = (side + 1) // 2

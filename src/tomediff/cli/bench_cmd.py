@@ -32,6 +32,7 @@ MODEL_CHOICES: tuple[str, ...] = (
     "pixart",
     "sd3",
     "flux",
+    "flux2",
     "wan-1.3b",
     "sd15-block",
     "sdxl-block",
@@ -46,7 +47,7 @@ QUICK: dict[str, Any] = {"model": ["sd15"], "resolution": [256], "ratio": [0.5],
 DESCRIPTION = """\
 Measure one denoising call (the UNet/transformer forward; batch 2 = one image with classifier-free
 guidance) of published architectures - SD 1.5, SD 2.1, SDXL base, PixArt-alpha, SD3-medium,
-FLUX.1-dev, Wan 2.1 T2V 1.3B (video) - built from their released configs with random weights
+FLUX.1-dev, FLUX.2-dev, Wan 2.1 T2V 1.3B (video) - built from their released configs with random weights
 (nothing is downloaded; cost does not depend on the weights).
 
 Variants, all in the same run, their timed calls interleaved so machine drift hits all alike:
@@ -117,7 +118,8 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         choices=MODEL_CHOICES,
         metavar="NAME",
         help="architectures: sd15, sd21, sdxl, pixart (PixArt-alpha XL-2 1024), sd3 (SD3-medium MMDiT), "
-        "flux (FLUX.1-dev; on a CPU both keep a few blocks, see docs/dits.md), wan-1.3b (Wan 2.1 "
+        "flux (FLUX.1-dev; on a CPU both keep a few blocks, see docs/dits.md), flux2 (FLUX.2-dev; "
+        "one double- and one single-stream block on a CPU), wan-1.3b (Wan 2.1 "
         "T2V 1.3B video transformer, 81 frames; one block on a CPU), sd15-block (SD 1.5's "
         "first transformer alone, for very large images), sdxl-block (SDXL's first transformer, 2 "
         "blocks at 1/16 of the image), tiny-unet/tiny-pixart (smoke tests). "
