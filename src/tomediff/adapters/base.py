@@ -231,4 +231,8 @@ def transformer_block_spec(
         unsupported = FirstReason(tomesd, ForwardChunkingCheck(block, name))
         conflict = ReplayedOutputCheck(block.ff, f"{name}.ff")
         sites.append(Site(block.ff, "mlp", unsupported=unsupported, conflict=conflict))
-    return BlockSpec(name=name, block=block, downsample=downsample, grid=grid, sites=tuple(sites))
+    # The whole block (method="cache"): its input is the image tokens, the text comes as its context.
+    whole = Site(block, "attn", role="block", mask_names=("attention_mask",), unsupported=tomesd)
+    return BlockSpec(
+        name=name, block=block, downsample=downsample, grid=grid, sites=tuple(sites), block_site=whole
+    )
