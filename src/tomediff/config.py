@@ -254,7 +254,11 @@ class ToMeConfig:
             raise ConfigError(f"cache_select must be one of {selects}, got {self.cache_select!r}.")
         if self.method != "cache":
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            changed = [n for n in ("cache_interval", "cache_ratio", "cache_select") if getattr(self, n) != defaults[n]]
+            changed = [
+                n
+                for n in ("cache_interval", "cache_ratio", "cache_select")
+                if getattr(self, n) != defaults[n]
+            ]
             if changed:
                 raise ConfigError(
                     f"{', '.join(changed)} apply to method='cache' only (got method={self.method!r}); "

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import math
 import threading
-import weakref
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any

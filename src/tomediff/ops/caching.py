@@ -21,9 +21,7 @@ def changed_tokens(x: torch.Tensor, reference: torch.Tensor, num: int, shared: b
     return index.expand(x.shape[0], -1) if shared else index
 
 
-def strided_tokens(
-    batch: int, num_tokens: int, num: int, step: int, device: torch.device
-) -> torch.Tensor:
+def strided_tokens(batch: int, num_tokens: int, num: int, step: int, device: torch.device) -> torch.Tensor:
     """``num`` tokens spread evenly over ``num_tokens``, shifted by one at each ``step`` so that every
     token is computed within ``ceil(num_tokens / num)`` steps. Returns ``[batch, num]``, ascending."""
     spacing = max(1, num_tokens // num)
