@@ -129,6 +129,35 @@ def test_setting_string_parses() -> None:
         parse_setting("c:method=cache,cache_ratio=2")
 
 
+# Token choice ------------------------------------------------------------------------------------
+
+
+def test_changed_tokens_picks_the_largest_relative_change() -> None:
+    from tomediff.ops import changed_tokens
+
+    reference = torch.ones(2, 6, 4)
+    x = reference.clone()
+    x[0, [1, 4]] += 1.0  # row 0: tokens 1 and 4 moved
+    x[1, [0, 5]] += 2.0
+    x[1, 2] += 0.5
+    assert changed_tokens(x, reference, 2, shared=False).tolist() == [[1, 4], [0, 5]]
+    shared = changed_tokens(x, reference, 2, shared=True)  # summed over the batch: 0 and 5 (2.0 each)
+    assert shared.tolist() == [[0, 5], [0, 5]]
+
+
+def test_strided_tokens_cover_every_token_within_their_spacing() -> None:
+    from tomediff.ops import strided_tokens
+
+    seen = set()
+    for step in range(4):  # 48 tokens, 12 a step: spacing 4
+        index = strided_tokens(2, 48, 12, step, torch.device("cpu"))
+        assert index.shape == (2, 12)
+        assert index[0].tolist() == sorted(set(index[0].tolist()))
+        seen.update(index[0].tolist())
+    assert seen == set(range(48))
+    assert strided_tokens(1, 10, 3, 0, torch.device("cpu")).shape == (1, 3)
+
+
 # Outputs ------------------------------------------------------------------------------------------
 
 

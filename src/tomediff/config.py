@@ -134,8 +134,9 @@ class ToMeConfig:
             ``"cache"`` (token-wise caching, after ToCa): a block computes every token at a refresh step
             and keeps each image token's residual (output minus input); at the steps between, only
             ``cache_ratio`` of its image tokens (and every text token) go through it, and the others'
-            output is their input plus their kept residual. Blocks of Flux.1, SD3 and PixArt/DiT-style
-            models; only ``merge_attn`` applies to it (``ratio`` is not used).
+            output is their input plus their kept residual. The blocks of Flux.1 and SD3 and every
+            ``BasicTransformerBlock`` (PixArt, DiT, UNets); only ``merge_attn`` applies to it (``ratio``
+            is not used).
         cache_interval: ``method="cache"``: every ``cache_interval``-th denoising step is a refresh
             step (the first of a generation always is); at least 2.
         cache_ratio: ``method="cache"``: fraction of a block's image tokens computed at the steps

@@ -81,8 +81,8 @@ class Method:
             raise ConfigError(
                 f"this method acts around whole blocks, but the model's adapter declares no block-level "
                 f"layout for block '{spec.name}' ({type(spec.block).__name__}): where its image tokens are "
-                "in its input and output is not known. method='cache' supports the blocks of Flux.1, "
-                "SD3 and PixArt/DiT-style models; use method='merge' for this one."
+                "in its input and output is not known. method='cache' supports the blocks of Flux.1 and "
+                "SD3 and every BasicTransformerBlock (PixArt, DiT, UNets); use method='merge' for this one."
             )
         return self.block_action.for_site(spec.block_site, spec.name)
 
