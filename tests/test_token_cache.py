@@ -15,7 +15,7 @@ from torch import nn
 import tomediff
 from conftest import tiny_pixart
 from tomediff.core.hooks import has_hooks
-from tomediff.errors import ConfigError, MergeCallError
+from tomediff.errors import ConfigError, ConflictingPatchError, MergeCallError
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -430,3 +430,19 @@ def test_block_attention_mask_is_refused_at_partial_steps() -> None:
         model(x, timestep=torch.tensor([500]), **kwargs)  # a refresh computes every token
         with pytest.raises(MergeCallError, match="under the attention mask 'attention_mask'"):
             model(x, timestep=torch.tensor([400]), **kwargs)
+
+
+def test_diffusers_block_caches_are_refused_in_either_order() -> None:
+    from diffusers import FirstBlockCacheConfig
+
+    model = tiny_flux()
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    with pytest.raises(ConflictingPatchError, match="FirstBlockCache skips or replays the computation of"):
+        tomediff.apply_tome(model, method="cache")
+    model.disable_cache()
+    with tomediff.apply_tome(model, method="cache"):
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+        with pytest.raises(MergeCallError, match="method='cache' runs that block on a different part"):
+            trajectory(model, flux_case(), TIMESTEPS[:1])
+        model.disable_cache()
+        trajectory(model, flux_case(), TIMESTEPS[:2])  # without it, the patch runs again

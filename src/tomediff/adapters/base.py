@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tomediff.adapters.diffusers_caches import ReplayedOutputCheck
+from tomediff.adapters.diffusers_caches import BlockCacheCheck, ReplayedOutputCheck
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import Caller
 from tomediff.errors import UnsupportedModelError
@@ -232,7 +232,14 @@ def transformer_block_spec(
         conflict = ReplayedOutputCheck(block.ff, f"{name}.ff")
         sites.append(Site(block.ff, "mlp", unsupported=unsupported, conflict=conflict))
     # The whole block (method="cache"): its input is the image tokens, the text comes as its context.
-    whole = Site(block, "attn", role="block", mask_names=("attention_mask",), unsupported=tomesd)
+    whole = Site(
+        block,
+        "attn",
+        role="block",
+        mask_names=("attention_mask",),
+        unsupported=tomesd,
+        conflict=BlockCacheCheck(block, name),
+    )
     return BlockSpec(
         name=name, block=block, downsample=downsample, grid=grid, sites=tuple(sites), block_site=whole
     )

@@ -103,10 +103,13 @@ class Method:
         """The message of the first site whose output the method unmerges and whose
         :attr:`Site.conflict` check refuses it now (e.g. a cache replaying its output), else None."""
         for spec in specs:
-            for site in spec.sites:
-                if site.conflict is None:
+            for site in (*spec.sites, spec.block_site):
+                if site is None or site.conflict is None:
                     continue
-                action = self.action_for(site, spec.name)
+                if site.role == "block":
+                    action = self.block_action_for(spec)
+                else:
+                    action = self.action_for(site, spec.name)
                 if action is not None and action.uses_output and (reason := site.conflict()) is not None:
                     return reason
         return None

@@ -126,10 +126,12 @@ class TokenCacheReducer(Reducer):
         entry = kept[0] if kept is not None and kept[2] == memory.generation else None
         keeps_reference = cfg.cache_select == "change"
         num = max(1, round(cfg.cache_ratio * request.metric.shape[1]))
-        if entry is None or memory.steps - entry.refreshed_at >= cfg.cache_interval or num >= x.shape[1]:
-            if entry is None:
-                entry = CacheEntry()
-                memory.plans[key] = (entry, memory.steps, memory.generation)
+        if entry is None:
+            entry = CacheEntry()
+            memory.plans[key] = (entry, memory.steps, memory.generation)
+        stale = memory.steps - entry.refreshed_at >= cfg.cache_interval
+        # No residual yet: a new entry, or one whose refresh call raised before the block returned.
+        if entry.residual is None or stale or num >= x.shape[1]:
             entry.refreshed_at, entry.partial_steps = memory.steps, 0
             self._count(request.block_name, 0)
             return CachePlan(entry, x, None, None, keeps_reference)
