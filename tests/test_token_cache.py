@@ -446,3 +446,13 @@ def test_diffusers_block_caches_are_refused_in_either_order() -> None:
             trajectory(model, flux_case(), TIMESTEPS[:1])
         model.disable_cache()
         trajectory(model, flux_case(), TIMESTEPS[:2])  # without it, the patch runs again
+
+
+def test_bench_times_cache_over_a_trajectory() -> None:
+    from tomediff.bench.runner import _trajectory_note
+    from tomediff.bench.variants import MergeSettings
+
+    settings = MergeSettings.of(tomediff.ToMeConfig(method="cache", cache_interval=3))
+    assert settings.varies_over_steps
+    assert settings.ideal(1) is None
+    assert "every token computed in 2" in _trajectory_note(settings, 6)
