@@ -437,7 +437,7 @@ def test_min_tokens_leaves_small_grids_alone() -> None:
 @pytest.mark.parametrize(
     ("settings", "message"),
     [
-        ({"method": "todo"}, "method must be one of 'merge', 'downsample', got 'todo'"),
+        ({"method": "todo"}, "method must be one of 'merge', 'downsample', 'cache', got 'todo'"),
         ({"method": "downsample", "downsample_mode": "cubic"}, "downsample_mode must be one of"),
         ({"method": "downsample", "merge_mlp": True}, "reduces the keys and values of self-attention only"),
         ({"method": "downsample", "reuse_steps": 2}, "reuse_steps apply to method='merge' only"),

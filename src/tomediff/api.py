@@ -55,6 +55,7 @@ class ToMeReport:
     blocks: tuple[BlockReport, ...]
     calls: int
     partition: str | None = None
+    notes: tuple[str, ...] = ()
 
     @property
     def effective_ratio(self) -> float | None:
@@ -84,20 +85,30 @@ class ToMeReport:
                 tail = f"{grid:>9} {stats.tokens:>7} {stats.tokens_after_merge:>7} {stats.removed:>6}"
             lines.append(f"{block.name:<58} {level!s:>5} {','.join(block.sites):<20} {tail}")
         ratio = self.effective_ratio
-        if ratio is not None and self.config.method == "downsample":
+        if ratio is not None and self.config.method == "cache":
+            lines.append(f"image tokens filled from the cache over the last call: {ratio:.3f}")
+        elif ratio is not None and self.config.method == "downsample":
             lines.append(
                 f"key/value tokens removed over the last call: {ratio:.3f} (every query is kept: 'reduced' "
                 "counts the keys/values of self-attention)"
             )
         elif ratio is not None:
             lines.append(f"effective ratio over the last call: {ratio:.3f}")
+        lines.extend(self.notes)
         return "\n".join(lines)
 
 
 def _describe_method(cfg: ToMeConfig, partition: str | None = None) -> str:
     """The settings that matter for ``cfg.method``, for the report's first line; ``partition`` is the
     partition the last call used with ``use_rand`` (random, or top-left for an odd batch)."""
-    if cfg.method == "downsample":
+    if cfg.method == "cache":
+        parts = [
+            "method=cache (token-wise caching of whole blocks' residuals)",
+            f"cache_interval={cfg.cache_interval}",
+            f"cache_ratio={cfg.cache_ratio}",
+            f"cache_select={cfg.cache_select}",
+        ]
+    elif cfg.method == "downsample":
         parts = [
             "method=downsample (keys/values of self-attention from a downsampled grid)",
             f"downsample_factor={cfg.downsample_factor}",
@@ -154,6 +165,7 @@ class ToMeHandle:
         method = state.method
         self._sites = {
             spec.name: tuple(dict.fromkeys(s.kind for s in spec.sites if method.action_for(s, spec.name)))
+            + (("block",) if method.block_action is not None else ())
             for spec in specs
         }
 
@@ -176,6 +188,7 @@ class ToMeHandle:
         for handle in self._handles:
             handle.remove()
         self._handles = []
+        self.state.release()  # kept plans and token caches go with the hooks
 
     def watch(self, observer: Callable[[PlanEvent], None]) -> Callable[[], None]:
         """Call ``observer(event)`` with every plan a block makes in an eager model call (a
@@ -223,6 +236,7 @@ class ToMeHandle:
             blocks=blocks,
             calls=self.state.calls,
             partition=self.state.partition_used,
+            notes=tuple(self.state.method.reducer.report_lines()),
         )
 
     def __enter__(self) -> ToMeHandle:

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # torch is imported where a generator is checked: the CLI's f
     import torch
 
 __all__ = [
+    "CACHE_SELECTS",
     "CFG_LAYOUTS",
     "DOWNSAMPLE_MODES",
     "METHODS",
@@ -39,8 +40,11 @@ TOMESD_FIELDS = (
     "merge_mlp",
 )
 
-# Token-reduction methods: ToMe's merge/unmerge, and ToDo's keys/values from a downsampled grid.
-METHODS = ("merge", "downsample")
+# Token-reduction methods: ToMe's merge/unmerge, ToDo's keys/values from a downsampled grid, and
+# token-wise caching (a block recomputes some tokens between refresh steps, the rest reuse their residual).
+METHODS = ("merge", "downsample", "cache")
+# How method="cache" picks the tokens it recomputes between refresh steps.
+CACHE_SELECTS = ("change", "stride")
 DOWNSAMPLE_MODES = ("nearest", "avg", "bilinear")
 # How a classifier-free-guidance batch is stacked (``reuse_cfg``): asked of the patched pipeline, diffusers'
 # and ComfyUI's [unconditional, conditional], or the reverse for a host that stacks them the other way.
@@ -127,6 +131,19 @@ class ToMeConfig:
             result back after them. ``"downsample"`` (ToDo, Smith et al. 2024): self-attention keeps every
             query, its keys and values come from the token grid downsampled by ``downsample_factor``; no
             matching, nothing to unmerge. Only ``merge_attn`` applies to it (``ratio`` is not used).
+            ``"cache"`` (token-wise caching, after ToCa): a block computes every token at a refresh step
+            and keeps each image token's residual (output minus input); at the steps between, only
+            ``cache_ratio`` of its image tokens (and every text token) go through it, and the others'
+            output is their input plus their kept residual. The blocks of Flux.1 and SD3 and every
+            ``BasicTransformerBlock`` (PixArt, DiT, UNets); only ``merge_attn`` applies to it (``ratio``
+            is not used).
+        cache_interval: ``method="cache"``: every ``cache_interval``-th denoising step is a refresh
+            step (the first of a generation always is); at least 2.
+        cache_ratio: ``method="cache"``: fraction of a block's image tokens computed at the steps
+            between refreshes, in (0, 1] (1 computes them all: outputs equal the unpatched model's).
+        cache_select: ``method="cache"``: which tokens are computed between refreshes: ``"change"``
+            (default) those whose block input changed most, relative to its norm, since they were last
+            computed; ``"stride"`` an evenly spread set that shifts every step.
         downsample_factor: ``method="downsample"``: the grid downsampling factor at the
             highest-resolution level patched (1 = off).
         downsample_factor_next: ``method="downsample"``: the factor at the deeper levels; above 1 it
@@ -209,11 +226,64 @@ class ToMeConfig:
     skip_blocks: tuple[int, int] = (0, 0)
     kv_ratio: float | None = None
     downsample_factor_time: int = 1
+    cache_interval: int = 3
+    cache_ratio: float = 0.25
+    cache_select: str = "change"
 
     def __post_init__(self) -> None:
         self._check_merge_fields()
         self._check_method_fields()
         self._check_attention_call_fields()
+        self._check_cache_fields()
+
+    def _check_cache_fields(self) -> None:
+        """``cache_interval``, ``cache_ratio`` and ``cache_select``: settings of ``method="cache"``."""
+        object.__setattr__(self, "cache_interval", _as_int("cache_interval", self.cache_interval))
+        object.__setattr__(self, "cache_ratio", _as_float("cache_ratio", self.cache_ratio))
+        if self.cache_interval < 2:
+            raise ConfigError(
+                f"cache_interval must be an integer of at least 2 (every cache_interval-th step computes "
+                f"every token), got {self.cache_interval!r}; use e.g. 3."
+            )
+        if not 0.0 < self.cache_ratio <= 1.0:  # also refuses NaN
+            raise ConfigError(
+                f"cache_ratio={self.cache_ratio!r} is outside (0, 1]: it is the fraction of image tokens "
+                "computed between refresh steps; use e.g. 0.25 (1 computes them all)."
+            )
+        if self.cache_select not in CACHE_SELECTS:
+            selects = ", ".join(map(repr, CACHE_SELECTS))
+            raise ConfigError(f"cache_select must be one of {selects}, got {self.cache_select!r}.")
+        if self.method != "cache":
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            changed = [
+                n
+                for n in ("cache_interval", "cache_ratio", "cache_select")
+                if getattr(self, n) != defaults[n]
+            ]
+            if changed:
+                raise ConfigError(
+                    f"{', '.join(changed)} apply to method='cache' only (got method={self.method!r}); "
+                    "set method='cache' or leave them at their defaults."
+                )
+            return
+        if self.merge_crossattn or self.merge_mlp or not self.merge_attn:
+            raise ConfigError(
+                "method='cache' acts on whole blocks, switched by merge_attn: leave merge_attn=True, "
+                "merge_crossattn=False and merge_mlp=False."
+            )
+        merge_only = {
+            "reuse_level": self.reuse_level,
+            "reuse_cfg": self.reuse_cfg,
+            "reuse_steps": self.reuse_steps > 1,
+            "level_ratios": self.level_ratios is not None,
+            "kv_ratio": self.kv_ratio is not None,
+        }
+        if any(merge_only.values()):
+            names = ", ".join(name for name, used in merge_only.items() if used)
+            raise ConfigError(
+                f"{names} apply to method='merge' only: method='cache' keeps residuals between steps "
+                "instead of merging plans; leave them at their defaults."
+            )
 
     def _check_attention_call_fields(self) -> None:
         """``kv_ratio`` and ``downsample_factor_time``: settings of the attention-call sites (DiTs)."""

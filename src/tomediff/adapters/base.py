@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tomediff.adapters.diffusers_caches import ReplayedOutputCheck
+from tomediff.adapters.diffusers_caches import BlockCacheCheck, ReplayedOutputCheck
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import Caller
 from tomediff.errors import UnsupportedModelError
@@ -231,4 +231,15 @@ def transformer_block_spec(
         unsupported = FirstReason(tomesd, ForwardChunkingCheck(block, name))
         conflict = ReplayedOutputCheck(block.ff, f"{name}.ff")
         sites.append(Site(block.ff, "mlp", unsupported=unsupported, conflict=conflict))
-    return BlockSpec(name=name, block=block, downsample=downsample, grid=grid, sites=tuple(sites))
+    # The whole block (method="cache"): its input is the image tokens, the text comes as its context.
+    whole = Site(
+        block,
+        "attn",
+        role="block",
+        mask_names=("attention_mask",),
+        unsupported=tomesd,
+        conflict=BlockCacheCheck(block, name),
+    )
+    return BlockSpec(
+        name=name, block=block, downsample=downsample, grid=grid, sites=tuple(sites), block_site=whole
+    )

@@ -21,19 +21,35 @@ What diffusers 0.42 replays, and where (default settings; custom identifiers can
   FirstBlockCache and MagCache are tested with a Flux pipeline; SeaCache is not (diffusers 0.42's
   FluxPipeline passes it no step information, so it never skips).
 * TextKVCache: text keys and values only (NucleusMoE blocks, which tomediff does not patch).
+
+``method="cache"`` runs a whole block on a different subset of its image tokens from step to step and
+keeps its own residuals, so every cache that skips or replays a block or anything inside it (all of the
+above but TextKVCache) is refused on the blocks it patches (:class:`BlockCacheCheck`).
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["OUTPUT_REPLAYING_CACHES", "ReplayedOutputCheck"]
+__all__ = ["BLOCK_SKIPPING_CACHES", "OUTPUT_REPLAYING_CACHES", "BlockCacheCheck", "ReplayedOutputCheck"]
 
 # diffusers' hook name -> the cache's name for messages.
 OUTPUT_REPLAYING_CACHES = {
     "pyramid_attention_broadcast": "Pyramid Attention Broadcast",
     "taylorseer_cache": "TaylorSeer cache",
     "faster_cache_block": "FasterCache",
+}
+
+
+# Hooks that skip a block or replay what it (or a module inside it) returned at earlier steps.
+BLOCK_SKIPPING_CACHES = {
+    **OUTPUT_REPLAYING_CACHES,
+    "fbc_leader_block_hook": "FirstBlockCache",
+    "fbc_block_hook": "FirstBlockCache",
+    "mag_cache_leader_block_hook": "MagCache",
+    "mag_cache_block_hook": "MagCache",
+    "sea_cache_leader_block": "SeaCache",
+    "sea_cache_block": "SeaCache",
 }
 
 
@@ -68,3 +84,29 @@ def _message(cache: str, where: str) -> str:
         "model.disable_cache() (or tomediff.remove_tome(model)); with tomediff, use a cache that skips "
         "whole blocks, model.enable_cache(FirstBlockCacheConfig(...))."
     )
+
+
+class BlockCacheCheck:
+    """The :attr:`~tomediff.core.Site.conflict` check of a block site (``method="cache"``): the message
+    refusing a block at which (or inside which) a diffusers cache skips or replays computation, else
+    None."""
+
+    def __init__(self, block: nn.Module, name: str) -> None:
+        self.modules = tuple(
+            (f"{name}.{inner}" if inner else name, sub) for inner, sub in block.named_modules()
+        )
+
+    def __call__(self) -> str | None:
+        for where, module in self.modules:
+            hooks = getattr(getattr(module, "_diffusers_hook", None), "hooks", None)
+            if not hooks:
+                continue
+            for hook_name, cache in BLOCK_SKIPPING_CACHES.items():
+                if hook_name in hooks:
+                    return (
+                        f"diffusers' {cache} skips or replays the computation of '{where}' on some steps, "
+                        "but method='cache' runs that block on a different part of its tokens each step "
+                        "and keeps its own residuals, so the two would mix token sets. Use one or the "
+                        "other: model.disable_cache(), or tomediff.remove_tome(model)."
+                    )
+        return None

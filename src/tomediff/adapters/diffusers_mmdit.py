@@ -15,7 +15,7 @@ from torch import nn
 
 from tomediff.adapters.base import Adapter, ForwardChunkingCheck, class_name_in, register_adapter
 from tomediff.adapters.call_sites import BlockStack, CallSiteAdapter
-from tomediff.adapters.diffusers_caches import ReplayedOutputCheck
+from tomediff.adapters.diffusers_caches import BlockCacheCheck, ReplayedOutputCheck
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import PositionIdsGrid, ShapeListGrid
 
@@ -65,6 +65,13 @@ def _call_site(attn: nn.Module) -> Site:
     return Site(attn, "attn", role="call", text_first=True, call_only_for_kv=True)
 
 
+def _block_site(block: nn.Module, name: str, **fields: Any) -> Site:
+    """The whole block (``method="cache"``): image tokens in ``hidden_states``, text apart, and
+    ``(text, image)`` returned."""
+    conflict = BlockCacheCheck(block, name)
+    return Site(block, "attn", role="block", mask_names=(), output_index=1, conflict=conflict, **fields)
+
+
 def _key_value_sites(attn: nn.Module, name: str) -> list[Site]:
     check = _FusedProjectionCheck(attn, name)
     return [
@@ -103,7 +110,7 @@ class SD3Adapter(Adapter):
             if isinstance(attn2, nn.Module):  # SD3.5: self-attention over the image tokens alone
                 sites += [_attention_site(attn2, f"{name}.attn2"), *_key_value_sites(attn2, f"{name}.attn2")]
             sites.append(_mlp_site(block.ff, f"{name}.ff", unsupported=ForwardChunkingCheck(block, name)))
-            specs.append(BlockSpec(name, block, 1, grid, tuple(sites)))
+            specs.append(BlockSpec(name, block, 1, grid, tuple(sites), block_site=_block_site(block, name)))
         return specs
 
 
@@ -143,7 +150,8 @@ class FluxAdapter(Adapter):
                     _call_site(block.attn),
                     _mlp_site(block.ff, f"{name}.ff"),
                 )
-                specs.append(BlockSpec(name, block, 1, grid, sites, batch_shared=True))
+                whole = _block_site(block, name, rotary_names=_ROTARY)
+                specs.append(BlockSpec(name, block, 1, grid, sites, batch_shared=True, block_site=whole))
         for index, block in enumerate(getattr(model, "single_transformer_blocks", ())):
             if class_name_in(block, {"FluxSingleTransformerBlock"}):
                 name = f"single_transformer_blocks.{index}"
@@ -152,7 +160,8 @@ class FluxAdapter(Adapter):
                     _call_site(block.attn),
                     _mlp_site(block.proj_mlp, f"{name}.proj_mlp", text_first=True),
                 )
-                specs.append(BlockSpec(name, block, 1, grid, sites, batch_shared=True))
+                whole = _block_site(block, name, rotary_names=_ROTARY)
+                specs.append(BlockSpec(name, block, 1, grid, sites, batch_shared=True, block_site=whole))
         return specs
 
 

@@ -356,7 +356,11 @@ class _Runner:
         ideal = settings.ideal(spec.max_downsample)
         record.reference = variant.key if variant.name == "ideal" else ideals.get(ideal)
         notes = []
-        if ideal is None:
+        if ideal is None and settings.method == "cache":
+            notes.append(
+                "no ideal: token caching computes fewer tokens in whole blocks, no merge to make free"
+            )
+        elif ideal is None:
             notes.append("no ideal: downsampling keeps every query, there is no merge to make free")
         if variant.name == "ideal":
             users = [
@@ -615,6 +619,8 @@ def _trajectory_note(settings: MergeSettings, calls: int) -> str:
     text = f"mean of {calls} calls at t={'/'.join(map(str, steps))}: reduced in {active}"
     if settings.reuse_steps > 1:
         text += f", matched in {-(-calls // settings.reuse_steps)}"
+    if settings.method == "cache":
+        text += f", every token computed in {-(-calls // settings.cache_interval)}"
     return text
 
 

@@ -73,9 +73,9 @@ class MergeSettings(_MergeFields):  # type: ignore[misc, valid-type]
 
     @property
     def varies_over_steps(self) -> bool:
-        """Whether a call's cost depends on the denoising step (a schedule, or plans kept between calls),
-        so one call does not represent a generation."""
-        return self.start > 0.0 or self.stop < 1.0 or self.reuse_steps > 1
+        """Whether a call's cost depends on the denoising step (a schedule, plans or token caches kept
+        between calls), so one call does not represent a generation."""
+        return self.start > 0.0 or self.stop < 1.0 or self.reuse_steps > 1 or self.method == "cache"
 
     def ideal(self, default_level: int) -> MergeSettings | None:
         """The settings of this variant's zero-cost reference: the same blocks, sites, ratios and

@@ -296,11 +296,12 @@ def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> li
             grid_index = grid_sources.setdefault(id(spec.grid), (len(grid_sources), spec.grid))[0]
         block_call = BlockCall(state, spec, index, grid_index)
         handles.append(spec.block.register_forward_pre_hook(BlockPreHook(block_call), with_kwargs=True))
-        handles.append(
-            spec.block.register_forward_hook(BlockPostHook(block_call), with_kwargs=True, always_call=True)
-        )
-        for site in spec.sites:
-            action = state.method.action_for(site, spec.name)
+        sites = [(site, state.method.action_for(site, spec.name)) for site in spec.sites]
+        if spec.block_site is not None:
+            # After the block's pre-hook (which asks for the plan) and before its post-hook (which
+            # drops it): hooks of one module run in the order they were registered.
+            sites.append((spec.block_site, state.method.block_action_for(spec)))
+        for site, action in sites:
             if action is None:
                 continue
             site_call = SiteCall(block_call, site, action)
@@ -313,6 +314,9 @@ def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> li
                         post, with_kwargs=True, always_call=action.after_on_error
                     )
                 )
+        handles.append(
+            spec.block.register_forward_hook(BlockPostHook(block_call), with_kwargs=True, always_call=True)
+        )
     for grid_index, source in grid_sources.values():
         hook = GridHook(state, source, grid_index)
         handles.append(source.module.register_forward_pre_hook(hook, with_kwargs=True))
@@ -338,7 +342,9 @@ def remove_hooks(model: nn.Module) -> int:
         for table_name in _HOOK_TABLES:
             table = getattr(module, table_name)
             for hook_id in [k for k, hook in table.items() if isinstance(hook, ToMeHook)]:
-                del table[hook_id]
+                hook = table.pop(hook_id)
+                if isinstance(hook, RootHook):  # what its patch kept between calls goes with it
+                    hook.state.release()
                 for flag_name in _FLAG_TABLES:
                     getattr(module, flag_name, {}).pop(hook_id, None)
                 removed += 1

@@ -5,7 +5,9 @@
   (:class:`ReusingReducer`, wrapping another reducer).
 * A :class:`SiteAction` decides what happens around a submodule of the block with that plan: merge
   its input and unmerge its output (:class:`MergeAction`), or keep the queries and pass reduced keys
-  and values (:class:`KeyValueAction`).
+  and values (:class:`KeyValueAction`); a method may also act around the whole block (its
+  ``block_action``, on the block site an adapter declares), as token caching does
+  (:class:`tomediff.core.token_cache.BlockCacheAction` with a :class:`TokenCacheReducer`).
 
 The hooks call these through the :class:`Method` a config builds (:func:`build_method`) and know
 neither by name. Reducers live in :mod:`tomediff.core.reducers`, actions in
@@ -35,7 +37,8 @@ from tomediff.core.reducers import (
     cached,
 )
 from tomediff.core.spec import BlockSpec, Site, SiteKind
-from tomediff.errors import NothingToPatchError
+from tomediff.core.token_cache import BlockCacheAction, TokenCacheReducer
+from tomediff.errors import ConfigError, NothingToPatchError
 
 __all__ = [
     "DownsampleReducer",
@@ -49,6 +52,7 @@ __all__ = [
     "Reducer",
     "ReusingReducer",
     "SiteAction",
+    "TokenCacheReducer",
     "build_method",
     "cached",
 ]
@@ -57,20 +61,36 @@ __all__ = [
 @dataclass(frozen=True)
 class Method:
     """A reducer and the action each enabled site kind gets (adjusted per site by
-    :meth:`SiteAction.for_site`)."""
+    :meth:`SiteAction.for_site`); ``block_action``, when set, acts around every block itself (on its
+    :attr:`BlockSpec.block_site`) and ``actions`` is then usually empty."""
 
     reducer: Reducer
     actions: Mapping[SiteKind, SiteAction]
+    block_action: SiteAction | None = None
 
     def action_for(self, site: Site, block_name: str) -> SiteAction | None:
         """The action ``site`` gets, or None when the method leaves it alone."""
         action = self.actions.get(site.kind)
         return None if action is None else action.for_site(site, block_name)
 
+    def block_action_for(self, spec: BlockSpec) -> SiteAction | None:
+        """The action around the block ``spec`` itself, or None when the method has none."""
+        if self.block_action is None:
+            return None
+        if spec.block_site is None:
+            raise ConfigError(
+                f"this method acts around whole blocks, but the model's adapter declares no block-level "
+                f"layout for block '{spec.name}' ({type(spec.block).__name__}): where its image tokens are "
+                "in its input and output is not known. method='cache' supports the blocks of Flux.1 and "
+                "SD3 and every BasicTransformerBlock (PixArt, DiT, UNets); use method='merge' for this one."
+            )
+        return self.block_action.for_site(spec.block_site, spec.name)
+
     def check(self, specs: Sequence[BlockSpec]) -> None:
         """Raise :class:`ConfigError` now (before anything is hooked) for a site the method cannot
         act on, and :class:`NothingToPatchError` when it acts on none of them."""
         acting = [self.action_for(site, spec.name) for spec in specs for site in spec.sites]
+        acting += [self.block_action_for(spec) for spec in specs]
         if specs and not any(action is not None for action in acting):
             kinds = sorted(self.actions)
             raise NothingToPatchError(
@@ -83,10 +103,13 @@ class Method:
         """The message of the first site whose output the method unmerges and whose
         :attr:`Site.conflict` check refuses it now (e.g. a cache replaying its output), else None."""
         for spec in specs:
-            for site in spec.sites:
-                if site.conflict is None:
+            for site in (*spec.sites, spec.block_site):
+                if site is None or site.conflict is None:
                     continue
-                action = self.action_for(site, spec.name)
+                if site.role == "block":
+                    action = self.block_action_for(spec)
+                else:
+                    action = self.action_for(site, spec.name)
                 if action is not None and action.uses_output and (reason := site.conflict()) is not None:
                     return reason
         return None
@@ -95,6 +118,13 @@ class Method:
 def build_method(config: ToMeConfig, enabled: set[SiteKind], reducer: Reducer | None = None) -> Method:
     """The method ``config`` describes. ``reducer`` replaces the config's reducer (benchmark
     references, research methods); its plans must suit the config's site actions."""
+    if config.method == "cache":
+        if reducer is not None:
+            raise ConfigError(
+                "method='cache' plans with its own reducer (the tokens to recompute, from its cache); "
+                "apply_reducer takes method='merge' or 'downsample'."
+            )
+        return Method(TokenCacheReducer(config), {}, BlockCacheAction())
     if config.method == "downsample":
         base: Reducer = DownsampleReducer(config)
         action = KeyValueAction(AttentionCallAction(reduce_queries=False))

@@ -93,9 +93,18 @@ class Reducer:
     def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
         """Prepare a model call (e.g. draw its random numbers) before any block runs."""
 
+    def keeps_between_calls(self) -> bool:
+        """Whether plans (or caches) outlive a model call: the calls' timesteps and the caller's
+        generations are then read, and compiled calls are refused."""
+        return False
+
     def plan(self, state: ToMeState, request: PlanRequest) -> Any:
         """The plan of one block call, or None to leave the block unreduced."""
         raise NotImplementedError
+
+    def report_lines(self) -> list[str]:
+        """Lines the patch's report adds about what the reducer did (none by default)."""
+        return []
 
     def nothing_reason(self, request: PlanRequest) -> str | None:
         """Why :meth:`plan` returned None although the block was selected, if the settings are to
@@ -278,6 +287,9 @@ class ReusingReducer(Reducer):
 
     def draws_per_call(self) -> bool:
         return self.inner.draws_per_call()
+
+    def keeps_between_calls(self) -> bool:
+        return self.steps > 1 or self.inner.keeps_between_calls()
 
     def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
         self.inner.begin_call(state, call, sample)

@@ -26,7 +26,7 @@ __all__ = [
 ]
 
 SiteKind = Literal["attn", "crossattn", "mlp"]
-SiteRole = Literal["tokens", "attention", "key_value", "call"]
+SiteRole = Literal["tokens", "attention", "key_value", "call", "block"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -192,6 +192,8 @@ class Site:
         call_only_for_kv: (``"call"`` sites) the block also has a block-level site merging this
             attention's tokens (with ``method="merge"``); the call site then acts only for what that one
             cannot do: key/value reduction (``method="downsample"``, ``kv_ratio``).
+        output_index: (``"block"`` sites) where the block's output tuple holds its image tokens (Flux
+            and SD3 blocks return ``(text, image)``: 1); a block returning one tensor ignores it.
     """
 
     module: nn.Module
@@ -206,6 +208,7 @@ class Site:
     rotary_names: tuple[str, ...] = ()
     image_first: bool = False
     call_only_for_kv: bool = False
+    output_index: int = 0
 
 
 @dataclass(frozen=True, eq=False)
@@ -224,6 +227,10 @@ class BlockSpec:
             table shared by the batch is reduced with the tokens (rotary positions).
         image_last: the block's input is ``[other tokens (text), the N image tokens]`` (Flux.2's
             single-stream blocks): N comes from its grid source, and the last N tokens are the metric.
+        block_site: the block itself as a site (role ``"block"``), for methods acting around the whole
+            block (``method="cache"``): its token input is the image tokens alone, other streams (text)
+            are passed apart, and its output holds them at ``output_index``. None when the adapter
+            does not declare one (such methods then refuse the block).
     """
 
     name: str
@@ -234,6 +241,7 @@ class BlockSpec:
     input_names: tuple[str, ...] = ("hidden_states", "x")
     batch_shared: bool = False
     image_last: bool = False
+    block_site: Site | None = None
 
 
 class Caller(Protocol):

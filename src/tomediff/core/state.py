@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import threading
 import warnings
+import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -98,7 +99,7 @@ class CallState:
     cfg_layout: str | None = "auto"
 
 
-@dataclass
+@dataclass(eq=False)  # compared by identity: the patch keeps a weak set of them
 class ThreadMemory:
     """What one thread's calls remember of earlier calls (plans kept by ``reuse_steps``).
 
@@ -205,7 +206,9 @@ class ToMeState:
         self._local = threading.local()
         self._latest_call: CallState | None = None
         self._warned: set[tuple[str, int, int]] = set()
-        self._reads_timestep = selection.has_schedule or config.reuse_steps > 1
+        self._keeps = method.reducer.keeps_between_calls()  # plans or caches outlive a call
+        self._reads_timestep = selection.has_schedule or self._keeps
+        self._memories: weakref.WeakSet[ThreadMemory] = weakref.WeakSet()  # every thread's, to free
         self.caller = caller
         self._epoch = 0  # reseeds so far: every thread starts a new generation at its next call
         self._asks_guidance = config.reuse_cfg and config.cfg_layout == "auto"
@@ -218,12 +221,13 @@ class ToMeState:
         # Per-call state is private to the threads of this process; a copy starts without calls.
         # Observers are callbacks of this process (often closures), so a copy starts without them; the
         # caller is held weakly (a pipeline), so a copy starts without it too (as a model on its own).
-        skip = ("_local", "_latest_call", "observers", "caller")
+        skip = ("_local", "_latest_call", "observers", "caller", "_memories")
         return {k: v for k, v in self.__dict__.items() if k not in skip}
 
     def __setstate__(self, state: dict[str, object]) -> None:
         self.__dict__.update(state)
         self._local = threading.local()
+        self._memories = weakref.WeakSet()
         self._latest_call = None
         self.observers = []
         self.caller = None
@@ -255,7 +259,13 @@ class ToMeState:
         memory = getattr(self._local, "memory", None)
         if memory is None:
             memory = self._local.memory = ThreadMemory()
+            self._memories.add(memory)
         return memory
+
+    def release(self) -> None:
+        """Drop what every thread kept between calls (plans, token caches): the patch was removed."""
+        for memory in list(self._memories):
+            memory.plans.clear()
 
     def start_call(self, sample: object, timestep: object = None) -> None:
         """Begin a model call whose main input is ``sample`` (a ``[B, C, H, W]`` map for UNets/DiTs)
@@ -279,6 +289,11 @@ class ToMeState:
                 f"reuse_steps={self.config.reuse_steps} keeps plans between model calls, which a compiled "
                 "graph cannot; use reuse_steps=1 with torch.compile (reuse_level and reuse_cfg compile)."
             )
+        if self._keeps:
+            raise MergeCallError(
+                f"method={self.config.method!r} keeps state between model calls, which a compiled graph "
+                "cannot; run the model eagerly with it, or use method='merge' with torch.compile."
+            )
         self._begin(call, sample, timestep)
 
     def _begin(self, call: CallState, sample: object, timestep: object) -> None:
@@ -287,7 +302,7 @@ class ToMeState:
         selection = self.selection
         t = _timestep_value(timestep) if self._reads_timestep else None
         caller = self.caller
-        generation = caller.generation() if caller is not None and self.config.reuse_steps > 1 else None
+        generation = caller.generation() if caller is not None and self._keeps else None
         memory.advance(t, self._epoch, generation)
         call.number = memory.calls
         if selection.has_schedule:

@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from tomediff.config import (
+    CACHE_SELECTS,
     DOWNSAMPLE_MODES,
     METHODS,
     TOMESD_FIELDS,
@@ -66,7 +67,11 @@ METHOD_FIELDS: tuple[str, ...] = tuple(
     f.name for f in SETTING_FIELDS if f.name not in (*TOMESD_FIELDS, "seed")
 )
 
-_CHOICES: dict[str, tuple[str, ...]] = {"method": METHODS, "downsample_mode": DOWNSAMPLE_MODES}
+_CHOICES: dict[str, tuple[str, ...]] = {
+    "method": METHODS,
+    "downsample_mode": DOWNSAMPLE_MODES,
+    "cache_select": CACHE_SELECTS,
+}
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -167,6 +172,7 @@ def parse_value(name: str, text: str) -> Any:
     if name != "level_ratios":  # level_ratios was checked with its own message
         # Alone, but beside the method a field only applies to; the caller checks the whole setting.
         context = {"method": "downsample"} if name == "downsample_factor_time" else {}
+        context = {"method": "cache"} if name.startswith("cache_") else context
         try:
             ToMeConfig(**context, **{name: value})
         except ConfigError as error:
@@ -225,6 +231,11 @@ PRESETS: dict[str, Preset] = {
         "tomediff",
         {"method": "merge", "level_ratios": ((1, 0.6), (2, 0.3))},
         "ToMe with a ratio per level: 0.6 at the top level, 0.3 at the next",
+    ),
+    "cache": Preset(
+        "tomediff",
+        {"method": "cache", "cache_interval": 3, "cache_ratio": 0.25},
+        "token caching: every block computes all tokens every 3rd step, a quarter of them between",
     ),
 }
 

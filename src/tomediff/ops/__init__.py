@@ -1,6 +1,13 @@
 """Pure tensor functions of token merging: partition, matching, merge/unmerge. No model imports."""
 
 from tomediff.ops.attention import AttentionPlan, reduced_attention
+from tomediff.ops.caching import (
+    changed_tokens,
+    fill_from_cache,
+    gather_tokens,
+    scatter_tokens,
+    strided_tokens,
+)
 from tomediff.ops.downsample import (
     DOWNSAMPLE_MODES,
     DownsampleMode,
@@ -42,11 +49,14 @@ __all__ = [
     "SharedMergePlan",
     "TokenPlan",
     "best_dst_for_src",
+    "changed_tokens",
     "downsample_grid",
     "downsample_video",
     "downsampled_grid",
     "downsampled_video",
     "draw_dst_offsets",
+    "fill_from_cache",
+    "gather_tokens",
     "grid_partition",
     "merge_trailing",
     "num_windows",
@@ -54,9 +64,11 @@ __all__ = [
     "plan_merge",
     "reduce_rotary",
     "reduced_attention",
+    "scatter_tokens",
     "score_block_elements",
     "shared_metric",
     "slot_positions",
+    "strided_tokens",
     "triton_enabled",
     "unmerge_trailing",
     "video_window_index",

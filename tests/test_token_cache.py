@@ -1,0 +1,458 @@
+"""method="cache": token-wise caching of whole blocks' residuals (refresh steps, partial steps, and the
+rules that keep caches of different generations, batches, calls and threads apart)."""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+import tomediff
+from conftest import tiny_pixart
+from tomediff.core.hooks import has_hooks
+from tomediff.errors import ConfigError, ConflictingPatchError, MergeCallError
+
+diffusers = pytest.importorskip("diffusers")
+
+TEXT = 5
+HEIGHT, WIDTH = 6, 8  # 48 image tokens
+TIMESTEPS = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]  # Flux takes sigma (t / 1000)
+
+
+def tiny_flux() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=8,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        pooled_projection_dim=8,
+        axes_dims_rope=(2, 2, 4),
+    ).eval()
+
+
+def image_ids() -> torch.Tensor:
+    ids = torch.zeros(HEIGHT, WIDTH, 3)
+    ids[..., 1] = torch.arange(HEIGHT)[:, None]
+    ids[..., 2] = torch.arange(WIDTH)[None, :]
+    return ids.reshape(-1, 3)
+
+
+def flux_case(batch: int = 2, seed: int = 1) -> tuple[torch.Tensor, dict[str, Any]]:
+    """Start latents and the conditioning of one generation (``seed`` makes another prompt)."""
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn(batch, HEIGHT * WIDTH, 8, generator=gen)
+    kwargs = {
+        "encoder_hidden_states": torch.randn(batch, TEXT, 16, generator=gen),
+        "pooled_projections": torch.randn(batch, 8, generator=gen),
+        "img_ids": image_ids(),
+        "txt_ids": torch.zeros(TEXT, 3),
+        "return_dict": False,
+    }
+    return latents, kwargs
+
+
+@torch.no_grad()
+def flux_step(model: nn.Module, x: torch.Tensor, kwargs: dict[str, Any], t: float) -> torch.Tensor:
+    return model(x, timestep=torch.full((x.shape[0],), t), **kwargs)[0]
+
+
+@torch.no_grad()
+def trajectory(
+    model: nn.Module, case: tuple[torch.Tensor, dict[str, Any]], timesteps: list[float] = TIMESTEPS
+) -> list[torch.Tensor]:
+    """Euler steps of a flow-matching sampler: the model output at every step."""
+    x, kwargs = case
+    outputs = []
+    for t, t_next in zip(timesteps, [*timesteps[1:], 0.0], strict=True):
+        out = flux_step(model, x, kwargs, t)
+        outputs.append(out)
+        x = x + (t_next - t) * out
+    return outputs
+
+
+def count_tokens(module: nn.Module) -> tuple[list[int], Callable[[], None]]:
+    """The token count of every call of ``module`` (its first input's dim 1)."""
+    seen: list[int] = []
+
+    def hook(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        x = args[0] if args else kwargs["hidden_states"]
+        seen.append(int(x.shape[1]))
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    return seen, handle.remove
+
+
+# Config -------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"cache_interval": 1}, "cache_interval must be an integer of at least 2"),
+        ({"cache_interval": 2.5}, "cache_interval must be an integer, got 2.5"),
+        ({"cache_ratio": 0.0}, "cache_ratio=0.0 is outside (0, 1]"),
+        ({"cache_ratio": 1.5}, "cache_ratio=1.5 is outside (0, 1]"),
+        ({"cache_ratio": float("nan")}, "cache_ratio=nan is outside (0, 1]"),
+        ({"cache_select": "random"}, "cache_select must be one of 'change', 'stride', got 'random'"),
+        ({"merge_mlp": True}, "method='cache' acts on whole blocks"),
+        ({"reuse_steps": 2}, "reuse_steps apply to method='merge' only"),
+    ],
+)
+def test_config_refuses_bad_cache_settings(options: dict[str, Any], message: str) -> None:
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        tomediff.ToMeConfig(method="cache", **options)
+
+
+def test_cache_fields_need_method_cache() -> None:
+    with pytest.raises(ConfigError, match=r"cache_ratio apply to method='cache' only \(got method='merge'\)"):
+        tomediff.ToMeConfig(cache_ratio=0.5)
+    config = tomediff.ToMeConfig(method="cache", cache_interval=4, cache_ratio=0.5, cache_select="stride")
+    assert (config.cache_interval, config.cache_ratio, config.cache_select) == (4, 0.5, "stride")
+
+
+def test_setting_string_parses() -> None:
+    from tomediff.eval.settings import parse_setting
+
+    config = parse_setting("c:method=cache,cache_interval=3,cache_ratio=0.25,cache_select=stride").config()
+    assert (config.method, config.cache_interval, config.cache_ratio) == ("cache", 3, 0.25)
+    assert parse_setting("cache").config().method == "cache"
+    with pytest.raises(ConfigError, match="cache_ratio=2"):
+        parse_setting("c:method=cache,cache_ratio=2")
+
+
+# Token choice ------------------------------------------------------------------------------------
+
+
+def test_changed_tokens_picks_the_largest_relative_change() -> None:
+    from tomediff.ops import changed_tokens
+
+    reference = torch.ones(2, 6, 4)
+    x = reference.clone()
+    x[0, [1, 4]] += 1.0  # row 0: tokens 1 and 4 moved
+    x[1, [0, 5]] += 2.0
+    x[1, 2] += 0.5
+    assert changed_tokens(x, reference, 2, shared=False).tolist() == [[1, 4], [0, 5]]
+    shared = changed_tokens(x, reference, 2, shared=True)  # summed over the batch: 0 and 5 (2.0 each)
+    assert shared.tolist() == [[0, 5], [0, 5]]
+
+
+def test_strided_tokens_cover_every_token_within_their_spacing() -> None:
+    from tomediff.ops import strided_tokens
+
+    seen = set()
+    for step in range(4):  # 48 tokens, 12 a step: spacing 4
+        index = strided_tokens(2, 48, 12, step, torch.device("cpu"))
+        assert index.shape == (2, 12)
+        assert index[0].tolist() == sorted(set(index[0].tolist()))
+        seen.update(index[0].tolist())
+    assert seen == set(range(48))
+    assert strided_tokens(1, 10, 3, 0, torch.device("cpu")).shape == (1, 3)
+
+
+# Outputs ------------------------------------------------------------------------------------------
+
+
+def tiny_sd3() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.SD3Transformer2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        joint_attention_dim=16,
+        caption_projection_dim=16,
+        pooled_projection_dim=8,
+        out_channels=4,
+    ).eval()
+
+
+@torch.no_grad()
+def image_model_trajectory(name: str, model: nn.Module) -> list[torch.Tensor]:
+    """SD3 / PixArt over a short trajectory (timesteps in [0, 1000]), each output fed back."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 12, 16, generator=gen)
+    if name == "sd3":
+        kwargs = {
+            "encoder_hidden_states": torch.randn(2, TEXT, 16, generator=gen),
+            "pooled_projections": torch.randn(2, 8, generator=gen),
+        }
+    else:
+        kwargs = {
+            "encoder_hidden_states": torch.randn(2, TEXT, 24, generator=gen),
+            "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        }
+    outputs = []
+    for t in (900, 700, 500, 300):
+        out = model(x, timestep=torch.full((2,), t), return_dict=False, **kwargs)[0][:, :4]
+        outputs.append(out)
+        x = x - 0.2 * out
+    return outputs
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "pixart"])
+def test_ratio_one_is_bit_exact_at_every_step(family: str) -> None:
+    model = {"flux": tiny_flux, "sd3": tiny_sd3, "pixart": tiny_pixart}[family]()
+
+    def run() -> list[torch.Tensor]:
+        return trajectory(model, flux_case()) if family == "flux" else image_model_trajectory(family, model)
+
+    reference = run()
+    with tomediff.apply_tome(model, method="cache", cache_interval=2, cache_ratio=1.0) as handle:
+        cached = run()
+        assert "partial 0" in str(handle.report())  # every call computed every token
+    for step, (ours, theirs) in enumerate(zip(cached, reference, strict=True)):
+        assert torch.equal(ours, theirs), f"step {step}"
+
+
+@pytest.mark.parametrize("family", ["sd3", "pixart"])
+def test_image_models_cache_between_refreshes(family: str) -> None:
+    model = {"sd3": tiny_sd3, "pixart": tiny_pixart}[family]()
+    reference = image_model_trajectory(family, model)
+    with tomediff.apply_tome(model, method="cache", cache_interval=2, cache_ratio=0.5) as handle:
+        cached = image_model_trajectory(family, model)
+        report = str(handle.report())
+    assert torch.equal(cached[0], reference[0])  # the first step refreshes
+    assert not torch.equal(cached[1], reference[1])  # the second computes half the tokens
+    assert "refresh 2, partial 2 per block" in report
+
+
+@pytest.mark.parametrize("select", ["change", "stride"])
+def test_refresh_steps_equal_unpatched_and_partial_steps_compute_the_ratio(select: str) -> None:
+    model = tiny_flux()
+    case = flux_case()
+    x, kwargs = case
+    # The unpatched trajectory's inputs, given to both models step by step.
+    inputs, outputs = [], []
+    for t, t_next in zip(TIMESTEPS, [*TIMESTEPS[1:], 0.0], strict=True):
+        out = flux_step(model, x, kwargs, t)
+        inputs.append(x)
+        outputs.append(out)
+        x = x + (t_next - t) * out
+    double, single = model.transformer_blocks[0], model.single_transformer_blocks[0]
+    ff_tokens, stop_ff = count_tokens(double.ff)  # image tokens only
+    single_tokens, stop_single = count_tokens(single.norm)  # [text, image]
+    config = tomediff.ToMeConfig(method="cache", cache_interval=3, cache_ratio=0.25, cache_select=select)
+    with tomediff.apply_tome(model, config) as handle:
+        for step, t in enumerate(TIMESTEPS):
+            out = flux_step(model, inputs[step], kwargs, t)
+            if step % 3 == 0:
+                assert torch.equal(out, outputs[step]), f"refresh step {step}"
+            else:
+                assert not torch.equal(out, outputs[step]), f"partial step {step} computed everything"
+        report = handle.report()
+    stop_ff()
+    stop_single()
+    computed = round(0.25 * HEIGHT * WIDTH)
+    expected = [HEIGHT * WIDTH if step % 3 == 0 else computed for step in range(len(TIMESTEPS))]
+    assert ff_tokens == expected
+    assert single_tokens == [TEXT + n for n in expected]
+    assert [(b.last_call.tokens, b.last_call.tokens_after_merge) for b in report.blocks] == [(48, 48)] * 2
+    text = str(report)
+    assert "cache_interval=3, cache_ratio=0.25" in text
+    assert "refresh 3, partial 4 per block" in text
+
+
+def test_partial_steps_stay_close_to_unpatched() -> None:
+    model = tiny_flux()
+    reference = trajectory(model, flux_case())
+    with tomediff.apply_tome(model, method="cache", cache_interval=3, cache_ratio=0.5):
+        cached = trajectory(model, flux_case())
+    error = (cached[-1] - reference[-1]).norm() / reference[-1].norm()
+    assert 0 < error < 0.5  # cached tokens move with their input: far closer than noise (error ~1.4)
+
+
+# Generations, batches, calls, threads -------------------------------------------------------------
+
+
+def fresh_result(case: tuple[torch.Tensor, dict[str, Any]], **options: Any) -> list[torch.Tensor]:
+    model = tiny_flux()
+    with tomediff.apply_tome(model, method="cache", **options):
+        return trajectory(model, case)
+
+
+def test_a_second_generation_equals_a_fresh_models() -> None:
+    model = tiny_flux()
+    handle = tomediff.apply_tome(model, method="cache", cache_interval=3, cache_ratio=0.25)
+    trajectory(model, flux_case(seed=1))  # another prompt first
+    second = trajectory(model, flux_case(seed=2))  # the timestep going up starts a new generation
+    smaller = trajectory(model, flux_case(batch=1, seed=2))  # and a batch-size change
+    handle.remove()
+    for ours, fresh in zip(second, fresh_result(flux_case(seed=2)), strict=True):
+        assert torch.equal(ours, fresh)
+    for ours, fresh in zip(smaller, fresh_result(flux_case(batch=1, seed=2)), strict=True):
+        assert torch.equal(ours, fresh)
+
+
+def test_new_generation_separates_one_that_starts_lower() -> None:
+    def cut_short_then_lower(mark: bool) -> list[torch.Tensor]:
+        model = tiny_flux()
+        with tomediff.apply_tome(model, method="cache", cache_interval=3, cache_ratio=0.25) as handle:
+            trajectory(model, flux_case(seed=1), TIMESTEPS[:2])  # cut short at t = 0.9
+            if mark:
+                handle.new_generation()
+            return trajectory(model, flux_case(seed=2), TIMESTEPS[2:])  # img2img-like: starts lower
+
+    model = tiny_flux()
+    with tomediff.apply_tome(model, method="cache", cache_interval=3, cache_ratio=0.25):
+        fresh = trajectory(model, flux_case(seed=2), TIMESTEPS[2:])
+    marked = cut_short_then_lower(mark=True)
+    assert all(torch.equal(ours, theirs) for ours, theirs in zip(marked, fresh, strict=True))
+    # Unmarked, the timesteps alone see one generation: its second step reuses the first prompt's cache.
+    assert not torch.equal(cut_short_then_lower(mark=False)[0], fresh[0])
+
+
+def test_demo_dit_classes_back_to_back_equal_a_fresh_patch() -> None:
+    from tomediff.eval import load_demo_dit
+
+    pipe = load_demo_dit()
+    with tomediff.apply_tome(pipe, method="cache", cache_interval=3, cache_ratio=0.25):
+        pipe.generate_latents([1, 2], [0, 1], 4)
+        second = pipe.generate_latents([7, 8], [0, 1], 4)
+        smaller = pipe.generate_latents([7], [0], 4)
+    with tomediff.apply_tome(pipe, method="cache", cache_interval=3, cache_ratio=0.25):
+        fresh = pipe.generate_latents([7, 8], [0, 1], 4)
+    with tomediff.apply_tome(pipe, method="cache", cache_interval=3, cache_ratio=0.25):
+        fresh_smaller = pipe.generate_latents([7], [0], 4)
+    assert torch.equal(second, fresh)
+    assert torch.equal(smaller, fresh_smaller)
+
+
+def test_guidance_halves_as_two_calls_keep_their_own_caches() -> None:
+    model = tiny_flux()
+    uncond, cond = flux_case(batch=1, seed=4), flux_case(batch=1, seed=5)
+    expected_uncond = fresh_result(uncond)
+    expected_cond = fresh_result(cond)
+    with tomediff.apply_tome(model, method="cache", cache_interval=3, cache_ratio=0.25):
+        xu, xc = uncond[0], cond[0]
+        for step, (t, t_next) in enumerate(zip(TIMESTEPS, [*TIMESTEPS[1:], 0.0], strict=True)):
+            out_u = flux_step(model, xu, uncond[1], t)  # two calls at one timestep
+            out_c = flux_step(model, xc, cond[1], t)
+            assert torch.equal(out_u, expected_uncond[step]), step
+            assert torch.equal(out_c, expected_cond[step]), step
+            xu, xc = xu + (t_next - t) * out_u, xc + (t_next - t) * out_c
+
+
+def test_threads_keep_their_own_caches() -> None:
+    model = tiny_flux()
+    cases = [flux_case(seed=6), flux_case(seed=7)]
+    expected = [fresh_result(case) for case in cases]
+    results: list[list[torch.Tensor]] = [[], []]
+    barrier = threading.Barrier(2)
+    errors: list[BaseException] = []
+
+    def work(index: int) -> None:
+        try:
+            x, kwargs = cases[index]
+            for t, t_next in zip(TIMESTEPS, [*TIMESTEPS[1:], 0.0], strict=True):
+                barrier.wait(timeout=30)  # steps of the two threads interleave
+                out = flux_step(model, x, kwargs, t)
+                results[index].append(out)
+                x = x + (t_next - t) * out
+        except BaseException as error:  # reported by the main thread
+            errors.append(error)
+            barrier.abort()
+
+    with tomediff.apply_tome(model, method="cache", cache_interval=3, cache_ratio=0.25):
+        threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert not errors, errors
+    for index in range(2):
+        for ours, fresh in zip(results[index], expected[index], strict=True):
+            assert torch.equal(ours, fresh)
+
+
+# Removal and refusals -----------------------------------------------------------------------------
+
+
+def test_removal_leaves_nothing_and_frees_the_caches() -> None:
+    model = tiny_flux()
+    reference = trajectory(model, flux_case())
+    handle = tomediff.apply_tome(model, method="cache", cache_interval=3, cache_ratio=0.25)
+    trajectory(model, flux_case())
+    memory = handle.state.thread_memory()
+    assert len(memory.plans) == 2  # one cache per block
+    handle.remove()
+    assert memory.plans == {}
+    assert not has_hooks(model)
+    assert not any(getattr(m, t) for m in model.modules() for t in ("_forward_pre_hooks", "_forward_hooks"))
+    for ours, theirs in zip(trajectory(model, flux_case()), reference, strict=True):
+        assert torch.equal(ours, theirs)
+    again = tomediff.apply_tome(model, method="cache")
+    trajectory(model, flux_case())
+    memory = again.state.thread_memory()
+    assert memory.plans
+    tomediff.remove_tome(model)  # removing by model frees them too
+    assert memory.plans == {}
+
+
+def test_models_without_a_block_layout_are_refused() -> None:
+    torch.manual_seed(0)
+    wan = diffusers.WanTransformer3DModel(
+        patch_size=(1, 2, 2),
+        num_attention_heads=2,
+        attention_head_dim=12,
+        in_channels=4,
+        out_channels=4,
+        text_dim=16,
+        freq_dim=16,
+        ffn_dim=32,
+        num_layers=1,
+        rope_max_seq_len=32,
+    )
+    with pytest.raises(ConfigError, match=r"declares no block-level layout for block 'blocks\.0'"):
+        tomediff.apply_tome(wan, method="cache")
+
+
+def test_block_attention_mask_is_refused_at_partial_steps() -> None:
+    model = tiny_pixart()
+    gen = torch.Generator().manual_seed(0)
+    kwargs = {
+        "encoder_hidden_states": torch.randn(1, TEXT, 24, generator=gen),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+        "attention_mask": torch.ones(1, 16),  # a self-attention mask over the 4x4 image tokens
+    }
+    x = torch.randn(1, 4, 8, 8, generator=gen)
+    with tomediff.apply_tome(model, method="cache", cache_interval=2, cache_ratio=0.5), torch.no_grad():
+        model(x, timestep=torch.tensor([500]), **kwargs)  # a refresh computes every token
+        with pytest.raises(MergeCallError, match="under the attention mask 'attention_mask'"):
+            model(x, timestep=torch.tensor([400]), **kwargs)
+
+
+def test_diffusers_block_caches_are_refused_in_either_order() -> None:
+    from diffusers import FirstBlockCacheConfig
+
+    model = tiny_flux()
+    model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+    with pytest.raises(ConflictingPatchError, match="FirstBlockCache skips or replays the computation of"):
+        tomediff.apply_tome(model, method="cache")
+    model.disable_cache()
+    with tomediff.apply_tome(model, method="cache"):
+        model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+        with pytest.raises(MergeCallError, match="method='cache' runs that block on a different part"):
+            trajectory(model, flux_case(), TIMESTEPS[:1])
+        model.disable_cache()
+        trajectory(model, flux_case(), TIMESTEPS[:2])  # without it, the patch runs again
+
+
+def test_bench_times_cache_over_a_trajectory() -> None:
+    from tomediff.bench.runner import _trajectory_note
+    from tomediff.bench.variants import MergeSettings
+
+    settings = MergeSettings.of(tomediff.ToMeConfig(method="cache", cache_interval=3))
+    assert settings.varies_over_steps
+    assert settings.ideal(1) is None
+    assert "every token computed in 2" in _trajectory_note(settings, 6)
