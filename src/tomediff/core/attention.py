@@ -67,10 +67,13 @@ class _AttentionCallMode(TorchFunctionMode):
         self.site = site
         self.block_name = block_name
         self.calls = 0
+        self.projected = False  # a linear layer ran: the module computed (else a cache returned for it)
 
     def __torch_function__(self, func: Any, types: Any, args: Args = (), kwargs: Kwargs | None = None) -> Any:
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
+            if func is F.linear:
+                self.projected = True
             method = _PYTHON_TENSOR_METHODS.get(func)
             if method is not None and args and isinstance(args[0], torch.Tensor):
                 return getattr(args[0], method)(*args[1:], **kwargs)
@@ -135,7 +138,10 @@ class AttentionCallAction(SiteAction):
                 f"tomediff found a torch function mode ({type(mode).__name__}) left on the stack by an "
                 "attention module it reduces; modes pushed inside the module must be popped inside it."
             )
-        if mode.calls == 0:
+        # No attention call and no projection: the module did not compute (a cache such as Pyramid
+        # Attention Broadcast returned a kept or forecast output for it), so there was nothing to reduce.
+        # A module that computed without an SDPA call uses another attention backend: refused.
+        if mode.calls == 0 and mode.projected:
             raise MergeCallError(
                 f"tomediff saw no attention call (torch.nn.functional.scaled_dot_product_attention) inside "
                 f"the {mode.site.kind} site of block '{mode.block_name}' "

@@ -244,10 +244,16 @@ class BlockPostHook(ToMeHook):
 
 
 class SiteCall:
-    def __init__(self, block: BlockCall, site: Site, action: SiteAction) -> None:
+    """A site's hooks' shared view: its block, the site, its action, and (``inside``) the attention-call
+    site and action that reduce inside the module instead while a cache keeps its output."""
+
+    def __init__(
+        self, block: BlockCall, site: Site, action: SiteAction, inside: tuple[Site, SiteAction] | None = None
+    ) -> None:
         self.block = block
         self.site = site
         self.action = action
+        self.inside = inside
 
 
 class SitePreHook(ToMeHook):
@@ -265,7 +271,13 @@ class SitePreHook(ToMeHook):
         if site.unsupported is not None and (reason := site.unsupported()) is not None:
             raise MergeCallError(reason)
         if call.action.uses_output and site.conflict is not None and (reason := site.conflict()) is not None:
-            raise MergeCallError(reason)
+            if call.inside is None:
+                raise MergeCallError(reason)
+            # A cache keeps this module's output across steps: reduce inside it (its attention call), so
+            # the output it keeps keeps the full token order; InsidePostHook undoes this.
+            inside_site, inside_action = call.inside
+            call.block.state.call.inside.add(id(call))
+            return inside_action.before(plan, inside_site, call.block.spec.name, args, kwargs)
         return call.action.before(plan, site, call.block.spec.name, args, kwargs)
 
 
@@ -279,10 +291,28 @@ class SitePostHook(ToMeHook):
         block = self.call.block
         state_call = block.state.call
         plan = state_call.plans.get(block.index)
-        if plan is None:
+        if plan is None or id(self.call) in state_call.inside:  # reduced inside: InsidePostHook's
             return None
         block.site_done(state_call)
         return self.call.action.after(plan, output)
+
+
+class InsidePostHook(ToMeHook):
+    """Runs the inside action's ``after`` when the site was reduced inside its module in this call
+    (registered with ``always_call``, so the attention-call mode is popped on errors too)."""
+
+    def __init__(self, call: SiteCall) -> None:
+        self.call = call
+
+    def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs, output: Any) -> Any:
+        call = self.call
+        state_call = call.block.state.call
+        if id(call) not in state_call.inside or call.inside is None:
+            return None
+        state_call.inside.discard(id(call))
+        plan = state_call.plans.get(call.block.index)
+        call.block.site_done(state_call)
+        return call.inside[1].after(plan, output)
 
 
 def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> list[RemovableHandle]:
@@ -303,7 +333,9 @@ def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> li
             action = state.method.action_for(site, spec.name)
             if action is None:
                 continue
-            site_call = SiteCall(block_call, site, action)
+            inside_action = state.method.inside_action_for(site, spec.name)
+            inside = (site.inside, inside_action) if site.inside and inside_action else None
+            site_call = SiteCall(block_call, site, action, inside)
             handles.append(site.module.register_forward_pre_hook(SitePreHook(site_call), with_kwargs=True))
             if action.uses_output:
                 block_call.num_sites += 1
@@ -311,6 +343,12 @@ def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> li
                 handles.append(
                     site.module.register_forward_hook(
                         post, with_kwargs=True, always_call=action.after_on_error
+                    )
+                )
+            if inside is not None:
+                handles.append(
+                    site.module.register_forward_hook(
+                        InsidePostHook(site_call), with_kwargs=True, always_call=True
                     )
                 )
     for grid_index, source in grid_sources.values():

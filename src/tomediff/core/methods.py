@@ -67,6 +67,14 @@ class Method:
         action = self.actions.get(site.kind)
         return None if action is None else action.for_site(site, block_name)
 
+    def inside_action_for(self, site: Site, block_name: str) -> SiteAction | None:
+        """The action of ``site.inside`` (reducing inside the module, at its attention call) that takes
+        over from ``site`` while a cache keeps the module's output, or None when there is none."""
+        if site.inside is None:
+            return None
+        action = self.action_for(site.inside, block_name)
+        return action if action is not None and action.uses_output else None
+
     def check(self, specs: Sequence[BlockSpec]) -> None:
         """Raise :class:`ConfigError` now (before anything is hooked) for a site the method cannot
         act on, and :class:`NothingToPatchError` when it acts on none of them."""
@@ -80,14 +88,19 @@ class Method:
             )
 
     def conflict(self, specs: Sequence[BlockSpec]) -> str | None:
-        """The message of the first site whose output the method unmerges and whose
-        :attr:`Site.conflict` check refuses it now (e.g. a cache replaying its output), else None."""
+        """The message of the first site whose output the method unmerges, which cannot be reduced
+        inside instead (:attr:`Site.inside`), and whose :attr:`Site.conflict` check refuses it now (e.g.
+        a cache replaying its output), else None."""
         for spec in specs:
             for site in spec.sites:
                 if site.conflict is None:
                     continue
                 action = self.action_for(site, spec.name)
-                if action is not None and action.uses_output and (reason := site.conflict()) is not None:
+                if action is None or not action.uses_output:
+                    continue
+                if self.inside_action_for(site, spec.name) is not None:  # reduced inside instead
+                    continue
+                if (reason := site.conflict()) is not None:
                     return reason
         return None
 

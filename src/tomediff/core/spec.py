@@ -192,6 +192,12 @@ class Site:
         call_only_for_kv: (``"call"`` sites) the block also has a block-level site merging this
             attention's tokens (with ``method="merge"``); the call site then acts only for what that one
             cannot do: key/value reduction (``method="downsample"``, ``kv_ratio``).
+        inside: the ``"call"`` site of this module's own attention call, for a site whose output is
+            unmerged. While a cache keeps this module's output across steps (:attr:`conflict`), this
+            site stands down and ``inside`` reduces the tokens inside the module instead: its output
+            then keeps the full token order, so whatever the cache keeps, replays or extrapolates is
+            what it would keep from the unpatched module's output, computed with fewer tokens. None:
+            such a conflict is refused.
     """
 
     module: nn.Module
@@ -206,6 +212,7 @@ class Site:
     rotary_names: tuple[str, ...] = ()
     image_first: bool = False
     call_only_for_kv: bool = False
+    inside: Site | None = None
 
 
 @dataclass(frozen=True, eq=False)
