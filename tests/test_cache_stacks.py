@@ -97,14 +97,17 @@ CACHES = {
 }
 
 
-@pytest.mark.parametrize("removed_first", ["tome", "cache"])
-@pytest.mark.parametrize("tome_first", [True, False], ids=["tome-then-cache", "cache-then-tome"])
-@pytest.mark.parametrize("name", sorted(CACHES))
-def test_cache_and_tome_stack_in_both_orders_and_remove_alone(
-    name: str, tome_first: bool, removed_first: str
+def stack_both_ways(
+    pipe: Any,
+    generate: Callable[[], torch.Tensor],
+    enable: Callable[[], None],
+    disable: Callable[[], None],
+    skipped: nn.Module,
+    removed_first: str,
+    calls: int = STEPS,
 ) -> None:
-    cache = CACHES[name]
-    pipe, generate = flux_pipeline()
+    """The checks every stack gets (see the module docstring); ``skipped`` runs only at the steps the
+    cache computes, ``calls`` is how many model calls a generation makes."""
     model = pipe.transformer
 
     def patch() -> tomediff.ToMeHandle:
@@ -112,34 +115,55 @@ def test_cache_and_tome_stack_in_both_orders_and_remove_alone(
 
     with torch.no_grad():
         plain = generate()
-        model.enable_cache(cache.config(pipe))
+        enable()
         cached = generate()
-        model.disable_cache()
+        disable()
         handle = patch()
         merged = generate()
         handle.remove()
-        ran = counter(cache.skipped(model))
-        if tome_first:
-            handle = patch()
-            model.enable_cache(cache.config(pipe))
-        else:
-            model.enable_cache(cache.config(pipe))
-            handle = patch()
-        both = generate()
-        report = handle.report()
-        assert 0 < ran[0] < STEPS  # the cache skipped some steps' computation
-        assert report.calls == STEPS and report.effective_ratio == 0.5  # tomediff reduced every call
-        assert torch.isfinite(both).all() and not torch.equal(both, cached) and not torch.equal(both, merged)
-        if removed_first == "tome":
-            handle.remove()
-            assert torch.equal(generate(), cached)
-            model.disable_cache()
-        else:
-            model.disable_cache()
-            assert torch.equal(generate(), merged)
-            handle.remove()
-        assert torch.equal(generate(), plain)
-    assert tome_hooks(model) == 0 and diffusers_hooks(model) == 0
+        ran = counter(skipped)
+        stacked = []
+        for tome_first in (True, False):
+            if tome_first:
+                handle = patch()
+                enable()
+            else:
+                enable()
+                handle = patch()
+            ran[0] = 0
+            stacked.append(generate())
+            assert 0 < ran[0] < calls  # the cache skipped some steps' computation
+            report = handle.report()
+            assert report.calls == calls and report.effective_ratio == 0.5  # tomediff reduced every call
+            if removed_first == "tome":
+                handle.remove()
+                assert torch.equal(generate(), cached)  # the cache's own outputs
+                disable()
+            else:
+                disable()
+                assert torch.equal(generate(), merged)  # tomediff's own outputs
+                handle.remove()
+            assert torch.equal(generate(), plain)
+            assert tome_hooks(model) == 0 and diffusers_hooks(model) == 0
+    both = stacked[0]
+    assert torch.equal(both, stacked[1])  # the order they were applied in does not matter
+    assert torch.isfinite(both).all() and not torch.equal(both, cached) and not torch.equal(both, merged)
+
+
+@pytest.mark.parametrize("removed_first", ["tome", "cache"])
+@pytest.mark.parametrize("name", sorted(CACHES))
+def test_cache_and_tome_stack_in_both_orders_and_remove_alone(name: str, removed_first: str) -> None:
+    cache = CACHES[name]
+    pipe, generate = flux_pipeline()
+    model = pipe.transformer
+    stack_both_ways(
+        pipe,
+        generate,
+        lambda: model.enable_cache(cache.config(pipe)),
+        model.disable_cache,
+        cache.skipped(model),
+        removed_first,
+    )
 
 
 def _recorded_attention_outputs(name: str, tome_first: bool) -> tuple[list[torch.Tensor], list[int]]:
@@ -255,41 +279,174 @@ def wan_pipeline() -> tuple[Any, Callable[[], torch.Tensor]]:
 
 
 @pytest.mark.parametrize("removed_first", ["tome", "cache"])
-@pytest.mark.parametrize("tome_first", [True, False], ids=["tome-then-cache", "cache-then-tome"])
-def test_sea_cache_and_tome_stack_on_wan(tome_first: bool, removed_first: str) -> None:
+def test_sea_cache_and_tome_stack_on_wan(removed_first: str) -> None:
     pipe, generate = wan_pipeline()
     model = pipe.transformer
     config = hooks.SeaCacheConfig(threshold=10.0, retention_steps=1, cache_end_steps=0)
+    stack_both_ways(
+        pipe,
+        generate,
+        lambda: model.enable_cache(config),
+        model.disable_cache,
+        model.blocks[-1].attn1,  # runs only when the block stack computes
+        removed_first,
+        calls=2 * STEPS,  # guidance as two calls a step
+    )
 
-    def patch() -> tomediff.ToMeHandle:
-        return tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+
+def _remove_group_offloading(model: nn.Module) -> None:
+    """diffusers 0.42 has no public way to undo group offloading; this removes its hooks by their
+    names, as diffusers does itself before re-applying it. The weights stay where they are (here
+    offloaded to and onloaded on the CPU, so they never move)."""
+    from diffusers.hooks.group_offloading import (
+        _GROUP_OFFLOADING,
+        _LAYER_EXECUTION_TRACKER,
+        _LAZY_PREFETCH_GROUP_OFFLOADING,
+    )
+
+    registry = model._diffusers_hook
+    for name in (_GROUP_OFFLOADING, _LAYER_EXECUTION_TRACKER, _LAZY_PREFETCH_GROUP_OFFLOADING):
+        registry.remove_hook(name, recurse=True)
+
+
+@pytest.mark.parametrize("offload_type", ["block_level", "leaf_level"])
+def test_group_offloading_and_tome_stack_in_both_orders_and_remove_alone(offload_type: str) -> None:
+    """Offloading moves weights and never changes a value: stacked, the outputs are tomediff's own."""
+    pipe, generate = flux_pipeline()
+    model = pipe.transformer
+    cpu = torch.device("cpu")
+
+    def offload() -> None:
+        kwargs = {"num_blocks_per_group": 1} if offload_type == "block_level" else {}
+        model.enable_group_offload(cpu, offload_device=cpu, offload_type=offload_type, **kwargs)
 
     with torch.no_grad():
         plain = generate()
-        model.enable_cache(config)
-        cached = generate()
-        model.disable_cache()
-        handle = patch()
+        handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
         merged = generate()
         handle.remove()
-        ran = counter(model.blocks[-1].attn1)  # runs only when the block stack computes
-        if tome_first:
-            handle = patch()
-            model.enable_cache(config)
-        else:
-            model.enable_cache(config)
-            handle = patch()
-        both = generate()
-        assert 0 < ran[0] < 2 * STEPS  # guidance: two calls a step; the cache skipped the blocks in some
-        assert handle.report().effective_ratio == 0.5
-        assert torch.isfinite(both).all() and not torch.equal(both, cached) and not torch.equal(both, merged)
-        if removed_first == "tome":
-            handle.remove()
-            assert torch.equal(generate(), cached)
-            model.disable_cache()
-        else:
-            model.disable_cache()
+        for tome_first, removed_first in ((True, "tome"), (False, "offloading")):
+            if tome_first:
+                handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+                offload()
+            else:
+                offload()
+                handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
             assert torch.equal(generate(), merged)
+            if removed_first == "tome":
+                handle.remove()
+                assert torch.equal(generate(), plain)  # offloading alone
+                _remove_group_offloading(model)
+            else:
+                _remove_group_offloading(model)
+                assert torch.equal(generate(), merged)
+                handle.remove()
+            assert torch.equal(generate(), plain)
+            assert tome_hooks(model) == 0 and diffusers_hooks(model) == 0
+
+
+def test_layerwise_casting_and_tome_stack_in_both_orders() -> None:
+    """Weights stored in float8, computed in float32: stacked in either order the outputs are the same,
+    and removing tomediff leaves the cast model's own outputs. diffusers cannot undo the casting (the
+    weights were rounded to float8 in place), so there is no removal of it to test."""
+    stacked = []
+    for tome_first in (True, False):
+        pipe, generate = flux_pipeline()
+        model = pipe.transformer
+
+        def cast() -> None:
+            model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+
+        with torch.no_grad():
+            plain = generate()
+            if tome_first:
+                handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+                cast()
+            else:
+                cast()
+                cast_alone = generate()
+                handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+            stacked.append(generate())
+            assert handle.report().effective_ratio == 0.5
             handle.remove()
-        assert torch.equal(generate(), plain)
-    assert tome_hooks(model) == 0 and diffusers_hooks(model) == 0
+            if tome_first:
+                cast_alone = generate()
+            else:
+                assert torch.equal(generate(), cast_alone)
+        assert model.transformer_blocks[0].attn.to_q.weight.dtype == torch.float8_e4m3fn
+        assert not torch.equal(cast_alone, plain) and tome_hooks(model) == 0
+    assert torch.equal(stacked[0], stacked[1])
+    assert torch.isfinite(stacked[0]).all() and not torch.equal(stacked[0], cast_alone)
+
+
+def test_text_kv_cache_stacks_as_a_no_op_outside_nucleus_moe() -> None:
+    """TextKVCache caches text keys/values only in NucleusMoE-Image blocks, a model tomediff has no
+    adapter for (refused, with or without the cache); elsewhere it only hooks the model's forward,
+    which composes with tomediff in both orders and is removed alone."""
+    nucleus = diffusers.NucleusMoEImageTransformer2DModel(
+        patch_size=2,
+        in_channels=16,
+        num_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        axes_dims_rope=(4, 6, 6),
+        moe_enabled=False,
+    )
+    nucleus.enable_cache(hooks.TextKVCacheConfig())
+    with pytest.raises(tomediff.UnsupportedModelError, match="no adapter for NucleusMoEImageTransformer2DModel"):
+        tomediff.apply_tome(nucleus, ratio=0.5)
+    assert tome_hooks(nucleus) == 0
+
+    pipe, generate = flux_pipeline()
+    model = pipe.transformer
+    with torch.no_grad():
+        plain = generate()
+        handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+        merged = generate()
+        handle.remove()
+        for tome_first in (True, False):
+            if tome_first:
+                handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+                model.enable_cache(hooks.TextKVCacheConfig())
+            else:
+                model.enable_cache(hooks.TextKVCacheConfig())
+                handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+            assert torch.equal(generate(), merged)
+            if tome_first:
+                handle.remove()
+                assert torch.equal(generate(), plain)
+                model.disable_cache()
+            else:
+                model.disable_cache()
+                assert torch.equal(generate(), merged)
+                handle.remove()
+            assert torch.equal(generate(), plain) and tome_hooks(model) == 0
+
+
+@pytest.mark.parametrize("tome_first", [True, False], ids=["tome-then-cache", "cache-then-tome"])
+def test_a_cache_kept_feed_forward_output_is_refused(tome_first: bool) -> None:
+    """A feed-forward has no attention call to reduce inside: merged (``merge_mlp``) while a cache
+    keeps its output, its kept output would be in an earlier step's merged order. Refused, naming the
+    cache, the module and the ways out; without ``merge_mlp`` the same stack runs."""
+    pipe, generate = flux_pipeline()
+    model = pipe.transformer
+    config = hooks.TaylorSeerCacheConfig(
+        cache_interval=2, disable_cache_before_step=1, cache_identifiers=[r"transformer_blocks\.0\.ff"]
+    )
+    names = r"diffusers' TaylorSeer cache keeps the output of 'transformer_blocks\.0\.ff'.*disable_cache\(\)"
+    if tome_first:
+        handle = tomediff.apply_tome(pipe, ratio=0.5, merge_mlp=True)
+        model.enable_cache(config)
+        with pytest.raises(tomediff.MergeCallError, match=names), torch.no_grad():
+            generate()
+        handle.remove()
+    else:
+        model.enable_cache(config)
+        with pytest.raises(tomediff.ConflictingPatchError, match=names):
+            tomediff.apply_tome(pipe, ratio=0.5, merge_mlp=True)
+    assert tome_hooks(model) == 0  # refused before anything was hooked, or removed
+    handle = tomediff.apply_tome(pipe, ratio=0.5)
+    with torch.no_grad():
+        assert torch.isfinite(generate()).all()
+    assert handle.report().effective_ratio == 0.5
