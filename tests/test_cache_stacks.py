@@ -88,10 +88,14 @@ CACHES = {
         ),
         _first_attention_projection,
     ),
-    "first_block_cache": Cache(lambda pipe: hooks.FirstBlockCacheConfig(threshold=10.0), _last_block_attention),
+    "first_block_cache": Cache(
+        lambda pipe: hooks.FirstBlockCacheConfig(threshold=10.0), _last_block_attention
+    ),
     # mag_ratios of 1 and no retention: every step after the first two reuses the residual.
     "mag_cache": Cache(
-        lambda pipe: hooks.MagCacheConfig(mag_ratios=[1.0] * STEPS, num_inference_steps=STEPS, retention_ratio=0.0),
+        lambda pipe: hooks.MagCacheConfig(
+            mag_ratios=[1.0] * STEPS, num_inference_steps=STEPS, retention_ratio=0.0
+        ),
         _last_block_attention,
     ),
 }
@@ -394,7 +398,9 @@ def test_text_kv_cache_stacks_as_a_no_op_outside_nucleus_moe() -> None:
         moe_enabled=False,
     )
     nucleus.enable_cache(hooks.TextKVCacheConfig())
-    with pytest.raises(tomediff.UnsupportedModelError, match="no adapter for NucleusMoEImageTransformer2DModel"):
+    with pytest.raises(
+        tomediff.UnsupportedModelError, match="no adapter for NucleusMoEImageTransformer2DModel"
+    ):
         tomediff.apply_tome(nucleus, ratio=0.5)
     assert tome_hooks(nucleus) == 0
 
