@@ -23,11 +23,11 @@ from typing import Any
 
 import pytest
 import torch
-from test_dit_families import WAN_TEXT, tiny_wan
-from test_dit_models import flux_pipeline, tome_hooks
 from torch import nn
 
 import tomediff
+from test_dit_families import WAN_TEXT, tiny_wan
+from test_dit_models import flux_pipeline, tome_hooks
 
 diffusers = pytest.importorskip("diffusers")
 hooks = pytest.importorskip("diffusers.hooks")
@@ -358,7 +358,7 @@ def test_layerwise_casting_and_tome_stack_in_both_orders() -> None:
         pipe, generate = flux_pipeline()
         model = pipe.transformer
 
-        def cast() -> None:
+        def cast(model: nn.Module = model) -> None:
             model.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
 
         with torch.no_grad():
