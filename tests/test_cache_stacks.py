@@ -456,3 +456,28 @@ def test_a_cache_kept_feed_forward_output_is_refused(tome_first: bool) -> None:
     with torch.no_grad():
         assert torch.isfinite(generate()).all()
     assert handle.report().effective_ratio == 0.5
+
+
+def test_a_step_whose_attention_a_cache_skips_makes_no_plan() -> None:
+    """Reduced inside the attention, a block's plan is made at its first attention call: at a step where
+    Pyramid Attention Broadcast returns the kept output, that block makes no matching."""
+    pipe, generate = flux_pipeline()
+    model = pipe.transformer
+    handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
+    model.enable_cache(CACHES["pyramid_attention_broadcast"].config(pipe))
+    reducer = handle.state.method.reducer
+    planned: list[str] = []
+    plan = reducer.plan
+
+    def counting_plan(state: Any, request: Any) -> Any:
+        planned.append(request.block_name)
+        return plan(state, request)
+
+    reducer.plan = counting_plan  # type: ignore[method-assign]
+    blocks = [*model.transformer_blocks, *model.single_transformer_blocks]
+    computed = [counter(block.attn.to_q) for block in blocks]
+    with torch.no_grad():
+        generate()
+    assert [count[0] for count in computed] == [2] * len(blocks)  # steps 0 and 2 of 4
+    assert len(planned) == 2 * len(blocks)  # one matching per block and computed step
+    assert handle.report().calls == STEPS

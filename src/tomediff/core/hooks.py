@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tomediff.core.actions import SiteAction
+from tomediff.core.attention import PendingPlan
 from tomediff.core.calls import Args, Kwargs, find_input, forward_parameters
 from tomediff.core.reducers import PlanRequest
 from tomediff.core.spec import BlockSpec, GridSource, Site
@@ -115,6 +116,10 @@ class BlockCall:
             if plan is not None and state.observers:
                 state.notify(self.spec.name, request.height, request.width, plan)
         return plan
+
+    def has_work(self, call: CallState) -> bool:
+        """Whether the block has a plan in ``call``, or a request to make one from."""
+        return self.index in call.requests or call.plans.get(self.index) is not None
 
     def site_done(self, call: CallState) -> None:
         """Called after each site that used the plan: once the last is done the plan's tensors are
@@ -264,21 +269,39 @@ class SitePreHook(ToMeHook):
 
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> tuple[Args, Kwargs] | None:
         call = self.call
-        plan = call.block.plan_for_site(call.block.state.call)
+        block, site = call.block, call.site
+        state_call = block.state.call
+        if call.inside is not None and block.has_work(state_call) and _kept_by_cache(site):
+            return self._reduce_inside(call.inside, args, kwargs)
+        plan = block.plan_for_site(state_call)
         if plan is None:
             return None
-        site = call.site
         if site.unsupported is not None and (reason := site.unsupported()) is not None:
             raise MergeCallError(reason)
         if call.action.uses_output and site.conflict is not None and (reason := site.conflict()) is not None:
-            if call.inside is None:
-                raise MergeCallError(reason)
-            # A cache keeps this module's output across steps: reduce inside it (its attention call), so
-            # the output it keeps keeps the full token order; InsidePostHook undoes this.
-            inside_site, inside_action = call.inside
-            call.block.state.call.inside.add(id(call))
-            return inside_action.before(plan, inside_site, call.block.spec.name, args, kwargs)
-        return call.action.before(plan, site, call.block.spec.name, args, kwargs)
+            raise MergeCallError(reason)
+        return call.action.before(plan, site, block.spec.name, args, kwargs)
+
+    def _reduce_inside(
+        self, inside: tuple[Site, SiteAction], args: Args, kwargs: Kwargs
+    ) -> tuple[Args, Kwargs] | None:
+        """A cache keeps this module's output across steps: reduce inside it (at its attention call),
+        so the output it keeps has the full token order. The plan is made at the first attention call,
+        so a step at which the cache does not compute the module makes none; InsidePostHook undoes
+        this."""
+        call = self.call
+        block, site = call.block, call.site
+        if site.unsupported is not None and (reason := site.unsupported()) is not None:
+            raise MergeCallError(reason)
+        state_call = block.state.call
+        state_call.inside.add(id(call))
+        pending = PendingPlan(lambda: block.plan_for_site(state_call))
+        inside_site, inside_action = inside
+        return inside_action.before(pending, inside_site, block.spec.name, args, kwargs)
+
+
+def _kept_by_cache(site: Site) -> bool:
+    return site.conflict is not None and site.conflict() is not None
 
 
 class SitePostHook(ToMeHook):
