@@ -167,7 +167,8 @@ class Site:
             module's current configuration and is raised as an error (never skipped silently).
         conflict: for a site whose output is unmerged, called when the patch is applied and at each
             merge; a returned message means something attached to the module (a cache replaying its
-            output) makes merging there wrong, and is raised as an error.
+            output) makes merging around it wrong: the site is then reduced :attr:`inside` the module
+            if it can be, else the message is raised as an error.
         role: what the site computes from the block's image tokens, which decides what each method
             does there. ``"tokens"``: its input is the token sequence, and a self-attention takes its
             keys from it (``attn1``, feed-forwards): merged, or for ``method="downsample"`` given
