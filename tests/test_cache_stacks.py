@@ -481,3 +481,36 @@ def test_a_step_whose_attention_a_cache_skips_makes_no_plan() -> None:
     assert [count[0] for count in computed] == [2] * len(blocks)  # steps 0 and 2 of 4
     assert len(planned) == 2 * len(blocks)  # one matching per block and computed step
     assert handle.report().calls == STEPS
+
+
+@pytest.mark.parametrize("removed_first", ["tome", "cache"])
+def test_pyramid_attention_broadcast_stacks_with_an_attention_call_site_on_wan(removed_first: str) -> None:
+    """Wan's self-attention is reduced at its attention call anyway: its output is in full token order,
+    and at a skipped step the call site sees no attention call and no projection, which is no error."""
+    pipe, generate = wan_pipeline()
+    model = pipe.transformer
+    config = hooks.PyramidAttentionBroadcastConfig(
+        spatial_attention_block_skip_range=2,
+        spatial_attention_timestep_skip_range=(-1, 1001),
+        current_timestep_callback=lambda: pipe.current_timestep,
+    )
+    stack_both_ways(
+        pipe,
+        generate,
+        lambda: model.enable_cache(config),
+        model.disable_cache,
+        model.blocks[0].attn1.to_q,
+        removed_first,
+        calls=2 * STEPS,
+    )
+
+
+def test_wan_refuses_a_cache_on_its_merged_feed_forward() -> None:
+    model = tiny_wan()
+    config = hooks.TaylorSeerCacheConfig(cache_interval=2, cache_identifiers=[r"blocks\.1\.ffn"])
+    hooks.apply_taylorseer_cache(model, config)
+    with pytest.raises(
+        tomediff.ConflictingPatchError, match=r"TaylorSeer cache keeps the output of 'blocks\.1\.ffn'"
+    ):
+        tomediff.apply_tome(model, ratio=0.5, merge_mlp=True)
+    assert tome_hooks(model) == 0
