@@ -294,10 +294,11 @@ class SitePreHook(ToMeHook):
         if site.unsupported is not None and (reason := site.unsupported()) is not None:
             raise MergeCallError(reason)
         state_call = block.state.call
-        state_call.inside.add(id(call))
         pending = PendingPlan(lambda: block.plan_for_site(state_call))
         inside_site, inside_action = inside
-        return inside_action.before(pending, inside_site, block.spec.name, args, kwargs)
+        new_inputs = inside_action.before(pending, inside_site, block.spec.name, args, kwargs)
+        state_call.inside.add(id(call))  # only once ``before`` set up what the post-hook undoes
+        return new_inputs
 
 
 def _kept_by_cache(site: Site) -> bool:
