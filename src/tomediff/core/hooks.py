@@ -357,7 +357,8 @@ def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> li
             action = state.method.action_for(site, spec.name)
             if action is None:
                 continue
-            inside_action = state.method.inside_action_for(site, spec.name)
+            # Only a site whose output is unmerged can conflict with a cache, and be reduced inside instead.
+            inside_action = state.method.inside_action_for(site, spec.name) if action.uses_output else None
             inside = (site.inside, inside_action) if site.inside and inside_action else None
             site_call = SiteCall(block_call, site, action, inside)
             handles.append(site.module.register_forward_pre_hook(SitePreHook(site_call), with_kwargs=True))
