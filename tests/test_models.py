@@ -310,36 +310,85 @@ def test_pixart_dit_merges_on_its_patch_grid() -> None:
     assert not torch.equal(out, base) and torch.isfinite(out).all()
 
 
-def test_pixart_refuses_faster_cache_on_its_self_attention() -> None:
+def test_pixart_reduces_inside_its_self_attention_under_faster_cache() -> None:
+    """FasterCache's defaults take PixArt's self-attentions (attn1), whose tokens tomediff then reduces
+    at the attention call inside: what the cache extrapolates at a skipped step is its rule applied to
+    full-order outputs of the steps it computed."""
     from diffusers.hooks import FasterCacheConfig, apply_faster_cache
 
     model = tiny_pixart()
-    # FasterCache's default identifiers take PixArt's self-attentions (attn1), whose output tomediff
-    # unmerges; a cache first is refused when tomediff is applied.
-    config = FasterCacheConfig(spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 500)
+    now = [1000]
+    config = FasterCacheConfig(
+        spatial_attention_block_skip_range=2,
+        spatial_attention_timestep_skip_range=(-1, 681),  # t=1000 computes; then every other call
+        current_timestep_callback=lambda: now[0],
+        attention_weight_callback=lambda _: 0.5,
+        is_guidance_distilled=True,
+    )
     apply_faster_cache(model, config)
-    with pytest.raises(
-        tomediff.ConflictingPatchError,
-        match=r"FasterCache keeps the output of 'transformer_blocks\.0\.attn1'",
-    ):
-        tomediff.apply_tome(model, ratio=0.5)
-    assert not model.transformer_blocks[0].attn1._forward_pre_hooks
+    handle = tomediff.apply_tome(model, ratio=0.5)
+    attn = model.transformer_blocks[0].attn1
+    outputs: list[torch.Tensor] = []
+    computed: list[int] = []
+    attn.register_forward_hook(lambda m, a, out: outputs.append(out))  # after tomediff's hooks
+    attn.to_q.register_forward_pre_hook(lambda m, a: computed.append(len(outputs)))
+    sample = torch.randn(2, 4, 16, 12, generator=torch.Generator().manual_seed(0))
+    caption = torch.randn(2, 5, 24, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        for t in (1000, 500, 400):
+            now[0] = t
+            out = model(sample, encoder_hidden_states=caption, timestep=torch.tensor([t, t])).sample
+    assert computed == [0, 2] and torch.isfinite(out).all()
+    assert torch.equal(outputs[1], outputs[0] + (outputs[0] - outputs[0]) * 0.5)
+    assert handle.report().effective_ratio == 0.5
+    handle.remove()
 
 
-def test_unet_refuses_a_taylorseer_cache_inside_a_merged_attention() -> None:
+def test_unet_taylorseer_inside_a_merged_attention_sees_full_order_outputs() -> None:
+    """A cache on a module inside the merged attention (its ``to_out``): the tokens are reduced at the
+    attention call instead, so ``to_out`` sees, and the cache keeps, full-order outputs; its forecast is
+    its first-order rule on them."""
     from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
 
     unet = tiny_sd_unet()
     handle = tomediff.apply_tome(unet, ratio=0.5)
-    # Inside the merged attention the kept output of to_out is in merged order too.
     config = TaylorSeerCacheConfig(
-        cache_interval=2, disable_cache_before_step=1, cache_identifiers=[r".*attn1\.to_out\.0"]
+        cache_interval=2,
+        disable_cache_before_step=1,
+        cache_identifiers=[r".*attn1\.to_out\.0"],
+        taylor_factors_dtype=torch.float32,
     )
     apply_taylorseer_cache(unet, config)
-    where = "down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_out.0"
-    with pytest.raises(tomediff.MergeCallError, match=f"TaylorSeer cache keeps the output of '{where}'"):
-        run_unet(unet)
+    # What CacheMixin.cache_context does for the models that have it (the UNet has not).
+    from diffusers.hooks.hooks import CacheContext, _set_cache_context
+
+    _set_cache_context(unet, CacheContext(name="cond"))
+    to_out = unet.down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_out[0]
+    outputs: list[torch.Tensor] = []
+    to_out.register_forward_hook(lambda m, a, out: outputs.append(out))
+    with torch.no_grad():
+        for _ in range(4):
+            assert torch.isfinite(run_unet(unet)).all()
+    slope = (outputs[2] - outputs[0]) / 2  # computed at calls 0 and 2, forecast at 1 and 3
+    assert torch.equal(outputs[1], torch.zeros_like(outputs[0]) + outputs[0] * 1.0)
+    assert torch.equal(outputs[3], torch.zeros_like(outputs[2]) + outputs[2] * 1.0 + slope * 1.0)
+    assert handle.report().effective_ratio == 0.5
     handle.remove()
+
+
+def test_unet_refuses_a_cache_on_a_merged_feed_forward() -> None:
+    from diffusers.hooks import TaylorSeerCacheConfig, apply_taylorseer_cache
+
+    unet = tiny_sd_unet()
+    config = TaylorSeerCacheConfig(cache_interval=2, cache_identifiers=[r".*transformer_blocks\.0\.ff"])
+    apply_taylorseer_cache(unet, config)
+    where = r"down_blocks\.0\.attentions\.0\.transformer_blocks\.0\.ff"
+    with pytest.raises(
+        tomediff.ConflictingPatchError, match=f"TaylorSeer cache keeps the output of '{where}'"
+    ):
+        tomediff.apply_tome(unet, ratio=0.5, merge_mlp=True)
+    assert not unet.down_blocks[0].attentions[0].transformer_blocks[0].ff._forward_pre_hooks
+    tomediff.apply_tome(unet, ratio=0.5)  # the feed-forward left unmerged: no conflict
 
 
 def test_controlnet_residuals_and_patched_controlnet() -> None:

@@ -223,7 +223,10 @@ def transformer_block_spec(
     tomesd = TomesdPatchCheck(block, name)  # the only blocks tomesd patches
     if isinstance(getattr(block, "attn1", None), nn.Module):
         conflict = ReplayedOutputCheck(block.attn1, f"{name}.attn1")
-        sites.append(Site(block.attn1, "attn", unsupported=tomesd, conflict=conflict))
+        # Its attention call sees the image tokens alone: while a cache keeps attn1's output the
+        # tokens are reduced there instead (diffusers_caches); attn2 and ff have no such call.
+        inside = Site(block.attn1, "attn", role="call")
+        sites.append(Site(block.attn1, "attn", unsupported=tomesd, conflict=conflict, inside=inside))
     if isinstance(getattr(block, "attn2", None), nn.Module):
         conflict = ReplayedOutputCheck(block.attn2, f"{name}.attn2")
         sites.append(Site(block.attn2, "crossattn", unsupported=tomesd, conflict=conflict))

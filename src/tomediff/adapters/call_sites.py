@@ -10,6 +10,7 @@ from typing import ClassVar
 from torch import nn
 
 from tomediff.adapters.base import Adapter, class_name_in
+from tomediff.adapters.diffusers_caches import ReplayedOutputCheck
 from tomediff.core import BlockSpec, GridSource, Site
 
 __all__ = ["BlockStack", "CallSiteAdapter", "call_site_specs"]
@@ -35,11 +36,13 @@ def call_site_specs(
             continue
         attn = getattr(block, sites["attn"])
         found = [Site(attn, "attn", role="call", image_first=image_first, text_first=not image_first)]
+        name = f"{prefix}.{index}"
         for kind in ("crossattn", "mlp"):
             module = getattr(block, sites.get(kind, ""), None)
-            if isinstance(module, nn.Module):
-                found.append(Site(module, kind))  # type: ignore[arg-type]
-        specs.append(BlockSpec(f"{prefix}.{index}", block, 1, grid, tuple(found), image_last=image_last))
+            if isinstance(module, nn.Module):  # merged at block level: refused where a cache keeps its output
+                conflict = ReplayedOutputCheck(module, f"{name}.{sites[kind]}")
+                found.append(Site(module, kind, conflict=conflict))  # type: ignore[arg-type]
+        specs.append(BlockSpec(name, block, 1, grid, tuple(found), image_last=image_last))
     return specs
 
 

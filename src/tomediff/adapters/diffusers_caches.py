@@ -1,26 +1,37 @@
-"""Which of diffusers' caches (``model.enable_cache(...)``, ``diffusers.hooks.apply_*``) merging cannot
-work with.
+"""Which of diffusers' caches (``model.enable_cache(...)``, ``diffusers.hooks.apply_*``) keep the output of
+a module tomediff reduces, and what tomediff does about it.
 
 diffusers attaches a cache as a named hook in a ``HookRegistry`` kept in a module's ``_diffusers_hook``
-attribute; the hook replaces the module's forward, and on the steps it skips returns an output kept
-(or extrapolated) from earlier steps. Inside a merge site that output is in the merged token order
-of the step that made it, and tomediff would unmerge it with the current step's plan: every token in
-the wrong place, with no error. So a site whose output tomediff unmerges must not hold such a hook,
-on itself or on any module inside it.
+attribute; the hook replaces the module's forward, and on the steps it skips returns an output kept,
+or computed from outputs kept, at earlier steps. tomediff's hooks are torch hooks, always outside that
+forward: merged around the module, the kept outputs would be in the merged token order of the steps
+that made them, and tomediff would unmerge them with the current step's plan (every token in the wrong
+place, with no error).
 
-What diffusers 0.42 replays, and where (default settings; custom identifiers can move the hooks):
+So at such a site tomediff reduces *inside* the module instead, when it can: an attention's tokens are
+reduced at its attention call (:attr:`~tomediff.core.Site.inside`, the attention-call site), and the
+module's output keeps the full token order. Correctness: the cache then sees exactly the outputs the
+unpatched module would give at the steps it computes, except that tomediff computed them with fewer
+tokens, and what it replays (Pyramid Attention Broadcast), extrapolates (FasterCache) or forecasts
+(TaylorSeer) at the other steps is its own rule applied to those full-order outputs. At a skipped
+step the module does not compute, so nothing is reduced there. A site with no attention call inside
+(a feed-forward merged with ``merge_mlp``, a cross-attention merged with ``merge_crossattn``) is
+refused with :func:`_message`.
 
-* Pyramid Attention Broadcast (``pyramid_attention_broadcast``): attention outputs. Refused.
+What diffusers 0.42 keeps, and where (default settings; custom identifiers can move the hooks):
+
+* Pyramid Attention Broadcast (``pyramid_attention_broadcast``): attention outputs, replayed.
+* FasterCache (``faster_cache_block``): self-attention outputs (SD3/Flux ``attn``, PixArt ``attn1``),
+  extrapolated from the last two. Its model-level hook only approximates the unconditional half of
+  the model output.
 * TaylorSeer (``taylorseer_cache``): outputs of ``transformer_blocks.*attn`` (SD3, Flux) or of any
-  module the identifiers name; in lite mode zeros from the blocks and the model's ``proj_out``.
-  Refused where it sits at or inside a merge site.
-* FasterCache (``faster_cache_block``): self-attention outputs (SD3/Flux ``attn``, PixArt ``attn1``).
-  Refused. Its model-level hook only approximates the unconditional half of the model output.
+  module the identifiers name, forecast by a Taylor series; in lite mode zeros from the blocks and a
+  forecast of the model's ``proj_out``, neither of which tomediff reduces.
 * FirstBlockCache, MagCache, SeaCache: the residual of the whole block stack, taken from block
-  inputs and outputs, which are never merged: they compose (a skipped block runs no merge site).
-  FirstBlockCache and MagCache are tested with a Flux pipeline; SeaCache is not (diffusers 0.42's
-  FluxPipeline passes it no step information, so it never skips).
-* TextKVCache: text keys and values only (NucleusMoE blocks, which tomediff does not patch).
+  inputs and outputs, which are never merged: they compose as they are (a skipped block runs no site).
+* TextKVCache: text keys and values of NucleusMoE-Image blocks, a model tomediff has no adapter for.
+
+``tests/test_cache_stacks.py`` stacks each with tomediff in both orders and removes each alone.
 
 ``method="cache"`` runs a whole block on a different subset of its image tokens from step to step and
 keeps its own residuals, so every cache that skips or replays a block or anything inside it (all of the
@@ -33,7 +44,7 @@ from torch import nn
 
 __all__ = ["BLOCK_SKIPPING_CACHES", "OUTPUT_REPLAYING_CACHES", "BlockCacheCheck", "ReplayedOutputCheck"]
 
-# diffusers' hook name -> the cache's name for messages.
+# diffusers' hook name -> the cache's name for messages: the caches that keep a module's output.
 OUTPUT_REPLAYING_CACHES = {
     "pyramid_attention_broadcast": "Pyramid Attention Broadcast",
     "taylorseer_cache": "TaylorSeer cache",
@@ -54,8 +65,9 @@ BLOCK_SKIPPING_CACHES = {
 
 
 class ReplayedOutputCheck:
-    """A :attr:`~tomediff.core.Site.conflict` check: the message refusing a merge site at which (or
-    inside which) a diffusers cache returns outputs kept from earlier steps, else None."""
+    """A :attr:`~tomediff.core.Site.conflict` check: a message when a diffusers cache returns outputs kept
+    from earlier steps at the site or inside it, else None. Such a site is reduced inside its module
+    (:attr:`~tomediff.core.Site.inside`) where it can be; else the message refuses it."""
 
     def __init__(self, module: nn.Module, name: str) -> None:
         self.name = name
@@ -79,10 +91,11 @@ class ReplayedOutputCheck:
 def _message(cache: str, where: str) -> str:
     return (
         f"diffusers' {cache} keeps the output of '{where}' from earlier denoising steps and returns it "
-        "on the steps it skips, but tomediff merges the tokens there with a plan that changes every "
-        "step, so a kept output would be unmerged into the wrong places. Use one or the other: "
-        "model.disable_cache() (or tomediff.remove_tome(model)); with tomediff, use a cache that skips "
-        "whole blocks, model.enable_cache(FirstBlockCacheConfig(...))."
+        "(or a forecast from it) on the steps it skips, but tomediff merges the tokens of that module "
+        "with a plan that changes every step and has no attention call inside it to reduce instead, so "
+        "a kept output would be unmerged into the wrong places. Leave that module unmerged (e.g. "
+        "merge_mlp=False, merge_crossattn=False), point the cache elsewhere (its identifiers), or use "
+        "one or the other: model.disable_cache() (or tomediff.remove_tome(model))."
     )
 
 

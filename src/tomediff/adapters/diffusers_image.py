@@ -8,6 +8,7 @@ from torch import nn
 
 from tomediff.adapters.base import Adapter, class_name_in, register_adapter
 from tomediff.adapters.call_sites import BlockStack, CallSiteAdapter
+from tomediff.adapters.diffusers_caches import ReplayedOutputCheck
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.errors import UnsupportedModelError
 
@@ -38,9 +39,13 @@ class SanaAdapter(Adapter):
         for index, block in enumerate(model.transformer_blocks):
             if not class_name_in(block, {"SanaTransformerBlock"}):
                 continue
-            sites = [Site(block.attn1, "attn")]
+            # Merged at block level (linear attention: no attention call to reduce inside), so refused
+            # where a diffusers cache keeps their output.
+            name = f"transformer_blocks.{index}"
+            sites = [Site(block.attn1, "attn", conflict=ReplayedOutputCheck(block.attn1, f"{name}.attn1"))]
             if isinstance(getattr(block, "attn2", None), nn.Module):
-                sites.append(Site(block.attn2, "crossattn"))
+                conflict = ReplayedOutputCheck(block.attn2, f"{name}.attn2")
+                sites.append(Site(block.attn2, "crossattn", conflict=conflict))
             specs.append(BlockSpec(f"transformer_blocks.{index}", block, 1, grid, tuple(sites)))
         return specs
 

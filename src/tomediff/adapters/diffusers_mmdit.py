@@ -50,8 +50,11 @@ class _FusedProjectionCheck:
         )
 
 
-def _attention_site(attn: nn.Module, name: str, **fields: Any) -> Site:
-    return Site(attn, "attn", role="attention", conflict=ReplayedOutputCheck(attn, name), **fields)
+def _attention_site(attn: nn.Module, name: str, inside: Site | None = None, **fields: Any) -> Site:
+    """A block-level attention site; ``inside`` is its attention call, which reduces the tokens
+    instead while a diffusers cache keeps the attention's output (see ``diffusers_caches``)."""
+    conflict = ReplayedOutputCheck(attn, name)
+    return Site(attn, "attn", role="attention", conflict=conflict, inside=inside, **fields)
 
 
 def _mlp_site(module: nn.Module, name: str, **fields: Any) -> Site:
@@ -104,11 +107,17 @@ class SD3Adapter(Adapter):
             if not class_name_in(block, {"JointTransformerBlock"}):
                 continue
             name = f"transformer_blocks.{index}"
-            sites = [_attention_site(block.attn, f"{name}.attn")]
+            # The joint attention's call sees [image, text]; SD3.5's attn2 the image tokens alone.
+            inside = Site(block.attn, "attn", role="call", image_first=True)
+            sites = [_attention_site(block.attn, f"{name}.attn", inside)]
             sites += _key_value_sites(block.attn, f"{name}.attn")
             attn2 = getattr(block, "attn2", None)
             if isinstance(attn2, nn.Module):  # SD3.5: self-attention over the image tokens alone
-                sites += [_attention_site(attn2, f"{name}.attn2"), *_key_value_sites(attn2, f"{name}.attn2")]
+                inside = Site(attn2, "attn", role="call")
+                sites += [
+                    _attention_site(attn2, f"{name}.attn2", inside),
+                    *_key_value_sites(attn2, f"{name}.attn2"),
+                ]
             sites.append(_mlp_site(block.ff, f"{name}.ff", unsupported=ForwardChunkingCheck(block, name)))
             specs.append(BlockSpec(name, block, 1, grid, tuple(sites), block_site=_block_site(block, name)))
         return specs
@@ -145,8 +154,9 @@ class FluxAdapter(Adapter):
         for index, block in enumerate(model.transformer_blocks):
             if class_name_in(block, {"FluxTransformerBlock"}):
                 name = f"transformer_blocks.{index}"
+                inside = Site(block.attn, "attn", role="call", text_first=True)
                 sites = (
-                    _attention_site(block.attn, f"{name}.attn", rotary_names=_ROTARY),
+                    _attention_site(block.attn, f"{name}.attn", inside, rotary_names=_ROTARY),
                     _call_site(block.attn),
                     _mlp_site(block.ff, f"{name}.ff"),
                 )
@@ -155,8 +165,11 @@ class FluxAdapter(Adapter):
         for index, block in enumerate(getattr(model, "single_transformer_blocks", ())):
             if class_name_in(block, {"FluxSingleTransformerBlock"}):
                 name = f"single_transformer_blocks.{index}"
+                inside = Site(block.attn, "attn", role="call", text_first=True)
                 sites = (
-                    _attention_site(block.attn, f"{name}.attn", text_first=True, rotary_names=_ROTARY),
+                    _attention_site(
+                        block.attn, f"{name}.attn", inside, text_first=True, rotary_names=_ROTARY
+                    ),
                     _call_site(block.attn),
                     _mlp_site(block.proj_mlp, f"{name}.proj_mlp", text_first=True),
                 )

@@ -17,6 +17,7 @@ from torch import nn
 
 from tomediff.adapters.base import Adapter, class_name_in, register_adapter
 from tomediff.adapters.call_sites import BlockStack, CallSiteAdapter, call_site_specs
+from tomediff.adapters.diffusers_caches import ReplayedOutputCheck
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import KeywordGrid, VideoGrid
 
@@ -43,13 +44,13 @@ _WAN_MODELS = {"WanTransformer3DModel", "WanVACETransformer3DModel", "SkyReelsV2
 _WAN_BLOCKS = {"WanTransformerBlock", "SkyReelsV2TransformerBlock"}
 
 
-def _wan_sites(block: nn.Module) -> tuple[Site, ...]:
+def _wan_sites(block: nn.Module, name: str) -> tuple[Site, ...]:
     """A Wan block's sites: the self-attention (video tokens only) at its call, the cross-attention's
-    queries and the feed-forward at block level."""
+    queries and the feed-forward at block level (refused where a diffusers cache keeps their output)."""
     return (
         Site(block.attn1, "attn", role="call"),
-        Site(block.attn2, "crossattn"),
-        Site(block.ffn, "mlp"),
+        Site(block.attn2, "crossattn", conflict=ReplayedOutputCheck(block.attn2, f"{name}.attn2")),
+        Site(block.ffn, "mlp", conflict=ReplayedOutputCheck(block.ffn, f"{name}.ffn")),
     )
 
 
@@ -75,12 +76,13 @@ class WanAdapter(Adapter):
         for index, block in enumerate(model.blocks):
             if not class_name_in(block, _WAN_BLOCKS):
                 continue
-            specs.append(BlockSpec(f"blocks.{index}", block, 1, grid, _wan_sites(block)))
+            specs.append(BlockSpec(f"blocks.{index}", block, 1, grid, _wan_sites(block, f"blocks.{index}")))
         # VACE's control blocks attend over the control tokens, on the same grid; their plan is made
         # from the main stream they receive first.
         for index, block in enumerate(getattr(model, "vace_blocks", ())):
             if class_name_in(block, {"WanVACETransformerBlock"}):
-                specs.append(BlockSpec(f"vace_blocks.{index}", block, 1, grid, _wan_sites(block)))
+                name = f"vace_blocks.{index}"
+                specs.append(BlockSpec(name, block, 1, grid, _wan_sites(block, name)))
         return specs
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import types
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
@@ -34,7 +35,7 @@ from tomediff.ops import AttentionPlan, reduced_attention
 if TYPE_CHECKING:
     from tomediff.core.state import CallState, ToMeState
 
-__all__ = ["AttentionCallAction", "AttentionReducer", "attention_plan"]
+__all__ = ["AttentionCallAction", "AttentionReducer", "PendingPlan", "attention_plan"]
 
 # F.scaled_dot_product_attention's parameters in order; the first four are the tensors reduced.
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -58,19 +59,33 @@ _PYTHON_TENSOR_METHODS = {
 }
 
 
+class PendingPlan:
+    """A block's plan, made by ``make`` only when the module's first attention call needs it: a cache
+    that returns a kept output instead of computing the module then costs no matching either."""
+
+    def __init__(self, make: Callable[[], Any]) -> None:
+        self.make = make
+
+
 class _AttentionCallMode(TorchFunctionMode):
     """Reduces the image tokens of the SDPA calls made while it is on the stack (one module call)."""
 
-    def __init__(self, plan: AttentionPlan, site: Site, block_name: str) -> None:
+    def __init__(
+        self, plan: AttentionPlan | PendingPlan, reduce_queries: bool, site: Site, block_name: str
+    ) -> None:
         super().__init__()
-        self.plan = plan
+        self._plan: AttentionPlan | PendingPlan | None = plan
+        self.reduce_queries = reduce_queries
         self.site = site
         self.block_name = block_name
         self.calls = 0
+        self.projected = False  # a linear layer ran: the module computed (else a cache returned for it)
 
     def __torch_function__(self, func: Any, types: Any, args: Args = (), kwargs: Kwargs | None = None) -> Any:
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
+            if func is F.linear:
+                self.projected = True
             method = _PYTHON_TENSOR_METHODS.get(func)
             if method is not None and args and isinstance(args[0], torch.Tensor):
                 return getattr(args[0], method)(*args[1:], **kwargs)
@@ -81,15 +96,24 @@ class _AttentionCallMode(TorchFunctionMode):
         if key.shape[-2] != query.shape[-2]:  # a cross-attention inside the module: keys are not its tokens
             return func(query, key, value, attn_mask=values["attn_mask"], **options)
         self.calls += 1
-        start = self._image_start(query)
+        plan = self._resolve_plan()
+        if plan is None:  # the reducer reduces nothing in this block call
+            return func(query, key, value, attn_mask=values["attn_mask"], **options)
+        start = self._image_start(plan, query)
         if options.get("is_causal"):
             raise MergeCallError(
                 f"tomediff cannot reduce the causal attention of block '{self.block_name}' (is_causal=True)."
             )
-        return reduced_attention(func, self.plan, start, query, key, value, values["attn_mask"], **options)
+        return reduced_attention(func, plan, start, query, key, value, values["attn_mask"], **options)
 
-    def _image_start(self, query: torch.Tensor) -> int:
-        plan, site = self.plan, self.site
+    def _resolve_plan(self) -> AttentionPlan | None:
+        if isinstance(self._plan, PendingPlan):  # made here, outside this mode (it is off in its handler)
+            made = self._plan.make()
+            self._plan = None if made is None else attention_plan(made, self.reduce_queries)
+        return self._plan
+
+    def _image_start(self, plan: AttentionPlan, query: torch.Tensor) -> int:
+        site = self.site
         num, seq = plan.num_tokens, int(query.shape[-2])
         if (
             query.dim() != 4
@@ -123,7 +147,9 @@ class AttentionCallAction(SiteAction):
                 "parallelism (its attention sees a shard of the sequence or of the heads, whose image "
                 "tokens tomediff cannot place); disable context parallelism or tomediff."
             )
-        mode = _AttentionCallMode(attention_plan(plan, self.reduce_queries), site, block_name)
+        if not isinstance(plan, PendingPlan):
+            plan = attention_plan(plan, self.reduce_queries)
+        mode = _AttentionCallMode(plan, self.reduce_queries, site, block_name)
         torch._C._push_on_torch_function_stack(mode)
         return None
 
@@ -135,7 +161,10 @@ class AttentionCallAction(SiteAction):
                 f"tomediff found a torch function mode ({type(mode).__name__}) left on the stack by an "
                 "attention module it reduces; modes pushed inside the module must be popped inside it."
             )
-        if mode.calls == 0:
+        # No attention call and no projection: the module did not compute (a cache such as Pyramid
+        # Attention Broadcast returned a kept or forecast output for it), so there was nothing to reduce.
+        # A module that computed without an SDPA call uses another attention backend: refused.
+        if mode.calls == 0 and mode.projected:
             raise MergeCallError(
                 f"tomediff saw no attention call (torch.nn.functional.scaled_dot_product_attention) inside "
                 f"the {mode.site.kind} site of block '{mode.block_name}' "

@@ -15,6 +15,7 @@ from torch import nn
 from torch.utils.hooks import RemovableHandle
 
 from tomediff.core.actions import SiteAction
+from tomediff.core.attention import PendingPlan
 from tomediff.core.calls import Args, Kwargs, find_input, forward_parameters
 from tomediff.core.reducers import PlanRequest
 from tomediff.core.spec import BlockSpec, GridSource, Site
@@ -115,6 +116,10 @@ class BlockCall:
             if plan is not None and state.observers:
                 state.notify(self.spec.name, request.height, request.width, plan)
         return plan
+
+    def has_work(self, call: CallState) -> bool:
+        """Whether the block has a plan in ``call``, or a request to make one from."""
+        return self.index in call.requests or call.plans.get(self.index) is not None
 
     def site_done(self, call: CallState) -> None:
         """Called after each site that used the plan: once the last is done the plan's tensors are
@@ -244,10 +249,16 @@ class BlockPostHook(ToMeHook):
 
 
 class SiteCall:
-    def __init__(self, block: BlockCall, site: Site, action: SiteAction) -> None:
+    """A site's hooks' shared view: its block, the site, its action, and (``inside``) the attention-call
+    site and action that reduce inside the module instead while a cache keeps its output."""
+
+    def __init__(
+        self, block: BlockCall, site: Site, action: SiteAction, inside: tuple[Site, SiteAction] | None = None
+    ) -> None:
         self.block = block
         self.site = site
         self.action = action
+        self.inside = inside
 
 
 class SitePreHook(ToMeHook):
@@ -258,15 +269,40 @@ class SitePreHook(ToMeHook):
 
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> tuple[Args, Kwargs] | None:
         call = self.call
-        plan = call.block.plan_for_site(call.block.state.call)
+        block, site = call.block, call.site
+        state_call = block.state.call
+        if call.inside is not None and block.has_work(state_call) and _kept_by_cache(site):
+            return self._reduce_inside(call.inside, args, kwargs)
+        plan = block.plan_for_site(state_call)
         if plan is None:
             return None
-        site = call.site
         if site.unsupported is not None and (reason := site.unsupported()) is not None:
             raise MergeCallError(reason)
         if call.action.uses_output and site.conflict is not None and (reason := site.conflict()) is not None:
             raise MergeCallError(reason)
-        return call.action.before(plan, site, call.block.spec.name, args, kwargs)
+        return call.action.before(plan, site, block.spec.name, args, kwargs)
+
+    def _reduce_inside(
+        self, inside: tuple[Site, SiteAction], args: Args, kwargs: Kwargs
+    ) -> tuple[Args, Kwargs] | None:
+        """A cache keeps this module's output across steps: reduce inside it (at its attention call),
+        so the output it keeps has the full token order. The plan is made at the first attention call,
+        so a step at which the cache does not compute the module makes none; InsidePostHook undoes
+        this."""
+        call = self.call
+        block, site = call.block, call.site
+        if site.unsupported is not None and (reason := site.unsupported()) is not None:
+            raise MergeCallError(reason)
+        state_call = block.state.call
+        pending = PendingPlan(lambda: block.plan_for_site(state_call))
+        inside_site, inside_action = inside
+        new_inputs = inside_action.before(pending, inside_site, block.spec.name, args, kwargs)
+        state_call.inside.add(id(call))  # only once ``before`` set up what the post-hook undoes
+        return new_inputs
+
+
+def _kept_by_cache(site: Site) -> bool:
+    return site.conflict is not None and site.conflict() is not None
 
 
 class SitePostHook(ToMeHook):
@@ -279,10 +315,28 @@ class SitePostHook(ToMeHook):
         block = self.call.block
         state_call = block.state.call
         plan = state_call.plans.get(block.index)
-        if plan is None:
+        if plan is None or id(self.call) in state_call.inside:  # reduced inside: InsidePostHook's
             return None
         block.site_done(state_call)
         return self.call.action.after(plan, output)
+
+
+class InsidePostHook(ToMeHook):
+    """Runs the inside action's ``after`` when the site was reduced inside its module in this call
+    (registered with ``always_call``, so the attention-call mode is popped on errors too)."""
+
+    def __init__(self, call: SiteCall) -> None:
+        self.call = call
+
+    def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs, output: Any) -> Any:
+        call = self.call
+        state_call = call.block.state.call
+        if id(call) not in state_call.inside or call.inside is None:
+            return None
+        state_call.inside.discard(id(call))
+        plan = state_call.plans.get(call.block.index)
+        call.block.site_done(state_call)
+        return call.inside[1].after(plan, output)
 
 
 def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> list[RemovableHandle]:
@@ -304,7 +358,10 @@ def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> li
         for site, action in sites:
             if action is None:
                 continue
-            site_call = SiteCall(block_call, site, action)
+            # Only a site whose output is unmerged can conflict with a cache, and be reduced inside instead.
+            inside_action = state.method.inside_action_for(site, spec.name) if action.uses_output else None
+            inside = (site.inside, inside_action) if site.inside and inside_action else None
+            site_call = SiteCall(block_call, site, action, inside)
             handles.append(site.module.register_forward_pre_hook(SitePreHook(site_call), with_kwargs=True))
             if action.uses_output:
                 block_call.num_sites += 1
@@ -312,6 +369,12 @@ def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> li
                 handles.append(
                     site.module.register_forward_hook(
                         post, with_kwargs=True, always_call=action.after_on_error
+                    )
+                )
+            if inside is not None:
+                handles.append(
+                    site.module.register_forward_hook(
+                        InsidePostHook(site_call), with_kwargs=True, always_call=True
                     )
                 )
         handles.append(

@@ -85,6 +85,13 @@ class Method:
                 "SD3 and every BasicTransformerBlock (PixArt, DiT, UNets); use method='merge' for this one."
             )
         return self.block_action.for_site(spec.block_site, spec.name)
+    def inside_action_for(self, site: Site, block_name: str) -> SiteAction | None:
+        """The action of ``site.inside`` (reducing inside the module, at its attention call) that takes
+        over from ``site`` while a cache keeps the module's output, or None when there is none."""
+        if site.inside is None:
+            return None
+        action = self.action_for(site.inside, block_name)
+        return action if action is not None and action.uses_output else None
 
     def check(self, specs: Sequence[BlockSpec]) -> None:
         """Raise :class:`ConfigError` now (before anything is hooked) for a site the method cannot
@@ -100,8 +107,9 @@ class Method:
             )
 
     def conflict(self, specs: Sequence[BlockSpec]) -> str | None:
-        """The message of the first site whose output the method unmerges and whose
-        :attr:`Site.conflict` check refuses it now (e.g. a cache replaying its output), else None."""
+        """The message of the first site whose output the method unmerges, which cannot be reduced
+        inside instead (:attr:`Site.inside`), and whose :attr:`Site.conflict` check refuses it now (e.g.
+        a cache replaying its output), else None."""
         for spec in specs:
             for site in (*spec.sites, spec.block_site):
                 if site is None or site.conflict is None:
@@ -110,7 +118,11 @@ class Method:
                     action = self.block_action_for(spec)
                 else:
                     action = self.action_for(site, spec.name)
-                if action is not None and action.uses_output and (reason := site.conflict()) is not None:
+                if action is None or not action.uses_output:
+                    continue
+                if site.role != "block" and self.inside_action_for(site, spec.name) is not None:
+                    continue  # reduced inside instead
+                if (reason := site.conflict()) is not None:
                     return reason
         return None
 

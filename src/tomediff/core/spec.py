@@ -167,7 +167,8 @@ class Site:
             module's current configuration and is raised as an error (never skipped silently).
         conflict: for a site whose output is unmerged, called when the patch is applied and at each
             merge; a returned message means something attached to the module (a cache replaying its
-            output) makes merging there wrong, and is raised as an error.
+            output) makes merging around it wrong: the site is then reduced :attr:`inside` the module
+            if it can be, else the message is raised as an error.
         role: what the site computes from the block's image tokens, which decides what each method
             does there. ``"tokens"``: its input is the token sequence, and a self-attention takes its
             keys from it (``attn1``, feed-forwards): merged, or for ``method="downsample"`` given
@@ -194,6 +195,12 @@ class Site:
             cannot do: key/value reduction (``method="downsample"``, ``kv_ratio``).
         output_index: (``"block"`` sites) where the block's output tuple holds its image tokens (Flux
             and SD3 blocks return ``(text, image)``: 1); a block returning one tensor ignores it.
+        inside: the ``"call"`` site of this module's own attention call, for a site whose output is
+            unmerged. While a cache keeps this module's output across steps (:attr:`conflict`), this
+            site stands down and ``inside`` reduces the tokens inside the module instead: its output
+            then keeps the full token order, so whatever the cache keeps, replays or extrapolates is
+            what it would keep from the unpatched module's output, computed with fewer tokens. None:
+            such a conflict is refused.
     """
 
     module: nn.Module
@@ -209,6 +216,7 @@ class Site:
     image_first: bool = False
     call_only_for_kv: bool = False
     output_index: int = 0
+    inside: Site | None = None
 
 
 @dataclass(frozen=True, eq=False)

@@ -83,6 +83,8 @@ class CallState:
         shared_plans: plans shared by several blocks within this call (``reuse_level``).
         number: which call of its thread this is (1 for the first; 0 for blocks called outside a
             model call, or a compiled call that read nothing eagerly).
+        inside: sites (their :class:`~tomediff.core.hooks.SiteCall` ids) reduced inside their module in
+            this call, from their pre-hook to their post-hook, because a cache keeps the module's output.
         cfg_layout: with ``reuse_cfg`` and ``cfg_layout="auto"``, what the caller said of this call's
             batch: ``"uncond_cond"`` (a guidance pair), None (no pair), ``"auto"`` (it could not tell).
     """
@@ -97,6 +99,7 @@ class CallState:
     shared_plans: dict[tuple[object, ...], Any] = field(default_factory=dict)
     number: int = 0
     cfg_layout: str | None = "auto"
+    inside: set[int] = field(default_factory=set)
 
 
 @dataclass(eq=False)  # compared by identity: the patch keeps a weak set of them
