@@ -281,10 +281,18 @@ class DemoDiTPipeline(_ClassConditionalPipeline):
         pooled = self.text_encoder.pool(context, token_ids)
         img_ids, txt_ids = dit_position_ids(LATENT_SIZE, LATENT_SIZE, token_ids.shape[1])
         img_ids, txt_ids = img_ids.to(device, dtype), txt_ids.to(device, dtype)
+        # diffusers' caches (transformer.enable_cache): each generation starts from an empty cache, and
+        # each call says where the loop is, as diffusers' own pipelines do (SeaCache needs the step).
+        cached = bool(getattr(self.transformer, "is_cache_enabled", False))
+        if cached:
+            self.transformer._reset_stateful_cache()
+        steps = len(sched.timesteps)
+        calls = iter(range(steps))
 
         def predict(model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             timestep = (t / 1000).expand(model_in.shape[0]).to(device, dtype)  # Flux takes sigma
-            return self.transformer(
+            self.current_timestep = t  # what diffusers' PAB/FasterCache callbacks read
+            run = lambda: self.transformer(  # noqa: E731
                 model_in,
                 encoder_hidden_states=context,
                 pooled_projections=pooled,
@@ -292,6 +300,13 @@ class DemoDiTPipeline(_ClassConditionalPipeline):
                 img_ids=img_ids,
                 txt_ids=txt_ids,
             ).sample
+            if not cached:
+                return run()
+            sigma = float(t) / 1000
+            with self.transformer.cache_context(
+                "cond", step_index=next(calls), num_inference_steps=steps, timestep=t, sigma=sigma
+            ):
+                return run()
 
         return latents, predict
 
