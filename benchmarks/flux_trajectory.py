@@ -37,7 +37,6 @@ from tomediff.eval.pareto import ParetoSetting, parse_pareto_setting
 DEFAULT_SETTINGS = (
     "kv0.5:ratio=0,kv_ratio=0.5",
     "fbc-all:cache=fbc:threshold=10",
-    "taylorseer2:cache=taylorseer:interval=2/warmup=1/order=1",
     "fbc-all+kv0.5:ratio=0,kv_ratio=0.5,cache=fbc:threshold=10",
 )
 
