@@ -61,7 +61,7 @@ class _Timestep:
     current_timestep: Any = None
 
 
-def build(dry_run: bool) -> tuple[torch.nn.Module, Any]:
+def build(dry_run: bool, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
     import dataclasses
 
     from tomediff.bench.models import build_model
@@ -69,7 +69,7 @@ def build(dry_run: bool) -> tuple[torch.nn.Module, Any]:
     spec = get_model_spec("flux")
     if dry_run:
         spec = dataclasses.replace(spec, config=TINY_FLUX, cpu_overrides={}, text_tokens=8)
-    return build_model(spec, "cpu"), spec
+    return build_model(spec, device, dtype), spec
 
 
 def trajectory(model: torch.nn.Module, inputs: Any, steps: int, clock: _Timestep) -> torch.Tensor:
@@ -83,9 +83,10 @@ def trajectory(model: torch.nn.Module, inputs: Any, steps: int, clock: _Timestep
     if cached:
         model._reset_stateful_cache()
     with torch.no_grad():
-        for i, t in enumerate(scheduler.timesteps):
+        for i, t in enumerate(scheduler.timesteps.tolist()):
+            t = torch.tensor(t, device=latents.device)
             clock.current_timestep = t
-            kwargs = {**inputs.kwargs, "timestep": (t / 1000).expand(latents.shape[0])}
+            kwargs = {**inputs.kwargs, "timestep": (t / 1000).to(latents.dtype).expand(latents.shape[0])}
             if cached:
                 with model.cache_context(
                     "cond", step_index=i, num_inference_steps=steps, timestep=t, sigma=float(t) / 1000
@@ -95,6 +96,11 @@ def trajectory(model: torch.nn.Module, inputs: Any, steps: int, clock: _Timestep
                 velocity = model(latents, **kwargs)[0]
             latents = scheduler.step(velocity, t, latents).prev_sample
     return latents
+
+
+def synchronize(device: str) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
 
 
 def apply(setting: ParetoSetting, model: torch.nn.Module, clock: _Timestep, steps: int) -> Any:
@@ -123,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--device", default="cpu", help="cpu (the bench's fewer blocks) or cuda (all blocks)")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--out", type=Path, default=Path("runs/flux-trajectory"))
     parser.add_argument("--dry-run", action="store_true", help="tiny Flux at 256², 2 steps, one round")
     args = parser.parse_args(argv)
@@ -131,8 +139,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     settings = [ParetoSetting("unaccelerated")]
     settings += [parse_pareto_setting(text) for text in args.setting or DEFAULT_SETTINGS]
-    model, spec = build(args.dry_run)
-    inputs = make_inputs(spec, 1, args.resolution)
+    dtype = getattr(torch, args.dtype)
+    model, spec = build(args.dry_run, args.device, dtype)
+    inputs = make_inputs(spec, 1, args.resolution, args.device, dtype)
+    if args.device != "cpu":  # one untimed trajectory: kernels, allocator, autotuning
+        trajectory(model, inputs, 2, _Timestep())
     # The last block's query projection runs only when that block's attention is computed, not when a
     # cache skips the block (FirstBlockCache) or returns a kept/forecast attention output (TaylorSeer).
     last_attention = model.single_transformer_blocks[-1].attn.to_q
@@ -148,8 +159,10 @@ def main(argv: list[str] | None = None) -> int:
             remove = apply(setting, model, clock, args.steps)
             try:
                 calls[0] = 0
+                synchronize(args.device)
                 start = time.perf_counter()
                 finals[setting.name] = trajectory(model, inputs, args.steps, clock)
+                synchronize(args.device)
                 seconds[setting.name].append(time.perf_counter() - start)
                 block_calls[setting.name] = calls[0]
             finally:
@@ -166,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for setting in settings:
         median = statistics.median(seconds[setting.name])
-        difference = (finals[setting.name] - reference).norm() / reference.norm()
+        difference = (finals[setting.name] - reference).float().norm() / reference.float().norm()
         rows.append(
             {
                 "name": setting.name,
@@ -185,10 +198,12 @@ def main(argv: list[str] | None = None) -> int:
         "model": "FLUX.1-dev published config" + (" (tiny dry run)" if args.dry_run else ""),
         "config": dict(model.config),
         "resolution": args.resolution,
+        "device": args.device,
+        "dtype": args.dtype,
         "steps": args.steps,
         "rounds": args.rounds,
         "load_average_1min": loads,
-        "environment": environment(torch.device("cpu")),
+        "environment": environment(torch.device(args.device)),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "results.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str))
