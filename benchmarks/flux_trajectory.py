@@ -61,7 +61,9 @@ class _Timestep:
     current_timestep: Any = None
 
 
-def build(dry_run: bool, device: str, dtype: torch.dtype) -> tuple[torch.nn.Module, Any]:
+def build(
+    dry_run: bool, device: str, dtype: torch.dtype, blocks: tuple[int, int] | None = None
+) -> tuple[torch.nn.Module, Any]:
     import dataclasses
 
     from tomediff.bench.models import build_model
@@ -69,6 +71,9 @@ def build(dry_run: bool, device: str, dtype: torch.dtype) -> tuple[torch.nn.Modu
     spec = get_model_spec("flux")
     if dry_run:
         spec = dataclasses.replace(spec, config=TINY_FLUX, cpu_overrides={}, text_tokens=8)
+    if blocks is not None:  # e.g. (1, 1): the fewest FirstBlockCache can split (first block + the rest)
+        overrides = {"num_layers": blocks[0], "num_single_layers": blocks[1]}
+        spec = dataclasses.replace(spec, config={**spec.config, **overrides}, cpu_overrides={})
     return build_model(spec, device, dtype), spec
 
 
@@ -132,6 +137,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cpu", help="cpu (the bench's fewer blocks) or cuda (all blocks)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
     parser.add_argument("--out", type=Path, default=Path("runs/flux-trajectory"))
+    parser.add_argument(
+        "--blocks",
+        type=lambda text: tuple(int(x) for x in text.split(",")),
+        default=None,
+        metavar="DOUBLE,SINGLE",
+        help="double- and single-stream blocks. Default: published 19,38 on CUDA, the bench's 1,2 on CPU",
+    )
     parser.add_argument("--dry-run", action="store_true", help="tiny Flux at 256², 2 steps, one round")
     args = parser.parse_args(argv)
     if args.dry_run:
@@ -140,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = [ParetoSetting("unaccelerated")]
     settings += [parse_pareto_setting(text) for text in args.setting or DEFAULT_SETTINGS]
     dtype = getattr(torch, args.dtype)
-    model, spec = build(args.dry_run, args.device, dtype)
+    model, spec = build(args.dry_run, args.device, dtype, args.blocks)
     inputs = make_inputs(spec, 1, args.resolution, args.device, dtype)
     if args.device != "cpu":  # one untimed trajectory: kernels, allocator, autotuning
         trajectory(model, inputs, 2, _Timestep())
