@@ -78,6 +78,8 @@ def test_settings_combine_tomediff_options_presets_and_a_cache() -> None:
     assert stack.tome is not None and stack.cache is not None
     config = stack.tome.config()
     assert (config.ratio, config.kv_ratio) == (0.0, 0.5)
+    fastest = parse_pareto_setting("dit-mag")  # a harness preset: a measured Pareto-best point
+    assert fastest.tome is None and fastest.cache == parse_cache("mag:threshold=0.15/max_skip=5")
     preset = parse_pareto_setting("downsample")
     assert preset.tome is not None and preset.tome.config().method == "downsample" and preset.cache is None
     with pytest.raises(ConfigError, match="one cache= per setting"):
