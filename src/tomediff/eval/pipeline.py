@@ -12,6 +12,7 @@ SD-style UNet) and ``DemoDiTPipeline`` (the Flux-style transformer). Both take t
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -238,6 +239,8 @@ class DemoDiTPipeline(_ClassConditionalPipeline):
             and their masked mean the pooled projection.
         class_names: the prompts it knows, index = Fashion-MNIST label.
         scheduler, do_classifier_free_guidance: the latest call's, as for :class:`DemoPipeline`.
+        current_timestep: the timestep of the model call running (or last run), which diffusers' Pyramid
+            Attention Broadcast and FasterCache read through their ``current_timestep_callback``.
     """
 
     default_scheduler = "euler"
@@ -249,6 +252,7 @@ class DemoDiTPipeline(_ClassConditionalPipeline):
         scheduler_config: dict[str, Any] | None = None,
     ) -> None:
         self.transformer = transformer.eval()
+        self.current_timestep: torch.Tensor | None = None
         super().__init__(text_encoder, scheduler_config or build_flow_scheduler_config())
 
     @property
@@ -292,21 +296,26 @@ class DemoDiTPipeline(_ClassConditionalPipeline):
         def predict(model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             timestep = (t / 1000).expand(model_in.shape[0]).to(device, dtype)  # Flux takes sigma
             self.current_timestep = t  # what diffusers' PAB/FasterCache callbacks read
-            run = lambda: self.transformer(  # noqa: E731
-                model_in,
-                encoder_hidden_states=context,
-                pooled_projections=pooled,
-                timestep=timestep,
-                img_ids=img_ids,
-                txt_ids=txt_ids,
-            ).sample
-            if not cached:
-                return run()
-            sigma = float(t) / 1000
-            with self.transformer.cache_context(
-                "cond", step_index=next(calls), num_inference_steps=steps, timestep=t, sigma=sigma
-            ):
-                return run()
+            scope = (
+                self.transformer.cache_context(
+                    "cond",
+                    step_index=next(calls),
+                    num_inference_steps=steps,
+                    timestep=t,
+                    sigma=float(t) / 1000,
+                )
+                if cached
+                else contextlib.nullcontext()
+            )
+            with scope:
+                return self.transformer(
+                    model_in,
+                    encoder_hidden_states=context,
+                    pooled_projections=pooled,
+                    timestep=timestep,
+                    img_ids=img_ids,
+                    txt_ids=txt_ids,
+                ).sample
 
         return latents, predict
 
