@@ -33,6 +33,11 @@
 #             (VIDEO_RESOLUTIONS="480 720" adds 1280x720, 75,600 tokens; not timed yet)
 #   flux2     issue 15: FLUX.2-dev (published config, 32B parameters: 64 GB of bf16 weights), batch 1, at
 #             1024/2048: baseline vs tomediff vs ideal at ratio 0.5 (not timed yet)
+#   stack     issue 16: FLUX.1-dev (published config, random weights), bf16, batch 1, 1024², a whole
+#             28-step trajectory (benchmarks/flux_trajectory.py, 2 interleaved rounds): unaccelerated vs
+#             kv_ratio 0.5, FirstBlockCache at 0.1 and at a threshold that skips every step it can,
+#             TaylorSeer (interval 3), and the stacks FirstBlockCache + kv_ratio 0.5; each row also
+#             counts the steps whose last block computed attention (not timed yet; the target is >= 2.5x)
 # Every part has its own time cap, so one that overruns leaves the others' results. All parts together
 # take longer than one session's device time (15 min, machine start included): pick them, e.g.
 # PARTS="tests methods dits" or PARTS="tests compiled".
@@ -167,6 +172,16 @@ if has_part video; then
 fi
 if has_part flux2; then
     bench flux2 300 --model flux2 --resolution 1024 2048 --dtype bf16 --batch 1 --repeats 5 --warmup 2 --no-memory
+fi
+if has_part stack; then
+    echo "== stack (at $((SECONDS - start)) s)"
+    timeout 420 "$PY" benchmarks/flux_trajectory.py --device cuda --dtype bfloat16 --resolution 1024 \
+        --steps 28 --rounds 2 --out "$OUT_DIR/stack" --setting "kv0.5:ratio=0,kv_ratio=0.5" \
+        --setting "fbc0.1:cache=fbc:threshold=0.1" --setting "fbc-all:cache=fbc:threshold=10" \
+        --setting "taylorseer3:cache=taylorseer:interval=3/warmup=3/order=1" \
+        --setting "fbc0.1+kv0.5:ratio=0,kv_ratio=0.5,cache=fbc:threshold=0.1" \
+        --setting "fbc-all+kv0.5:ratio=0,kv_ratio=0.5,cache=fbc:threshold=10" 2>&1 | tee "$OUT_DIR/stack.log" \
+        || echo "gpu_bench.sh: stack failed or hit its 420s cap; see $OUT_DIR/stack.log" >&2
 fi
 if has_part dits; then
     bench sd3 120 --model sd3 --resolution 1024 2048 --dtype bf16 --repeats 5 --warmup 2 --no-memory

@@ -12,6 +12,7 @@ SD-style UNet) and ``DemoDiTPipeline`` (the Flux-style transformer). Both take t
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -238,6 +239,8 @@ class DemoDiTPipeline(_ClassConditionalPipeline):
             and their masked mean the pooled projection.
         class_names: the prompts it knows, index = Fashion-MNIST label.
         scheduler, do_classifier_free_guidance: the latest call's, as for :class:`DemoPipeline`.
+        current_timestep: the timestep of the model call running (or last run), which diffusers' Pyramid
+            Attention Broadcast and FasterCache read through their ``current_timestep_callback``.
     """
 
     default_scheduler = "euler"
@@ -249,6 +252,7 @@ class DemoDiTPipeline(_ClassConditionalPipeline):
         scheduler_config: dict[str, Any] | None = None,
     ) -> None:
         self.transformer = transformer.eval()
+        self.current_timestep: torch.Tensor | None = None
         super().__init__(text_encoder, scheduler_config or build_flow_scheduler_config())
 
     @property
@@ -281,17 +285,37 @@ class DemoDiTPipeline(_ClassConditionalPipeline):
         pooled = self.text_encoder.pool(context, token_ids)
         img_ids, txt_ids = dit_position_ids(LATENT_SIZE, LATENT_SIZE, token_ids.shape[1])
         img_ids, txt_ids = img_ids.to(device, dtype), txt_ids.to(device, dtype)
+        # diffusers' caches (transformer.enable_cache): each generation starts from an empty cache, and
+        # each call says where the loop is, as diffusers' own pipelines do (SeaCache needs the step).
+        cached = bool(getattr(self.transformer, "is_cache_enabled", False))
+        if cached:
+            self.transformer._reset_stateful_cache()
+        steps = len(sched.timesteps)
+        calls = iter(range(steps))
 
         def predict(model_in: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
             timestep = (t / 1000).expand(model_in.shape[0]).to(device, dtype)  # Flux takes sigma
-            return self.transformer(
-                model_in,
-                encoder_hidden_states=context,
-                pooled_projections=pooled,
-                timestep=timestep,
-                img_ids=img_ids,
-                txt_ids=txt_ids,
-            ).sample
+            self.current_timestep = t  # what diffusers' PAB/FasterCache callbacks read
+            scope = (
+                self.transformer.cache_context(
+                    "cond",
+                    step_index=next(calls),
+                    num_inference_steps=steps,
+                    timestep=t,
+                    sigma=float(t) / 1000,
+                )
+                if cached
+                else contextlib.nullcontext()
+            )
+            with scope:
+                return self.transformer(
+                    model_in,
+                    encoder_hidden_states=context,
+                    pooled_projections=pooled,
+                    timestep=timestep,
+                    img_ids=img_ids,
+                    txt_ids=txt_ids,
+                ).sample
 
         return latents, predict
 
