@@ -10,7 +10,6 @@ of the same model, sampled before, after or in between, runs the unpatched modul
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,15 +18,14 @@ import torch
 
 import tomediff
 
-from .dit_attention import AttentionReport, KeyValueDownsample, dit_family, dit_options_error
+from .dit_attention import AttentionReport, DitAttention, call_seed, dit_family, dit_options_error
 
-__all__ = ["PATCH_KEY", "SamplingPatch", "attach", "comfy_tome_patch_in", "refuse_comfy_tome"]
+__all__ = ["PATCH_KEY", "SamplingPatch", "attach", "call_seed", "comfy_tome_patch_in", "refuse_comfy_tome"]
 
 # One tomediff patch per clone: registering again under this key replaces the previous one.
 PATCH_KEY = "tomediff"
 
 _LOG = logging.getLogger("comfyui.tomediff")
-_SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads node seeds apart before adding the sigma
 
 
 def _names(patch: Callable[..., Any]) -> tuple[str, str]:
@@ -58,13 +56,6 @@ def refuse_comfy_tome(model_options: dict[str, Any]) -> None:
             "self-attention tokens; tomediff on top would merge twice. Remove or bypass one of the two "
             "nodes (tomediff's node covers what TomePatchModel does, and SDXL too)."
         )
-
-
-def call_seed(seed: int, sigma: float) -> int:
-    """The partition seed of a model call at noise level ``sigma``: the same for the conditional and
-    unconditional calls of a step, whether ComfyUI batches them together or runs them apart."""
-    (sigma_bits,) = struct.unpack("<Q", struct.pack("<d", sigma))
-    return (seed * _SEED_MIX + sigma_bits) % 2**64
 
 
 class _CallReseed:
@@ -125,15 +116,15 @@ class SamplingPatch:
         wrappers = model_options.setdefault("transformer_options", {}).setdefault("wrappers", {})
         per_call = wrappers.setdefault(patcher_extension.WrappersMP.APPLY_MODEL, {})
         family = dit_family(diffusion_model)
-        if family is not None:  # ComfyUI's own DiTs: keys/values reduced in its attention override
+        if family is not None:  # ComfyUI's own DiTs: reduced in its attention override
             _refuse_dit_options(self.config, family)
-            downsample = KeyValueDownsample(self.config, family, diffusion_model)
-            per_call[PATCH_KEY] = [downsample]
+            override = DitAttention(self.config, family, diffusion_model)
+            per_call[PATCH_KEY] = [override]
             try:
                 return executor(*args, **kwargs)
             finally:
                 per_call.pop(PATCH_KEY, None)
-                self.last_report = downsample.report
+                self.last_report = override.report
                 _LOG.info("%s", self.last_report)
         generator = torch.Generator()
         handle = tomediff.apply_tome(diffusion_model, self.config.replace(generator=generator))
@@ -200,6 +191,11 @@ def attach(model: Any, config: tomediff.ToMeConfig) -> Any:
     family = dit_family(model.model.diffusion_model)  # reads the class name only
     if family is not None:
         _refuse_dit_options(config, family)
+    elif config.kv_ratio is not None:
+        raise tomediff.ConfigError(
+            f"kv_ratio={config.kv_ratio} applies to ComfyUI's Flux, SD3 and Wan models (merged at their "
+            f"attention calls), not to this {type(model.model).__name__} model; set kv_ratio to -1."
+        )
     patched = model.clone()
     patched.remove_wrappers_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY)
     patched.add_wrapper_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY, SamplingPatch(config))

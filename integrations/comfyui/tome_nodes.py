@@ -62,6 +62,8 @@ def build_config(**options: Any) -> tomediff.ToMeConfig:
         if level not in LEVELS:
             raise tomediff.ConfigError(f"max_downsample must be one of {', '.join(LEVELS)}, got {level!r}.")
         options["max_downsample"] = None if level == "auto" else int(level)
+    if "kv_ratio" in options and options["kv_ratio"] < 0:
+        options["kv_ratio"] = None  # the widget's "same as ratio"
     if "level_ratios" in options:
         options["level_ratios"] = parse_level_ratios(options["level_ratios"])
     if "skip_first" in options or "skip_last" in options:
@@ -147,6 +149,7 @@ class ToMeAdvanced:
     OPTIONS: ClassVar[tuple[str, ...]] = (
         "method",
         "ratio",
+        "kv_ratio",
         "max_downsample",
         "level_ratios",
         "sx",
@@ -185,6 +188,17 @@ class ToMeAdvanced:
                 "model": ("MODEL",),
                 "method": (["merge", "downsample"], {"default": "merge"}),
                 "ratio": fraction(0.5, "merge: fraction of each patched block's tokens merged"),
+                "kv_ratio": (
+                    "FLOAT",
+                    {
+                        "default": -1.0,
+                        "min": -1.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "merge on Flux, SD3 and Wan: fraction of the image keys/values merged, "
+                        "apart from the queries (merged at ratio; 0 keeps them all); -1 = with the queries",
+                    },
+                ),
                 "max_downsample": (
                     LEVELS,
                     {
