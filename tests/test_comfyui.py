@@ -387,13 +387,12 @@ def test_dit_without_matching_attention_is_an_error(comfy: Comfy, monkeypatch: p
 
 
 def test_reuse_cfg_on_comfy_guidance_pairs(comfy: Comfy, sd15: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """reuse_cfg matches on the conditional half of ComfyUI's [uncond, cond] call; when ComfyUI splits
-    the halves, an even batch (two images of one half) is refused instead of sharing a matching."""
+    """reuse_cfg matches on the conditional half of ComfyUI's [uncond, cond] call; when ComfyUI runs the
+    halves apart, an even batch (two images of one half) is no pair and plans per sample, exactly as
+    without reuse_cfg."""
     nodes = sys.modules[comfy.pack.__name__ + ".tome_nodes"]
-    if not nodes.supports_cfg_layout():
-        with pytest.raises(
-            tomediff.ConfigError, match=r"reuse_cfg needs a tomediff with ToMeConfig\.cfg_layout"
-        ):
+    if not nodes.supports_guidance_caller():
+        with pytest.raises(tomediff.ConfigError, match=r"reuse_cfg needs a tomediff whose ToMeHandle"):
             advanced(comfy, sd15, reuse_cfg=True)
         return
     reference = run(comfy, sd15, batch=2)
@@ -402,11 +401,11 @@ def test_reuse_cfg_on_comfy_guidance_pairs(comfy: Comfy, sd15: Any, monkeypatch:
     assert not torch.equal(shared, reference)
     assert not torch.equal(shared, run(comfy, advanced(comfy, sd15), batch=2))
     config = sampling_patch(comfy, patched).last_report.config
-    assert config.reuse_cfg and config.cfg_layout == "uncond_cond"
+    assert config.reuse_cfg and config.cfg_layout == "auto"
     monkeypatch.setattr(sd15.model, "memory_required", lambda *args, **kwargs: float("inf"))
-    run(comfy, patched, batch=1)  # halves apart, one image each: odd batches plan per sample
-    with pytest.raises(tomediff.MergeCallError, match=r"halves \[[01]\]"):
-        run(comfy, patched, batch=2)
+    for batch in (1, 2):  # halves apart: one or two images of one half per call
+        apart = run(comfy, patched, batch=batch, steps=2)
+        assert torch.equal(apart, run(comfy, advanced(comfy, sd15), batch=batch, steps=2))
     assert hook_count(sd15) == 0
 
 

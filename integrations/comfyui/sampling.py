@@ -58,39 +58,39 @@ def refuse_comfy_tome(model_options: dict[str, Any]) -> None:
         )
 
 
-class _CallReseed:
-    """``APPLY_MODEL`` wrapper (for one sampling run): reseeds the partition generator per model call
-    from the node's seed and the call's sigma, so random partitions do not depend on how ComfyUI
-    splits guidance into calls (it batches ``[uncond, cond]`` when memory allows, else one call each).
+class _SamplerCalls:
+    """``APPLY_MODEL`` wrapper for one sampling run, and tomediff's caller of the patched model
+    (:meth:`tomediff.ToMeHandle.set_caller`).
 
-    The generator is the patch's own (``ToMeConfig.generator``), reseeded directly: restarting it
-    through the handle would also start a new generation and drop the plans ``reuse_steps`` keeps."""
+    * It reseeds the partition generator per model call from the node's seed and the call's sigma, so
+      random partitions do not depend on how ComfyUI splits guidance into calls (it batches
+      ``[uncond, cond]`` when memory allows, else one call each). The generator is the patch's own
+      (``ToMeConfig.generator``), reseeded directly: restarting it through the handle would also start a
+      new generation and drop the plans ``reuse_steps`` keeps.
+    * It tells tomediff whether a call is a guidance pair, for ``reuse_cfg``: only a call whose
+      ``transformer_options["cond_or_uncond"]`` is ``[1, 0]`` stacks ``[uncond, cond]``; when ComfyUI runs
+      the halves apart an even batch holds several images of one half, which plan per sample.
+    """
+
+    name = "ComfyUI's sampler"
 
     def __init__(self, handle: tomediff.ToMeHandle, generator: torch.Generator, seed: int) -> None:
-        self.handle = handle
         self.generator = generator
         self.seed = seed
+        self.cond_or_uncond: list[int] = []
+        handle.set_caller(self)
+
+    def generation(self) -> object | None:
+        return None  # each sampling run applies a new patch, whose plans start empty
+
+    def guidance(self, sample: object) -> bool | None:
+        return self.cond_or_uncond == [1, 0]
 
     def __call__(self, executor: Any, x: Any, t: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.handle.config.reuse_cfg:
-            transformer_options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
-            _check_guidance_pair(x, transformer_options.get("cond_or_uncond"))
+        transformer_options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
+        self.cond_or_uncond = list(transformer_options.get("cond_or_uncond") or ())
         self.generator.manual_seed(call_seed(self.seed, float(t.reshape(-1)[0])))
         return executor(x, t, *args, **kwargs)
-
-
-def _check_guidance_pair(x: Any, cond_or_uncond: list[int] | None) -> None:
-    """With ``reuse_cfg`` an even batch must be ComfyUI's ``[uncond, cond]`` pair: when it runs the
-    halves apart (little free memory, area conditioning), an even batch holds several images of one
-    half, which must not share a matching."""
-    if x.shape[0] % 2 or cond_or_uncond == [1, 0]:
-        return
-    raise tomediff.MergeCallError(
-        f"reuse_cfg shares one matching between the halves of a guidance pair, but ComfyUI ran this "
-        f"call with the halves {cond_or_uncond} (0 = cond, 1 = uncond) in a batch of {x.shape[0]}, not "
-        "as one [uncond, cond] pair (it splits them when memory is short or with area conditioning). "
-        "Turn reuse_cfg off for this workflow."
-    )
 
 
 class SamplingPatch:
@@ -136,7 +136,7 @@ class SamplingPatch:
                 "(ComfyUI then calls its projections directly, so tomediff could not act there); limit "
                 "tomediff's levels (max_downsample, level_ratios, skip_first/skip_last) or remove that node."
             )
-        per_call[PATCH_KEY] = [_CallReseed(handle, generator, self.config.seed)]
+        per_call[PATCH_KEY] = [_SamplerCalls(handle, generator, self.config.seed)]
         try:
             return executor(*args, **kwargs)
         finally:

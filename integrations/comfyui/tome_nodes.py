@@ -17,14 +17,14 @@ SEED_RANGE = {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}
 LEVELS = ["auto", "1", "2", "4", "8"]
 
 REUSE_CFG_UNAVAILABLE = (
-    "reuse_cfg needs a tomediff with ToMeConfig.cfg_layout (to say that ComfyUI stacks guidance as "
-    "[uncond, cond]); update tomediff, or leave reuse_cfg off (reuse_level and reuse_steps work)."
+    "reuse_cfg needs a tomediff whose ToMeHandle has set_caller (to be told which ComfyUI calls hold an "
+    "[uncond, cond] pair); update tomediff, or leave reuse_cfg off (reuse_level and reuse_steps work)."
 )
 
 
-def supports_cfg_layout() -> bool:
-    """Whether the installed tomediff can be told the guidance layout (``ToMeConfig.cfg_layout``)."""
-    return "cfg_layout" in tomediff.ToMeConfig.__dataclass_fields__
+def supports_guidance_caller() -> bool:
+    """Whether the installed tomediff can be told per model call if the batch is a guidance pair."""
+    return hasattr(tomediff.ToMeHandle, "set_caller")
 
 
 def parse_level_ratios(text: str) -> dict[int, float] | None:
@@ -50,11 +50,10 @@ def parse_level_ratios(text: str) -> dict[int, float] | None:
 def build_config(**options: Any) -> tomediff.ToMeConfig:
     """The ToMeConfig of a node's widget values (raises tomediff's errors with a one-line message)."""
     if options.get("reuse_cfg"):
-        if not supports_cfg_layout():
+        # cfg_layout stays "auto": the sampling patch tells tomediff per model call whether the batch is
+        # ComfyUI's [uncond, cond] pair (both halves in one call) or not (halves run apart).
+        if not supports_guidance_caller():
             raise tomediff.ConfigError(REUSE_CFG_UNAVAILABLE)
-        # ComfyUI runs both halves in one call as [uncond, cond] (cond_or_uncond == [1, 0]); calls
-        # holding anything else are refused per call by the sampling patch.
-        options["cfg_layout"] = "uncond_cond"
     else:
         options.pop("reuse_cfg", None)
     if "max_downsample" in options:
