@@ -533,3 +533,31 @@ def test_dit_merge_refuses_settings_it_cannot_honour(comfy: Comfy, dits: dict[st
         advanced(comfy, dits["sd3"], reuse_level=True)
     with pytest.raises(tomediff.ConfigError, match=r"cfg_layout, reuse_cfg do not apply to ComfyUI's flux"):
         advanced(comfy, dits["flux"], reuse_cfg=True)
+
+
+def test_dit_merge_is_the_same_in_both_of_comfys_attention_layouts(comfy: Comfy) -> None:
+    """ComfyUI's DiTs call attention with [B, L, H*D] (SD3, Wan) or [B, H, L, D] tensors (Flux,
+    skip_reshape): the override merges both alike and answers in the layout asked for."""
+    import types
+
+    import comfy.ldm.modules.attention as attention
+
+    dit_attention = sys.modules[comfy.pack.__name__ + ".dit_attention"]
+    config = tomediff.ToMeConfig(ratio=0.5, kv_ratio=0.25)
+    owner = dit_attention.DitAttention(config, "flux", types.SimpleNamespace(patch_size=2))
+    override = dit_attention._Override(owner, (1, 8, 8), 4)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 4 + 64, 8, generator=generator) for _ in range(3))
+    function = attention.optimized_attention.__wrapped__  # the attention function itself, unwrapped
+    owner.generator.manual_seed(1)
+    by_heads = override(function, q, k, v, 3, skip_reshape=True, skip_output_reshape=True)
+    owner.generator.manual_seed(1)
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(2, 4 + 64, 24)
+
+    flat_out = override(function, flat(q), flat(k), flat(v), heads=3)
+    assert by_heads.shape == q.shape and torch.equal(flat(by_heads), flat_out)
+    report = owner.report
+    assert (report.queries_after, report.keys_after) == (4 + 32, 4 + 48)
+    assert not torch.equal(by_heads, function(q, k, v, 3, skip_reshape=True, skip_output_reshape=True))

@@ -283,7 +283,10 @@ class _Override:
         def attention(
             query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None
         ) -> torch.Tensor:
-            return func(query, key, value, **{**call_options, "mask": attn_mask})
+            out = func(query, key, value, **{**call_options, "mask": attn_mask})
+            # attention_pytorch's batch-chunked branch (batches over SDP_BATCH_LIMIT) ignores
+            # skip_output_reshape and returns [B, L, H*D].
+            return _as_heads(out, heads) if out.dim() == 3 else out
 
         out = reduced_attention(attention, plan, prefix, q, k, v)  # [B, H, L, D]
         if options.get("skip_output_reshape", False):
