@@ -529,10 +529,10 @@ def test_dit_kv_ratio_merges_keys_apart_from_queries(
 
 
 def test_dit_merge_refuses_settings_it_cannot_honour(comfy: Comfy, dits: dict[str, Any]) -> None:
-    with pytest.raises(tomediff.ConfigError, match=r"reuse_level do not apply to ComfyUI's sd3 model"):
+    with pytest.raises(tomediff.ConfigError, match=r"^reuse_level does not apply to ComfyUI's sd3 model"):
         advanced(comfy, dits["sd3"], reuse_level=True)
-    with pytest.raises(tomediff.ConfigError, match=r"cfg_layout, reuse_cfg do not apply to ComfyUI's flux"):
-        advanced(comfy, dits["flux"], reuse_cfg=True)
+    with pytest.raises(tomediff.ConfigError, match=r"^reuse_cfg, reuse_steps do not apply to ComfyUI's flux"):
+        advanced(comfy, dits["flux"], reuse_cfg=True, reuse_steps=2)
 
 
 def test_dit_merge_is_the_same_in_both_of_comfys_attention_layouts(comfy: Comfy) -> None:

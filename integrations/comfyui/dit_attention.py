@@ -88,8 +88,12 @@ def dit_options_error(config: tomediff.ToMeConfig, family: str) -> str | None:
         else "its image queries and keys/values are merged at every self/joint attention call, "
         "set by ratio, kv_ratio, sx, sy, use_rand and seed"
     )
-    names = ", ".join(changed)
-    return f"{names} do not apply to ComfyUI's {family} model ({how}); leave them at their defaults."
+    names, verb, them = (
+        ", ".join(changed),
+        "do" if len(changed) > 1 else "does",
+        "them" if len(changed) > 1 else "it",
+    )
+    return f"{names} {verb} not apply to ComfyUI's {family} model ({how}); leave {them} at the default."
 
 
 @dataclass
