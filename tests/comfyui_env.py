@@ -161,6 +161,11 @@ def init_weights(model: torch.nn.Module, seed: int) -> None:
                 parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.02)
             else:
                 parameter.fill_(1.0)
+        for name, buffer in model.named_buffers():
+            # The diffusion model's buffers come from checkpoints too (SD3's pos_embed is torch.empty:
+            # uninitialised memory, sometimes NaN); model_sampling's are computed and stay.
+            if name.startswith("diffusion_model.") and buffer.is_floating_point():
+                buffer.copy_(torch.randn(buffer.shape, generator=generator) * 0.02)
 
 
 def sd15_unet_config(

@@ -329,8 +329,6 @@ def test_dit_keys_and_values_downsampled(comfy: Comfy, family: str) -> None:
     assert report.keys_before in (image_tokens, image_tokens + text)
     assert report.keys_after == report.keys_before - image_tokens * 3 // 4, str(report)
     assert torch.equal(sample(model), reference)  # the unpatched model is untouched
-    with pytest.raises(tomediff.ConfigError, match="set method to 'downsample'"):
-        simple(comfy, model, method="merge")
     assert torch.equal(sample(simple(comfy, model, method="downsample", ratio=0.0)), reference)
 
 
@@ -389,13 +387,12 @@ def test_dit_without_matching_attention_is_an_error(comfy: Comfy, monkeypatch: p
 
 
 def test_reuse_cfg_on_comfy_guidance_pairs(comfy: Comfy, sd15: Any, monkeypatch: pytest.MonkeyPatch) -> None:
-    """reuse_cfg matches on the conditional half of ComfyUI's [uncond, cond] call; when ComfyUI splits
-    the halves, an even batch (two images of one half) is refused instead of sharing a matching."""
+    """reuse_cfg matches on the conditional half of ComfyUI's [uncond, cond] call; when ComfyUI runs the
+    halves apart, an even batch (two images of one half) is no pair and plans per sample, exactly as
+    without reuse_cfg."""
     nodes = sys.modules[comfy.pack.__name__ + ".tome_nodes"]
-    if not nodes.supports_cfg_layout():
-        with pytest.raises(
-            tomediff.ConfigError, match=r"reuse_cfg needs a tomediff with ToMeConfig\.cfg_layout"
-        ):
+    if not nodes.supports_guidance_caller():
+        with pytest.raises(tomediff.ConfigError, match=r"reuse_cfg needs a tomediff whose ToMeHandle"):
             advanced(comfy, sd15, reuse_cfg=True)
         return
     reference = run(comfy, sd15, batch=2)
@@ -404,11 +401,11 @@ def test_reuse_cfg_on_comfy_guidance_pairs(comfy: Comfy, sd15: Any, monkeypatch:
     assert not torch.equal(shared, reference)
     assert not torch.equal(shared, run(comfy, advanced(comfy, sd15), batch=2))
     config = sampling_patch(comfy, patched).last_report.config
-    assert config.reuse_cfg and config.cfg_layout == "uncond_cond"
+    assert config.reuse_cfg and config.cfg_layout == "auto"
     monkeypatch.setattr(sd15.model, "memory_required", lambda *args, **kwargs: float("inf"))
-    run(comfy, patched, batch=1)  # halves apart, one image each: odd batches plan per sample
-    with pytest.raises(tomediff.MergeCallError, match=r"halves \[[01]\]"):
-        run(comfy, patched, batch=2)
+    for batch in (1, 2):  # halves apart: one or two images of one half per call
+        apart = run(comfy, patched, batch=batch, steps=2)
+        assert torch.equal(apart, run(comfy, advanced(comfy, sd15), batch=batch, steps=2))
     assert hook_count(sd15) == 0
 
 
@@ -421,3 +418,146 @@ def test_reuse_steps_keeps_plans_across_steps(comfy: Comfy, sd15: Any) -> None:
     assert torch.equal(
         run(comfy, advanced(comfy, sd15, seed=3, reuse_steps=2), steps=2), run(comfy, patched, steps=2)
     )
+
+
+@pytest.fixture(scope="module")
+def dits(comfy: Comfy) -> dict[str, Any]:
+    """One tiny model of each ComfyUI DiT family, built once for the module."""
+    return {family: build_model(comfy, spec[0], spec[1](), seed=11) for family, spec in DIT_FAMILIES.items()}
+
+
+def dit_sample(
+    comfy: Comfy, family: str, model: Any, batch: int = 1, steps: int = 1, seed: int = 0
+) -> torch.Tensor:
+    _, _, latent_shape, pooled, _ = DIT_FAMILIES[family]
+
+    def conds(seed: int) -> list[list[Any]]:
+        generator = torch.Generator().manual_seed(seed + 100)
+        extra = {"pooled_output": torch.randn(1, pooled, generator=generator)} if pooled else {}
+        return cond(seed, **extra)
+
+    latent_batch = torch.zeros((batch, *latent_shape[1:]))
+    return ksample(comfy, model, conds(1), conds(2), latent_batch, steps=steps, seed=seed)
+
+
+@pytest.fixture
+def attention_calls(comfy: Comfy, monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, int]]:
+    """(queries, keys) of every attention the override lets run, read from the tensors themselves."""
+    dit_attention = sys.modules[comfy.pack.__name__ + ".dit_attention"]
+    calls: list[tuple[int, int]] = []
+    original = dit_attention._Override.__call__
+
+    def recording(self: Any, func: Any, q: Any, k: Any, v: Any, *args: Any, **kwargs: Any) -> Any:
+        def counted(q: Any, k: Any, v: Any, *args: Any, **kwargs: Any) -> Any:
+            axis = 2 if kwargs.get("skip_reshape", args[3] if len(args) > 3 else False) else 1
+            calls.append((int(q.shape[axis]), int(k.shape[axis])))
+            return func(q, k, v, *args, **kwargs)
+
+        return original(self, counted, q, k, v, *args, **kwargs)
+
+    monkeypatch.setattr(dit_attention._Override, "__call__", recording)
+    return calls
+
+
+@pytest.mark.parametrize("family", sorted(DIT_FAMILIES))
+def test_dit_tokens_merged_at_the_attention_call(
+    comfy: Comfy, dits: dict[str, Any], family: str, attention_calls: list[tuple[int, int]]
+) -> None:
+    """q+kv merging on ComfyUI's Flux, SD3 and Wan: half the image queries and keys/values merged in every
+    self/joint attention, text tokens kept, output copied back to every position."""
+    model = dits[family]
+    image_tokens = DIT_FAMILIES[family][4]
+    reference = dit_sample(comfy, family, model)
+    unrelated = model.clone()
+    patched = simple(comfy, model, method="merge", ratio=0.5, seed=1)
+    assert torch.equal(dit_sample(comfy, family, unrelated), reference)  # node executed, not sampled yet
+    attention_calls.clear()
+    merged = dit_sample(comfy, family, patched)
+    assert not torch.equal(merged, reference) and torch.isfinite(merged).all()
+    report = sampling_patch(comfy, patched).last_report
+    text = 0 if family == "wan" else 4  # Wan's self-attention holds image tokens only
+    full = image_tokens + text
+    left = image_tokens - image_tokens // 2 + text
+    assert (report.method, report.queries_before, report.queries_after) == ("merge", full, left), str(report)
+    assert report.keys_after == left
+    reduced = [call for call in attention_calls if call == (left, left)]
+    assert len(reduced) == report.reduced_calls > 0
+    assert (full, full) not in attention_calls  # no self/joint attention ran unreduced
+    # Nothing stays behind: no hook, no override, and every other clone is bit-exact.
+    assert hook_count(model) == 0
+    assert "optimized_attention_override" not in patched.model_options.get("transformer_options", {})
+    assert torch.equal(dit_sample(comfy, family, unrelated), reference)
+    assert torch.equal(dit_sample(comfy, family, model), reference)
+    assert torch.equal(dit_sample(comfy, family, simple(comfy, model, method="merge", ratio=0.0)), reference)
+
+
+def test_dit_merge_same_seed_same_image_and_guidance_split(
+    comfy: Comfy, dits: dict[str, Any], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flux with merging: the node's seed fixes the partitions (same seed, same image; another seed,
+    another image), and running the guidance halves apart changes the image by float rounding only."""
+    model = dits["flux"]
+    first = dit_sample(comfy, "flux", simple(comfy, model, seed=7), batch=2, steps=2)
+    assert torch.equal(dit_sample(comfy, "flux", simple(comfy, model, seed=7), batch=2, steps=2), first)
+    assert not torch.equal(dit_sample(comfy, "flux", simple(comfy, model, seed=8), batch=2, steps=2), first)
+    unpatched = dit_sample(comfy, "flux", model.clone(), batch=2, steps=2)
+    monkeypatch.setattr(model.model, "memory_required", lambda *args, **kwargs: float("inf"))
+    split = dit_sample(comfy, "flux", simple(comfy, model, seed=7), batch=2, steps=2)
+    split_unpatched = dit_sample(comfy, "flux", model.clone(), batch=2, steps=2)
+    rounding = (unpatched - split_unpatched).abs().max().item()
+    assert (first - split).abs().max().item() <= max(4 * rounding, 1e-6)
+
+
+def test_dit_kv_ratio_merges_keys_apart_from_queries(
+    comfy: Comfy, dits: dict[str, Any], attention_calls: list[tuple[int, int]]
+) -> None:
+    """kv_ratio on Wan: keys/values merged at their own ratio, queries at ratio (0: all kept)."""
+    model, image_tokens = dits["wan"], DIT_FAMILIES["wan"][4]
+    reference = dit_sample(comfy, "wan", model)
+    keys_only = advanced(comfy, model, ratio=0.0, kv_ratio=0.75)
+    assert not torch.equal(dit_sample(comfy, "wan", keys_only), reference)
+    assert attention_calls[-2:][0] == (image_tokens, image_tokens // 4)  # self-attention, then cross
+    attention_calls.clear()
+    both = advanced(comfy, model, ratio=0.25, kv_ratio=0.5)
+    dit_sample(comfy, "wan", both)
+    report = sampling_patch(comfy, both).last_report
+    expected = (image_tokens - image_tokens // 4, image_tokens // 2)
+    assert (report.queries_after, report.keys_after) == expected
+    assert expected in attention_calls
+    with pytest.raises(tomediff.ConfigError, match=r"kv_ratio=0\.5 applies to ComfyUI's Flux, SD3 and Wan"):
+        advanced(comfy, build_model(comfy, "SD15", sd15_unet_config(), seed=0), kv_ratio=0.5)
+
+
+def test_dit_merge_refuses_settings_it_cannot_honour(comfy: Comfy, dits: dict[str, Any]) -> None:
+    with pytest.raises(tomediff.ConfigError, match=r"^reuse_level does not apply to ComfyUI's sd3 model"):
+        advanced(comfy, dits["sd3"], reuse_level=True)
+    with pytest.raises(tomediff.ConfigError, match=r"^reuse_cfg, reuse_steps do not apply to ComfyUI's flux"):
+        advanced(comfy, dits["flux"], reuse_cfg=True, reuse_steps=2)
+
+
+def test_dit_merge_is_the_same_in_both_of_comfys_attention_layouts(comfy: Comfy) -> None:
+    """ComfyUI's DiTs call attention with [B, L, H*D] (SD3, Wan) or [B, H, L, D] tensors (Flux,
+    skip_reshape): the override merges both alike and answers in the layout asked for."""
+    import types
+
+    import comfy.ldm.modules.attention as attention
+
+    dit_attention = sys.modules[comfy.pack.__name__ + ".dit_attention"]
+    config = tomediff.ToMeConfig(ratio=0.5, kv_ratio=0.25)
+    owner = dit_attention.DitAttention(config, "flux", types.SimpleNamespace(patch_size=2))
+    override = dit_attention._Override(owner, (1, 8, 8), 4)
+    generator = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, 3, 4 + 64, 8, generator=generator) for _ in range(3))
+    function = attention.optimized_attention.__wrapped__  # the attention function itself, unwrapped
+    owner.generator.manual_seed(1)
+    by_heads = override(function, q, k, v, 3, skip_reshape=True, skip_output_reshape=True)
+    owner.generator.manual_seed(1)
+
+    def flat(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).reshape(2, 4 + 64, 24)
+
+    flat_out = override(function, flat(q), flat(k), flat(v), heads=3)
+    assert by_heads.shape == q.shape and torch.equal(flat(by_heads), flat_out)
+    report = owner.report
+    assert (report.queries_after, report.keys_after) == (4 + 32, 4 + 48)
+    assert not torch.equal(by_heads, function(q, k, v, 3, skip_reshape=True, skip_output_reshape=True))

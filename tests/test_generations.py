@@ -220,6 +220,39 @@ def test_reuse_cfg_on_a_model_patched_alone_refuses_to_guess() -> None:
 
 
 @torch.no_grad()
+def test_a_caller_set_on_the_handle_says_per_call_whether_a_batch_is_a_pair() -> None:
+    """A host that is no diffusers pipeline (ComfyUI's sampler) tells per call through set_caller: a
+    pair shares the conditional half's plan (as cfg_layout='uncond_cond'), a non-pair plans per sample
+    (as reuse_cfg=False)."""
+
+    class Host:
+        name = "Host"
+        pair = True
+
+        def generation(self) -> object | None:
+            return None
+
+        def guidance(self, sample: object) -> bool | None:
+            return self.pair
+
+    sample, t, context = unet_inputs(batch=2)
+    model = tiny_sd_unet()
+    tomediff.apply_tome(model, reuse_cfg=True, cfg_layout="uncond_cond", use_rand=False)
+    paired = model(sample, t, context).sample
+    tomediff.apply_tome(model, reuse_cfg=False, use_rand=False)
+    apart = model(sample, t, context).sample
+    assert not torch.equal(paired, apart)
+    handle, host = tomediff.apply_tome(model, reuse_cfg=True, use_rand=False), Host()
+    handle.set_caller(host)
+    assert torch.equal(model(sample, t, context).sample, paired)
+    host.pair = False
+    assert torch.equal(model(sample, t, context).sample, apart)
+    handle.set_caller(None)
+    with pytest.raises(tomediff.MergeCallError, match="batch of 2 is such a pair"):
+        model(sample, t, context)
+
+
+@torch.no_grad()
 def test_a_pipeline_that_does_not_say_whether_it_guides_gets_an_error() -> None:
     class Sampler:  # holds the model like a pipeline, says nothing about guidance
         def __init__(self, unet: nn.Module) -> None:

@@ -6,7 +6,15 @@ import pytest
 import torch
 
 from conftest import assert_close
-from tomediff.ops import KeepPlan, best_dst_for_src, draw_dst_offsets, grid_partition, plan_merge
+from tomediff.ops import (
+    KeepPlan,
+    attention_merge_plan,
+    best_dst_for_src,
+    draw_dst_offsets,
+    grid_partition,
+    plan_merge,
+    reduced_attention,
+)
 
 tomesd_merge = pytest.importorskip("tomesd.merge")
 
@@ -150,3 +158,33 @@ def test_keep_plan_copies_kept_tokens_back() -> None:
     assert torch.equal(merged, x[:, :6])
     restored = plan.unmerge(merged)
     assert torch.equal(restored[:, :6], x[:, :6]) and torch.equal(restored[:, 6:], x[:, :4])
+
+
+def test_attention_merge_plan_merges_queries_and_keys_at_their_ratios() -> None:
+    generator = torch.Generator().manual_seed(0)
+    metric = torch.randn(2, 64, 8, generator=generator)
+    plan = attention_merge_plan(metric, 8, 8, 0.25, 0.5, generator=torch.Generator().manual_seed(3))
+    assert plan is not None and (plan.num_queries, plan.num_merged) == (48, 32)
+    # The same partition as drawn by hand from the same seed, matched on the metric.
+    offsets = draw_dst_offsets(8, 8, 2, 2, torch.Generator().manual_seed(3))
+    by_hand = plan_merge(metric, grid_partition(8, 8, 2, 2, offsets), 32)
+    assert by_hand is not None and torch.equal(plan.keys.local_slot, by_hand.local_slot)
+    same = attention_merge_plan(metric, 8, 8, 0.5)
+    assert same is not None and same.queries is same.keys
+    assert attention_merge_plan(metric, 8, 8, 0.0, 0.0) is None
+    keys_only = attention_merge_plan(metric, 8, 8, 0.0, 0.5)
+    assert keys_only is not None and keys_only.queries is None and keys_only.num_queries == 64
+    # Text tokens before the image keep their outputs' length; attention sees 4 + 48 queries.
+    q, k, v = (torch.randn(2, 2, 4 + 64, 4, generator=generator) for _ in range(3))
+    seen: list[tuple[int, int]] = []
+
+    def attention(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: object = None
+    ) -> torch.Tensor:
+        seen.append((query.shape[2], key.shape[2]))
+        return torch.nn.functional.scaled_dot_product_attention(query, key, value)
+
+    out = reduced_attention(attention, plan, 4, q, k, v)
+    assert out.shape == q.shape and seen == [(4 + 48, 4 + 32)]
+    with pytest.raises(ValueError, match="not the 4x8 grid's 32"):
+        attention_merge_plan(metric, 4, 8, 0.5)

@@ -1,36 +1,66 @@
-"""Key/value downsampling (ToDo) for ComfyUI's own diffusion transformers (Flux, SD3, Wan) through
-ComfyUI's attention override, one mechanism for every family.
+"""Token reduction for ComfyUI's own diffusion transformers (Flux, SD3, Wan) through ComfyUI's
+attention override, one mechanism for every family.
 
 ComfyUI's DiT blocks compute q/k/v with fused projections, apply rotary positions inside a function
 and call ``optimized_attention``; that call honours ``transformer_options["optimized_attention_override"]``.
-The override sees post-rotary keys and values, so reducing them needs no knowledge of the rotary
-layout: queries (and so the output) keep every token, and the image keys/values come from the latent's
-token grid downsampled by ``downsample_factor`` (per frame for video). Text keys/values are kept.
+The override sees post-rotary queries, keys and values, so reducing them needs no knowledge of the
+rotary layout (every token already carries its position):
 
-Which rows are image tokens: the blocks' sequences are ``[text, image]`` (Flux, SD3 joint attention)
-or image alone (Wan and SD3.5 self-attention), with the image grid known from the latent and the
-model's patch size. An attention call whose key count matches neither (cross-attention, extra
-reference-image tokens, a mask) is left alone and counted as such in :class:`AttentionReport`.
+* ``method="downsample"`` (ToDo): queries (and so the output) keep every token; the image keys/values
+  come from the latent's token grid downsampled by ``downsample_factor`` (per frame for video).
+* ``method="merge"`` (ToMe, q+kv): the image tokens are matched on their keys (all heads) within the
+  call; the image queries are merged at ``ratio`` and the keys/values at ``kv_ratio`` (default: with
+  the queries), attention runs on fewer tokens, and each merged query's output is copied back to every
+  position it stands for (:func:`tomediff.ops.attention_merge_plan`, :func:`tomediff.ops.reduced_attention`).
+
+Text tokens are never touched. Which rows are image tokens: the blocks' sequences are ``[text, image]``
+(Flux, SD3 joint attention) or image alone (Wan and SD3.5 self-attention), with the image grid known
+from the latent and the model's patch size. An attention call whose key count matches neither
+(cross-attention, extra reference-image tokens) or that has a mask is left alone and counted as such
+in :class:`AttentionReport`.
 """
 
 from __future__ import annotations
 
 import math
+import struct
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 
 import tomediff
-from tomediff.ops import downsample_grid
+from tomediff.ops import attention_merge_plan, downsample_grid, reduced_attention
 
-__all__ = ["ATTENTION_FAMILIES", "AttentionReport", "KeyValueDownsample", "dit_family", "dit_options_error"]
+__all__ = [
+    "ATTENTION_FAMILIES",
+    "AttentionReport",
+    "DitAttention",
+    "call_seed",
+    "dit_family",
+    "dit_options_error",
+]
 
 # ComfyUI model classes (by name, any base class) whose attention calls this module reduces.
 ATTENTION_FAMILIES = {"Flux": "flux", "MMDiT": "sd3", "WanModel": "wan"}
 
-# What the attention override can honour; other settings must keep their defaults.
-_HONOURED = {"method", "downsample_factor", "downsample_mode", "seed", "generator", "use_rand"}
+# What the attention override can honour, per method; other settings must keep their defaults.
+_HONOURED = {
+    "downsample": {"method", "downsample_factor", "downsample_mode", "seed", "generator", "use_rand"},
+    "merge": {"method", "ratio", "kv_ratio", "sx", "sy", "use_rand", "seed", "generator"},
+}
+
+# optimized_attention's parameters after (q, k, v), in order.
+_ATTENTION_PARAMETERS = ("heads", "mask", "attn_precision", "skip_reshape", "skip_output_reshape")
+
+_SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads node seeds apart before adding the sigma
+
+
+def call_seed(seed: int, sigma: float) -> int:
+    """The partition seed of a model call at noise level ``sigma``: the same for the conditional and
+    unconditional calls of a step, whether ComfyUI batches them together or runs them apart."""
+    (sigma_bits,) = struct.unpack("<Q", struct.pack("<d", sigma))
+    return (seed * _SEED_MIX + sigma_bits) % 2**64
 
 
 def dit_family(diffusion_model: Any) -> str | None:
@@ -43,43 +73,57 @@ def dit_family(diffusion_model: Any) -> str | None:
 
 def dit_options_error(config: tomediff.ToMeConfig, family: str) -> str | None:
     """Why ``config`` cannot run on a ComfyUI DiT (None when it can)."""
-    if config.method != "downsample":
-        return (
-            f"ComfyUI's {family} model is reduced by key/value downsampling only: set method to "
-            "'downsample' (token merging on ComfyUI's DiTs is not available yet)."
-        )
-    default = tomediff.ToMeConfig(method="downsample")
+    default = tomediff.ToMeConfig(method=config.method)
+    honoured = _HONOURED[config.method]
     changed = sorted(
         name
         for name in tomediff.ToMeConfig.__dataclass_fields__
-        if name not in _HONOURED and getattr(config, name) != getattr(default, name)
+        if name not in honoured and getattr(config, name) != getattr(default, name)
     )
-    if changed:
-        return (
-            f"{', '.join(changed)} do not apply to ComfyUI's {family} model (its attention keys/values are "
-            "downsampled in every block); leave them at their defaults."
-        )
-    return None
+    if not changed:
+        return None
+    how = (
+        "its image keys/values are downsampled at every self/joint attention call"
+        if config.method == "downsample"
+        else "its image queries and keys/values are merged at every self/joint attention call, "
+        "set by ratio, kv_ratio, sx, sy, use_rand and seed"
+    )
+    names, verb, them = (
+        ", ".join(changed),
+        "do" if len(changed) > 1 else "does",
+        "them" if len(changed) > 1 else "it",
+    )
+    return f"{names} {verb} not apply to ComfyUI's {family} model ({how}); leave {them} at the default."
 
 
 @dataclass
 class AttentionReport:
-    """What the override did in the latest model call."""
+    """What the override did in the latest model call.
+
+    Attributes:
+        queries_before, queries_after: the sequence length of the latest reduced call, and how many
+            queries attention computed there (downsampling keeps them all).
+        keys_before, keys_after: the same for its keys/values.
+    """
 
     family: str
+    method: str = "downsample"
     grid: tuple[int, int, int] | None = None
     reduced_calls: int = 0
     untouched_calls: int = 0
+    queries_before: int = 0
+    queries_after: int = 0
     keys_before: int = 0
     keys_after: int = 0
     untouched_shapes: set[tuple[int, int]] = field(default_factory=set)
 
     def __str__(self) -> str:
+        what = "key/value downsampling" if self.method == "downsample" else "token merging (q+kv)"
         return (
-            f"tomediff key/value downsampling on ComfyUI {self.family}: grid (frames, h, w) {self.grid}, "
-            f"{self.reduced_calls} attention calls reduced (keys {self.keys_before} -> {self.keys_after} "
-            f"per call), {self.untouched_calls} left alone "
-            f"(query/key lengths {sorted(self.untouched_shapes)})"
+            f"tomediff {what} on ComfyUI {self.family}: grid (frames, h, w) {self.grid}, "
+            f"{self.reduced_calls} attention calls reduced (queries {self.queries_before} -> "
+            f"{self.queries_after}, keys {self.keys_before} -> {self.keys_after} per call), "
+            f"{self.untouched_calls} left alone (query/key lengths {sorted(self.untouched_shapes)})"
         )
 
 
@@ -94,14 +138,27 @@ def _token_grid(diffusion_model: Any, latent: torch.Tensor) -> tuple[int, int, i
     return frames, height, width
 
 
-class KeyValueDownsample:
-    """``APPLY_MODEL`` wrapper that installs the attention override for the model call it wraps."""
+class DitAttention:
+    """``APPLY_MODEL`` wrapper that installs the attention override for the model call it wraps.
+
+    With ``method="merge"`` and ``use_rand`` the partitions come from a generator reseeded at every
+    model call from the seed and the call's sigma (:func:`call_seed`), then drawn per reduced attention
+    call in call order: both guidance halves of a step get the same partitions whether ComfyUI runs them
+    in one call or two, and a re-run gives the same image."""
 
     def __init__(self, config: tomediff.ToMeConfig, family: str, diffusion_model: Any) -> None:
-        self.factor = config.downsample_factor
-        self.mode = config.downsample_mode
+        self.config = config
         self.diffusion_model = diffusion_model
-        self.report = AttentionReport(family)
+        self.generator = torch.Generator()
+        self.report = AttentionReport(family, config.method)
+
+    @property
+    def reduces(self) -> bool:
+        """Whether the settings reduce anything (ratio 0 / factor 1 leave every call alone)."""
+        config = self.config
+        if config.method == "downsample":
+            return config.downsample_factor > 1
+        return config.ratio > 0 or bool(config.kv_ratio)
 
     def __call__(self, executor: Any, x: Any, t: Any, *args: Any, **kwargs: Any) -> Any:
         # Positional after (x, t): c_concat, c_crossattn, control, transformer_options.
@@ -109,46 +166,54 @@ class KeyValueDownsample:
         context = args[1] if len(args) > 1 else kwargs.get("c_crossattn")
         grid = _token_grid(self.diffusion_model, x)
         text = int(context.shape[1]) if isinstance(context, torch.Tensor) else 0
-        self.report = AttentionReport(self.report.family, grid)
-        previous = transformer_options.get("optimized_attention_override")
-        if previous is not None:
+        self.report = AttentionReport(self.report.family, self.config.method, grid)
+        if transformer_options.get("optimized_attention_override") is not None:
             raise tomediff.ConflictingPatchError(
-                "another node already set ComfyUI's attention override on this model; tomediff's key/value "
-                "downsampling uses it too. Remove one of the two nodes."
+                "another node already set ComfyUI's attention override on this model; tomediff's "
+                "reduction on ComfyUI's DiTs uses it too. Remove one of the two nodes."
             )
+        self.generator.manual_seed(call_seed(self.config.seed, float(t.reshape(-1)[0])))
         transformer_options["optimized_attention_override"] = _Override(self, grid, text)
         try:
             out = executor(x, t, *args, **kwargs)
         finally:
             transformer_options.pop("optimized_attention_override", None)
-        if self.factor > 1 and self.report.reduced_calls == 0:
+        if self.reduces and self.report.reduced_calls == 0:
             raise tomediff.MergeCallError(
                 f"tomediff reduced no attention call of this {self.report.family} model: none had the "
                 f"{grid[0] * grid[1] * grid[2]} image tokens of the latent's {grid} grid (alone or after "
-                f"{text} text tokens); {self.report}. Extra image inputs (reference latents) are not "
-                "supported yet: bypass the tomediff node for this workflow."
+                f"{text} text tokens) without a mask; {self.report}. Extra image inputs (reference latents) "
+                "are not supported yet: bypass the tomediff node for this workflow."
             )
         return out
 
-    def reduce(
+    def downsample(
         self, k: torch.Tensor, v: torch.Tensor, axis: int, prefix: int, grid: tuple[int, int, int]
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        return self._reduce(k, axis, prefix, grid), self._reduce(v, axis, prefix, grid)
+        return self._downsample(k, axis, prefix, grid), self._downsample(v, axis, prefix, grid)
 
-    def _reduce(self, x: torch.Tensor, axis: int, prefix: int, grid: tuple[int, int, int]) -> torch.Tensor:
+    def _downsample(
+        self, x: torch.Tensor, axis: int, prefix: int, grid: tuple[int, int, int]
+    ) -> torch.Tensor:
         frames, height, width = grid
         image = x.narrow(axis, prefix, x.shape[axis] - prefix).movedim(axis, -2)
         lead, channels = image.shape[:-2], image.shape[-1]
         per_frame = image.reshape(-1, frames, height * width, channels).reshape(-1, height * width, channels)
-        reduced = downsample_grid(per_frame, height, width, self.factor, self.mode)  # type: ignore[arg-type]
+        factor, mode = self.config.downsample_factor, self.config.downsample_mode
+        reduced = downsample_grid(per_frame, height, width, factor, mode)  # type: ignore[arg-type]
         reduced = reduced.reshape(*lead, frames * reduced.shape[1], channels).movedim(-2, axis)
         return torch.cat((x.narrow(axis, 0, prefix), reduced), dim=axis) if prefix else reduced
+
+
+def _as_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
+    """``[B, L, H*D]`` or ``[B, L, H, D]`` (SD3 passes its values so) ``-> [B, H, L, D]``."""
+    return x.reshape(x.shape[0], x.shape[1], heads, -1).transpose(1, 2)
 
 
 class _Override:
     """The attention function override for one model call."""
 
-    def __init__(self, owner: KeyValueDownsample, grid: tuple[int, int, int], text: int) -> None:
+    def __init__(self, owner: DitAttention, grid: tuple[int, int, int], text: int) -> None:
         self.owner = owner
         self.grid = grid
         self.text = text
@@ -156,17 +221,79 @@ class _Override:
     def __call__(
         self, func: Any, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *args: Any, **kwargs: Any
     ) -> Any:
-        axis = 2 if kwargs.get("skip_reshape", False) else 1
-        report = self.owner.report
+        options = {**dict(zip(_ATTENTION_PARAMETERS, args, strict=False)), **kwargs}
+        axis = 2 if options.get("skip_reshape", False) else 1
         image = self.grid[0] * self.grid[1] * self.grid[2]
-        length = k.shape[axis]
+        length = int(k.shape[axis])
         prefix = {image: 0, image + self.text: self.text}.get(length)
-        mask = kwargs.get("mask", args[1] if len(args) > 1 else None)
-        if prefix is None or q.shape[axis] != length or mask is not None or self.owner.factor == 1:
+        plan = None
+        if prefix is not None and q.shape[axis] == length and options.get("mask") is None:
+            plan = self._plan(k, axis, prefix, image)
+        if plan is None:
+            report = self.owner.report
             report.untouched_calls += 1
-            report.untouched_shapes.add((int(q.shape[axis]), int(length)))
+            report.untouched_shapes.add((int(q.shape[axis]), length))
             return func(q, k, v, *args, **kwargs)
-        k, v = self.owner.reduce(k, v, axis, prefix, self.grid)
+        report = self.owner.report
         report.reduced_calls += 1
-        report.keys_before, report.keys_after = int(length), int(k.shape[axis])
-        return func(q, k, v, *args, **kwargs)
+        report.queries_before = report.keys_before = length
+        if isinstance(plan, str):  # "downsample"
+            k, v = self.owner.downsample(k, v, axis, prefix, self.grid)
+            report.queries_after, report.keys_after = length, int(k.shape[axis])
+            return func(q, k, v, *args, **kwargs)
+        report.queries_after = length - image + plan.num_queries
+        report.keys_after = length - image + plan.num_merged
+        return self._merge(func, q, k, v, options, plan, prefix)
+
+    def _plan(self, k: torch.Tensor, axis: int, prefix: int, image: int) -> Any:
+        """How this self/joint attention call is reduced: ``"downsample"``, an
+        :class:`~tomediff.ops.AttentionPlan`, or None (nothing to reduce)."""
+        config = self.owner.config
+        if not self.owner.reduces:
+            return None
+        if config.method == "downsample":
+            return "downsample"
+        image_keys = k.narrow(axis, prefix, image)
+        # The tokens are matched on their post-rotary keys, all heads: [B, N, H*D].
+        metric = (image_keys if axis == 1 else image_keys.transpose(1, 2)).flatten(2)
+        frames, height, width = self.grid
+        return attention_merge_plan(
+            metric,
+            frames * height,  # frames stacked in height: windows stay within a frame when sy divides it
+            width,
+            config.ratio,
+            config.kv_ratio,
+            sx=config.sx,
+            sy=config.sy,
+            generator=self.owner.generator if config.use_rand else None,
+        )
+
+    @staticmethod
+    def _merge(
+        func: Any,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        v: torch.Tensor,
+        options: dict[str, Any],
+        plan: Any,
+        prefix: int,
+    ) -> torch.Tensor:
+        """Attention with the image rows merged by ``plan``, returned in the layout the caller asked for."""
+        heads = int(options["heads"])
+        if not options.get("skip_reshape", False):
+            q, k, v = (_as_heads(x, heads) for x in (q, k, v))
+        call_options = {**options, "skip_reshape": True, "skip_output_reshape": True}
+
+        def attention(
+            query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None
+        ) -> torch.Tensor:
+            out = func(query, key, value, **{**call_options, "mask": attn_mask})
+            # attention_pytorch's batch-chunked branch (batches over SDP_BATCH_LIMIT) ignores
+            # skip_output_reshape and returns [B, L, H*D].
+            return _as_heads(out, heads) if out.dim() == 3 else out
+
+        out = reduced_attention(attention, plan, prefix, q, k, v)  # [B, H, L, D]
+        if options.get("skip_output_reshape", False):
+            return out
+        batch, _, length, dim = out.shape
+        return out.transpose(1, 2).reshape(batch, length, heads * dim)

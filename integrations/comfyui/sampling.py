@@ -10,7 +10,6 @@ of the same model, sampled before, after or in between, runs the unpatched modul
 from __future__ import annotations
 
 import logging
-import struct
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -19,15 +18,14 @@ import torch
 
 import tomediff
 
-from .dit_attention import AttentionReport, KeyValueDownsample, dit_family, dit_options_error
+from .dit_attention import AttentionReport, DitAttention, call_seed, dit_family, dit_options_error
 
-__all__ = ["PATCH_KEY", "SamplingPatch", "attach", "comfy_tome_patch_in", "refuse_comfy_tome"]
+__all__ = ["PATCH_KEY", "SamplingPatch", "attach", "call_seed", "comfy_tome_patch_in", "refuse_comfy_tome"]
 
 # One tomediff patch per clone: registering again under this key replaces the previous one.
 PATCH_KEY = "tomediff"
 
 _LOG = logging.getLogger("comfyui.tomediff")
-_SEED_MIX = 0x9E3779B97F4A7C15  # odd 64-bit constant: spreads node seeds apart before adding the sigma
 
 
 def _names(patch: Callable[..., Any]) -> tuple[str, str]:
@@ -60,46 +58,39 @@ def refuse_comfy_tome(model_options: dict[str, Any]) -> None:
         )
 
 
-def call_seed(seed: int, sigma: float) -> int:
-    """The partition seed of a model call at noise level ``sigma``: the same for the conditional and
-    unconditional calls of a step, whether ComfyUI batches them together or runs them apart."""
-    (sigma_bits,) = struct.unpack("<Q", struct.pack("<d", sigma))
-    return (seed * _SEED_MIX + sigma_bits) % 2**64
+class _SamplerCalls:
+    """``APPLY_MODEL`` wrapper for one sampling run, and tomediff's caller of the patched model
+    (:meth:`tomediff.ToMeHandle.set_caller`).
 
+    * It reseeds the partition generator per model call from the node's seed and the call's sigma, so
+      random partitions do not depend on how ComfyUI splits guidance into calls (it batches
+      ``[uncond, cond]`` when memory allows, else one call each). The generator is the patch's own
+      (``ToMeConfig.generator``), reseeded directly: restarting it through the handle would also start a
+      new generation and drop the plans ``reuse_steps`` keeps.
+    * It tells tomediff whether a call is a guidance pair, for ``reuse_cfg``: only a call whose
+      ``transformer_options["cond_or_uncond"]`` is ``[1, 0]`` stacks ``[uncond, cond]``; when ComfyUI runs
+      the halves apart an even batch holds several images of one half, which plan per sample.
+    """
 
-class _CallReseed:
-    """``APPLY_MODEL`` wrapper (for one sampling run): reseeds the partition generator per model call
-    from the node's seed and the call's sigma, so random partitions do not depend on how ComfyUI
-    splits guidance into calls (it batches ``[uncond, cond]`` when memory allows, else one call each).
-
-    The generator is the patch's own (``ToMeConfig.generator``), reseeded directly: restarting it
-    through the handle would also start a new generation and drop the plans ``reuse_steps`` keeps."""
+    name = "ComfyUI's sampler"
 
     def __init__(self, handle: tomediff.ToMeHandle, generator: torch.Generator, seed: int) -> None:
-        self.handle = handle
         self.generator = generator
         self.seed = seed
+        self.cond_or_uncond: list[int] = []
+        handle.set_caller(self)
+
+    def generation(self) -> object | None:
+        return None  # each sampling run applies a new patch, whose plans start empty
+
+    def guidance(self, sample: object) -> bool | None:
+        return self.cond_or_uncond == [1, 0]
 
     def __call__(self, executor: Any, x: Any, t: Any, *args: Any, **kwargs: Any) -> Any:
-        if self.handle.config.reuse_cfg:
-            transformer_options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
-            _check_guidance_pair(x, transformer_options.get("cond_or_uncond"))
+        transformer_options = args[3] if len(args) > 3 else kwargs.get("transformer_options", {})
+        self.cond_or_uncond = list(transformer_options.get("cond_or_uncond") or ())
         self.generator.manual_seed(call_seed(self.seed, float(t.reshape(-1)[0])))
         return executor(x, t, *args, **kwargs)
-
-
-def _check_guidance_pair(x: Any, cond_or_uncond: list[int] | None) -> None:
-    """With ``reuse_cfg`` an even batch must be ComfyUI's ``[uncond, cond]`` pair: when it runs the
-    halves apart (little free memory, area conditioning), an even batch holds several images of one
-    half, which must not share a matching."""
-    if x.shape[0] % 2 or cond_or_uncond == [1, 0]:
-        return
-    raise tomediff.MergeCallError(
-        f"reuse_cfg shares one matching between the halves of a guidance pair, but ComfyUI ran this "
-        f"call with the halves {cond_or_uncond} (0 = cond, 1 = uncond) in a batch of {x.shape[0]}, not "
-        "as one [uncond, cond] pair (it splits them when memory is short or with area conditioning). "
-        "Turn reuse_cfg off for this workflow."
-    )
 
 
 class SamplingPatch:
@@ -125,15 +116,15 @@ class SamplingPatch:
         wrappers = model_options.setdefault("transformer_options", {}).setdefault("wrappers", {})
         per_call = wrappers.setdefault(patcher_extension.WrappersMP.APPLY_MODEL, {})
         family = dit_family(diffusion_model)
-        if family is not None:  # ComfyUI's own DiTs: keys/values reduced in its attention override
+        if family is not None:  # ComfyUI's own DiTs: reduced in its attention override
             _refuse_dit_options(self.config, family)
-            downsample = KeyValueDownsample(self.config, family, diffusion_model)
-            per_call[PATCH_KEY] = [downsample]
+            override = DitAttention(self.config, family, diffusion_model)
+            per_call[PATCH_KEY] = [override]
             try:
                 return executor(*args, **kwargs)
             finally:
                 per_call.pop(PATCH_KEY, None)
-                self.last_report = downsample.report
+                self.last_report = override.report
                 _LOG.info("%s", self.last_report)
         generator = torch.Generator()
         handle = tomediff.apply_tome(diffusion_model, self.config.replace(generator=generator))
@@ -145,7 +136,7 @@ class SamplingPatch:
                 "(ComfyUI then calls its projections directly, so tomediff could not act there); limit "
                 "tomediff's levels (max_downsample, level_ratios, skip_first/skip_last) or remove that node."
             )
-        per_call[PATCH_KEY] = [_CallReseed(handle, generator, self.config.seed)]
+        per_call[PATCH_KEY] = [_SamplerCalls(handle, generator, self.config.seed)]
         try:
             return executor(*args, **kwargs)
         finally:
@@ -200,6 +191,11 @@ def attach(model: Any, config: tomediff.ToMeConfig) -> Any:
     family = dit_family(model.model.diffusion_model)  # reads the class name only
     if family is not None:
         _refuse_dit_options(config, family)
+    elif config.kv_ratio is not None:
+        raise tomediff.ConfigError(
+            f"kv_ratio={config.kv_ratio} applies to ComfyUI's Flux, SD3 and Wan models (merged at their "
+            f"attention calls), not to this {type(model.model).__name__} model; set kv_ratio to -1."
+        )
     patched = model.clone()
     patched.remove_wrappers_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY)
     patched.add_wrapper_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY, SamplingPatch(config))

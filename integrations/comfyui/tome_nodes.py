@@ -17,14 +17,14 @@ SEED_RANGE = {"default": 0, "min": 0, "max": 0xFFFFFFFFFFFFFFFF}
 LEVELS = ["auto", "1", "2", "4", "8"]
 
 REUSE_CFG_UNAVAILABLE = (
-    "reuse_cfg needs a tomediff with ToMeConfig.cfg_layout (to say that ComfyUI stacks guidance as "
-    "[uncond, cond]); update tomediff, or leave reuse_cfg off (reuse_level and reuse_steps work)."
+    "reuse_cfg needs a tomediff whose ToMeHandle has set_caller (to be told which ComfyUI calls hold an "
+    "[uncond, cond] pair); update tomediff, or leave reuse_cfg off (reuse_level and reuse_steps work)."
 )
 
 
-def supports_cfg_layout() -> bool:
-    """Whether the installed tomediff can be told the guidance layout (``ToMeConfig.cfg_layout``)."""
-    return "cfg_layout" in tomediff.ToMeConfig.__dataclass_fields__
+def supports_guidance_caller() -> bool:
+    """Whether the installed tomediff can be told per model call if the batch is a guidance pair."""
+    return hasattr(tomediff.ToMeHandle, "set_caller")
 
 
 def parse_level_ratios(text: str) -> dict[int, float] | None:
@@ -50,11 +50,10 @@ def parse_level_ratios(text: str) -> dict[int, float] | None:
 def build_config(**options: Any) -> tomediff.ToMeConfig:
     """The ToMeConfig of a node's widget values (raises tomediff's errors with a one-line message)."""
     if options.get("reuse_cfg"):
-        if not supports_cfg_layout():
+        # cfg_layout stays "auto": the sampling patch tells tomediff per model call whether the batch is
+        # ComfyUI's [uncond, cond] pair (both halves in one call) or not (halves run apart).
+        if not supports_guidance_caller():
             raise tomediff.ConfigError(REUSE_CFG_UNAVAILABLE)
-        # ComfyUI runs both halves in one call as [uncond, cond] (cond_or_uncond == [1, 0]); calls
-        # holding anything else are refused per call by the sampling patch.
-        options["cfg_layout"] = "uncond_cond"
     else:
         options.pop("reuse_cfg", None)
     if "max_downsample" in options:
@@ -62,6 +61,8 @@ def build_config(**options: Any) -> tomediff.ToMeConfig:
         if level not in LEVELS:
             raise tomediff.ConfigError(f"max_downsample must be one of {', '.join(LEVELS)}, got {level!r}.")
         options["max_downsample"] = None if level == "auto" else int(level)
+    if "kv_ratio" in options and options["kv_ratio"] < 0:
+        options["kv_ratio"] = None  # the widget's "same as ratio"
     if "level_ratios" in options:
         options["level_ratios"] = parse_level_ratios(options["level_ratios"])
     if "skip_first" in options or "skip_last" in options:
@@ -147,6 +148,7 @@ class ToMeAdvanced:
     OPTIONS: ClassVar[tuple[str, ...]] = (
         "method",
         "ratio",
+        "kv_ratio",
         "max_downsample",
         "level_ratios",
         "sx",
@@ -185,6 +187,17 @@ class ToMeAdvanced:
                 "model": ("MODEL",),
                 "method": (["merge", "downsample"], {"default": "merge"}),
                 "ratio": fraction(0.5, "merge: fraction of each patched block's tokens merged"),
+                "kv_ratio": (
+                    "FLOAT",
+                    {
+                        "default": -1.0,
+                        "min": -1.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "merge on Flux, SD3 and Wan: fraction of the image keys/values merged, "
+                        "apart from the queries (merged at ratio; 0 keeps them all); -1 = with the queries",
+                    },
+                ),
                 "max_downsample": (
                     LEVELS,
                     {

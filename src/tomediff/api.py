@@ -18,6 +18,7 @@ from tomediff.core import BlockSpec, BlockStats, PlanEvent, ToMeState, install, 
 from tomediff.core.hooks import has_hooks, save_hooks
 from tomediff.core.methods import Reducer, build_method
 from tomediff.core.selection import Selection
+from tomediff.core.spec import Caller
 from tomediff.errors import ConflictingPatchError, NothingToPatchError, UnknownOptionError
 
 __all__ = [
@@ -221,6 +222,16 @@ class ToMeHandle:
         followed by one that starts below its last timestep (img2img): call this before each generation.
         """
         self.state.new_generation()
+
+    def set_caller(self, caller: Caller | None) -> None:
+        """Say what calls the patched model when it is not a diffusers pipeline (which tomediff asks
+        itself), e.g. a host's sampler; None forgets it. A :class:`tomediff.core.spec.Caller`: at the
+        start of each model call, in the calling thread, tomediff asks ``caller.guidance(sample)``
+        whether the batch stacks the two guidance halves as ``[unconditional, conditional]`` (True),
+        holds no such pair (False) or cannot tell (None), for ``reuse_cfg`` with ``cfg_layout="auto"``;
+        and, with ``reuse_steps > 1``, ``caller.generation()``, an object that stays the same (``is``)
+        within one generation. ``caller.name`` names it in messages."""
+        self.state.caller = caller
 
     def report(self) -> ToMeReport:
         blocks = tuple(

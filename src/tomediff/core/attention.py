@@ -30,7 +30,7 @@ from tomediff.core.reducers import PlanRequest, Reducer
 from tomediff.core.selection import LevelSetting
 from tomediff.core.spec import Site
 from tomediff.errors import MergeCallError
-from tomediff.ops import AttentionPlan, reduced_attention
+from tomediff.ops import AttentionPlan, paired_plan, reduced_attention
 
 if TYPE_CHECKING:
     from tomediff.core.state import CallState, ToMeState
@@ -191,17 +191,14 @@ class AttentionReducer(Reducer):
         self.inner.begin_call(state, call, sample)
 
     def plan(self, state: ToMeState, request: PlanRequest) -> AttentionPlan | None:
-        queries = self.inner.plan(state, request) if request.setting.ratio > 0 else None
-        if self.kv_ratio == request.setting.ratio:
-            keys = queries
-        elif self.kv_ratio > 0:
-            setting = LevelSetting(self.kv_ratio, request.setting.factor)
-            keys = self.inner.plan(state, dataclasses.replace(request, setting=setting))
-        else:
-            keys = None
-        if queries is None and keys is None:
-            return None
-        return AttentionPlan(queries, keys)
+        def plan_at(ratio: float) -> Any:
+            if ratio != request.setting.ratio:
+                request_at = dataclasses.replace(request, setting=LevelSetting(ratio, request.setting.factor))
+                return self.inner.plan(state, request_at)
+            return self.inner.plan(state, request)
+
+        # kv_ratio 0 keeps every key/value (None would mean "as the queries", not the case here).
+        return paired_plan(plan_at, request.setting.ratio, self.kv_ratio)
 
     def nothing_reason(self, request: PlanRequest) -> str | None:
         if request.setting.ratio == 0 and self.kv_ratio == 0:

@@ -1,5 +1,6 @@
 """Pure tensor functions of token merging: partition, matching, merge/unmerge. No model imports."""
 
+from tomediff.ops.attention import AttentionPlan, attention_merge_plan, paired_plan, reduced_attention
 from tomediff.ops.attention import AttentionPlan, reduced_attention
 from tomediff.ops.caching import (
     changed_tokens,
@@ -48,6 +49,7 @@ __all__ = [
     "PlanConstants",
     "SharedMergePlan",
     "TokenPlan",
+    "attention_merge_plan",
     "best_dst_for_src",
     "changed_tokens",
     "downsample_grid",
@@ -60,6 +62,7 @@ __all__ = [
     "grid_partition",
     "merge_trailing",
     "num_windows",
+    "paired_plan",
     "plan_constants",
     "plan_merge",
     "reduce_rotary",

@@ -20,7 +20,10 @@ from typing import Any
 
 import torch
 
-__all__ = ["AttentionPlan", "reduced_attention"]
+from tomediff.ops.matching import plan_merge
+from tomediff.ops.partition import draw_dst_offsets, grid_partition
+
+__all__ = ["AttentionPlan", "attention_merge_plan", "paired_plan", "reduced_attention"]
 
 
 @dataclass(frozen=True, eq=False)
@@ -154,3 +157,55 @@ def reduced_attention(
     image = out.narrow(2, start, queries.num_merged)
     restored = _tokens_to_heads(queries.unmerge(_heads_to_tokens(image)), out.shape[1])
     return _splice(out, start, queries.num_merged, restored, 2)
+
+
+def paired_plan(
+    plan_at: Callable[[float], Any], ratio: float, kv_ratio: float | None
+) -> AttentionPlan | None:
+    """The :class:`AttentionPlan` of a q+kv reduction: the queries' plan at ``ratio`` (0 keeps every
+    query) and the keys/values' at ``kv_ratio`` (None: the queries' plan; 0 keeps them all), with
+    ``plan_at(r)`` the plan removing the fraction ``r`` of the image tokens (or None). One plan serves
+    both when the ratios are equal. None when neither side is reduced."""
+    queries = plan_at(ratio) if ratio > 0 else None
+    if kv_ratio is None or kv_ratio == ratio:
+        keys = queries
+    elif kv_ratio > 0:
+        keys = plan_at(kv_ratio)
+    else:
+        keys = None
+    if queries is None and keys is None:
+        return None
+    return AttentionPlan(queries, keys)
+
+
+def attention_merge_plan(
+    metric: torch.Tensor,
+    height: int,
+    width: int,
+    ratio: float,
+    kv_ratio: float | None = None,
+    *,
+    sx: int = 2,
+    sy: int = 2,
+    generator: torch.Generator | None = None,
+) -> AttentionPlan | None:
+    """ToMe's q+kv merge plan for one attention call, from features of its image tokens alone.
+
+    Args:
+        metric: ``[B, N, C]`` features the tokens are matched on (e.g. the image keys, heads
+            concatenated), ``N = height * width`` in row-major order (video: frames stacked in ``height``).
+        ratio, kv_ratio: fractions of the ``N`` image queries and keys/values merged away (see
+            :func:`paired_plan`); each at most ``1 - 1/(sx*sy)``.
+        sx, sy: the window holding one destination token.
+        generator: a CPU generator the dst token of each window is drawn from; None: the top-left one.
+
+    Returns:
+        The plan for :func:`reduced_attention` (the same partition for queries and keys/values, one
+        matching per sample), or None when nothing is merged (ratios 0, or a grid under one window).
+    """
+    num_tokens = metric.shape[1]
+    if num_tokens != height * width:
+        raise ValueError(f"metric has {num_tokens} tokens, not the {height}x{width} grid's {height * width}.")
+    offsets = draw_dst_offsets(height, width, sx, sy, generator).to(metric.device)
+    partition = grid_partition(height, width, sx, sy, offsets)
+    return paired_plan(lambda r: plan_merge(metric, partition, int(num_tokens * r)), ratio, kv_ratio)
