@@ -23,14 +23,20 @@ def call_site_specs(
     image_first: bool = False,
     *,
     image_last: bool = False,
+    image_leads: bool = False,
+    sequence_first: bool = False,
+    inner: str | None = None,
     **sites: str,
 ) -> list[BlockSpec]:
     """Specs of the blocks of ``blocks`` whose class is one of ``names``: a ``"call"`` site at the
     self/joint attention ``sites["attn"]`` (image tokens first, or after the text), and block-level
-    ``crossattn``/``mlp`` sites at the named submodules that exist. ``image_last``: the block input is
-    already ``[text, image]`` (single-stream blocks)."""
+    ``crossattn``/``mlp`` sites at the named submodules that exist. ``image_last``/``image_leads``: the
+    block input is already ``[text, image]`` / ``[image, others]`` (single-stream blocks);
+    ``sequence_first``: it is ``[tokens, batch, channels]``; ``inner``: each listed module wraps its
+    block in this attribute."""
     specs = []
-    for index, block in enumerate(blocks):
+    for index, listed in enumerate(blocks):
+        block = getattr(listed, inner) if inner is not None else listed
         if not class_name_in(block, names):
             continue
         attn = getattr(block, sites["attn"])
@@ -39,7 +45,19 @@ def call_site_specs(
             module = getattr(block, sites.get(kind, ""), None)
             if isinstance(module, nn.Module):
                 found.append(Site(module, kind))  # type: ignore[arg-type]
-        specs.append(BlockSpec(f"{prefix}.{index}", block, 1, grid, tuple(found), image_last=image_last))
+        name = f"{prefix}.{index}" if inner is None else f"{prefix}.{index}.{inner}"
+        specs.append(
+            BlockSpec(
+                name,
+                block,
+                1,
+                grid,
+                tuple(found),
+                image_last=image_last,
+                image_first=image_leads,
+                sequence_first=sequence_first,
+            )
+        )
     return specs
 
 
@@ -54,6 +72,9 @@ class BlockStack:
         crossattn, mlp: the block's cross-attention / feed-forward, merged at block level, if any.
         image_first: the attention sequence is ``[image, text]`` (else ``[text, image]``).
         image_last: the block input is already ``[text, image]`` (single-stream blocks).
+        image_leads: the block input is already ``[image, others]`` (text or padding after the image).
+        sequence_first: the block input is ``[tokens, batch, channels]``.
+        inner: each listed module wraps its block in this attribute (HiDream's ``HiDreamBlock.block``).
         optional: the model may lack this list (e.g. no single-stream blocks).
     """
 
@@ -64,6 +85,9 @@ class BlockStack:
     mlp: str | None = None
     image_first: bool = False
     image_last: bool = False
+    image_leads: bool = False
+    sequence_first: bool = False
+    inner: str | None = None
     optional: bool = False
 
     def specs(self, model: nn.Module, grid: GridSource) -> list[BlockSpec]:
@@ -76,6 +100,9 @@ class BlockStack:
             set(self.block_classes),
             self.image_first,
             image_last=self.image_last,
+            image_leads=self.image_leads,
+            sequence_first=self.sequence_first,
+            inner=self.inner,
             **{kind: name for kind, name in sites.items() if name is not None},
         )
 

@@ -9,9 +9,23 @@ from torch import nn
 from tomediff.adapters.base import Adapter, class_name_in, register_adapter
 from tomediff.adapters.call_sites import BlockStack, CallSiteAdapter
 from tomediff.core import BlockSpec, GridSource, Site
+from tomediff.core.spec import EqualLengthsGrid, LatentListGrid, TrailingPositionIdsGrid, VideoGrid
 from tomediff.errors import UnsupportedModelError
 
-__all__ = ["AuraFlowAdapter", "CogView4Adapter", "RefusedFamilyAdapter", "SanaAdapter"]
+__all__ = [
+    "AuraFlowAdapter",
+    "CogView3PlusAdapter",
+    "CogView4Adapter",
+    "ErnieImageAdapter",
+    "HiDreamAdapter",
+    "HunyuanDiTAdapter",
+    "HunyuanImageAdapter",
+    "Krea2Adapter",
+    "Lumina2Adapter",
+    "RefusedFamilyAdapter",
+    "SanaAdapter",
+    "ZImageAdapter",
+]
 
 
 @register_adapter
@@ -89,23 +103,210 @@ class AuraFlowAdapter(CallSiteAdapter):
         return _patch_grid(model)
 
 
+@register_adapter
+class CogView3PlusAdapter(CallSiteAdapter):
+    """CogView3-Plus (``CogView3PlusTransformer2DModel``): the joint attention ``attn1`` of every
+    ``CogView3PlusTransformerBlock`` at its call, after ``[text, image]`` are joined. Its ``ff`` runs on
+    text and image together and is not reduced."""
+
+    name = "diffusers-cogview3plus"
+    models = frozenset({"CogView3PlusTransformer2DModel"})
+    stacks = (BlockStack("transformer_blocks", frozenset({"CogView3PlusTransformerBlock"}), attn="attn1"),)
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
+@register_adapter
+class HunyuanDiTAdapter(CallSiteAdapter):
+    """HunyuanDiT (``HunyuanDiT2DModel``): the self-attention ``attn1`` of every ``HunyuanDiTBlock`` at its
+    call, after the rotary embedding (image tokens only), and the feed-forward ``ff`` at block level
+    (``merge_mlp``). The cross-attention ``attn2`` applies the image rotary table to its queries inside
+    its processor, so its queries are not merged (``merge_crossattn`` has no site here)."""
+
+    name = "diffusers-hunyuandit"
+    models = frozenset({"HunyuanDiT2DModel"})
+    stacks = (BlockStack("blocks", frozenset({"HunyuanDiTBlock"}), attn="attn1", mlp="ff"),)
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
+@register_adapter
+class HunyuanImageAdapter(CallSiteAdapter):
+    """HunyuanImage 2.1 (``HunyuanImageTransformer2DModel``): the joint attention of the double- and
+    single-stream blocks at its call, after the rotary embedding, over ``[image, text]`` (the text padding
+    mask keeps its text columns); the double-stream image ``ff`` at block level (``merge_mlp``). Grid from
+    the ``[B, C, H, W]`` (or ``[B, C, F, H, W]``) latent and the patch sizes."""
+
+    name = "diffusers-hunyuanimage"
+    models = frozenset({"HunyuanImageTransformer2DModel"})
+    stacks = (
+        BlockStack(
+            "transformer_blocks",
+            frozenset({"HunyuanImageTransformerBlock"}),
+            attn="attn",
+            mlp="ff",
+            image_first=True,
+        ),
+        BlockStack(
+            "single_transformer_blocks",
+            frozenset({"HunyuanImageSingleTransformerBlock"}),
+            attn="attn",
+            image_first=True,
+            optional=True,
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        patch = tuple(int(p) for p in model.config.patch_size)  # type: ignore[attr-defined]
+        pt, ph, pw = patch if len(patch) == 3 else (1, *patch)
+        return VideoGrid(model, video_patch=(pt, ph, pw))
+
+
+@register_adapter
+class ZImageAdapter(CallSiteAdapter):
+    """Z-Image (``ZImageTransformer2DModel``, Turbo and Base): the attention of the main ``layers``
+    (``[image, image padding, caption]`` per sample) and of the image-only ``noise_refiner`` blocks
+    (``[image, padding]``) at its call, after the rotary embedding. Every sample's image tokens come first,
+    so one layout serves a batch whose latents share a shape, whatever its captions' lengths; the padding
+    to a multiple of 32 tokens and the captions are never reduced. Its feed-forwards see the captions too
+    and are not reduced. Omni calls (several images per sample) and latents of different shapes in one
+    call are refused as an unknown grid. Its timestep is ``1 - t / 1000``: it rises during a generation."""
+
+    name = "diffusers-zimage"
+    timestep_scale = 1.0
+    timestep_rises = True
+    models = frozenset({"ZImageTransformer2DModel"})
+    stacks = (
+        BlockStack(
+            "layers",
+            frozenset({"ZImageTransformerBlock"}),
+            attn="attention",
+            image_first=True,
+            image_leads=True,
+        ),
+        BlockStack(
+            "noise_refiner",
+            frozenset({"ZImageTransformerBlock"}),
+            attn="attention",
+            image_first=True,
+            image_leads=True,
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return LatentListGrid(model)
+
+
+@register_adapter
+class Lumina2Adapter(CallSiteAdapter):
+    """Lumina-Image 2.0 (``Lumina2Transformer2DModel``): the attention of the joint ``layers`` (``[caption,
+    image]``) and of the image-only ``noise_refiner`` blocks at its call, after the rotary embedding; the
+    captions are never reduced. Each sample's image follows its own caption, so a call is reduced when its
+    samples' captions share one length (as in diffusers' pipeline, which runs the conditional and the
+    unconditional prompt as two calls) and refused otherwise. Its timestep is ``1 - t / 1000``: it rises
+    during a generation."""
+
+    name = "diffusers-lumina2"
+    timestep_scale = 1.0
+    timestep_rises = True
+    models = frozenset({"Lumina2Transformer2DModel"})
+    stacks = (
+        BlockStack("layers", frozenset({"Lumina2TransformerBlock"}), attn="attn", image_last=True),
+        BlockStack("noise_refiner", frozenset({"Lumina2TransformerBlock"}), attn="attn"),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return EqualLengthsGrid(model, patch_size=int(model.config.patch_size))  # type: ignore[attr-defined]
+
+
+@register_adapter
+class HiDreamAdapter(CallSiteAdapter):
+    """HiDream-I1 (``HiDreamImageTransformer2DModel``): the attention of the double-stream blocks
+    (``[image, text]``, the text being the T5/Llama tokens of that block) and of the single-stream blocks
+    (``[image, text, this block's Llama tokens]``) at its call, after the rotary embedding; the text and
+    the padding of a non-square image (to the model's ``max_resolution``) are never reduced. The image
+    feed-forwards (a mixture of experts) are not reduced."""
+
+    name = "diffusers-hidream"
+    models = frozenset({"HiDreamImageTransformer2DModel"})
+    stacks = (
+        BlockStack(
+            "double_stream_blocks",
+            frozenset({"HiDreamImageTransformerBlock"}),
+            attn="attn1",
+            image_first=True,
+            image_leads=True,
+            inner="block",
+        ),
+        BlockStack(
+            "single_stream_blocks",
+            frozenset({"HiDreamImageSingleTransformerBlock"}),
+            attn="attn1",
+            image_first=True,
+            image_leads=True,
+            inner="block",
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
+@register_adapter
+class Krea2Adapter(CallSiteAdapter):
+    """Krea 2 (``Krea2Transformer2DModel``): the attention of every single-stream
+    ``Krea2TransformerBlock`` (``[text, image]``) at its call, after the rotary embedding; the text is
+    never reduced. Grid from the image rows of ``position_ids``."""
+
+    name = "diffusers-krea2"
+    timestep_scale = 1.0
+    models = frozenset({"Krea2Transformer2DModel"})
+    stacks = (
+        BlockStack("transformer_blocks", frozenset({"Krea2TransformerBlock"}), attn="attn", image_last=True),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return TrailingPositionIdsGrid(model, input_names=("position_ids",), position=3)
+
+
+@register_adapter
+class ErnieImageAdapter(CallSiteAdapter):
+    """ERNIE-Image (``ErnieImageTransformer2DModel``): the attention of every
+    ``ErnieImageSharedAdaLNBlock`` (``[image, text]``; its blocks take sequence-first hidden states) at
+    its call, after the rotary embedding; the text is never reduced."""
+
+    name = "diffusers-ernieimage"
+    models = frozenset({"ErnieImageTransformer2DModel"})
+    stacks = (
+        BlockStack(
+            "layers",
+            frozenset({"ErnieImageSharedAdaLNBlock"}),
+            attn="self_attention",
+            image_first=True,
+            image_leads=True,
+            sequence_first=True,
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
 # Families with an image or video grid that tomediff does not reduce yet, and why.
 _REFUSED = {
-    "ZImageTransformer2DModel": (
-        "Z-Image packs a list of images of different sizes and their captions into one padded sequence, "
-        "so the image tokens' place in the attention differs per sample"
-    ),
-    "Lumina2Transformer2DModel": (
-        "Lumina2's joint layers place each sample's image tokens after its own caption length (padded "
-        "per sample), so their place in the attention differs per sample"
-    ),
     "MochiTransformer3DModel": (
         "Mochi's asymmetric joint attention runs per sample on the unpadded text, with the video tokens "
         "in a separate stream; its attention-call layout is not described yet"
-    ),
-    "HiDreamImageTransformer2DModel": (
-        "HiDream's blocks append a different Llama layer's tokens in every block and route the image "
-        "feed-forward through a mixture of experts; its attention-call layout is not described yet"
     ),
 }
 
