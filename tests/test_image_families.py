@@ -296,6 +296,167 @@ def ernieimage_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
     }
 
 
+def tiny_prx() -> nn.Module:
+    torch.manual_seed(0)
+    model = diffusers.PRXTransformer2DModel(
+        in_channels=4,
+        patch_size=2,
+        context_in_dim=8,
+        hidden_size=16,
+        mlp_ratio=2.0,
+        num_heads=2,
+        depth=2,
+        axes_dim=[4, 4],
+    )
+    return _randomize_zeros(model).eval()
+
+
+def prx_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
+    _, height, width = grid
+    gen = torch.Generator().manual_seed(1)
+    mask = torch.ones(batch, 6, dtype=torch.bool)
+    mask[0, -2:] = False
+    return (), {
+        "hidden_states": torch.randn(batch, 4, 2 * height, 2 * width, generator=gen),
+        "timestep": torch.full((batch,), 0.5),
+        "encoder_hidden_states": torch.randn(batch, 6, 8, generator=gen),
+        "attention_mask": mask,
+        "return_dict": False,
+    }
+
+
+def tiny_flux3() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.Flux3Transformer2DModel(
+        in_channels=4,
+        cond_in_channels=4,
+        num_layers=1,
+        num_single_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=8,
+        timestep_channels=16,
+        axes_dims_rope=(4, 4, 4, 4),
+    ).eval()
+
+
+def flux3_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
+    _, height, width = grid
+    gen = torch.Generator().manual_seed(1)
+    one = torch.arange(1)
+    return (), {
+        "hidden_states": torch.randn(batch, height * width, 4, generator=gen),
+        "encoder_hidden_states": torch.randn(batch, 4, 8, generator=gen),
+        "timestep": torch.full((batch,), 0.5),
+        "img_ids": torch.cartesian_prod(one, torch.arange(height), torch.arange(width), one),
+        "txt_ids": torch.cartesian_prod(one, one, one, torch.arange(4)),
+        "return_dict": False,
+    }
+
+
+def tiny_glmimage() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.GlmImageTransformer2DModel(
+        patch_size=2,
+        in_channels=4,
+        out_channels=4,
+        num_layers=2,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        text_embed_dim=8,
+        time_embed_dim=8,
+        condition_dim=4,
+        prior_vq_quantizer_codebook_size=16,
+    ).eval()
+
+
+def glmimage_inputs(batch: int, grid: tuple[int, int, int], **extra: Any) -> Inputs:
+    _, height, width = grid
+    gen = torch.Generator().manual_seed(1)
+    size = torch.tensor([[2 * height * 8, 2 * width * 8]] * batch, dtype=torch.float32)
+    return (), {
+        "hidden_states": torch.randn(batch, 4, 2 * height, 2 * width, generator=gen),
+        "encoder_hidden_states": torch.randn(batch, 6, 8, generator=gen),
+        "prior_token_id": torch.randint(0, 16, (batch, height * width), generator=gen),
+        "prior_token_drop": torch.zeros(batch, height * width, dtype=torch.bool),
+        "timestep": torch.full((batch,), 500),
+        "target_size": size,
+        "crop_coords": torch.zeros(batch, 2),
+        "return_dict": False,
+        **extra,
+    }
+
+
+def tiny_luminanext() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.LuminaNextDiT2DModel(
+        sample_size=16,
+        patch_size=2,
+        in_channels=4,
+        hidden_size=16,
+        num_layers=2,
+        num_attention_heads=2,
+        num_kv_heads=1,
+        multiple_of=4,
+        learn_sigma=False,
+        cross_attention_dim=8,
+    ).eval()
+
+
+def luminanext_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
+    _, height, width = grid
+    gen = torch.Generator().manual_seed(1)
+    rope = diffusers.models.embeddings.get_2d_rotary_pos_embed_lumina(8, 32, 32)
+    mask = torch.ones(batch, 5, dtype=torch.long)
+    mask[0, -2:] = 0
+    return (), {
+        "hidden_states": torch.randn(batch, 4, 2 * height, 2 * width, generator=gen),
+        "timestep": torch.full((batch,), 0.5),
+        "encoder_hidden_states": torch.randn(batch, 5, 8, generator=gen),
+        "encoder_mask": mask,
+        "image_rotary_emb": rope,
+        "cross_attention_kwargs": {},
+        "return_dict": False,
+    }
+
+
+def tiny_omnigen() -> nn.Module:
+    torch.manual_seed(0)
+    return diffusers.OmniGenTransformer2DModel(
+        hidden_size=16,
+        rope_scaling={"long_factor": [1.0] * 4, "short_factor": [1.0] * 4, "type": "su"},
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        intermediate_size=32,
+        num_layers=2,
+        pad_token_id=0,
+        vocab_size=20,
+        in_channels=4,
+        time_step_dim=8,
+        pos_embed_max_size=16,
+        patch_size=2,
+    ).eval()
+
+
+def omnigen_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
+    _, height, width = grid
+    gen = torch.Generator().manual_seed(1)
+    text = 4
+    seq = text + 1 + height * width
+    mask = torch.tril(torch.ones(batch, seq, seq))  # causal over the instruction, full over the image
+    mask[:, text:, text:] = 1
+    return (), {
+        "hidden_states": torch.randn(batch, 4, 2 * height, 2 * width, generator=gen),
+        "timestep": torch.full((batch,), 0.5),
+        "input_ids": torch.randint(1, 20, (batch, text), generator=gen),
+        "input_img_latents": [],
+        "input_image_sizes": {},
+        "attention_mask": mask,
+        "position_ids": torch.arange(seq).expand(batch, -1),
+        "return_dict": False,
+    }
+
+
 @dataclass(frozen=True)
 class ImageFamily:
     """A model class with a tiny config and its inputs for a batch and an image token grid ``(1, height,
@@ -314,6 +475,11 @@ IMAGE_FAMILIES = {
     "lumina2": ImageFamily("Lumina2Transformer2DModel", tiny_lumina2, lumina2_inputs),
     "hidream": ImageFamily("HiDreamImageTransformer2DModel", tiny_hidream, hidream_inputs),
     "krea2": ImageFamily("Krea2Transformer2DModel", tiny_krea2, krea2_inputs),
+    "flux3": ImageFamily("Flux3Transformer2DModel", tiny_flux3, flux3_inputs),
+    "glmimage": ImageFamily("GlmImageTransformer2DModel", tiny_glmimage, glmimage_inputs),
+    "luminanext": ImageFamily("LuminaNextDiT2DModel", tiny_luminanext, luminanext_inputs),
+    "omnigen": ImageFamily("OmniGenTransformer2DModel", tiny_omnigen, omnigen_inputs),
+    "prx": ImageFamily("PRXTransformer2DModel", tiny_prx, prx_inputs),
     "ernieimage": ImageFamily("ErnieImageTransformer2DModel", tiny_ernieimage, ernieimage_inputs),
 }
 

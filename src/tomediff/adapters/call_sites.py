@@ -26,6 +26,7 @@ def call_site_specs(
     image_leads: bool = False,
     sequence_first: bool = False,
     inner: str | None = None,
+    extra_keys: bool = False,
     **sites: str,
 ) -> list[BlockSpec]:
     """Specs of the blocks of ``blocks`` whose class is one of ``names``: a ``"call"`` site at the
@@ -33,14 +34,24 @@ def call_site_specs(
     ``crossattn``/``mlp`` sites at the named submodules that exist. ``image_last``/``image_leads``: the
     block input is already ``[text, image]`` / ``[image, others]`` (single-stream blocks);
     ``sequence_first``: it is ``[tokens, batch, channels]``; ``inner``: each listed module wraps its
-    block in this attribute."""
+    block in this attribute; ``extra_keys``: the attention's keys may hold more tokens than its queries,
+    before them."""
     specs = []
     for index, listed in enumerate(blocks):
         block = getattr(listed, inner) if inner is not None else listed
         if not class_name_in(block, names):
             continue
         attn = getattr(block, sites["attn"])
-        found = [Site(attn, "attn", role="call", image_first=image_first, text_first=not image_first)]
+        found = [
+            Site(
+                attn,
+                "attn",
+                role="call",
+                image_first=image_first,
+                text_first=not image_first,
+                extra_keys=extra_keys,
+            )
+        ]
         for kind in ("crossattn", "mlp"):
             module = getattr(block, sites.get(kind, ""), None)
             if isinstance(module, nn.Module):
@@ -66,7 +77,8 @@ class BlockStack:
     """One list of a model's blocks reduced at the attention call.
 
     Attributes:
-        attr: the model attribute holding the blocks (also the prefix of their spec names).
+        attr: the model attribute holding the blocks (also the prefix of their spec names); a dotted
+            path for a list inside a dict of lists (Flux 3's ``mode_blocks.image``).
         block_classes: the class names of the blocks to reduce; others are left alone.
         attn: the block's self/joint attention (its call site).
         crossattn, mlp: the block's cross-attention / feed-forward, merged at block level, if any.
@@ -75,6 +87,8 @@ class BlockStack:
         image_leads: the block input is already ``[image, others]`` (text or padding after the image).
         sequence_first: the block input is ``[tokens, batch, channels]``.
         inner: each listed module wraps its block in this attribute (HiDream's ``HiDreamBlock.block``).
+        extra_keys: the attention's keys may hold more tokens than its queries, before them (PRX's text
+            keys for image queries, GLM-Image's cached condition-image keys).
         optional: the model may lack this list (e.g. no single-stream blocks).
     """
 
@@ -88,10 +102,16 @@ class BlockStack:
     image_leads: bool = False
     sequence_first: bool = False
     inner: str | None = None
+    extra_keys: bool = False
     optional: bool = False
 
     def specs(self, model: nn.Module, grid: GridSource) -> list[BlockSpec]:
-        blocks = getattr(model, self.attr, ()) if self.optional else getattr(model, self.attr)
+        try:
+            blocks = model.get_submodule(self.attr)
+        except AttributeError:
+            if not self.optional:
+                raise
+            blocks = ()
         sites = {"attn": self.attn, "crossattn": self.crossattn, "mlp": self.mlp}
         return call_site_specs(
             blocks,
@@ -103,6 +123,7 @@ class BlockStack:
             image_leads=self.image_leads,
             sequence_first=self.sequence_first,
             inner=self.inner,
+            extra_keys=self.extra_keys,
             **{kind: name for kind, name in sites.items() if name is not None},
         )
 
@@ -122,7 +143,13 @@ class CallSiteAdapter(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, set(cls.models)) and hasattr(model, cls.stacks[0].attr)
+        if not class_name_in(model, set(cls.models)):
+            return False
+        try:
+            model.get_submodule(cls.stacks[0].attr)
+        except AttributeError:
+            return False
+        return True
 
     @classmethod
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:

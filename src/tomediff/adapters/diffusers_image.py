@@ -9,7 +9,13 @@ from torch import nn
 from tomediff.adapters.base import Adapter, class_name_in, register_adapter
 from tomediff.adapters.call_sites import BlockStack, CallSiteAdapter
 from tomediff.core import BlockSpec, GridSource, Site
-from tomediff.core.spec import EqualLengthsGrid, LatentListGrid, TrailingPositionIdsGrid, VideoGrid
+from tomediff.core.spec import (
+    EqualLengthsGrid,
+    LatentListGrid,
+    PositionIdsGrid,
+    TrailingPositionIdsGrid,
+    VideoGrid,
+)
 from tomediff.errors import UnsupportedModelError
 
 __all__ = [
@@ -17,11 +23,16 @@ __all__ = [
     "CogView3PlusAdapter",
     "CogView4Adapter",
     "ErnieImageAdapter",
+    "Flux3Adapter",
+    "GlmImageAdapter",
     "HiDreamAdapter",
     "HunyuanDiTAdapter",
     "HunyuanImageAdapter",
     "Krea2Adapter",
     "Lumina2Adapter",
+    "LuminaNextAdapter",
+    "OmniGenAdapter",
+    "PRXAdapter",
     "RefusedFamilyAdapter",
     "SanaAdapter",
     "ZImageAdapter",
@@ -296,6 +307,96 @@ class ErnieImageAdapter(CallSiteAdapter):
             sequence_first=True,
         ),
     )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
+@register_adapter
+class PRXAdapter(CallSiteAdapter):
+    """PRX (``PRXTransformer2DModel``): the attention of every ``PRXBlock`` at its call, after the rotary
+    embedding: its queries are the image tokens, its keys/values ``[text, image]``; the text keys/values
+    and their mask columns are never reduced."""
+
+    name = "diffusers-prx"
+    timestep_scale = 1.0
+    models = frozenset({"PRXTransformer2DModel"})
+    stacks = (BlockStack("blocks", frozenset({"PRXBlock"}), attn="attention", extra_keys=True),)
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
+@register_adapter
+class Flux3Adapter(CallSiteAdapter):
+    """Flux 3 (``Flux3Transformer2DModel``): the self-attention of the image's own blocks
+    (``mode_blocks.image``, image tokens only) and the joint attention of the single-stream blocks
+    (``[text, image]``) at its call, after the rotary embedding; the image blocks' parallel feed-forward
+    ``ff`` at block level (``merge_mlp``). The text is never reduced. Grid from ``img_ids``; calls with
+    reference images (``image_cond_hidden_states``) are refused as an unknown grid."""
+
+    name = "diffusers-flux3"
+    timestep_scale = 1.0
+    models = frozenset({"Flux3Transformer2DModel"})
+    stacks = (
+        BlockStack("mode_blocks.image", frozenset({"Flux3ModeTransformerBlock"}), attn="attn", mlp="ff"),
+        BlockStack("single_transformer_blocks", frozenset({"Flux3SingleTransformerBlock"}), attn="attn"),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return PositionIdsGrid(model, position=3, other_images=(("image_cond_hidden_states", 5),))
+
+
+@register_adapter
+class GlmImageAdapter(CallSiteAdapter):
+    """GLM-Image (``GlmImageTransformer2DModel``): the joint attention ``attn1`` of every
+    ``GlmImageTransformerBlock`` at its call, after the rotary embedding, over ``[text, image]`` (with an
+    image-edit KV cache being read: ``[cached condition tokens, text, image]`` keys, which stay whole). Its
+    ``ff`` runs on text and image together and is not reduced."""
+
+    name = "diffusers-glmimage"
+    models = frozenset({"GlmImageTransformer2DModel"})
+    stacks = (
+        BlockStack(
+            "transformer_blocks", frozenset({"GlmImageTransformerBlock"}), attn="attn1", extra_keys=True
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
+@register_adapter
+class LuminaNextAdapter(CallSiteAdapter):
+    """Lumina-Next (``LuminaNextDiT2DModel``): the self-attention ``attn1`` of every ``LuminaNextDiTBlock``
+    at its call, after the rotary embedding (image tokens only); the cross-attention ``attn2`` and the
+    feed-forward are not reduced. Its timestep is ``1 - t / 1000``: it rises during a generation."""
+
+    name = "diffusers-luminanext"
+    timestep_scale = 1.0
+    timestep_rises = True
+    models = frozenset({"LuminaNextDiT2DModel"})
+    stacks = (BlockStack("layers", frozenset({"LuminaNextDiTBlock"}), attn="attn1"),)
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
+@register_adapter
+class OmniGenAdapter(CallSiteAdapter):
+    """OmniGen (``OmniGenTransformer2DModel``): the attention of every ``OmniGenBlock`` at its call, after
+    the rotary embedding, over ``[instruction tokens (text and input images), time token, image]``; the
+    instruction and time tokens are never reduced, and the attention mask's rows and columns follow the
+    image tokens. Its ``mlp`` runs on the whole sequence and is not reduced."""
+
+    name = "diffusers-omnigen"
+    models = frozenset({"OmniGenTransformer2DModel"})
+    stacks = (BlockStack("layers", frozenset({"OmniGenBlock"}), attn="self_attn", image_last=True),)
 
     @classmethod
     def grid(cls, model: nn.Module) -> GridSource:

@@ -78,30 +78,38 @@ class _AttentionCallMode(TorchFunctionMode):
         options = {**kwargs, **dict(zip(_SDPA_NAMES, args, strict=False))}
         values = {name: options.pop(name, None) for name in _SDPA_NAMES[:4]}
         query, key, value = values["query"], values["key"], values["value"]
-        if key.shape[-2] != query.shape[-2]:  # a cross-attention inside the module: keys are not its tokens
-            return func(query, key, value, attn_mask=values["attn_mask"], **options)
+        query_start = None
+        queries = int(query.shape[-2])
+        if key.shape[-2] != queries:
+            if not (self.site.extra_keys and key.shape[-2] > queries >= self.plan.num_tokens):
+                # A cross-attention inside the module: keys are not its tokens.
+                return func(query, key, value, attn_mask=values["attn_mask"], **options)
+            query_start = queries - self.plan.num_tokens  # the image: the last queries, the last keys
         self.calls += 1
-        start = self._image_start(query)
+        start = self._image_start(key)
         if options.get("is_causal"):
             raise MergeCallError(
                 f"tomediff cannot reduce the causal attention of block '{self.block_name}' (is_causal=True)."
             )
-        return reduced_attention(func, self.plan, start, query, key, value, values["attn_mask"], **options)
+        return reduced_attention(
+            func, self.plan, start, query, key, value, values["attn_mask"], query_start, **options
+        )
 
-    def _image_start(self, query: torch.Tensor) -> int:
+    def _image_start(self, key: torch.Tensor) -> int:
+        """Where the image tokens start in the keys (and in the queries, unless there are fewer)."""
         plan, site = self.plan, self.site
-        num, seq = plan.num_tokens, int(query.shape[-2])
+        num, seq = plan.num_tokens, int(key.shape[-2])
         if (
-            query.dim() != 4
-            or query.shape[0] != plan.batch
+            key.dim() != 4
+            or key.shape[0] != plan.batch
             or seq < num
             or (seq != num and not (site.text_first or site.image_first))
         ):
             raise MergeCallError(
                 f"tomediff cannot reduce the attention call of the {site.kind} site in block "
-                f"'{self.block_name}': it expected queries [batch={plan.batch}, heads, {num} image tokens"
+                f"'{self.block_name}': it expected keys [batch={plan.batch}, heads, {num} image tokens"
                 f"{' + others' if site.text_first or site.image_first else ''}, dim], got "
-                f"{tuple(query.shape)}."
+                f"{tuple(key.shape)}."
             )
         return 0 if site.image_first else seq - num
 

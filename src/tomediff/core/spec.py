@@ -69,9 +69,15 @@ class PositionIdsGrid(GridSource):
     input_names: tuple[str, ...] = ("img_ids",)
     position: int = 4
     row_axis: int = 1
+    # Inputs (name, position) that add other images' tokens to the blocks (Flux 3's reference images):
+    # a call giving one has no single grid.
+    other_images: tuple[tuple[str, int], ...] = ()
 
     @torch.compiler.disable  # reads two values: one host copy, outside any compiled graph
     def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+        for name, position in self.other_images:
+            if kwargs.get(name) is not None or (len(args) > position and args[position] is not None):
+                return None
         ids = args[self.position] if len(args) > self.position else None
         if ids is None:
             ids = next((kwargs[n] for n in self.input_names if kwargs.get(n) is not None), None)
@@ -274,6 +280,9 @@ class Site:
         image_first: (``"call"`` sites) the attention sequence is ``[the N image tokens, others]``
             (SD3's joint attention); with ``text_first`` it is ``[others, image]``; with neither, the
             sequence must be the N image tokens alone.
+        extra_keys: (``"call"`` sites, ``text_first``) the keys may hold more tokens than the queries,
+            before them (tokens only attended to: PRX's text, GLM-Image's cached condition-image tokens);
+            the image tokens are the last N of the queries and of the keys.
         call_only_for_kv: (``"call"`` sites) the block also has a block-level site merging this
             attention's tokens (with ``method="merge"``); the call site then acts only for what that one
             cannot do: key/value reduction (``method="downsample"``, ``kv_ratio``).
@@ -290,6 +299,7 @@ class Site:
     text_first: bool = False
     rotary_names: tuple[str, ...] = ()
     image_first: bool = False
+    extra_keys: bool = False
     call_only_for_kv: bool = False
 
 
