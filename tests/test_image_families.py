@@ -548,3 +548,99 @@ def test_every_image_family_is_matched_by_an_adapter_that_reduces_tokens() -> No
         adapter = find_adapter(model)
         specs = adapter.block_specs(model)
         assert specs and all(any(site.role == "call" for site in spec.sites) for spec in specs), name
+
+
+def test_image_families_not_supported_yet_are_refused_with_their_reason() -> None:
+    torch.manual_seed(0)
+    model = diffusers.QwenImage21Transformer2DModel(
+        in_channels=4,
+        out_channels=4,
+        num_layers=1,
+        attention_head_dim=8,
+        num_attention_heads=2,
+        context_in_dim=8,
+        axes_dims_rope=(2, 2, 4),
+    )
+    with pytest.raises(
+        tomediff.UnsupportedModelError, match=r"QwenImage21Transformer2DModel.*one attention call per prefix"
+    ):
+        tomediff.apply_tome(model)
+    assert tome_hooks(model) == 0
+
+
+def test_lumina2_refuses_a_call_whose_captions_differ_in_length() -> None:
+    model = tiny_lumina2()
+    ragged = lumina2_inputs(2, (1, 3, 4), ragged=True)
+    reference = run(model, ragged)[0]
+    with tomediff.tome(model, ratio=0.5):
+        with pytest.raises(tomediff.MergeCallError, match="captions have different lengths"):
+            run(model, ragged)
+        run(model, lumina2_inputs(2, (1, 3, 4)))  # one caption length: reduced
+        # The refusal leaves nothing behind: the ragged call runs untouched without the patch.
+    assert torch.equal(run(model, ragged)[0], reference)
+
+
+def test_zimage_refuses_latents_of_different_shapes_in_one_call() -> None:
+    model = tiny_zimage()
+    (latents, t, captions), kwargs = zimage_inputs(2, (1, 3, 4))
+    latents = [latents[0], torch.randn(4, 1, 6, 10)]
+    with tomediff.tome(model, ratio=0.5), pytest.raises(tomediff.MergeCallError, match="different shapes"):
+        run(model, ((latents, t, captions), kwargs))
+
+
+def test_flux3_refuses_reference_images_as_an_unknown_grid() -> None:
+    model = tiny_flux3()
+    args, kwargs = flux3_inputs(1, (1, 3, 4))
+    one = torch.arange(1)
+    kwargs = {
+        **kwargs,
+        "image_cond_hidden_states": torch.randn(1, 6, 4),
+        "image_cond_ids": torch.cartesian_prod(one + 1, torch.arange(2), torch.arange(3), one),
+    }
+    with tomediff.tome(model, ratio=0.5), pytest.raises(tomediff.MergeCallError, match="token grid"):
+        run(model, (args, kwargs))
+
+
+def test_glmimage_reads_its_edit_kv_cache_with_the_cached_keys_whole() -> None:
+    from diffusers.models.transformers.transformer_glm_image import GlmImageKVCache
+
+    model = tiny_glmimage()
+    grid, num = (1, 3, 4), 12
+    cache = GlmImageKVCache(num_layers=2)
+    cache.set_mode("write")
+    run(model, glmimage_inputs(1, grid, kv_caches=cache))  # the condition image (unpatched)
+    cache.set_mode("read")
+    reference, base = run(model, glmimage_inputs(1, grid, kv_caches=cache))
+    cached = 6 + num  # the condition call's text and image keys
+    assert call_shapes(base) == [(6 + num, cached + 6 + num)] * 2
+    with tomediff.tome(model, ratio=0.5, use_rand=False):
+        out, spy = run(model, glmimage_inputs(1, grid, kv_caches=cache))
+    assert not torch.equal(out, reference)
+    assert call_shapes(spy) == [(6 + num // 2, cached + 6 + num // 2)] * 2
+
+
+def test_rising_timesteps_are_turned_back_for_start_and_stop() -> None:
+    """Z-Image is called with ``1 - t / 1000``: early steps (mostly noise) come with a small timestep, and
+    ``start=0.5`` must leave them alone."""
+    model = tiny_zimage()
+    (latents, _, captions), kwargs = zimage_inputs(1, (1, 3, 4))
+    with tomediff.tome(model, ratio=0.5, start=0.5) as handle:
+        for progress in (0.1, 0.9):
+            run(model, ((latents, torch.tensor([progress]), captions), kwargs))
+            merged = handle.report().blocks[0].last_call
+            assert merged is not None
+            assert (merged.tokens_after_merge < merged.tokens) == (progress >= 0.5), progress
+
+
+@pytest.mark.parametrize("name", ["krea2", "hunyuanimage"])
+def test_positional_calls_are_reduced_like_keyword_calls(name: str) -> None:
+    family = IMAGE_FAMILIES[name]
+    model = family.build()
+    _, kwargs = family.inputs(2, (1, 3, 4))
+    names = list(kwargs)[:4]
+    positional = (tuple(kwargs[n] for n in names), {k: v for k, v in kwargs.items() if k not in names})
+    with tomediff.tome(model, method="downsample"):
+        by_keyword, spy = run(model, ((), kwargs))
+        by_position, spy_positional = run(model, positional)
+    assert torch.equal(by_keyword, by_position)
+    assert call_shapes(spy) == call_shapes(spy_positional)

@@ -405,6 +405,11 @@ class OmniGenAdapter(CallSiteAdapter):
 
 # Families with an image or video grid that tomediff does not reduce yet, and why.
 _REFUSED = {
+    "QwenImage21Transformer2DModel": (
+        "Qwen-Image 2.1 runs its block-causal prefill as one attention call per prefix segment (text and "
+        "condition images) plus one for the target image, placed by the vision-language template; that "
+        "attention-call layout is not described yet"
+    ),
     "MochiTransformer3DModel": (
         "Mochi's asymmetric joint attention runs per sample on the unpadded text, with the video tokens "
         "in a separate stream; its attention-call layout is not described yet"
@@ -428,7 +433,8 @@ class RefusedFamilyAdapter(Adapter):
         name = next(k.__name__ for k in type(model).__mro__ if k.__name__ in _REFUSED)
         raise UnsupportedModelError(
             f"tomediff does not reduce tokens in {name} yet: {_REFUSED[name]}. Supported diffusion "
-            "transformers: SD3, Flux.1, Flux.2, Chroma, Bria, LongCat-Image, Ovis-Image, Qwen-Image, "
-            "CogView4, AuraFlow, Sana, PixArt, DiT, Wan 2.x, HunyuanVideo 1.0/1.5, CogVideoX, LTX-Video, "
-            "Allegro, Cosmos (see docs/dits.md)."
+            "transformers: SD3, Flux.1, Flux.2, Flux 3, Chroma, Bria, LongCat-Image, Ovis-Image, Qwen-Image, "
+            "Z-Image, HiDream, HunyuanDiT, HunyuanImage 2.1, Lumina2, Lumina-Next, CogView3-Plus, CogView4, "
+            "GLM-Image, Krea 2, ERNIE-Image, PRX, OmniGen, AuraFlow, Sana, PixArt, DiT, Wan 2.x, "
+            "HunyuanVideo 1.0/1.5, CogVideoX, LTX-Video, Allegro, Cosmos (see docs/dits.md)."
         )
