@@ -644,3 +644,28 @@ def test_positional_calls_are_reduced_like_keyword_calls(name: str) -> None:
         by_position, spy_positional = run(model, positional)
     assert torch.equal(by_keyword, by_position)
     assert call_shapes(spy) == call_shapes(spy_positional)
+
+
+FIRST_FEED_FORWARD: dict[str, Callable[[Any], nn.Module]] = {
+    "hunyuandit": lambda model: model.blocks[0].ff,
+    "hunyuanimage": lambda model: model.transformer_blocks[0].ff,
+    "flux3": lambda model: model.mode_blocks["image"][0].ff,
+}
+
+
+@pytest.mark.parametrize("name", sorted(FIRST_FEED_FORWARD))
+def test_image_feed_forwards_merge_at_block_level(name: str) -> None:
+    family = IMAGE_FAMILIES[name]
+    model = family.build()
+    inputs = family.inputs(2, (1, 3, 4))
+    reference = run(model, inputs)[0]
+    with tomediff.tome(model, ratio=0.0, merge_attn=False, merge_mlp=True):
+        assert torch.equal(run(model, inputs)[0], reference)
+    seen: list[int] = []
+    with tomediff.tome(model, ratio=0.5, use_rand=False, merge_attn=False, merge_mlp=True):
+        ff = FIRST_FEED_FORWARD[name](model)  # its hook runs after tomediff's: it sees the merged tokens
+        hook = ff.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+        out, _ = run(model, inputs)
+        hook.remove()
+    assert seen == [6] and not torch.equal(out, reference) and torch.isfinite(out).all()
+    assert tome_hooks(model) == 0 and torch.equal(run(model, inputs)[0], reference)
