@@ -669,3 +669,54 @@ def test_image_feed_forwards_merge_at_block_level(name: str) -> None:
         hook.remove()
     assert seen == [6] and not torch.equal(out, reference) and torch.isfinite(out).all()
     assert tome_hooks(model) == 0 and torch.equal(run(model, inputs)[0], reference)
+
+
+@pytest.mark.parametrize("settings", [{"ratio": 0.5}, {"method": "downsample"}])
+def test_zimage_pipeline_generates_end_to_end_and_restores(settings: dict[str, Any]) -> None:
+    """A whole ``ZImagePipeline`` (tiny transformer, prompt embeddings built here, latents out), with
+    classifier-free guidance run as one batch whose two captions differ in length."""
+    transformer = tiny_zimage()
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler(shift=3.0)
+    pipe = diffusers.ZImagePipeline(
+        scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    gen = torch.Generator().manual_seed(0)
+    prompt, negative = [torch.randn(5, 16, generator=gen)], [torch.randn(2, 16, generator=gen)]
+
+    def generate() -> torch.Tensor:
+        return pipe(
+            prompt_embeds=prompt,
+            negative_prompt_embeds=negative,
+            height=48,
+            width=80,  # 6 x 10 latent, 3 x 5 tokens
+            num_inference_steps=2,
+            guidance_scale=4.0,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ).images
+
+    reference = generate()
+    with tomediff.tome(pipe, **settings) as handle:
+        out = generate()
+        report = handle.report()
+    assert report.calls == 2  # two steps, guidance as one batch of two
+    assert all(b.last_call is not None and b.last_call.tokens == 15 for b in report.blocks)
+    assert out.shape == reference.shape and torch.isfinite(out).all() and not torch.equal(out, reference)
+    assert tome_hooks(transformer) == 0 and torch.equal(generate(), reference)
+
+
+def test_random_partitions_draw_for_three_axis_grids() -> None:
+    """``use_rand`` (the default) at an even batch draws one partition table per call from the grids the
+    call recorded; a ``(frames, height, width)`` grid (Wan, Z-Image's latent list) is drawn for its
+    frames stacked."""
+    from test_dit_families import tiny_wan, wan_inputs
+
+    for model, inputs in (
+        (tiny_wan(), wan_inputs(batch=2)),
+        (tiny_zimage(), zimage_inputs(2, (1, 3, 4))),
+    ):
+        reference = run(model, inputs)[0]
+        with tomediff.tome(model, ratio=0.5) as handle:
+            out = run(model, inputs)[0]
+            assert handle.report().partition == "random"
+        assert not torch.equal(out, reference) and torch.isfinite(out).all()
