@@ -540,14 +540,24 @@ def test_image_family_ratio_zero_removal_and_token_counts_inside_attention(name:
 
 
 def test_every_image_family_is_matched_by_an_adapter_that_reduces_tokens() -> None:
+    """The count of image transformer classes reduced at the attention call: those of
+    :data:`IMAGE_FAMILIES` and the image families of ``test_dit_families.FAMILIES``."""
+    from test_dit_families import FAMILIES
+
     from tomediff.adapters import find_adapter
 
-    for name, family in IMAGE_FAMILIES.items():
-        model = family.build()
-        assert type(model).__name__ == family.model_class, name
+    builds = {family.model_class: family.build for family in IMAGE_FAMILIES.values()}
+    for family in FAMILIES.values():
+        if not family.video:
+            model = family.build()
+            builds[type(model).__name__] = family.build
+    for name, build in builds.items():
+        model = build()
+        assert type(model).__name__ == name
         adapter = find_adapter(model)
         specs = adapter.block_specs(model)
         assert specs and all(any(site.role == "call" for site in spec.sites) for spec in specs), name
+    assert len(builds) == 22
 
 
 def test_image_families_not_supported_yet_are_refused_with_their_reason() -> None:
