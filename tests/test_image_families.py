@@ -543,7 +543,6 @@ def test_every_image_family_is_matched_by_an_adapter_that_reduces_tokens() -> No
     """The count of image transformer classes reduced at the attention call: those of
     :data:`IMAGE_FAMILIES` and the image families of ``test_dit_families.FAMILIES``."""
     from test_dit_families import FAMILIES
-
     from tomediff.adapters import find_adapter
 
     builds = {family.model_class: family.build for family in IMAGE_FAMILIES.values()}
