@@ -713,29 +713,6 @@ def test_sana_merges_and_downsamples_its_linear_attention_at_block_level(batch: 
         tomediff.apply_tome(model, kv_ratio=0.5)
 
 
-def test_families_not_supported_yet_are_refused_with_their_reason() -> None:
-    torch.manual_seed(0)
-    model = diffusers.Lumina2Transformer2DModel(
-        sample_size=8,
-        patch_size=2,
-        in_channels=4,
-        hidden_size=16,
-        num_layers=1,
-        num_refiner_layers=1,
-        num_attention_heads=2,
-        num_kv_heads=2,
-        multiple_of=4,
-        cap_feat_dim=8,
-        axes_dim_rope=(4, 2, 2),
-        axes_lens=(32, 16, 16),
-    )
-    with pytest.raises(
-        tomediff.UnsupportedModelError, match=r"Lumina2Transformer2DModel.*differs per sample"
-    ):
-        tomediff.apply_tome(model)
-    assert tome_hooks(model) == 0
-
-
 @pytest.mark.parametrize(
     "settings", [{"method": "downsample"}, {"ratio": 0.5}, {"ratio": 0.0, "kv_ratio": 0.5}]
 )

@@ -350,6 +350,7 @@ def _patch(model: Any, cfg: ToMeConfig, reducer: Reducer | None) -> ToMeHandle:
         adapter.timestep_scale,
         adapter.odd_batch_top_left,
         pipeline_caller(model),
+        adapter.timestep_rises,
     )
     # Everything is validated: only now is the previous patch (if any) replaced.
     remove_hooks(target)

@@ -39,6 +39,8 @@ class Adapter:
     priority: ClassVar[int] = 0
     # The timestep horizon T of the family (the step schedule's progress is 1 - t / T).
     timestep_scale: ClassVar[float] = 1000.0
+    # The family is called with T - t (0 at pure noise, rising to T), e.g. Z-Image and Lumina2.
+    timestep_rises: ClassVar[bool] = False
     # use_rand falls back to the top-left partition for an odd batch (tomesd's rule): such a batch may
     # be one half of classifier-free guidance run as its own call, and two halves partitioned apart
     # show artifacts. False for families whose calls carry whole predictions.

@@ -24,25 +24,53 @@ def call_site_specs(
     image_first: bool = False,
     *,
     image_last: bool = False,
+    image_leads: bool = False,
+    sequence_first: bool = False,
+    inner: str | None = None,
+    extra_keys: bool = False,
     **sites: str,
 ) -> list[BlockSpec]:
     """Specs of the blocks of ``blocks`` whose class is one of ``names``: a ``"call"`` site at the
     self/joint attention ``sites["attn"]`` (image tokens first, or after the text), and block-level
-    ``crossattn``/``mlp`` sites at the named submodules that exist. ``image_last``: the block input is
-    already ``[text, image]`` (single-stream blocks)."""
+    ``crossattn``/``mlp`` sites at the named submodules that exist. ``image_last``/``image_leads``: the
+    block input is already ``[text, image]`` / ``[image, others]`` (single-stream blocks);
+    ``sequence_first``: it is ``[tokens, batch, channels]``; ``inner``: each listed module wraps its
+    block in this attribute; ``extra_keys``: the attention's keys may hold more tokens than its queries,
+    before them."""
     specs = []
-    for index, block in enumerate(blocks):
+    for index, listed in enumerate(blocks):
+        block = getattr(listed, inner) if inner is not None else listed
         if not class_name_in(block, names):
             continue
         attn = getattr(block, sites["attn"])
-        found = [Site(attn, "attn", role="call", image_first=image_first, text_first=not image_first)]
-        name = f"{prefix}.{index}"
+        found = [
+            Site(
+                attn,
+                "attn",
+                role="call",
+                image_first=image_first,
+                text_first=not image_first,
+                extra_keys=extra_keys,
+            )
+        ]
+        name = f"{prefix}.{index}" if inner is None else f"{prefix}.{index}.{inner}"
         for kind in ("crossattn", "mlp"):
             module = getattr(block, sites.get(kind, ""), None)
             if isinstance(module, nn.Module):  # merged at block level: refused where a cache keeps its output
                 conflict = ReplayedOutputCheck(module, f"{name}.{sites[kind]}")
                 found.append(Site(module, kind, conflict=conflict))  # type: ignore[arg-type]
-        specs.append(BlockSpec(name, block, 1, grid, tuple(found), image_last=image_last))
+        specs.append(
+            BlockSpec(
+                name,
+                block,
+                1,
+                grid,
+                tuple(found),
+                image_last=image_last,
+                image_first=image_leads,
+                sequence_first=sequence_first,
+            )
+        )
     return specs
 
 
@@ -51,12 +79,18 @@ class BlockStack:
     """One list of a model's blocks reduced at the attention call.
 
     Attributes:
-        attr: the model attribute holding the blocks (also the prefix of their spec names).
+        attr: the model attribute holding the blocks (also the prefix of their spec names); a dotted
+            path for a list inside a dict of lists (Flux 3's ``mode_blocks.image``).
         block_classes: the class names of the blocks to reduce; others are left alone.
         attn: the block's self/joint attention (its call site).
         crossattn, mlp: the block's cross-attention / feed-forward, merged at block level, if any.
         image_first: the attention sequence is ``[image, text]`` (else ``[text, image]``).
         image_last: the block input is already ``[text, image]`` (single-stream blocks).
+        image_leads: the block input is already ``[image, others]`` (text or padding after the image).
+        sequence_first: the block input is ``[tokens, batch, channels]``.
+        inner: each listed module wraps its block in this attribute (HiDream's ``HiDreamBlock.block``).
+        extra_keys: the attention's keys may hold more tokens than its queries, before them (PRX's text
+            keys for image queries, GLM-Image's cached condition-image keys).
         optional: the model may lack this list (e.g. no single-stream blocks).
     """
 
@@ -67,10 +101,19 @@ class BlockStack:
     mlp: str | None = None
     image_first: bool = False
     image_last: bool = False
+    image_leads: bool = False
+    sequence_first: bool = False
+    inner: str | None = None
+    extra_keys: bool = False
     optional: bool = False
 
     def specs(self, model: nn.Module, grid: GridSource) -> list[BlockSpec]:
-        blocks = getattr(model, self.attr, ()) if self.optional else getattr(model, self.attr)
+        try:
+            blocks = model.get_submodule(self.attr)
+        except AttributeError:
+            if not self.optional:
+                raise
+            blocks = ()
         sites = {"attn": self.attn, "crossattn": self.crossattn, "mlp": self.mlp}
         return call_site_specs(
             blocks,
@@ -79,6 +122,10 @@ class BlockStack:
             set(self.block_classes),
             self.image_first,
             image_last=self.image_last,
+            image_leads=self.image_leads,
+            sequence_first=self.sequence_first,
+            inner=self.inner,
+            extra_keys=self.extra_keys,
             **{kind: name for kind, name in sites.items() if name is not None},
         )
 
@@ -98,7 +145,13 @@ class CallSiteAdapter(Adapter):
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, set(cls.models)) and hasattr(model, cls.stacks[0].attr)
+        if not class_name_in(model, set(cls.models)):
+            return False
+        try:
+            model.get_submodule(cls.stacks[0].attr)
+        except AttributeError:
+            return False
+        return True
 
     @classmethod
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:

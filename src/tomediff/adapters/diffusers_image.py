@@ -10,9 +10,34 @@ from tomediff.adapters.base import Adapter, class_name_in, register_adapter
 from tomediff.adapters.call_sites import BlockStack, CallSiteAdapter
 from tomediff.adapters.diffusers_caches import ReplayedOutputCheck
 from tomediff.core import BlockSpec, GridSource, Site
+from tomediff.core.spec import (
+    EqualLengthsGrid,
+    LatentListGrid,
+    PositionIdsGrid,
+    TrailingPositionIdsGrid,
+    VideoGrid,
+)
 from tomediff.errors import UnsupportedModelError
 
-__all__ = ["AuraFlowAdapter", "CogView4Adapter", "RefusedFamilyAdapter", "SanaAdapter"]
+__all__ = [
+    "AuraFlowAdapter",
+    "CogView3PlusAdapter",
+    "CogView4Adapter",
+    "ErnieImageAdapter",
+    "Flux3Adapter",
+    "GlmImageAdapter",
+    "HiDreamAdapter",
+    "HunyuanDiTAdapter",
+    "HunyuanImageAdapter",
+    "Krea2Adapter",
+    "Lumina2Adapter",
+    "LuminaNextAdapter",
+    "OmniGenAdapter",
+    "PRXAdapter",
+    "RefusedFamilyAdapter",
+    "SanaAdapter",
+    "ZImageAdapter",
+]
 
 
 @register_adapter
@@ -94,23 +119,305 @@ class AuraFlowAdapter(CallSiteAdapter):
         return _patch_grid(model)
 
 
+@register_adapter
+class CogView3PlusAdapter(CallSiteAdapter):
+    """CogView3-Plus (``CogView3PlusTransformer2DModel``): the joint attention ``attn1`` of every
+    ``CogView3PlusTransformerBlock`` at its call, after ``[text, image]`` are joined. Its ``ff`` runs on
+    text and image together and is not reduced."""
+
+    name = "diffusers-cogview3plus"
+    models = frozenset({"CogView3PlusTransformer2DModel"})
+    stacks = (BlockStack("transformer_blocks", frozenset({"CogView3PlusTransformerBlock"}), attn="attn1"),)
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
+@register_adapter
+class HunyuanDiTAdapter(CallSiteAdapter):
+    """HunyuanDiT (``HunyuanDiT2DModel``): the self-attention ``attn1`` of every ``HunyuanDiTBlock`` at its
+    call, after the rotary embedding (image tokens only), and the feed-forward ``ff`` at block level
+    (``merge_mlp``). The cross-attention ``attn2`` applies the image rotary table to its queries inside
+    its processor, so its queries are not merged (``merge_crossattn`` has no site here)."""
+
+    name = "diffusers-hunyuandit"
+    models = frozenset({"HunyuanDiT2DModel"})
+    stacks = (BlockStack("blocks", frozenset({"HunyuanDiTBlock"}), attn="attn1", mlp="ff"),)
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
+@register_adapter
+class HunyuanImageAdapter(CallSiteAdapter):
+    """HunyuanImage 2.1 (``HunyuanImageTransformer2DModel``): the joint attention of the double- and
+    single-stream blocks at its call, after the rotary embedding, over ``[image, text]`` (the text padding
+    mask keeps its text columns); the double-stream image ``ff`` at block level (``merge_mlp``). Grid from
+    the ``[B, C, H, W]`` (or ``[B, C, F, H, W]``) latent and the patch sizes."""
+
+    name = "diffusers-hunyuanimage"
+    models = frozenset({"HunyuanImageTransformer2DModel"})
+    stacks = (
+        BlockStack(
+            "transformer_blocks",
+            frozenset({"HunyuanImageTransformerBlock"}),
+            attn="attn",
+            mlp="ff",
+            image_first=True,
+        ),
+        BlockStack(
+            "single_transformer_blocks",
+            frozenset({"HunyuanImageSingleTransformerBlock"}),
+            attn="attn",
+            image_first=True,
+            optional=True,
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        patch = tuple(int(p) for p in model.config.patch_size)  # type: ignore[attr-defined]
+        pt, ph, pw = patch if len(patch) == 3 else (1, *patch)
+        return VideoGrid(model, video_patch=(pt, ph, pw))
+
+
+@register_adapter
+class ZImageAdapter(CallSiteAdapter):
+    """Z-Image (``ZImageTransformer2DModel``, Turbo and Base): the attention of the main ``layers``
+    (``[image, image padding, caption]`` per sample) and of the image-only ``noise_refiner`` blocks
+    (``[image, padding]``) at its call, after the rotary embedding. Every sample's image tokens come first,
+    so one layout serves a batch whose latents share a shape, whatever its captions' lengths; the padding
+    to a multiple of 32 tokens and the captions are never reduced. Its feed-forwards see the captions too
+    and are not reduced. Omni calls (several images per sample) and latents of different shapes in one
+    call are refused as an unknown grid. Its timestep is ``1 - t / 1000``: it rises during a generation."""
+
+    name = "diffusers-zimage"
+    timestep_scale = 1.0
+    timestep_rises = True
+    models = frozenset({"ZImageTransformer2DModel"})
+    stacks = (
+        BlockStack(
+            "layers",
+            frozenset({"ZImageTransformerBlock"}),
+            attn="attention",
+            image_first=True,
+            image_leads=True,
+        ),
+        BlockStack(
+            "noise_refiner",
+            frozenset({"ZImageTransformerBlock"}),
+            attn="attention",
+            image_first=True,
+            image_leads=True,
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return LatentListGrid(model)
+
+
+@register_adapter
+class Lumina2Adapter(CallSiteAdapter):
+    """Lumina-Image 2.0 (``Lumina2Transformer2DModel``): the attention of the joint ``layers`` (``[caption,
+    image]``) and of the image-only ``noise_refiner`` blocks at its call, after the rotary embedding; the
+    captions are never reduced. Each sample's image follows its own caption, so a call is reduced when its
+    samples' captions share one length (as in diffusers' pipeline, which runs the conditional and the
+    unconditional prompt as two calls) and refused otherwise. Its timestep is ``1 - t / 1000``: it rises
+    during a generation."""
+
+    name = "diffusers-lumina2"
+    timestep_scale = 1.0
+    timestep_rises = True
+    models = frozenset({"Lumina2Transformer2DModel"})
+    stacks = (
+        BlockStack("layers", frozenset({"Lumina2TransformerBlock"}), attn="attn", image_last=True),
+        BlockStack("noise_refiner", frozenset({"Lumina2TransformerBlock"}), attn="attn"),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return EqualLengthsGrid(model, patch_size=int(model.config.patch_size))  # type: ignore[attr-defined]
+
+
+@register_adapter
+class HiDreamAdapter(CallSiteAdapter):
+    """HiDream-I1 (``HiDreamImageTransformer2DModel``): the attention of the double-stream blocks
+    (``[image, text]``, the text being the T5/Llama tokens of that block) and of the single-stream blocks
+    (``[image, text, this block's Llama tokens]``) at its call, after the rotary embedding; the text and
+    the padding of a non-square image (to the model's ``max_resolution``) are never reduced. The image
+    feed-forwards (a mixture of experts) are not reduced."""
+
+    name = "diffusers-hidream"
+    models = frozenset({"HiDreamImageTransformer2DModel"})
+    stacks = (
+        BlockStack(
+            "double_stream_blocks",
+            frozenset({"HiDreamImageTransformerBlock"}),
+            attn="attn1",
+            image_first=True,
+            image_leads=True,
+            inner="block",
+        ),
+        BlockStack(
+            "single_stream_blocks",
+            frozenset({"HiDreamImageSingleTransformerBlock"}),
+            attn="attn1",
+            image_first=True,
+            image_leads=True,
+            inner="block",
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
+@register_adapter
+class Krea2Adapter(CallSiteAdapter):
+    """Krea 2 (``Krea2Transformer2DModel``): the attention of every single-stream
+    ``Krea2TransformerBlock`` (``[text, image]``) at its call, after the rotary embedding; the text is
+    never reduced. Grid from the image rows of ``position_ids``."""
+
+    name = "diffusers-krea2"
+    timestep_scale = 1.0
+    models = frozenset({"Krea2Transformer2DModel"})
+    stacks = (
+        BlockStack("transformer_blocks", frozenset({"Krea2TransformerBlock"}), attn="attn", image_last=True),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return TrailingPositionIdsGrid(model, input_names=("position_ids",), position=3)
+
+
+@register_adapter
+class ErnieImageAdapter(CallSiteAdapter):
+    """ERNIE-Image (``ErnieImageTransformer2DModel``): the attention of every
+    ``ErnieImageSharedAdaLNBlock`` (``[image, text]``; its blocks take sequence-first hidden states) at
+    its call, after the rotary embedding; the text is never reduced."""
+
+    name = "diffusers-ernieimage"
+    models = frozenset({"ErnieImageTransformer2DModel"})
+    stacks = (
+        BlockStack(
+            "layers",
+            frozenset({"ErnieImageSharedAdaLNBlock"}),
+            attn="self_attention",
+            image_first=True,
+            image_leads=True,
+            sequence_first=True,
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
+@register_adapter
+class PRXAdapter(CallSiteAdapter):
+    """PRX (``PRXTransformer2DModel``): the attention of every ``PRXBlock`` at its call, after the rotary
+    embedding: its queries are the image tokens, its keys/values ``[text, image]``; the text keys/values
+    and their mask columns are never reduced."""
+
+    name = "diffusers-prx"
+    timestep_scale = 1.0
+    models = frozenset({"PRXTransformer2DModel"})
+    stacks = (BlockStack("blocks", frozenset({"PRXBlock"}), attn="attention", extra_keys=True),)
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
+@register_adapter
+class Flux3Adapter(CallSiteAdapter):
+    """Flux 3 (``Flux3Transformer2DModel``): the self-attention of the image's own blocks
+    (``mode_blocks.image``, image tokens only) and the joint attention of the single-stream blocks
+    (``[text, image]``) at its call, after the rotary embedding; the image blocks' parallel feed-forward
+    ``ff`` at block level (``merge_mlp``). The text is never reduced. Grid from ``img_ids``; calls with
+    reference images (``image_cond_hidden_states``) are refused as an unknown grid."""
+
+    name = "diffusers-flux3"
+    timestep_scale = 1.0
+    models = frozenset({"Flux3Transformer2DModel"})
+    stacks = (
+        BlockStack("mode_blocks.image", frozenset({"Flux3ModeTransformerBlock"}), attn="attn", mlp="ff"),
+        BlockStack("single_transformer_blocks", frozenset({"Flux3SingleTransformerBlock"}), attn="attn"),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return PositionIdsGrid(model, position=3, other_images=(("image_cond_hidden_states", 5),))
+
+
+@register_adapter
+class GlmImageAdapter(CallSiteAdapter):
+    """GLM-Image (``GlmImageTransformer2DModel``): the joint attention ``attn1`` of every
+    ``GlmImageTransformerBlock`` at its call, after the rotary embedding, over ``[text, image]`` (with an
+    image-edit KV cache being read: ``[cached condition tokens, text, image]`` keys, which stay whole). Its
+    ``ff`` runs on text and image together and is not reduced."""
+
+    name = "diffusers-glmimage"
+    models = frozenset({"GlmImageTransformer2DModel"})
+    stacks = (
+        BlockStack(
+            "transformer_blocks", frozenset({"GlmImageTransformerBlock"}), attn="attn1", extra_keys=True
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
+@register_adapter
+class LuminaNextAdapter(CallSiteAdapter):
+    """Lumina-Next (``LuminaNextDiT2DModel``): the self-attention ``attn1`` of every ``LuminaNextDiTBlock``
+    at its call, after the rotary embedding (image tokens only); the cross-attention ``attn2`` and the
+    feed-forward are not reduced. Its timestep is ``1 - t / 1000``: it rises during a generation."""
+
+    name = "diffusers-luminanext"
+    timestep_scale = 1.0
+    timestep_rises = True
+    models = frozenset({"LuminaNextDiT2DModel"})
+    stacks = (BlockStack("layers", frozenset({"LuminaNextDiTBlock"}), attn="attn1"),)
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
+@register_adapter
+class OmniGenAdapter(CallSiteAdapter):
+    """OmniGen (``OmniGenTransformer2DModel``): the attention of every ``OmniGenBlock`` at its call, after
+    the rotary embedding, over ``[instruction tokens (text and input images), time token, image]``; the
+    instruction and time tokens are never reduced, and the attention mask's rows and columns follow the
+    image tokens. Its ``mlp`` runs on the whole sequence and is not reduced."""
+
+    name = "diffusers-omnigen"
+    models = frozenset({"OmniGenTransformer2DModel"})
+    stacks = (BlockStack("layers", frozenset({"OmniGenBlock"}), attn="self_attn", image_last=True),)
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _patch_grid(model)
+
+
 # Families with an image or video grid that tomediff does not reduce yet, and why.
 _REFUSED = {
-    "ZImageTransformer2DModel": (
-        "Z-Image packs a list of images of different sizes and their captions into one padded sequence, "
-        "so the image tokens' place in the attention differs per sample"
-    ),
-    "Lumina2Transformer2DModel": (
-        "Lumina2's joint layers place each sample's image tokens after its own caption length (padded "
-        "per sample), so their place in the attention differs per sample"
+    "QwenImage21Transformer2DModel": (
+        "Qwen-Image 2.1 runs its block-causal prefill as one attention call per prefix segment (text and "
+        "condition images) plus one for the target image, placed by the vision-language template; that "
+        "attention-call layout is not described yet"
     ),
     "MochiTransformer3DModel": (
         "Mochi's asymmetric joint attention runs per sample on the unpadded text, with the video tokens "
         "in a separate stream; its attention-call layout is not described yet"
-    ),
-    "HiDreamImageTransformer2DModel": (
-        "HiDream's blocks append a different Llama layer's tokens in every block and route the image "
-        "feed-forward through a mixture of experts; its attention-call layout is not described yet"
     ),
 }
 
@@ -131,7 +438,8 @@ class RefusedFamilyAdapter(Adapter):
         name = next(k.__name__ for k in type(model).__mro__ if k.__name__ in _REFUSED)
         raise UnsupportedModelError(
             f"tomediff does not reduce tokens in {name} yet: {_REFUSED[name]}. Supported diffusion "
-            "transformers: SD3, Flux.1, Flux.2, Chroma, Bria, LongCat-Image, Ovis-Image, Qwen-Image, "
-            "CogView4, AuraFlow, Sana, PixArt, DiT, Wan 2.x, HunyuanVideo 1.0/1.5, CogVideoX, LTX-Video, "
-            "Allegro, Cosmos (see docs/dits.md)."
+            "transformers: SD3, Flux.1, Flux.2, Flux 3, Chroma, Bria, LongCat-Image, Ovis-Image, Qwen-Image, "
+            "Z-Image, HiDream, HunyuanDiT, HunyuanImage 2.1, Lumina2, Lumina-Next, CogView3-Plus, CogView4, "
+            "GLM-Image, Krea 2, ERNIE-Image, PRX, OmniGen, AuraFlow, Sana, PixArt, DiT, Wan 2.x, "
+            "HunyuanVideo 1.0/1.5, CogVideoX, LTX-Video, Allegro, Cosmos (see docs/dits.md)."
         )

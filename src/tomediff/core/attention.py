@@ -93,18 +93,25 @@ class _AttentionCallMode(TorchFunctionMode):
         options = {**kwargs, **dict(zip(_SDPA_NAMES, args, strict=False))}
         values = {name: options.pop(name, None) for name in _SDPA_NAMES[:4]}
         query, key, value = values["query"], values["key"], values["value"]
-        if key.shape[-2] != query.shape[-2]:  # a cross-attention inside the module: keys are not its tokens
+        queries = int(query.shape[-2])
+        extra = key.shape[-2] != queries
+        if extra and not (self.site.extra_keys and key.shape[-2] > queries):
+            # A cross-attention inside the module: keys are not its tokens.
+            return func(query, key, value, attn_mask=values["attn_mask"], **options)
+        plan = self._resolve_plan()
+        if extra and plan is not None and queries < plan.num_tokens:  # a cross-attention after all
             return func(query, key, value, attn_mask=values["attn_mask"], **options)
         self.calls += 1
-        plan = self._resolve_plan()
         if plan is None:  # the reducer reduces nothing in this block call
             return func(query, key, value, attn_mask=values["attn_mask"], **options)
-        start = self._image_start(plan, query)
+        # With extra keys before them, the image tokens are the last queries and the last keys.
+        query_start = queries - plan.num_tokens if extra else None
+        start = self._image_start(plan, key)
         if options.get("is_causal"):
             raise MergeCallError(
                 f"tomediff cannot reduce the causal attention of block '{self.block_name}' (is_causal=True)."
             )
-        return reduced_attention(func, plan, start, query, key, value, values["attn_mask"], **options)
+        return reduced_attention(func, plan, start, query, key, value, values["attn_mask"], query_start, **options)
 
     def _resolve_plan(self) -> AttentionPlan | None:
         if isinstance(self._plan, PendingPlan):  # made here, outside this mode (it is off in its handler)
@@ -112,20 +119,21 @@ class _AttentionCallMode(TorchFunctionMode):
             self._plan = None if made is None else attention_plan(made, self.reduce_queries)
         return self._plan
 
-    def _image_start(self, plan: AttentionPlan, query: torch.Tensor) -> int:
+    def _image_start(self, plan: AttentionPlan, key: torch.Tensor) -> int:
+        """Where the image tokens start in the keys (and in the queries, unless there are fewer)."""
         site = self.site
-        num, seq = plan.num_tokens, int(query.shape[-2])
+        num, seq = plan.num_tokens, int(key.shape[-2])
         if (
-            query.dim() != 4
-            or query.shape[0] != plan.batch
+            key.dim() != 4
+            or key.shape[0] != plan.batch
             or seq < num
             or (seq != num and not (site.text_first or site.image_first))
         ):
             raise MergeCallError(
                 f"tomediff cannot reduce the attention call of the {site.kind} site in block "
-                f"'{self.block_name}': it expected queries [batch={plan.batch}, heads, {num} image tokens"
+                f"'{self.block_name}': it expected keys [batch={plan.batch}, heads, {num} image tokens"
                 f"{' + others' if site.text_first or site.image_first else ''}, dim], got "
-                f"{tuple(query.shape)}."
+                f"{tuple(key.shape)}."
             )
         return 0 if site.image_first else seq - num
 

@@ -149,10 +149,12 @@ class BlockCall:
         """How many of a block's ``num_inputs`` input tokens are image tokens, from its grid source."""
         grid = call.grids.get(self.grid_index) if self.grid_index is not None else None
         if grid is None or not 0 < math.prod(grid) <= num_inputs:
+            source = self.spec.grid
+            example = f" ({source.unreadable_example})" if grid is None and source is not None else ""
             raise MergeCallError(
                 f"tomediff cannot tell how many of the {num_inputs} tokens block '{self.spec.name}' "
-                f"receives are image tokens: its model call gave the token grid {grid}. Call the model "
-                "with the position ids of one full image grid."
+                f"receives are image tokens: its model call gave the token grid {grid}{example}. Call the "
+                "model with the position ids of one full image grid."
             )
         return math.prod(grid)
 
@@ -170,12 +172,13 @@ class BlockCall:
             # The grid source ran in this call and could not read one grid from it.
             source = self.spec.grid
             inputs = "/".join(source.input_names) if source is not None else "input"
+            example = source.unreadable_example if source is not None else ""
             raise MergeCallError(
                 f"tomediff cannot tell the token grid of block '{name}': the model's {inputs} in this call "
-                f"do not describe one image grid of its {num_tokens} tokens (e.g. an edit model's extra "
-                "reference-image tokens, as in Flux Kontext), and tomediff never guesses one, since tokens "
-                "of different images would be merged together. Run such calls without tomediff "
-                "(tomediff.remove_tome(pipe), or the tomediff.tome(...) context manager around the others)."
+                f"do not describe one image grid of its {num_tokens} tokens ({example}), and tomediff "
+                "never guesses one, since tokens of different images would be merged together. Run such "
+                "calls without tomediff (tomediff.remove_tome(pipe), or the tomediff.tome(...) context "
+                "manager around the others)."
             )
         raise MergeCallError(
             f"tomediff cannot tell the token grid of block '{name}': it received {num_tokens} tokens, and "
@@ -194,6 +197,8 @@ class BlockPreHook(ToMeHook):
         block = self.block
         state, spec = block.state, block.spec
         _, x = find_input(args, kwargs, spec.input_names)
+        if spec.sequence_first and isinstance(x, torch.Tensor) and x.dim() == 3:
+            x = x.transpose(0, 1)
         if not isinstance(x, torch.Tensor) or x.dim() != 3:
             shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
             raise MergeCallError(
@@ -205,6 +210,9 @@ class BlockPreHook(ToMeHook):
         if spec.image_last:  # [text, image]: the image tokens are the last N of the grid source's grid
             num_tokens = block.image_tokens(call, num_tokens)
             x = x[:, -num_tokens:]
+        elif spec.image_first:  # [image, others]: the first N
+            num_tokens = block.image_tokens(call, num_tokens)
+            x = x[:, :num_tokens]
         grid = block.token_grid(call, num_tokens)
         frames = grid[0] if len(grid) == 3 else 1
         height, width = frames * grid[-2], grid[-1]  # a video's frames stacked: one 2-D grid per call

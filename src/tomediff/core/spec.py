@@ -15,13 +15,16 @@ from tomediff.core.calls import find_input
 __all__ = [
     "BlockSpec",
     "Caller",
+    "EqualLengthsGrid",
     "GridSource",
     "KeywordGrid",
+    "LatentListGrid",
     "PositionIdsGrid",
     "ShapeListGrid",
     "Site",
     "SiteKind",
     "SiteRole",
+    "TrailingPositionIdsGrid",
     "VideoGrid",
 ]
 
@@ -40,6 +43,8 @@ class GridSource:
     module: nn.Module
     patch_size: int = 1
     input_names: tuple[str, ...] = ("hidden_states", "x", "sample")
+    # When read() gives None: a call it cannot read one grid from, for the error message.
+    unreadable_example: str = "e.g. an edit model's extra reference-image tokens, as in Flux Kontext"
 
     def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
         """The token grid ``(h, w)`` of one call of :attr:`module`, or None when its input is not a map."""
@@ -64,9 +69,15 @@ class PositionIdsGrid(GridSource):
     input_names: tuple[str, ...] = ("img_ids",)
     position: int = 4
     row_axis: int = 1
+    # Inputs (name, position) that add other images' tokens to the blocks (Flux 3's reference images):
+    # a call giving one has no single grid.
+    other_images: tuple[tuple[str, int], ...] = ()
 
     @torch.compiler.disable  # reads two values: one host copy, outside any compiled graph
     def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+        for name, position in self.other_images:
+            if kwargs.get(name) is not None or (len(args) > position and args[position] is not None):
+                return None
         ids = args[self.position] if len(args) > self.position else None
         if ids is None:
             ids = next((kwargs[n] for n in self.input_names if kwargs.get(n) is not None), None)
@@ -80,6 +91,86 @@ class PositionIdsGrid(GridSource):
         if height < 1 or width < 1 or height * width != ids.shape[0]:
             return None
         return height, width
+
+
+@dataclass(frozen=True, eq=False)
+class TrailingPositionIdsGrid(PositionIdsGrid):
+    """Position ids of the whole joint sequence (Krea 2's ``position_ids``, ``[text rows, image rows]``):
+    the image rows are the last N, N being the token count of the call's first input (positional 0 or
+    ``tokens_names``), and are read as :class:`PositionIdsGrid` reads its ids."""
+
+    tokens_names: tuple[str, ...] = ("hidden_states",)
+
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+        _, tokens = find_input(args, kwargs, self.tokens_names)
+        ids = args[self.position] if len(args) > self.position else None
+        if ids is None:
+            ids = next((kwargs[n] for n in self.input_names if kwargs.get(n) is not None), None)
+        if not isinstance(tokens, torch.Tensor) or tokens.dim() != 3 or not isinstance(ids, torch.Tensor):
+            return None
+        num = int(tokens.shape[1])
+        if ids.shape[-2] < num:
+            return None
+        return super().read((), {self.input_names[0]: ids[..., -num:, :]})
+
+
+@dataclass(frozen=True, eq=False)
+class EqualLengthsGrid(GridSource):
+    """A ``[B, C, H, W]`` map (as :class:`GridSource`) whose blocks place each sample's image tokens after
+    its own caption (Lumina2): one layout for the batch only when every sample's caption has the same
+    length, i.e. the rows of the mask ``mask_names`` (or at ``mask_position``) have equal sums; else
+    None, and the blocks then say they cannot tell their grid."""
+
+    mask_names: tuple[str, ...] = ("encoder_attention_mask",)
+    mask_position: int = 3
+    unreadable_example: str = (
+        "its samples' captions have different lengths (encoder_attention_mask), so their image tokens sit "
+        "at different places; call the model with captions of one length, or one sample per call"
+    )
+
+    @torch.compiler.disable  # compares the caption lengths: one host copy, as the model itself makes
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+        grid = super().read(args, kwargs)
+        mask = args[self.mask_position] if len(args) > self.mask_position else None
+        if mask is None:
+            mask = next((kwargs[n] for n in self.mask_names if kwargs.get(n) is not None), None)
+        if grid is None or not isinstance(mask, torch.Tensor) or mask.dim() != 2:
+            return grid
+        lengths = mask.sum(dim=1)
+        return grid if bool((lengths == lengths[0]).all()) else None
+
+
+@dataclass(frozen=True, eq=False)
+class LatentListGrid(GridSource):
+    """A module given its latents as a list of per-sample ``[C, F, H, W]`` tensors (Z-Image's ``x``) and
+    its patch sizes as arguments (``patch_size`` and ``f_patch_size``, by keyword or at
+    ``patch_positions``, else ``default_patch``): its blocks see ``F/pf × H/p × W/p`` tokens per sample.
+    Samples of different shapes, or a nested list (Z-Image Omni's several images per sample), give None."""
+
+    input_names: tuple[str, ...] = ("x",)
+    patch_names: tuple[str, str] = ("patch_size", "f_patch_size")
+    patch_positions: tuple[int, int] = (7, 8)
+    default_patch: tuple[int, int] = (2, 1)
+    unreadable_example: str = (
+        "latents of different shapes in one call, or several images per sample as in Z-Image Omni"
+    )
+
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:  # type: ignore[override]
+        _, latents = find_input(args, kwargs, self.input_names)
+        if not isinstance(latents, (list, tuple)) or not latents:
+            return None
+        if not all(isinstance(x, torch.Tensor) and x.dim() == 4 for x in latents):
+            return None
+        shape = latents[0].shape
+        if any(x.shape != shape for x in latents):
+            return None
+        patch, time_patch = (
+            args[position] if len(args) > position else kwargs.get(name, default)
+            for name, position, default in zip(
+                self.patch_names, self.patch_positions, self.default_patch, strict=True
+            )
+        )
+        return int(shape[1]) // int(time_patch), int(shape[2]) // int(patch), int(shape[3]) // int(patch)
 
 
 @dataclass(frozen=True, eq=False)
@@ -190,6 +281,9 @@ class Site:
         image_first: (``"call"`` sites) the attention sequence is ``[the N image tokens, others]``
             (SD3's joint attention); with ``text_first`` it is ``[others, image]``; with neither, the
             sequence must be the N image tokens alone.
+        extra_keys: (``"call"`` sites, ``text_first``) the keys may hold more tokens than the queries,
+            before them (tokens only attended to: PRX's text, GLM-Image's cached condition-image tokens);
+            the image tokens are the last N of the queries and of the keys.
         call_only_for_kv: (``"call"`` sites) the block also has a block-level site merging this
             attention's tokens (with ``method="merge"``); the call site then acts only for what that one
             cannot do: key/value reduction (``method="downsample"``, ``kv_ratio``).
@@ -214,6 +308,7 @@ class Site:
     text_first: bool = False
     rotary_names: tuple[str, ...] = ()
     image_first: bool = False
+    extra_keys: bool = False
     call_only_for_kv: bool = False
     output_index: int = 0
     inside: Site | None = None
@@ -239,6 +334,9 @@ class BlockSpec:
             block (``method="cache"``): its token input is the image tokens alone, other streams (text)
             are passed apart, and its output holds them at ``output_index``. None when the adapter
             does not declare one (such methods then refuse the block).
+        image_first: the block's input is ``[the N image tokens, other tokens]`` (text, padding; Z-Image's
+            and HiDream's single-stream blocks): N comes from its grid source, the first N are the metric.
+        sequence_first: the block's input is ``[tokens, batch, channels]`` (ERNIE-Image).
     """
 
     name: str
@@ -250,6 +348,8 @@ class BlockSpec:
     batch_shared: bool = False
     image_last: bool = False
     block_site: Site | None = None
+    image_first: bool = False
+    sequence_first: bool = False
 
 
 class Caller(Protocol):

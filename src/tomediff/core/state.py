@@ -172,6 +172,8 @@ class ToMeState:
         method: the reducer and the site actions.
         num_blocks: blocks patched.
         timestep_scale: the model's timestep horizon ``T`` (schedule progress is ``1 - t / T``).
+        timestep_rises: the model is called with ``T - t`` (Z-Image, Lumina2: 0 at pure noise), which is
+            turned back into ``t`` when read.
         odd_batch_top_left: whether ``use_rand`` falls back to the top-left partition for an odd batch
             (tomesd's rule, for families whose guidance halves may run as separate calls).
         partition_used: the partition the latest eager plan used with ``use_rand`` (for the report).
@@ -192,12 +194,14 @@ class ToMeState:
         timestep_scale: float = 1000.0,
         odd_batch_top_left: bool = True,
         caller: Caller | None = None,
+        timestep_rises: bool = False,
     ) -> None:
         self.config = config
         self.selection = selection
         self.method = method
         self.num_blocks = num_blocks
         self.timestep_scale = timestep_scale
+        self.timestep_rises = timestep_rises
         self.odd_batch_top_left = odd_batch_top_left
         self.partition_used: str | None = None
         self.generator = config.generator if config.generator is not None else torch.Generator()
@@ -304,6 +308,8 @@ class ToMeState:
         memory = self.thread_memory()
         selection = self.selection
         t = _timestep_value(timestep) if self._reads_timestep else None
+        if t is not None and self.timestep_rises:
+            t = self.timestep_scale - t
         caller = self.caller
         generation = caller.generation() if caller is not None and self._keeps else None
         memory.advance(t, self._epoch, generation)

@@ -132,11 +132,14 @@ def reduced_attention(
     key: torch.Tensor,
     value: torch.Tensor,
     attn_mask: torch.Tensor | None = None,
+    query_start: int | None = None,
     **options: Any,
 ) -> torch.Tensor:
     """``attention(query, key, value, attn_mask=..., **options)`` (``F.scaled_dot_product_attention``'s
     signature and ``[B, heads, S, D]`` layout) with the image tokens at ``[start, start + N)`` reduced
-    by ``plan``; returns the ``[B, heads, S, Dv]`` output at full length.
+    by ``plan``; returns the ``[B, heads, S, Dv]`` output at full length. ``query_start``: the image
+    queries start there instead (queries and keys of different sequences, e.g. image queries attending
+    to ``[text, image]`` keys).
     """
     num = plan.num_tokens
     if plan.keys is not None:
@@ -149,6 +152,7 @@ def reduced_attention(
     queries = plan.queries
     if queries is None:
         return attention(query, key, value, attn_mask=attn_mask, **options)
+    start = start if query_start is None else query_start
     merged = _tokens_to_heads(queries.merge(_heads_to_tokens(query.narrow(2, start, num))), query.shape[1])
     query = _splice(query, start, num, merged, 2)
     if attn_mask is not None and attn_mask.dim() >= 2:
