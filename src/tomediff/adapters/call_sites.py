@@ -23,18 +23,28 @@ def call_site_specs(
     image_first: bool = False,
     *,
     image_last: bool = False,
+    per_sample: bool = False,
     **sites: str,
 ) -> list[BlockSpec]:
     """Specs of the blocks of ``blocks`` whose class is one of ``names``: a ``"call"`` site at the
     self/joint attention ``sites["attn"]`` (image tokens first, or after the text), and block-level
     ``crossattn``/``mlp`` sites at the named submodules that exist. ``image_last``: the block input is
-    already ``[text, image]`` (single-stream blocks)."""
+    already ``[text, image]`` (single-stream blocks); ``per_sample``: see :attr:`Site.per_sample`."""
     specs = []
     for index, block in enumerate(blocks):
         if not class_name_in(block, names):
             continue
         attn = getattr(block, sites["attn"])
-        found = [Site(attn, "attn", role="call", image_first=image_first, text_first=not image_first)]
+        found = [
+            Site(
+                attn,
+                "attn",
+                role="call",
+                image_first=image_first,
+                text_first=not image_first,
+                per_sample=per_sample,
+            )
+        ]
         for kind in ("crossattn", "mlp"):
             module = getattr(block, sites.get(kind, ""), None)
             if isinstance(module, nn.Module):
@@ -55,6 +65,7 @@ class BlockStack:
         image_first: the attention sequence is ``[image, text]`` (else ``[text, image]``).
         image_last: the block input is already ``[text, image]`` (single-stream blocks).
         optional: the model may lack this list (e.g. no single-stream blocks).
+        per_sample: the attention may be called once per sample (:attr:`Site.per_sample`).
     """
 
     attr: str
@@ -65,6 +76,7 @@ class BlockStack:
     image_first: bool = False
     image_last: bool = False
     optional: bool = False
+    per_sample: bool = False
 
     def specs(self, model: nn.Module, grid: GridSource) -> list[BlockSpec]:
         blocks = getattr(model, self.attr, ()) if self.optional else getattr(model, self.attr)
@@ -76,6 +88,7 @@ class BlockStack:
             set(self.block_classes),
             self.image_first,
             image_last=self.image_last,
+            per_sample=self.per_sample,
             **{kind: name for kind, name in sites.items() if name is not None},
         )
 

@@ -99,14 +99,30 @@ _REFUSED = {
         "Lumina2's joint layers place each sample's image tokens after its own caption length (padded "
         "per sample), so their place in the attention differs per sample"
     ),
-    "MochiTransformer3DModel": (
-        "Mochi's asymmetric joint attention runs per sample on the unpadded text, with the video tokens "
-        "in a separate stream; its attention-call layout is not described yet"
-    ),
     "HiDreamImageTransformer2DModel": (
         "HiDream's blocks append a different Llama layer's tokens in every block and route the image "
         "feed-forward through a mixture of experts; its attention-call layout is not described yet"
     ),
+    "SanaVideoTransformer3DModel": (
+        "Sana-Video's linear self-attention applies its 3-D rotary table inside the processor and has no "
+        "softmax attention call to reduce at, and its feed-forward convolves the whole video grid"
+    ),
+    "HeliosTransformer3DModel": (
+        "Helios prepends history tokens (earlier frames, at several resolutions) to the video tokens of "
+        "every block, so the video tokens are not one grid"
+    ),
+    "HunyuanVideoFramepackTransformer3DModel": (
+        "HunyuanVideo-Framepack prepends history tokens (clean, 2x and 4x downsampled latents) to the video "
+        "tokens, so the attention sequence is [history, video, text] and its video tokens are not one grid"
+    ),
+    # Audio and other 1-D models: their tokens are a sequence in time, with no image or video grid.
+    "StableAudioDiTModel": "Stable Audio is an audio model: its tokens have no image or video grid",
+    "StableAudio3DiTModel": "Stable Audio 3 is an audio model: its tokens have no image or video grid",
+    "AceStepTransformer1DModel": "ACE-Step is an audio (music) model: its tokens have no image or video grid",
+    "MiniMaxMusic3Transformer1DModel": (
+        "MiniMax Music 3 is an audio (music) model: its tokens have no image or video grid"
+    ),
+    "LongCatAudioDiTTransformer": "LongCat-Audio is an audio model: its tokens have no image or video grid",
 }
 
 
@@ -128,5 +144,6 @@ class RefusedFamilyAdapter(Adapter):
             f"tomediff does not reduce tokens in {name} yet: {_REFUSED[name]}. Supported diffusion "
             "transformers: SD3, Flux.1, Flux.2, Chroma, Bria, LongCat-Image, Ovis-Image, Qwen-Image, "
             "CogView4, AuraFlow, Sana, PixArt, DiT, Wan 2.x, HunyuanVideo 1.0/1.5, CogVideoX, LTX-Video, "
-            "Allegro, Cosmos (see docs/dits.md)."
+            "Allegro, Cosmos, LTX-2, Kandinsky 5, Mochi, EasyAnimate, ConsisID, ChronoEdit, Wan-Animate "
+            "(see docs/dits.md)."
         )

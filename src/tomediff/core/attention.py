@@ -81,15 +81,29 @@ class _AttentionCallMode(TorchFunctionMode):
         if key.shape[-2] != query.shape[-2]:  # a cross-attention inside the module: keys are not its tokens
             return func(query, key, value, attn_mask=values["attn_mask"], **options)
         self.calls += 1
-        start = self._image_start(query)
+        plan = self._call_plan(query)
+        start = self._image_start(plan, query)
         if options.get("is_causal"):
             raise MergeCallError(
                 f"tomediff cannot reduce the causal attention of block '{self.block_name}' (is_causal=True)."
             )
-        return reduced_attention(func, self.plan, start, query, key, value, values["attn_mask"], **options)
+        return reduced_attention(func, plan, start, query, key, value, values["attn_mask"], **options)
 
-    def _image_start(self, query: torch.Tensor) -> int:
-        plan, site = self.plan, self.site
+    def _call_plan(self, query: torch.Tensor) -> AttentionPlan:
+        """The plan of this attention call: the block's, or for a site whose attention runs once per
+        sample (``per_sample``), the plan of the sample this call is for (calls come in batch order)."""
+        plan = self.plan
+        if not (self.site.per_sample and query.shape[0] == 1 and plan.batch > 1):
+            return plan
+        if self.calls > plan.batch:
+            raise MergeCallError(
+                f"tomediff expected the attention of block '{self.block_name}' to be called once per "
+                f"sample ({plan.batch} calls), but it was called {self.calls} times."
+            )
+        return plan.sample(self.calls - 1)
+
+    def _image_start(self, plan: AttentionPlan, query: torch.Tensor) -> int:
+        site = self.site
         num, seq = plan.num_tokens, int(query.shape[-2])
         if (
             query.dim() != 4

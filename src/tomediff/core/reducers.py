@@ -9,6 +9,7 @@ A reducer knows nothing of hooks or sites; :mod:`tomediff.core.actions` applies 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -143,7 +144,8 @@ class MatchReducer(Reducer):
         """Draw the call's offsets for the grid with the most windows among ``height × width`` and those
         the call has recorded so far (its grid sources, its input size), so one draw serves every block."""
         cfg = self.config
-        grids = [(height, width), *(g for g in call.grids.values() if g is not None)]
+        # A video grid (frames, height, width) is partitioned as its frames stacked: (frames·height, width).
+        grids = [(height, width), *((math.prod(g[:-1]), g[-1]) for g in call.grids.values() if g is not None)]
         if call.input_size is not None:
             grids.append(call.input_size)
         windows = max(max(1, num_windows(h, w, cfg.sx, cfg.sy)) for h, w in grids)

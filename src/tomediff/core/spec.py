@@ -92,6 +92,7 @@ class VideoGrid(GridSource):
 
     video_patch: tuple[int, int, int] = (1, 1, 1)
     frames_axis: int = 2  # CogVideoX's input is [B, F, C, H, W]: 1
+    spatial_axes: tuple[int, int] = (-2, -1)  # Kandinsky 5's input is [B, F, H, W, C]: (2, 3)
 
     def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:  # type: ignore[override]
         _, x = find_input(args, kwargs, self.input_names)
@@ -99,7 +100,8 @@ class VideoGrid(GridSource):
             return None
         pt, ph, pw = self.video_patch
         frames = math.ceil(int(x.shape[self.frames_axis]) / pt) if x.dim() == 5 else 1
-        return frames, int(x.shape[-2]) // ph, int(x.shape[-1]) // pw
+        height_axis, width_axis = self.spatial_axes
+        return frames, int(x.shape[height_axis]) // ph, int(x.shape[width_axis]) // pw
 
 
 @dataclass(frozen=True, eq=False)
@@ -189,6 +191,9 @@ class Site:
         image_first: (``"call"`` sites) the attention sequence is ``[the N image tokens, others]``
             (SD3's joint attention); with ``text_first`` it is ``[others, image]``; with neither, the
             sequence must be the N image tokens alone.
+        per_sample: (``"call"`` sites) the module may call attention once per sample, in batch order,
+            with a batch of one (Mochi, whose text length differs per sample): each call gets the plan
+            of its sample.
         call_only_for_kv: (``"call"`` sites) the block also has a block-level site merging this
             attention's tokens (with ``method="merge"``); the call site then acts only for what that one
             cannot do: key/value reduction (``method="downsample"``, ``kv_ratio``).
@@ -206,6 +211,7 @@ class Site:
     rotary_names: tuple[str, ...] = ()
     image_first: bool = False
     call_only_for_kv: bool = False
+    per_sample: bool = False
 
 
 @dataclass(frozen=True, eq=False)
