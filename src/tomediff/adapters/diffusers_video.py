@@ -1,5 +1,6 @@
 """diffusers' video diffusion transformers: Wan 2.1/2.2 (and ChronoEdit, Wan-Animate), HunyuanVideo,
-CogVideoX (and ConsisID), LTX-Video, LTX-2, Kandinsky 5, EasyAnimate, Mochi, Allegro and Cosmos.
+CogVideoX (and ConsisID), LTX-Video, LTX-2, Kandinsky 5, EasyAnimate, Mochi, MotifVideo, AnyFlow,
+Allegro and Cosmos.
 
 Their blocks see a video latent ``[B, C, F, H, W]`` patchified by ``patch_size = (pt, ph, pw)`` into
 ``F/pt × H/ph × W/pw`` tokens, frame after frame, and apply a 3-D rotary embedding inside the attention
@@ -24,6 +25,7 @@ from tomediff.core.spec import KeywordGrid, VideoGrid
 
 __all__ = [
     "AllegroAdapter",
+    "AnyFlowAdapter",
     "CogVideoXAdapter",
     "ConsisIDAdapter",
     "CosmosAdapter",
@@ -34,6 +36,7 @@ __all__ = [
     "LTX2VideoAdapter",
     "LTXVideoAdapter",
     "MochiAdapter",
+    "MotifVideoAdapter",
     "WanAdapter",
     "call_site_specs",
 ]
@@ -349,3 +352,41 @@ class MochiAdapter(CallSiteAdapter):
     def grid(cls, model: nn.Module) -> GridSource:
         p = int(model.config.patch_size)  # type: ignore[attr-defined]
         return VideoGrid(model, video_patch=(1, p, p))
+
+
+@register_adapter
+class MotifVideoAdapter(CallSiteAdapter):
+    """MotifVideo (``MotifVideoTransformer3DModel``): the joint attention ``attn`` of its double- and
+    single-stream blocks at its call, after the rotary embedding, over ``[video, text]`` (in the decoder
+    layers ``[video, the encoder's video output]``: only the first, the block's own, are reduced); the
+    double-stream video feed-forward ``ff`` at block level (``merge_mlp``). Grid from the
+    ``[B, C, F, H, W]`` latent and the patch sizes."""
+
+    name = "diffusers-motifvideo"
+    models = frozenset({"MotifVideoTransformer3DModel"})
+    stacks = (
+        _blocks("transformer_blocks", "MotifVideoTransformerBlock", attn="attn", mlp="ff", image_first=True),
+        _blocks(
+            "single_transformer_blocks", "MotifVideoSingleTransformerBlock", attn="attn", image_first=True
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return _config_video_grid(model)
+
+
+@register_adapter
+class AnyFlowAdapter(CallSiteAdapter):
+    """AnyFlow (``AnyFlowTransformer3DModel``, bidirectional; Wan-shaped blocks): the self-attention
+    ``attn1`` of every ``AnyFlowTransformerBlock`` at its call, after the rotary embedding; the
+    cross-attention's queries (``merge_crossattn``) and ``ffn`` (``merge_mlp``) at block level. Grid from
+    the ``[B, F, C, H, W]`` latent and ``patch_size``."""
+
+    name = "diffusers-anyflow"
+    models = frozenset({"AnyFlowTransformer3DModel"})
+    stacks = (_blocks("blocks", "AnyFlowTransformerBlock", attn="attn1", crossattn="attn2", mlp="ffn"),)
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return VideoGrid(model, video_patch=_patch_size(model), frames_axis=1)
