@@ -494,6 +494,10 @@ REFUSED = {
     "SanaVideoTransformer3DModel": "linear self-attention",
     "HeliosTransformer3DModel": "history",
     "HunyuanVideoFramepackTransformer3DModel": "history",
+    "AnyFlowFARTransformer3DModel": "causal attention",
+    "WanAnimate2Transformer3DModel": "flex-attention block mask",
+    "MiniMaxH3Transformer3DModel": "packs video, text and audio",
+    "Kandinsky6Transformer3DModel": "not described yet",
 }
 
 

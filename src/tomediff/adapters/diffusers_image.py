@@ -115,6 +115,21 @@ _REFUSED = {
         "HunyuanVideo-Framepack prepends history tokens (clean, 2x and 4x downsampled latents) to the video "
         "tokens, so the attention sequence is [history, video, text] and its video tokens are not one grid"
     ),
+    "AnyFlowFARTransformer3DModel": (
+        "AnyFlow-FAR generates frame by frame with causal attention (a block mask and a cache of earlier "
+        "frames' keys/values), so a call's keys are not its own video grid"
+    ),
+    "WanAnimate2Transformer3DModel": (
+        "Wan-Animate-2 attends through a flex-attention block mask over packed [generation | cached "
+        "reference] buffers (flex backend only), with no scaled-dot-product attention call to reduce at"
+    ),
+    "MiniMaxH3Transformer3DModel": (
+        "MiniMax-H3 packs video, text and audio rows into one sequence in an order its caller chooses "
+        "(scattered by index), so the video rows are not one grid at a known place"
+    ),
+    "Kandinsky6Transformer3DModel": (
+        "Kandinsky 6's fused video/audio decoder blocks (cross-modal attention) are not described yet"
+    ),
     # Audio and other 1-D models: their tokens are a sequence in time, with no image or video grid.
     "StableAudioDiTModel": "Stable Audio is an audio model: its tokens have no image or video grid",
     "StableAudio3DiTModel": "Stable Audio 3 is an audio model: its tokens have no image or video grid",
