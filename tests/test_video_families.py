@@ -522,3 +522,30 @@ def test_random_partition_on_a_video_grid_at_an_even_batch() -> None:
         assert handle.report().partition == "random"
     assert not torch.equal(out, reference)
     assert [(q, k) for q, k in call_shapes(spy) if k != 7] == [(NUM - NUM // 2, NUM - NUM // 4)] * 2
+
+
+def test_plans_split_by_sample_act_like_the_batch_plan_on_that_sample() -> None:
+    """``sample(i)`` (used for per-sample attention calls) gives sample ``i``'s rows of every plan."""
+    from tomediff.ops import GridDownsample, KeepPlan, SharedMergePlan, grid_partition, plan_merge
+
+    gen = torch.Generator().manual_seed(3)
+    height, width, batch = 6, 4, 3
+    x = torch.randn(batch, height * width, 8, generator=gen)
+    partition = grid_partition(height, width, 2, 2, torch.zeros(height // 2, width // 2, dtype=torch.int64))
+    merge = plan_merge(x, partition, 9)
+    shared_one = plan_merge(x[:1], partition, 9)
+    assert merge is not None and shared_one is not None
+    shared = SharedMergePlan.build(shared_one, partition.dst_idx, batch)
+    keep = KeepPlan.build(batch, height * width, 10, x.device)
+    for plan in (merge, shared, keep):
+        merged = plan.merge(x)
+        for index in range(batch):
+            one = plan.sample(index)
+            assert one.batch == 1 and one.num_merged == plan.num_merged
+            assert torch.equal(one.merge(x[index : index + 1]), merged[index : index + 1])
+            assert torch.equal(
+                one.unmerge(merged[index : index + 1]), plan.unmerge(merged)[index : index + 1]
+            )
+    grid = GridDownsample.build(batch, 3 * 2, width, 2, "avg", frames=3, time_factor=2)
+    reduced = grid.reduce(x)
+    assert torch.equal(grid.sample(1).reduce(x[1:2]), reduced[1:2])
