@@ -334,6 +334,43 @@ def anyflow_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, .
     }
 
 
+def tiny_kandinsky6() -> nn.Module:
+    torch.manual_seed(0)
+    model = diffusers.Kandinsky6Transformer3DModel(
+        in_visual_dim=4,
+        out_visual_dim=4,
+        in_text_dim=16,
+        in_text_dim2=8,
+        time_dim=16,
+        patch_size=(1, 2, 2),
+        model_dim=32,
+        ff_dim=32,
+        num_text_blocks=1,
+        num_visual_blocks=2,
+        axes_dims=(4, 6, 6),
+        visual_cond=False,
+        in_audio_dim=4,
+        out_audio_dim=4,
+        model_dim_a=16,
+        ff_dim_a=16,
+        axes_dims_a=(4, 6, 6),
+    )
+    return _randomize_zero_init(model)
+
+
+def kandinsky6_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    frames, height, width = grid
+    gen = torch.Generator().manual_seed(1)
+    return (), {
+        "hidden_states": torch.randn(batch, frames, 2 * height, 2 * width, 4, generator=gen),
+        "encoder_hidden_states": torch.randn(batch, 6, 16, generator=gen),
+        "pooled_projections": torch.randn(batch, 8, generator=gen),
+        "timestep": torch.full((batch,), 500.0),
+        "audio_hidden_states": torch.randn(batch, 5, 4, generator=gen),  # video with audio
+        "return_dict": False,
+    }
+
+
 # Every video model class added here, with its tiny config and inputs.
 VIDEO_FAMILIES = {
     "LTX2VideoTransformer3DModel": Family(tiny_ltx2, ltx2_inputs, video=True),
@@ -345,6 +382,7 @@ VIDEO_FAMILIES = {
     "WanAnimateTransformer3DModel": Family(tiny_wan_animate, wan_animate_inputs, video=True),
     "MotifVideoTransformer3DModel": Family(tiny_motifvideo, motifvideo_inputs, video=True),
     "AnyFlowTransformer3DModel": Family(tiny_anyflow, anyflow_inputs, video=True),
+    "Kandinsky6Transformer3DModel": Family(tiny_kandinsky6, kandinsky6_inputs, video=True),
 }
 
 _BUILT: dict[str, nn.Module] = {}
@@ -406,10 +444,16 @@ def test_video_family_ratio_zero_removal_and_token_counts_inside_attention(name:
 
 
 @pytest.mark.parametrize(
-    "name", ["LTX2VideoTransformer3DModel", "Kandinsky5Transformer3DModel", "MochiTransformer3DModel"]
+    "name",
+    [
+        "LTX2VideoTransformer3DModel",
+        "Kandinsky5Transformer3DModel",
+        "Kandinsky6Transformer3DModel",
+        "MochiTransformer3DModel",
+    ],
 )
 def test_block_level_sites_merge_the_video_tokens(name: str) -> None:
-    """Merging with the cross-attention / feed-forward sites the family declares (LTX-2, Kandinsky 5:
+    """Merging with the cross-attention / feed-forward sites the family declares (LTX-2, Kandinsky 5/6:
     video cross-attention queries and feed-forward; Mochi: video feed-forward)."""
     model = built(name)
     inputs = VIDEO_FAMILIES[name].inputs(2, GRID)
@@ -420,7 +464,8 @@ def test_block_level_sites_merge_the_video_tokens(name: str) -> None:
     merged = NUM - NUM // 2
     for (q, k), (q0, k0) in zip(call_shapes(spy), call_shapes(base), strict=True):
         # Self/joint attention and the prompt cross-attention (6 keys; Mochi has none) get merged video
-        # queries; LTX-2's audio-to-video cross-attention (5 audio keys) is no site and keeps them all.
+        # queries; LTX-2's and Kandinsky 6's audio-to-video cross-attention (5 audio keys) is no site and
+        # keeps them all.
         reduced = q0 == k0 >= NUM or (q0 == NUM and k0 == 6)
         assert q == (q0 - NUM + merged if reduced else q0), (q, k, q0, k0)
     assert torch.equal(family_run(model, inputs)[0], reference)
@@ -497,7 +542,6 @@ REFUSED = {
     "AnyFlowFARTransformer3DModel": "causal attention",
     "WanAnimate2Transformer3DModel": "flex-attention block mask",
     "MiniMaxH3Transformer3DModel": "packs video, text and audio",
-    "Kandinsky6Transformer3DModel": "not described yet",
 }
 
 

@@ -34,7 +34,7 @@ def call_site_specs(
     for index, block in enumerate(blocks):
         if not class_name_in(block, names):
             continue
-        attn = getattr(block, sites["attn"])
+        attn = block.get_submodule(sites["attn"])  # a dotted path reaches into a sub-block
         found = [
             Site(
                 attn,
@@ -46,11 +46,21 @@ def call_site_specs(
             )
         ]
         for kind in ("crossattn", "mlp"):
-            module = getattr(block, sites.get(kind, ""), None)
-            if isinstance(module, nn.Module):
+            module = _submodule(block, sites.get(kind))
+            if module is not None:
                 found.append(Site(module, kind))  # type: ignore[arg-type]
         specs.append(BlockSpec(f"{prefix}.{index}", block, 1, grid, tuple(found), image_last=image_last))
     return specs
+
+
+def _submodule(block: nn.Module, path: str | None) -> nn.Module | None:
+    """``block``'s submodule at the dotted ``path``, or None when it has none there."""
+    if not path:
+        return None
+    try:
+        return block.get_submodule(path)
+    except AttributeError:  # e.g. a block without a cross-attention
+        return None
 
 
 @dataclass(frozen=True)
@@ -60,7 +70,7 @@ class BlockStack:
     Attributes:
         attr: the model attribute holding the blocks (also the prefix of their spec names).
         block_classes: the class names of the blocks to reduce; others are left alone.
-        attn: the block's self/joint attention (its call site).
+        attn: the block's self/joint attention (its call site; a dotted path for a sub-block's).
         crossattn, mlp: the block's cross-attention / feed-forward, merged at block level, if any.
         image_first: the attention sequence is ``[image, text]`` (else ``[text, image]``).
         image_last: the block input is already ``[text, image]`` (single-stream blocks).

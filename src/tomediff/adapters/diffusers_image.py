@@ -127,9 +127,6 @@ _REFUSED = {
         "MiniMax-H3 packs video, text and audio rows into one sequence in an order its caller chooses "
         "(scattered by index), so the video rows are not one grid at a known place"
     ),
-    "Kandinsky6Transformer3DModel": (
-        "Kandinsky 6's fused video/audio decoder blocks (cross-modal attention) are not described yet"
-    ),
     # Audio and other 1-D models: their tokens are a sequence in time, with no image or video grid.
     "StableAudioDiTModel": "Stable Audio is an audio model: its tokens have no image or video grid",
     "StableAudio3DiTModel": "Stable Audio 3 is an audio model: its tokens have no image or video grid",
@@ -159,6 +156,7 @@ class RefusedFamilyAdapter(Adapter):
             f"tomediff does not reduce tokens in {name} yet: {_REFUSED[name]}. Supported diffusion "
             "transformers: SD3, Flux.1, Flux.2, Chroma, Bria, LongCat-Image, Ovis-Image, Qwen-Image, "
             "CogView4, AuraFlow, Sana, PixArt, DiT, Wan 2.x, HunyuanVideo 1.0/1.5, CogVideoX, LTX-Video, "
-            "Allegro, Cosmos, LTX-2, Kandinsky 5, Mochi, EasyAnimate, ConsisID, ChronoEdit, Wan-Animate "
+            "Allegro, Cosmos, LTX-2, Kandinsky 5, Mochi, EasyAnimate, ConsisID, ChronoEdit, Wan-Animate, "
+            "MotifVideo, AnyFlow, Kandinsky 6 "
             "(see docs/dits.md)."
         )

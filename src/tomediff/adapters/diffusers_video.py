@@ -1,5 +1,5 @@
 """diffusers' video diffusion transformers: Wan 2.1/2.2 (and ChronoEdit, Wan-Animate), HunyuanVideo,
-CogVideoX (and ConsisID), LTX-Video, LTX-2, Kandinsky 5, EasyAnimate, Mochi, MotifVideo, AnyFlow,
+CogVideoX (and ConsisID), LTX-Video, LTX-2, Kandinsky 5/6, EasyAnimate, Mochi, MotifVideo, AnyFlow,
 Allegro and Cosmos.
 
 Their blocks see a video latent ``[B, C, F, H, W]`` patchified by ``patch_size = (pt, ph, pw)`` into
@@ -33,6 +33,7 @@ __all__ = [
     "HunyuanVideo15Adapter",
     "HunyuanVideoAdapter",
     "Kandinsky5Adapter",
+    "Kandinsky6Adapter",
     "LTX2VideoAdapter",
     "LTXVideoAdapter",
     "MochiAdapter",
@@ -390,3 +391,28 @@ class AnyFlowAdapter(CallSiteAdapter):
     @classmethod
     def grid(cls, model: nn.Module) -> GridSource:
         return VideoGrid(model, video_patch=_patch_size(model), frames_axis=1)
+
+
+@register_adapter
+class Kandinsky6Adapter(CallSiteAdapter):
+    """Kandinsky 6 (``Kandinsky6Transformer3DModel``, video with optional audio): in every
+    ``Kandinsky6FusedTransformerDecoderBlock``, the video self-attention (``video_dec_block``'s) at its
+    call, after the rotary embedding; the video cross-attention's queries (``merge_crossattn``) and the
+    video feed-forward (``merge_mlp``) at block level. The audio stream and the audio-video
+    cross-attentions are left alone. Grid from the ``[B, F, H, W, C]`` latent and ``patch_size``."""
+
+    name = "diffusers-kandinsky6"
+    models = frozenset({"Kandinsky6Transformer3DModel"})
+    stacks = (
+        _blocks(
+            "visual_transformer_blocks",
+            "Kandinsky6FusedTransformerDecoderBlock",
+            attn="video_dec_block.self_attention",
+            crossattn="video_dec_block.cross_attention",
+            mlp="video_dec_block.feed_forward",
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return VideoGrid(model, video_patch=_patch_size(model), frames_axis=1, spatial_axes=(2, 3))
