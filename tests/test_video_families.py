@@ -593,3 +593,43 @@ def test_plans_split_by_sample_act_like_the_batch_plan_on_that_sample() -> None:
     grid = GridDownsample.build(batch, 3 * 2, width, 2, "avg", frames=3, time_factor=2)
     reduced = grid.reduce(x)
     assert torch.equal(grid.sample(1).reduce(x[1:2]), reduced[1:2])
+
+
+@pytest.mark.parametrize("settings", [{"method": "downsample"}, {"ratio": 0.5}])
+def test_mochi_pipeline_with_guidance_generates_end_to_end_and_restores(settings: dict[str, Any]) -> None:
+    """A whole ``MochiPipeline`` (tiny transformer, prompt embeddings built here, latents out): guidance
+    runs the unconditional and conditional halves as one batch of 2 whose prompts differ in length, so
+    every joint attention is called per sample."""
+    transformer = built("MochiTransformer3DModel")
+    scheduler = diffusers.FlowMatchEulerDiscreteScheduler()
+    pipe = diffusers.MochiPipeline(
+        scheduler=scheduler, vae=None, text_encoder=None, tokenizer=None, transformer=transformer
+    )
+    gen = torch.Generator().manual_seed(0)
+    prompt, negative = torch.randn(1, 6, 16, generator=gen), torch.randn(1, 6, 16, generator=gen)
+    mask, negative_mask = torch.ones(1, 6, dtype=torch.long), torch.zeros(1, 6, dtype=torch.long)
+    negative_mask[:, :2] = 1
+
+    def generate() -> torch.Tensor:
+        return pipe(
+            prompt_embeds=prompt,
+            prompt_attention_mask=mask,
+            negative_prompt_embeds=negative,
+            negative_prompt_attention_mask=negative_mask,
+            height=48,
+            width=32,
+            num_frames=13,  # 3 latent frames of 6 x 4, i.e. 3 x 3 x 2 tokens
+            num_inference_steps=2,
+            guidance_scale=4.5,
+            output_type="latent",
+            generator=torch.Generator().manual_seed(0),
+        ).frames
+
+    reference = generate()
+    with tomediff.tome(pipe, **settings) as handle:
+        out = generate()
+        report = handle.report()
+    assert report.calls == 2  # two steps, guidance as one batch of 2
+    assert all(b.last_call is not None and b.last_call.tokens == 18 for b in report.blocks)
+    assert out.shape == reference.shape and torch.isfinite(out).all() and not torch.equal(out, reference)
+    assert tome_hooks(transformer) == 0 and torch.equal(generate(), reference)
