@@ -104,8 +104,9 @@ _REFUSED = {
         "feed-forward through a mixture of experts; its attention-call layout is not described yet"
     ),
     "SanaVideoTransformer3DModel": (
-        "Sana-Video's linear self-attention applies its 3-D rotary table inside the processor and has no "
-        "softmax attention call to reduce at, and its feed-forward convolves the whole video grid"
+        "Sana-Video's linear self-attention has no softmax attention call to reduce at, and merging its "
+        "tokens at block level would have to reduce its 3-D rotary table ([1, N, 1, D]: tokens on axis 1) "
+        "with them, which is not implemented yet"
     ),
     "HeliosTransformer3DModel": (
         "Helios prepends history tokens (earlier frames, at several resolutions) to the video tokens of "
