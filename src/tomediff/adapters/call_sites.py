@@ -28,6 +28,7 @@ def call_site_specs(
     sequence_first: bool = False,
     inner: str | None = None,
     extra_keys: bool = False,
+    per_sample: bool = False,
     **sites: str,
 ) -> list[BlockSpec]:
     """Specs of the blocks of ``blocks`` whose class is one of ``names``: a ``"call"`` site at the
@@ -36,13 +37,13 @@ def call_site_specs(
     block input is already ``[text, image]`` / ``[image, others]`` (single-stream blocks);
     ``sequence_first``: it is ``[tokens, batch, channels]``; ``inner``: each listed module wraps its
     block in this attribute; ``extra_keys``: the attention's keys may hold more tokens than its queries,
-    before them."""
+    before them; ``per_sample``: see :attr:`Site.per_sample`."""
     specs = []
     for index, listed in enumerate(blocks):
         block = getattr(listed, inner) if inner is not None else listed
         if not class_name_in(block, names):
             continue
-        attn = getattr(block, sites["attn"])
+        attn = block.get_submodule(sites["attn"])  # a dotted path reaches into a sub-block
         found = [
             Site(
                 attn,
@@ -51,12 +52,13 @@ def call_site_specs(
                 image_first=image_first,
                 text_first=not image_first,
                 extra_keys=extra_keys,
+                per_sample=per_sample,
             )
         ]
         name = f"{prefix}.{index}" if inner is None else f"{prefix}.{index}.{inner}"
         for kind in ("crossattn", "mlp"):
-            module = getattr(block, sites.get(kind, ""), None)
-            if isinstance(module, nn.Module):  # merged at block level: refused where a cache keeps its output
+            module = _submodule(block, sites.get(kind))
+            if module is not None:  # merged at block level: refused where a cache keeps its output
                 conflict = ReplayedOutputCheck(module, f"{name}.{sites[kind]}")
                 found.append(Site(module, kind, conflict=conflict))  # type: ignore[arg-type]
         specs.append(
@@ -74,6 +76,16 @@ def call_site_specs(
     return specs
 
 
+def _submodule(block: nn.Module, path: str | None) -> nn.Module | None:
+    """``block``'s submodule at the dotted ``path``, or None when it has none there."""
+    if not path:
+        return None
+    try:
+        return block.get_submodule(path)
+    except AttributeError:  # e.g. a block without a cross-attention
+        return None
+
+
 @dataclass(frozen=True)
 class BlockStack:
     """One list of a model's blocks reduced at the attention call.
@@ -82,7 +94,7 @@ class BlockStack:
         attr: the model attribute holding the blocks (also the prefix of their spec names); a dotted
             path for a list inside a dict of lists (Flux 3's ``mode_blocks.image``).
         block_classes: the class names of the blocks to reduce; others are left alone.
-        attn: the block's self/joint attention (its call site).
+        attn: the block's self/joint attention (its call site; a dotted path for a sub-block's).
         crossattn, mlp: the block's cross-attention / feed-forward, merged at block level, if any.
         image_first: the attention sequence is ``[image, text]`` (else ``[text, image]``).
         image_last: the block input is already ``[text, image]`` (single-stream blocks).
@@ -92,6 +104,7 @@ class BlockStack:
         extra_keys: the attention's keys may hold more tokens than its queries, before them (PRX's text
             keys for image queries, GLM-Image's cached condition-image keys).
         optional: the model may lack this list (e.g. no single-stream blocks).
+        per_sample: the attention may be called once per sample (:attr:`Site.per_sample`).
     """
 
     attr: str
@@ -106,6 +119,7 @@ class BlockStack:
     inner: str | None = None
     extra_keys: bool = False
     optional: bool = False
+    per_sample: bool = False
 
     def specs(self, model: nn.Module, grid: GridSource) -> list[BlockSpec]:
         try:
@@ -126,6 +140,7 @@ class BlockStack:
             sequence_first=self.sequence_first,
             inner=self.inner,
             extra_keys=self.extra_keys,
+            per_sample=self.per_sample,
             **{kind: name for kind, name in sites.items() if name is not None},
         )
 

@@ -415,10 +415,39 @@ _REFUSED = {
         "condition images) plus one for the target image, placed by the vision-language template; that "
         "attention-call layout is not described yet"
     ),
-    "MochiTransformer3DModel": (
-        "Mochi's asymmetric joint attention runs per sample on the unpadded text, with the video tokens "
-        "in a separate stream; its attention-call layout is not described yet"
+    "SanaVideoTransformer3DModel": (
+        "Sana-Video's linear self-attention has no softmax attention call to reduce at, and merging its "
+        "tokens at block level would have to reduce its 3-D rotary table ([1, N, 1, D]: tokens on axis 1) "
+        "with them, which is not implemented yet"
     ),
+    "HeliosTransformer3DModel": (
+        "Helios prepends history tokens (earlier frames, at several resolutions) to the video tokens of "
+        "every block, so the video tokens are not one grid"
+    ),
+    "HunyuanVideoFramepackTransformer3DModel": (
+        "HunyuanVideo-Framepack prepends history tokens (clean, 2x and 4x downsampled latents) to the video "
+        "tokens, so the attention sequence is [history, video, text] and its video tokens are not one grid"
+    ),
+    "AnyFlowFARTransformer3DModel": (
+        "AnyFlow-FAR generates frame by frame with causal attention (a block mask and a cache of earlier "
+        "frames' keys/values), so a call's keys are not its own video grid"
+    ),
+    "WanAnimate2Transformer3DModel": (
+        "Wan-Animate-2 attends through a flex-attention block mask over packed [generation | cached "
+        "reference] buffers (flex backend only), with no scaled-dot-product attention call to reduce at"
+    ),
+    "MiniMaxH3Transformer3DModel": (
+        "MiniMax-H3 packs video, text and audio rows into one sequence in an order its caller chooses "
+        "(scattered by index), so the video rows are not one grid at a known place"
+    ),
+    # Audio and other 1-D models: their tokens are a sequence in time, with no image or video grid.
+    "StableAudioDiTModel": "Stable Audio is an audio model: its tokens have no image or video grid",
+    "StableAudio3DiTModel": "Stable Audio 3 is an audio model: its tokens have no image or video grid",
+    "AceStepTransformer1DModel": "ACE-Step is an audio (music) model: its tokens have no image or video grid",
+    "MiniMaxMusic3Transformer1DModel": (
+        "MiniMax Music 3 is an audio (music) model: its tokens have no image or video grid"
+    ),
+    "LongCatAudioDiTTransformer": "LongCat-Audio is an audio model: its tokens have no image or video grid",
 }
 
 
@@ -440,6 +469,7 @@ class RefusedFamilyAdapter(Adapter):
             f"tomediff does not reduce tokens in {name} yet: {_REFUSED[name]}. Supported diffusion "
             "transformers: SD3, Flux.1, Flux.2, Flux 3, Chroma, Bria, LongCat-Image, Ovis-Image, Qwen-Image, "
             "Z-Image, HiDream, HunyuanDiT, HunyuanImage 2.1, Lumina2, Lumina-Next, CogView3-Plus, CogView4, "
-            "GLM-Image, Krea 2, ERNIE-Image, PRX, OmniGen, AuraFlow, Sana, PixArt, DiT, Wan 2.x, "
-            "HunyuanVideo 1.0/1.5, CogVideoX, LTX-Video, Allegro, Cosmos (see docs/dits.md)."
+            "GLM-Image, Krea 2, ERNIE-Image, PRX, OmniGen, AuraFlow, Sana, PixArt, DiT, Wan 2.x (and VACE, "
+            "ChronoEdit, Wan-Animate), SkyReels-V2, HunyuanVideo 1.0/1.5, CogVideoX, ConsisID, LTX-Video, "
+            "LTX-2, Kandinsky 5/6, Mochi, EasyAnimate, MotifVideo, AnyFlow, Allegro, Cosmos (see docs/dits.md)."
         )

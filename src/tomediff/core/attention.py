@@ -104,6 +104,7 @@ class _AttentionCallMode(TorchFunctionMode):
         self.calls += 1
         if plan is None:  # the reducer reduces nothing in this block call
             return func(query, key, value, attn_mask=values["attn_mask"], **options)
+        plan = self._call_plan(plan, query)
         # With extra keys before them, the image tokens are the last queries and the last keys.
         query_start = queries - plan.num_tokens if extra else None
         start = self._image_start(plan, key)
@@ -118,6 +119,18 @@ class _AttentionCallMode(TorchFunctionMode):
             made = self._plan.make()
             self._plan = None if made is None else attention_plan(made, self.reduce_queries)
         return self._plan
+
+    def _call_plan(self, plan: AttentionPlan, query: torch.Tensor) -> AttentionPlan:
+        """The plan of this attention call: the block's, or for a site whose attention runs once per
+        sample (``per_sample``), the plan of the sample this call is for (calls come in batch order)."""
+        if not (self.site.per_sample and query.shape[0] == 1 and plan.batch > 1):
+            return plan
+        if self.calls > plan.batch:
+            raise MergeCallError(
+                f"tomediff expected the attention of block '{self.block_name}' to be called once per "
+                f"sample ({plan.batch} calls), but it was called {self.calls} times."
+            )
+        return plan.sample(self.calls - 1)
 
     def _image_start(self, plan: AttentionPlan, key: torch.Tensor) -> int:
         """Where the image tokens start in the keys (and in the queries, unless there are fewer)."""

@@ -183,6 +183,7 @@ class VideoGrid(GridSource):
 
     video_patch: tuple[int, int, int] = (1, 1, 1)
     frames_axis: int = 2  # CogVideoX's input is [B, F, C, H, W]: 1
+    spatial_axes: tuple[int, int] = (-2, -1)  # Kandinsky 5's input is [B, F, H, W, C]: (2, 3)
 
     def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:  # type: ignore[override]
         _, x = find_input(args, kwargs, self.input_names)
@@ -190,7 +191,8 @@ class VideoGrid(GridSource):
             return None
         pt, ph, pw = self.video_patch
         frames = math.ceil(int(x.shape[self.frames_axis]) / pt) if x.dim() == 5 else 1
-        return frames, int(x.shape[-2]) // ph, int(x.shape[-1]) // pw
+        height_axis, width_axis = self.spatial_axes
+        return frames, int(x.shape[height_axis]) // ph, int(x.shape[width_axis]) // pw
 
 
 @dataclass(frozen=True, eq=False)
@@ -284,6 +286,9 @@ class Site:
         extra_keys: (``"call"`` sites, ``text_first``) the keys may hold more tokens than the queries,
             before them (tokens only attended to: PRX's text, GLM-Image's cached condition-image tokens);
             the image tokens are the last N of the queries and of the keys.
+        per_sample: (``"call"`` sites) the module may call attention once per sample, in batch order,
+            with a batch of one (Mochi, whose text length differs per sample): each call gets the plan
+            of its sample.
         call_only_for_kv: (``"call"`` sites) the block also has a block-level site merging this
             attention's tokens (with ``method="merge"``); the call site then acts only for what that one
             cannot do: key/value reduction (``method="downsample"``, ``kv_ratio``).
@@ -312,6 +317,7 @@ class Site:
     call_only_for_kv: bool = False
     output_index: int = 0
     inside: Site | None = None
+    per_sample: bool = False
 
 
 @dataclass(frozen=True, eq=False)

@@ -61,6 +61,21 @@ class AttentionPlan:
     def num_queries(self) -> int:
         return int(self.queries.num_merged) if self.queries is not None else self.num_tokens
 
+    def sample(self, index: int) -> AttentionPlan:
+        """The plan of batch element ``index`` alone, for a model that calls attention once per sample
+        (Mochi). Its token plans need a ``sample(index)`` method."""
+        keys = _sample(self.keys, index)
+        queries = keys if self.queries is self.keys else _sample(self.queries, index)
+        return AttentionPlan(queries, keys)
+
+
+def _sample(plan: Any, index: int) -> Any:
+    if plan is None or plan.batch == 1:
+        return plan
+    if not hasattr(plan, "sample"):
+        raise TypeError(f"a {type(plan).__name__} cannot be split by batch element (it has no sample()).")
+    return plan.sample(index)
+
 
 def _heads_to_tokens(x: torch.Tensor) -> torch.Tensor:
     """``[B, H, N, D] -> [B, N, H*D]``."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Literal
@@ -98,6 +99,10 @@ class GridDownsample:
                 x, f, self.height // f, self.width, self.time_factor, self.factor, self.factor, self.mode
             )
         return downsample_grid(x, self.height, self.width, self.factor, self.mode)
+
+    def sample(self, index: int) -> GridDownsample:
+        """The plan of one batch element (batch 1; every element is downsampled alike)."""
+        return dataclasses.replace(self, batch=1)
 
     def kept_index(self, device: torch.device) -> torch.Tensor | None:
         """``[M]`` the tokens ``reduce`` keeps when it only selects (``mode="nearest"``), else None."""

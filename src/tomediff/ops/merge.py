@@ -7,6 +7,7 @@ averages the tokens that share a slot (one scatter-add, then a multiply by the p
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -122,6 +123,12 @@ class MergePlan:
         """Reduce axis ``dim`` (size N) of an attention mask to the M slots."""
         return _merge_mask_by_slot(mask, dim, self.local_slot, self.batch, self.num_merged)
 
+    def sample(self, index: int) -> MergePlan:
+        """The plan of batch element ``index`` alone (batch 1), for attention computed per sample."""
+        n, m = self.num_tokens, self.num_merged
+        flat_slot = self.flat_slot[index * n : (index + 1) * n] - index * m
+        return MergePlan(flat_slot, self.counts[index * m : (index + 1) * m], 1, n, m)
+
     def repeat_batch(self, times: int) -> MergePlan:
         """The same grouping for ``times`` stacked copies of the batch: sample ``b + k * B`` is merged
         like sample ``b`` (e.g. one plan for both halves of classifier-free guidance)."""
@@ -179,6 +186,10 @@ class KeepPlan:
 
     def merge_mask(self, mask: torch.Tensor, dim: int) -> torch.Tensor:
         return mask.narrow(dim, 0, self.num_merged)
+
+    def sample(self, index: int) -> KeepPlan:
+        """The plan of one batch element (batch 1; every element keeps the same tokens)."""
+        return dataclasses.replace(self, batch=1)
 
     @property
     def positions(self) -> torch.Tensor:

@@ -102,6 +102,10 @@ class SharedMergePlan:
     def merge_mask(self, mask: torch.Tensor, dim: int) -> torch.Tensor:
         return self.plan.merge_mask(mask, dim)
 
+    def sample(self, index: int) -> SharedMergePlan:
+        """The plan of batch element ``index`` alone (batch 1)."""
+        return SharedMergePlan(self.plan.sample(index), self.positions)
+
 
 def merge_trailing(x: torch.Tensor, plan: TokenPlan, prefix: int) -> torch.Tensor:
     """Merge the last ``N`` tokens of ``x`` with ``plan``, keeping the first ``prefix`` as they are.
