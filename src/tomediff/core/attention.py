@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from tomediff.core.actions import SiteAction
 from tomediff.core.calls import Args, Kwargs
+from tomediff.core.parallel import ulysses_group
 from tomediff.core.reducers import PlanRequest, Reducer
 from tomediff.core.selection import LevelSetting
 from tomediff.core.spec import Site
@@ -117,12 +118,7 @@ class AttentionCallAction(SiteAction):
         self.reduce_queries = reduce_queries
 
     def before(self, plan: Any, site: Site, block_name: str, args: Args, kwargs: Kwargs) -> None:
-        if getattr(getattr(site.module, "processor", None), "_parallel_config", None) is not None:
-            raise MergeCallError(
-                f"tomediff cannot reduce the attention of block '{block_name}' under diffusers' context "
-                "parallelism (its attention sees a shard of the sequence or of the heads, whose image "
-                "tokens tomediff cannot place); disable context parallelism or tomediff."
-            )
+        ulysses_group((site,), block_name)  # raises for the parallel settings it cannot reduce under
         mode = _AttentionCallMode(attention_plan(plan, self.reduce_queries), site, block_name)
         torch._C._push_on_torch_function_stack(mode)
         return None
