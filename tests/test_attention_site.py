@@ -298,3 +298,13 @@ def test_context_parallel_attention_is_refused(parallel: SimpleNamespace, messag
     handle.remove()
     with tomediff.tome(model, ratio=0.25, kv_ratio=0.5) as handle:
         assert "kv_ratio=0.5" in str(handle.report())
+
+
+def test_unflatten_inside_the_attention_mode_is_the_builtin_one() -> None:
+    from tomediff.core.attention import _AttentionCallMode
+
+    x = torch.arange(8.0).view(2, 4)
+    with _AttentionCallMode(None, None, "block"):  # type: ignore[arg-type]
+        plain = x.unflatten(1, (2, -1))  # the builtin torch.unflatten (traceable by torch.compile)
+        by_keyword = x.unflatten(dim=1, sizes=(2, 2))
+    assert torch.equal(plain, x.view(2, 2, 2)) and torch.equal(by_keyword, plain)

@@ -72,6 +72,11 @@ class _AttentionCallMode(TorchFunctionMode):
     def __torch_function__(self, func: Any, types: Any, args: Args = (), kwargs: Kwargs | None = None) -> Any:
         kwargs = kwargs or {}
         if func is not F.scaled_dot_product_attention:
+            # Tensor.unflatten's Python body calls super(), which torch.compile cannot trace inside the mode:
+            # the builtin torch.unflatten does the same (an identity test, not a dict lookup, so that dynamo
+            # resolves it while tracing).
+            if func is torch.Tensor.unflatten:
+                return torch.unflatten(*args, **kwargs)
             method = _PYTHON_TENSOR_METHODS.get(func)
             if method is not None and args and isinstance(args[0], torch.Tensor):
                 return getattr(args[0], method)(*args[1:], **kwargs)

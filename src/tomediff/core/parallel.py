@@ -44,10 +44,13 @@ def ulysses_group(sites: Iterable[Site], block_name: str) -> Any | None:
     (``ulysses_anything``), and sites whose sequence is not the image tokens alone or which act on the
     block's (sharded) tokens rather than at the attention call."""
     sites = tuple(sites)
-    configs = [(site, config) for site in sites if (config := context_parallel_config(site)) is not None]
-    if not configs:
+    config = None
+    for site in sites:  # a loop, not a comprehension: torch.compile traces this hook without a break
+        config = context_parallel_config(site)
+        if config is not None:
+            break
+    if config is None:
         return None
-    config = configs[0][1]
     prefix = f"tomediff cannot reduce block '{block_name}' under diffusers' context parallelism"
     if config.ring_degree > 1:
         raise MergeCallError(
