@@ -4,6 +4,7 @@ grid), the image case unchanged."""
 from __future__ import annotations
 
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
 import torch
@@ -90,3 +91,20 @@ def test_st_is_validated() -> None:
         tomediff.ToMeConfig(st=0)
     with pytest.raises(ConfigError, match=r"st=2 .* method='merge' only .* downsample_factor_time"):
         tomediff.ToMeConfig(st=2, method="downsample")
+
+
+@pytest.mark.parametrize("options", [{"use_rand": False}, {"use_rand": True}, {"st": 2}])
+def test_wan_with_frames_sy_does_not_divide_merges_and_removes_cleanly(options: dict[str, Any]) -> None:
+    from test_dit_families import tiny_wan, wan_inputs, wan_run
+
+    model = tiny_wan()
+    args, kwargs = wan_inputs(batch=2, frames=3, height=10, width=8)  # 3 frames of 5 x 4 tokens
+    base = wan_run(model, args, kwargs)
+    handle = tomediff.apply_tome(model, ratio=0.5, **options)
+    out = wan_run(model, args, kwargs)
+    assert torch.isfinite(out).all() and not torch.equal(out, base)
+    stats = handle.report().blocks[0].last_call
+    assert stats is not None and (stats.tokens, stats.tokens_after_merge) == (60, 60 - 30)
+    assert ("st=2" in str(handle.report())) == ("st" in options)
+    handle.remove()
+    assert torch.equal(wan_run(model, args, kwargs), base)
