@@ -5,6 +5,7 @@ and Wan 2.x through it (tiny random-weight configs)."""
 from __future__ import annotations
 
 import math
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -259,20 +260,51 @@ def test_an_attention_computed_without_sdpa_is_refused_and_the_mode_stack_is_lef
     assert torch.overrides._get_current_function_mode_stack() == []
 
 
-def test_context_parallel_attention_is_refused() -> None:
+def _context_parallel(ring: int = 1, ulysses: int = 1, anything: bool = False) -> SimpleNamespace:
+    """What ``enable_parallelism()`` sets as every processor's ``_parallel_config`` (the fields read)."""
+    config = SimpleNamespace(
+        _world_size=ring * ulysses, ring_degree=ring, ulysses_degree=ulysses, ulysses_anything=anything
+    )
+    return SimpleNamespace(context_parallel_config=config)
+
+
+@pytest.mark.parametrize(
+    ("parallel", "message"),
+    [
+        (
+            _context_parallel(ring=2),
+            r"context parallelism with ring attention \(ring_degree=2\).*ulysses_degree",
+        ),
+        (_context_parallel(ulysses=2, anything=True), "context parallelism with ulysses_anything=True"),
+        (_context_parallel(ulysses=2), "joins text and image tokens in one sequence"),
+    ],
+)
+def test_context_parallel_attention_is_refused(parallel: SimpleNamespace, message: str) -> None:
     model = tiny_flux()
     x, kwargs = flux_inputs(batch=1)
-    processor = model.transformer_blocks[0].attn.processor
+    processors = [block.attn.processor for block in model.transformer_blocks]
     handle = tomediff.apply_tome(model, method="downsample")
     report = str(handle.report())
     assert "method=downsample" in report
-    processor._parallel_config = object()  # what enable_parallelism() sets on every processor
+    for processor in processors:
+        processor._parallel_config = parallel
     try:
-        with pytest.raises(MergeCallError, match="context parallelism"):
+        with pytest.raises(MergeCallError, match=message):
             run(model, x, kwargs)
     finally:
-        del processor._parallel_config
+        for processor in processors:
+            del processor._parallel_config
     assert torch.overrides._get_current_function_mode_stack() == []
     handle.remove()
     with tomediff.tome(model, ratio=0.25, kv_ratio=0.5) as handle:
         assert "kv_ratio=0.5" in str(handle.report())
+
+
+def test_unflatten_inside_the_attention_mode_is_the_builtin_one() -> None:
+    from tomediff.core.attention import _AttentionCallMode
+
+    x = torch.arange(8.0).view(2, 4)
+    with _AttentionCallMode(None, None, "block"):  # type: ignore[arg-type]
+        plain = x.unflatten(1, (2, -1))  # the builtin torch.unflatten (traceable by torch.compile)
+        by_keyword = x.unflatten(dim=1, sizes=(2, 2))
+    assert torch.equal(plain, x.view(2, 2, 2)) and torch.equal(by_keyword, plain)

@@ -16,7 +16,14 @@ import tomediff
 from tomediff.bench.measure import forward
 from tomediff.bench.models import MODELS, build_model, get_model_spec, make_inputs, parameter_count
 from tomediff.bench.report import CSV_FIELDS
-from tomediff.bench.runner import MIN_AVAILABLE_SAVING, BenchConfig, Record, _derive, run_benchmark
+from tomediff.bench.runner import (
+    MIN_AVAILABLE_SAVING,
+    BenchConfig,
+    Record,
+    _derive,
+    at_timestep,
+    run_benchmark,
+)
 from tomediff.bench.variants import MergeSettings, make_variant
 from tomediff.cli import bench_cmd
 
@@ -369,6 +376,76 @@ def test_flux2_inputs_run_with_every_kind_of_setting() -> None:
     assert inputs.args[0].shape == (2, 16 * 16, 128) and inputs.kwargs["img_ids"].shape == (2, 256, 4)
     base = forward(model, inputs)
     assert base.shape == (2, 256, 128) and torch.isfinite(base).all()
+    for options in ({"ratio": 0.5}, {"method": "downsample"}, {"ratio": 0.0, "kv_ratio": 0.75}):
+        variant = make_variant("tomediff", MergeSettings(**options, use_rand=False))
+        variant.apply(model)
+        out = forward(model, inputs)
+        variant.remove(model)
+        assert torch.isfinite(out).all() and not torch.equal(out, base), options
+    assert torch.equal(forward(model, inputs), base)
+
+
+def test_wan14b_hunyuanvideo_and_qwen_image_configs_are_the_published_ones() -> None:
+    wan = build_on_meta("wan-14b")
+    assert len(wan.blocks) == 40 and wan.blocks[0].attn1.to_q.in_features == 40 * 128 == 5120
+    assert wan.blocks[0].ffn.net[0].proj.out_features == 13824
+    hunyuan = build_on_meta("hunyuanvideo")
+    assert type(hunyuan).__name__ == "HunyuanVideoTransformer3DModel"
+    assert len(hunyuan.transformer_blocks) == 20 and len(hunyuan.single_transformer_blocks) == 40
+    assert hunyuan.transformer_blocks[0].attn.to_q.in_features == 24 * 128 == 3072
+    qwen = build_on_meta("qwen-image")
+    assert type(qwen).__name__ == "QwenImageTransformer2DModel"
+    assert len(qwen.transformer_blocks) == 60 and qwen.txt_in.in_features == 3584
+    # Published as "14B", "13B" and "20B"; the counts these configs build.
+    counts = [parameter_count(model) for model in (wan, hunyuan, qwen)]
+    assert counts == [14_288_491_584, 12_821_012_544, 20_430_401_088]
+
+
+def test_token_counts_of_the_new_video_and_image_entries() -> None:
+    from tomediff.bench.runner import _tokens
+
+    assert _tokens(MODELS["wan-14b"], 480) == 32_760 and _tokens(MODELS["wan-14b"], 720) == 75_600
+    # 1280x720, 129 frames: latent 33 x 90 x 160, 2x2 patches -> 33 x 45 x 80 tokens.
+    hunyuan = MODELS["hunyuanvideo"]
+    assert _tokens(hunyuan, 720) == 33 * 45 * 80 == 118_800
+    assert make_inputs(hunyuan, 1, 720, device="meta").args[0].shape == (1, 16, 33, 90, 160)
+    assert _tokens(MODELS["qwen-image"], 1328) == 83 * 83 == 6889
+    for name in ("wan-14b", "hunyuanvideo", "qwen-image"):
+        spec = MODELS[name]
+        assert spec.config_for("cpu")["num_layers"] == 1 < spec.config_for("cuda")["num_layers"]
+
+
+@pytest.mark.parametrize(
+    ("name", "narrow"),
+    [
+        (
+            "hunyuanvideo",
+            {
+                "num_attention_heads": 2,
+                "attention_head_dim": 16,
+                "text_embed_dim": 32,
+                "pooled_projection_dim": 16,
+                "num_layers": 1,
+                "num_single_layers": 1,
+                "num_refiner_layers": 1,
+                "rope_axes_dim": [4, 6, 6],
+            },
+        ),
+        ("qwen-image", {"num_attention_heads": 2, "joint_attention_dim": 32, "num_layers": 1}),
+    ],
+)
+def test_new_entries_run_with_every_kind_of_setting(name: str, narrow: dict[str, Any]) -> None:
+    """A narrow model of the published class on the bench's inputs: merging, downsampling and kv_ratio
+    each change the output, and removing them restores it bit for bit."""
+    import dataclasses
+
+    published = MODELS[name]
+    frames = {"frames": 5} if published.frames else {}  # 2 latent frames
+    spec = dataclasses.replace(published, config={**published.config, **narrow}, text_tokens=8, **frames)
+    model = build_model(spec)
+    inputs = at_timestep(spec, make_inputs(spec, 2, 128), 500)
+    base = forward(model, inputs)
+    assert torch.isfinite(base).all()
     for options in ({"ratio": 0.5}, {"method": "downsample"}, {"ratio": 0.0, "kv_ratio": 0.75}):
         variant = make_variant("tomediff", MergeSettings(**options, use_rand=False))
         variant.apply(model)

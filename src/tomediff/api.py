@@ -128,7 +128,11 @@ def _describe_method(cfg: ToMeConfig, partition: str | None = None) -> str:
             if partition.startswith("top-left"):
                 rand += ", as tomesd: guidance halves may run as separate calls"
             rand += ")"
-        parts = [f"method=merge, {ratio}", rand, f"sx={cfg.sx}, sy={cfg.sy}"]
+        parts = [
+            f"method=merge, {ratio}",
+            rand,
+            f"sx={cfg.sx}, sy={cfg.sy}" + (f", st={cfg.st}" if cfg.st > 1 else ""),
+        ]
         if cfg.kv_ratio is not None:
             parts.insert(1, f"kv_ratio={cfg.kv_ratio} (keys/values merged apart from the queries)")
         reuse = [f"reuse_level={cfg.reuse_level}"] if cfg.reuse_level else []

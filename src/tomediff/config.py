@@ -113,6 +113,9 @@ class ToMeConfig:
             SDXL, whose first level has none.
         sx: width of the window in which one destination (dst) token is chosen.
         sy: height of that window.
+        st: on video models, how many frames that window spans (``st × sy × sx``). With the
+            default 1 a window stays within one frame, even where ``sy`` does not divide the frame
+            height; frames left over in time (``frames % st``) are all src.
         use_rand: choose each window's dst token at random (from the library's own generator)
             instead of always the top-left one. Random choice avoids grid artifacts. As in tomesd,
             an odd batch size falls back to top-left: the conditional and unconditional halves of
@@ -229,6 +232,7 @@ class ToMeConfig:
     cache_interval: int = 3
     cache_ratio: float = 0.25
     cache_select: str = "change"
+    st: int = 1
 
     def __post_init__(self) -> None:
         self._check_merge_fields()
@@ -298,6 +302,11 @@ class ToMeConfig:
                 f"downsample_factor_time={self.downsample_factor_time} applies to method='downsample' only "
                 f"(got method={self.method!r}); leave it at 1."
             )
+        if self.st > 1 and self.method != "merge":
+            raise ConfigError(
+                f"st={self.st} (windows spanning frames) applies to method='merge' only (got "
+                f"method={self.method!r}); to downsample in time use downsample_factor_time."
+            )
         if self.kv_ratio is None:
             return
         kv_ratio = _as_float("kv_ratio", self.kv_ratio)
@@ -327,7 +336,7 @@ class ToMeConfig:
     def _check_merge_fields(self) -> None:
         # numpy scalars (np.int64, np.float32, np.bool_) are accepted and stored as Python numbers, so
         # the frozen config compares, hashes and serialises like one built from plain values.
-        for name in ("sx", "sy"):
+        for name in ("sx", "sy", "st"):
             object.__setattr__(self, name, _as_int(name, getattr(self, name), _WINDOW))
         object.__setattr__(self, "seed", check_seed(self.seed))
         md = self.max_downsample
@@ -336,7 +345,7 @@ class ToMeConfig:
         object.__setattr__(self, "ratio", _as_float("ratio", self.ratio))
         for name in ("use_rand", "merge_attn", "merge_crossattn", "merge_mlp"):
             object.__setattr__(self, name, _as_bool(name, getattr(self, name)))
-        for name in ("sx", "sy"):
+        for name in ("sx", "sy", "st"):
             value = getattr(self, name)
             if value < 1:
                 raise ConfigError(f"{name} must be {_WINDOW}, got {value!r}.")

@@ -207,6 +207,49 @@ WAN_T2V_13B: dict[str, Any] = {
     "text_dim": 4096,
 }
 
+# Wan 2.1 T2V 14B (Wan-AI/Wan2.1-T2V-14B-Diffusers, transformer/): the "Wan-T2V-14B" config of the same
+# converter (40 blocks of width 40 x 128 = 5120, ffn 13824). Published as "14B"; this config builds
+# 14,288,491,584 parameters (counted on the meta device).
+WAN_T2V_14B: dict[str, Any] = {**WAN_T2V_13B, "ffn_dim": 13824, "num_attention_heads": 40, "num_layers": 40}
+
+# HunyuanVideo (hunyuanvideo-community/HunyuanVideo, transformer/): diffusers'
+# scripts/convert_hunyuan_video_to_diffusers.py builds it with the class defaults, which are these
+# (20 double-stream + 40 single-stream blocks of width 24 x 128 = 3072, 2 token-refiner blocks, LLaVA
+# text features 4096 wide). Published as "13B"; this config builds 12,821,012,544 parameters.
+HUNYUAN_VIDEO: dict[str, Any] = {
+    "attention_head_dim": 128,
+    "guidance_embeds": True,
+    "in_channels": 16,
+    "mlp_ratio": 4.0,
+    "num_attention_heads": 24,
+    "num_layers": 20,
+    "num_refiner_layers": 2,
+    "num_single_layers": 40,
+    "out_channels": 16,
+    "patch_size": 2,
+    "patch_size_t": 1,
+    "pooled_projection_dim": 768,
+    "qk_norm": "rms_norm",
+    "rope_axes_dim": [16, 56, 56],
+    "rope_theta": 256.0,
+    "text_embed_dim": 4096,
+}
+
+# Qwen-Image (Qwen/Qwen-Image, transformer/config.json): 60 dual-stream blocks of width 24 x 128 = 3072,
+# Qwen2.5-VL text features 3584 wide, 2x2-packed latent tokens. Published as "20B"; this config builds
+# 20,430,401,088 parameters.
+QWEN_IMAGE: dict[str, Any] = {
+    "attention_head_dim": 128,
+    "axes_dims_rope": [16, 56, 56],
+    "guidance_embeds": False,
+    "in_channels": 64,
+    "joint_attention_dim": 3584,
+    "num_attention_heads": 24,
+    "num_layers": 60,
+    "out_channels": 16,
+    "patch_size": 2,
+}
+
 # On a CPU the DiTs keep only a few of their (identical) blocks: a call at 1024² of all 24 SD3 blocks
 # takes minutes there, and Flux's 12B weights do not fit in memory. Each block costs the same, so the
 # per-call speed-up of a few blocks is that of the whole stack less the (small) embedding and output
@@ -215,6 +258,8 @@ SD3_CPU_BLOCKS: dict[str, Any] = {"num_layers": 2}
 FLUX_CPU_BLOCKS: dict[str, Any] = {"num_layers": 1, "num_single_layers": 2}
 WAN_CPU_BLOCKS: dict[str, Any] = {"num_layers": 1}
 FLUX2_CPU_BLOCKS: dict[str, Any] = {"num_layers": 1, "num_single_layers": 1}
+HUNYUAN_VIDEO_CPU_BLOCKS: dict[str, Any] = {"num_layers": 1, "num_single_layers": 1}
+QWEN_IMAGE_CPU_BLOCKS: dict[str, Any] = {"num_layers": 1}
 
 # SD 1.5's first transformer (down_blocks[0].attentions[0]): the full-resolution level where ToMe
 # merges. Lets the 2048² case be measured on a CPU, where the whole UNet at 2048² takes minutes.
@@ -245,7 +290,10 @@ SDXL_TOP_BLOCK: dict[str, Any] = {
 # default (5 s at 16 fps); the VAE keeps 1 + (81 - 1) / 4 = 21 latent frames.
 WAN_WIDTHS: dict[int, int] = {480: 832, 720: 1280}
 WAN_FRAMES = 81
-WAN_VAE_TIME_STRIDE = 4
+WAN_VAE_TIME_STRIDE = 4  # HunyuanVideo's VAE too: 1 + (frames - 1) / 4 latent frames
+# HunyuanVideoPipeline's defaults: 1280x720, 129 frames (33 latent frames); 960x544 its smaller size.
+HUNYUAN_VIDEO_WIDTHS: dict[int, int] = {544: 960, 720: 1280}
+HUNYUAN_VIDEO_FRAMES = 129
 
 # Tiny stand-ins with the same structure, for tests and smoke runs (not real models).
 TINY_UNET: dict[str, Any] = {
@@ -278,8 +326,8 @@ class ModelSpec:
     Attributes:
         name: the ``--model`` value.
         title: human-readable name for tables and plots.
-        kind: ``"unet"``, ``"pixart"``, ``"transformer2d"``, ``"sd3"``, ``"flux"``, ``"flux2"`` or
-            ``"wan"``: picks the class and the inputs.
+        kind: ``"unet"``, ``"pixart"``, ``"transformer2d"``, ``"sd3"``, ``"flux"``, ``"flux2"``,
+            ``"qwenimage"``, ``"wan"`` or ``"hunyuanvideo"``: picks the class and the inputs.
         config: constructor arguments of the diffusers class.
         text_tokens: length of the text-encoder sequence fed to cross-attention
             (77 CLIP tokens for SD, 120 T5 tokens for PixArt-α).
@@ -317,10 +365,12 @@ class ModelSpec:
     def text_dim(self) -> int:
         if self.kind == "pixart":
             return int(self.config["caption_channels"])
-        if self.kind in ("sd3", "flux", "flux2"):
+        if self.kind in ("sd3", "flux", "flux2", "qwenimage"):
             return int(self.config["joint_attention_dim"])
         if self.kind == "wan":
             return int(self.config["text_dim"])
+        if self.kind == "hunyuanvideo":
+            return int(self.config["text_embed_dim"])
         return int(self.config["cross_attention_dim"])
 
     def frame_size(self, resolution: int) -> tuple[int, int]:
@@ -328,7 +378,8 @@ class ModelSpec:
         return resolution, int(self.widths.get(resolution, resolution))
 
     def latent_frames(self) -> int:
-        """Frames of the video latent (Wan's VAE: the first frame alone, then 4 per latent frame)."""
+        """Frames of the video latent (Wan's and HunyuanVideo's VAEs: the first frame alone, then 4 per
+        latent frame)."""
         return (self.frames - 1) // WAN_VAE_TIME_STRIDE + 1
 
     def config_for(self, device: str | torch.device) -> dict[str, Any]:
@@ -391,6 +442,37 @@ MODELS: dict[str, ModelSpec] = {
             cpu_overrides=WAN_CPU_BLOCKS,
             frames=WAN_FRAMES,
             widths=WAN_WIDTHS,
+        ),
+        ModelSpec(
+            "wan-14b",
+            "Wan 2.1 T2V 14B transformer",
+            "wan",
+            WAN_T2V_14B,
+            text_tokens=512,
+            resolution_multiple=16,
+            cpu_overrides=WAN_CPU_BLOCKS,
+            frames=WAN_FRAMES,
+            widths=WAN_WIDTHS,
+        ),
+        ModelSpec(
+            "hunyuanvideo",
+            "HunyuanVideo transformer",
+            "hunyuanvideo",
+            HUNYUAN_VIDEO,
+            text_tokens=256,  # HunyuanVideoPipeline's max_sequence_length (LLaVA tokens)
+            resolution_multiple=16,  # latent /8, then 2x2 patches
+            cpu_overrides=HUNYUAN_VIDEO_CPU_BLOCKS,
+            frames=HUNYUAN_VIDEO_FRAMES,
+            widths=HUNYUAN_VIDEO_WIDTHS,
+        ),
+        ModelSpec(
+            "qwen-image",
+            "Qwen-Image transformer",
+            "qwenimage",
+            QWEN_IMAGE,
+            text_tokens=512,  # QwenImagePipeline's max_sequence_length
+            resolution_multiple=16,  # latent /8, then 2x2-packed tokens
+            cpu_overrides=QWEN_IMAGE_CPU_BLOCKS,
         ),
         ModelSpec("sd15-block", "SD 1.5 top transformer block", "transformer2d", SD15_TOP_BLOCK),
         ModelSpec(
@@ -456,6 +538,8 @@ def _model_class(kind: str) -> type[nn.Module]:
         "flux": diffusers.FluxTransformer2DModel,
         "flux2": diffusers.Flux2Transformer2DModel,
         "wan": diffusers.WanTransformer3DModel,
+        "hunyuanvideo": diffusers.HunyuanVideoTransformer3DModel,
+        "qwenimage": diffusers.QwenImageTransformer2DModel,
     }
     return classes[kind]
 
@@ -629,6 +713,34 @@ def make_inputs(
         sample = randn(batch, int(spec.config["in_channels"]), spec.latent_frames(), height // 8, width // 8)
         kwargs = {"encoder_hidden_states": text, "timestep": timestep, "return_dict": False}
         return ModelInputs((sample,), kwargs)
+    if spec.kind == "hunyuanvideo":
+        # HunyuanVideoPipeline: the scheduler's timestep as is, guidance x 1000 (default scale 6), a text
+        # mask, and CLIP's pooled prompt.
+        height, width = spec.frame_size(resolution)
+        sample = randn(batch, int(spec.config["in_channels"]), spec.latent_frames(), height // 8, width // 8)
+        kwargs = {
+            "timestep": timestep,
+            "encoder_hidden_states": text,
+            "encoder_attention_mask": torch.ones(batch, spec.text_tokens, dtype=torch.long, device=device),
+            "pooled_projections": randn(batch, int(spec.config["pooled_projection_dim"])),
+            "guidance": torch.full((batch,), 6000.0, dtype=dtype, device=device),
+            "return_dict": False,
+        }
+        return ModelInputs((sample,), kwargs)
+    if spec.kind == "qwenimage":
+        # QwenImagePipeline packs 2x2 latent patches (16 channels each) into tokens and says their grid
+        # in img_shapes; it passes t / 1000.
+        side = latent // 2
+        kwargs = {
+            "encoder_hidden_states": text,
+            "encoder_hidden_states_mask": torch.ones(
+                batch, spec.text_tokens, dtype=torch.long, device=device
+            ),
+            "timestep": torch.full((batch,), 0.999, dtype=dtype, device=device),
+            "img_shapes": [[(1, side, side)]] * batch,
+            "return_dict": False,
+        }
+        return ModelInputs((randn(batch, side * side, int(spec.config["in_channels"])),), kwargs)
     raise ValueError(f"Unknown model kind {spec.kind!r}.")
 
 

@@ -158,7 +158,7 @@ def at_timestep(spec: ModelSpec, inputs: ModelInputs, timestep: int) -> ModelInp
         old = None
     batch = int(args[0].shape[0])
     device = args[0].device if old is None else old.device
-    if spec.kind in ("flux", "flux2"):  # Flux(2)Pipeline passes t / 1000 (the model scales it back)
+    if spec.kind in ("flux", "flux2", "qwenimage"):  # their pipelines pass t / 1000
         value = torch.full(
             (batch,), timestep / 1000, dtype=old.dtype if old is not None else None, device=device
         )
@@ -275,14 +275,21 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 def _tokens(spec: ModelSpec, resolution: int) -> int:
     """Image (or video) tokens at the level where merging happens."""
-    if spec.kind == "wan":
-        pt, ph, pw = (int(p) for p in spec.config["patch_size"])
+    if spec.kind in ("wan", "hunyuanvideo"):
+        if spec.kind == "wan":
+            pt, ph, pw = (int(p) for p in spec.config["patch_size"])
+        else:
+            pt, ph, pw = (
+                int(spec.config["patch_size_t"]),
+                int(spec.config["patch_size"]),
+                int(spec.config["patch_size"]),
+            )
         height, width = spec.frame_size(resolution)
         return (spec.latent_frames() // pt) * (height // 8 // ph) * (width // 8 // pw)
     side = resolution // 8 // spec.input_downsample
     if spec.kind in ("pixart", "sd3"):
         side //= int(spec.config["patch_size"])
-    elif spec.kind in ("flux", "flux2"):  # Flux(2)Pipeline packs 2x2 latent patches into one token
+    elif spec.kind in ("flux", "flux2", "qwenimage"):  # their pipelines pack 2x2 latent patches per token
         side //= 2
     for _ in range(spec.max_downsample.bit_length() - 1):
         side = (side + 1) // 2

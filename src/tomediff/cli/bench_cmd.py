@@ -34,6 +34,9 @@ MODEL_CHOICES: tuple[str, ...] = (
     "flux",
     "flux2",
     "wan-1.3b",
+    "wan-14b",
+    "hunyuanvideo",
+    "qwen-image",
     "sd15-block",
     "sdxl-block",
     "tiny-unet",
@@ -119,8 +122,10 @@ def register(subparsers: Any) -> argparse.ArgumentParser:
         metavar="NAME",
         help="architectures: sd15, sd21, sdxl, pixart (PixArt-alpha XL-2 1024), sd3 (SD3-medium MMDiT), "
         "flux (FLUX.1-dev; on a CPU both keep a few blocks, see docs/dits.md), flux2 (FLUX.2-dev; "
-        "one double- and one single-stream block on a CPU), wan-1.3b (Wan 2.1 "
-        "T2V 1.3B video transformer, 81 frames; one block on a CPU), sd15-block (SD 1.5's "
+        "one double- and one single-stream block on a CPU), wan-1.3b and wan-14b (Wan 2.1 "
+        "T2V 1.3B / 14B video transformers, 81 frames; one block on a CPU), hunyuanvideo (HunyuanVideo, "
+        "129 frames, 1280x720 at --resolution 720; one double- and one single-stream block on a CPU), "
+        "qwen-image (Qwen-Image, e.g. --resolution 1328; one block on a CPU), sd15-block (SD 1.5's "
         "first transformer alone, for very large images), sdxl-block (SDXL's first transformer, 2 "
         "blocks at 1/16 of the image), tiny-unet/tiny-pixart (smoke tests). "
         "Default: sd15",

@@ -26,6 +26,7 @@ from torch.overrides import TorchFunctionMode
 
 from tomediff.core.actions import SiteAction
 from tomediff.core.calls import Args, Kwargs
+from tomediff.core.parallel import ulysses_group
 from tomediff.core.reducers import PlanRequest, Reducer
 from tomediff.core.selection import LevelSetting
 from tomediff.core.spec import Site
@@ -86,6 +87,11 @@ class _AttentionCallMode(TorchFunctionMode):
         if func is not F.scaled_dot_product_attention:
             if func is F.linear:
                 self.projected = True
+            # Tensor.unflatten's Python body calls super(), which torch.compile cannot trace inside the mode:
+            # the builtin torch.unflatten does the same (an identity test, not a dict lookup, so that dynamo
+            # resolves it while tracing).
+            if func is torch.Tensor.unflatten:
+                return torch.unflatten(*args, **kwargs)
             method = _PYTHON_TENSOR_METHODS.get(func)
             if method is not None and args and isinstance(args[0], torch.Tensor):
                 return getattr(args[0], method)(*args[1:], **kwargs)
@@ -162,12 +168,7 @@ class AttentionCallAction(SiteAction):
         self.reduce_queries = reduce_queries
 
     def before(self, plan: Any, site: Site, block_name: str, args: Args, kwargs: Kwargs) -> None:
-        if getattr(getattr(site.module, "processor", None), "_parallel_config", None) is not None:
-            raise MergeCallError(
-                f"tomediff cannot reduce the attention of block '{block_name}' under diffusers' context "
-                "parallelism (its attention sees a shard of the sequence or of the heads, whose image "
-                "tokens tomediff cannot place); disable context parallelism or tomediff."
-            )
+        ulysses_group((site,), block_name)  # raises for the parallel settings it cannot reduce under
         if not isinstance(plan, PendingPlan):
             plan = attention_plan(plan, self.reduce_queries)
         mode = _AttentionCallMode(plan, self.reduce_queries, site, block_name)

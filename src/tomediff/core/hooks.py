@@ -17,6 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from tomediff.core.actions import SiteAction
 from tomediff.core.attention import PendingPlan
 from tomediff.core.calls import Args, Kwargs, find_input, forward_parameters
+from tomediff.core.parallel import gather_sequence, ulysses_group
 from tomediff.core.reducers import PlanRequest
 from tomediff.core.spec import BlockSpec, GridSource, Site
 from tomediff.core.state import BlockStats, CallState, ToMeState
@@ -81,6 +82,7 @@ class BlockCall:
         index: the block's position among the patched blocks (its row of per-call random offsets).
         grid_index: index of the block's grid source, if it has one.
         num_sites: merge sites hooked in this block.
+        sites: the sites hooked in this block (those the method acts on).
     """
 
     def __init__(self, state: ToMeState, spec: BlockSpec, index: int, grid_index: int | None) -> None:
@@ -89,6 +91,7 @@ class BlockCall:
         self.index = index
         self.grid_index = grid_index
         self.num_sites = 0
+        self.sites: list[Site] = []
 
     @property
     def plan(self) -> Any:
@@ -158,6 +161,10 @@ class BlockCall:
             )
         return math.prod(grid)
 
+    def fits_grid(self, call: CallState, num_tokens: int) -> bool:
+        """Whether one of the call's token grids has ``num_tokens`` tokens."""
+        return any(g is not None and math.prod(g) == num_tokens for g in self._grid_candidates(call))
+
     def token_grid(self, call: CallState, num_tokens: int) -> tuple[int, ...]:
         """``(height, width)``, or ``(frames, height, width)`` for a video grid source."""
         for grid in self._grid_candidates(call):
@@ -206,6 +213,11 @@ class BlockPreHook(ToMeHook):
                 f"[batch, tokens, channels], got {shape}."
             )
         call = state.call
+        group = ulysses_group(block.sites, spec.name)
+        if group is not None and not block.fits_grid(call, int(x.shape[1])):
+            # Ulysses: a shard of the sequence (diffusers splits it inside the first block's forward, after
+            # this hook); the plan is made from the whole sequence, as the attention call sees it.
+            x = gather_sequence(x, group)
         num_tokens = int(x.shape[1])
         if spec.image_last:  # [text, image]: the image tokens are the last N of the grid source's grid
             num_tokens = block.image_tokens(call, num_tokens)
@@ -370,6 +382,7 @@ def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> li
             inside_action = state.method.inside_action_for(site, spec.name) if action.uses_output else None
             inside = (site.inside, inside_action) if site.inside and inside_action else None
             site_call = SiteCall(block_call, site, action, inside)
+            block_call.sites.append(site)
             handles.append(site.module.register_forward_pre_hook(SitePreHook(site_call), with_kwargs=True))
             if action.uses_output:
                 block_call.num_sites += 1

@@ -113,6 +113,11 @@ class Reducer:
         return None
 
 
+def _stacked(grid: tuple[int, ...]) -> tuple[int, int]:
+    """``(h, w)``, or a video's ``(frames, h, w)`` as its frames stacked: ``(frames * h, w)``."""
+    return (grid[0] * grid[1], grid[2]) if len(grid) == 3 else (grid[0], grid[1])
+
+
 class MatchReducer(Reducer):
     """ToMe for SD: a dst token per ``sx × sy`` window, the ``r`` src tokens most similar to their best
     dst merged into it (:func:`tomediff.ops.plan_merge`). With ``reuse_cfg`` the two halves of a
@@ -122,8 +127,8 @@ class MatchReducer(Reducer):
     def __init__(self, config: ToMeConfig) -> None:
         self.config = config
         # Built once per shape and device and shared by the threads; the values are constant tensors.
-        self._partitions: dict[tuple[int, int, str], Partition] = {}
-        self._window_tables: dict[tuple[int, int, str], torch.Tensor] = {}
+        self._partitions: dict[tuple[int, int, int, str], Partition] = {}
+        self._window_tables: dict[tuple[int, int, int, str], torch.Tensor] = {}
         self._constants: dict[tuple[int, int, int, int, str], PlanConstants] = {}
 
     def draws_per_call(self) -> bool:
@@ -153,14 +158,14 @@ class MatchReducer(Reducer):
         """Draw the call's offsets for the grid with the most windows among ``height × width`` and those
         the call has recorded so far (its grid sources, its input size), so one draw serves every block."""
         cfg = self.config
-        # A video grid (frames, height, width) is planned as its frames stacked: (frames * height, width).
-        stacked = ((math.prod(g[:-1]), g[-1]) for g in call.grids.values() if g is not None)
-        grids = [(height, width), *stacked]
+        # A video grid (frames, h, w) has at most as many windows as its frames stacked into one grid.
+        grids = [(height, width), *(_stacked(g) for g in call.grids.values() if g is not None)]
         if call.input_size is not None:
             grids.append(call.input_size)
         windows = max(max(1, num_windows(h, w, cfg.sx, cfg.sy)) for h, w in grids)
         # int64: the blocks use them as gather indices as they are, without a conversion kernel.
-        offsets = torch.randint(cfg.sx * cfg.sy, (state.num_blocks, windows), generator=state.generator)
+        window_size = cfg.sx * cfg.sy * cfg.st
+        offsets = torch.randint(window_size, (state.num_blocks, windows), generator=state.generator)
         call.offsets = offsets.to(device, non_blocking=True)
         return call.offsets
 
@@ -171,7 +176,9 @@ class MatchReducer(Reducer):
         if num_remove <= 0:
             return None
         device = metric.device
-        partition = self.partition(state, request.height, request.width, batch, device, request.block_index)
+        partition = self.partition(
+            state, request.height, request.width, batch, device, request.block_index, request.frames
+        )
         num_remove = min(num_remove, partition.num_src)
         if num_remove <= 0 or partition.num_dst == 0:
             return None
@@ -208,33 +215,46 @@ class MatchReducer(Reducer):
         batch: int,
         device: torch.device,
         block_index: int = 0,
+        frames: int = 1,
     ) -> Partition:
+        """The dst/src partition of a block's grid (``frames`` frames stacked in ``height``: windows of
+        ``st`` frames, never crossing others)."""
         cfg = self.config
+        st = cfg.st if frames > 1 else 1
         random = self.random_partition(state, batch)
         if cfg.use_rand and not torch.compiler.is_compiling():  # what the report says was used
             state.partition_used = "random" if random else f"top-left (odd batch of {batch})"
         if random:
-            windows = num_windows(height, width, cfg.sx, cfg.sy)
+            windows = num_windows(height, width, cfg.sx, cfg.sy, frames, st)
             call = state.call
             table = call.offsets
             if table is None or table.shape[1] < windows:
                 # Not drawn when the call began (no [B, C, H, W] model input): drawn now, once for the call.
                 table = self._draw_offsets(state, call, height, width, device)
             offsets = table[block_index, :windows].to(device)  # a no-op on the table's device
-            windows_table = self._windows(height, width, device)
-            return grid_partition(height, width, cfg.sx, cfg.sy, offsets, windows=windows_table)
-        key = (height, width, str(device))
-        return cached(self._partitions, key, lambda: self._fixed_partition(height, width, device))
+            if st < cfg.st:  # drawn for st-frame windows, used in one frame: still uniform
+                offsets = offsets.remainder(cfg.sx * cfg.sy)
+            windows_table = self._windows(height, width, device, frames, st)
+            return grid_partition(
+                height, width, cfg.sx, cfg.sy, offsets, windows=windows_table, frames=frames, st=st
+            )
+        key = (height, width, frames, str(device))
+        return cached(self._partitions, key, lambda: self._fixed_partition(height, width, device, frames, st))
 
-    def _windows(self, height: int, width: int, device: torch.device) -> torch.Tensor:
+    def _windows(self, height: int, width: int, device: torch.device, frames: int, st: int) -> torch.Tensor:
         sx, sy = self.config.sx, self.config.sy
-        key = (height, width, str(device))
-        return cached(self._window_tables, key, lambda: window_tokens(height, width, sx, sy, device))
+        key = (height, width, frames, str(device))
+        return cached(
+            self._window_tables, key, lambda: window_tokens(height, width, sx, sy, device, frames, st)
+        )
 
-    def _fixed_partition(self, height: int, width: int, device: torch.device) -> Partition:
+    def _fixed_partition(
+        self, height: int, width: int, device: torch.device, frames: int, st: int
+    ) -> Partition:
         cfg = self.config
-        offsets = torch.zeros(height // cfg.sy, width // cfg.sx, dtype=torch.int64, device=device)
-        return grid_partition(height, width, cfg.sx, cfg.sy, offsets)
+        windows = num_windows(height, width, cfg.sx, cfg.sy, frames, st)
+        offsets = torch.zeros(windows, dtype=torch.int64, device=device)
+        return grid_partition(height, width, cfg.sx, cfg.sy, offsets, frames=frames, st=st)
 
     def _plan_constants(
         self, batch: int, partition: Partition, num_remove: int, device: torch.device

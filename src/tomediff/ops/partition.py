@@ -1,4 +1,10 @@
-"""Split an ``h × w`` token grid into dst tokens (one per ``sy × sx`` window) and src tokens."""
+"""Split an ``h × w`` token grid into dst tokens (one per ``sy × sx`` window) and src tokens.
+
+A video's ``frames`` frames are stacked into one grid (``height = frames × frame height``); its windows
+are ``st × sy × sx`` (time, height, width) and never cross a frame boundary except across the ``st``
+frames one window spans, whether or not ``sy`` divides the frame height. Rows and columns left over
+in each frame (and frames left over in time) are src.
+"""
 
 from __future__ import annotations
 
@@ -32,9 +38,10 @@ class Partition:
         return self.height * self.width
 
 
-def num_windows(height: int, width: int, sx: int, sy: int) -> int:
-    """How many full ``sy × sx`` windows (and so dst tokens) an ``height × width`` grid has."""
-    return (height // sy) * (width // sx)
+def num_windows(height: int, width: int, sx: int, sy: int, frames: int = 1, st: int = 1) -> int:
+    """How many full ``sy × sx`` windows (``st × sy × sx`` for ``frames`` frames stacked in ``height``),
+    and so dst tokens, an ``height × width`` grid has."""
+    return (frames // st) * (height // frames // sy) * (width // sx)
 
 
 def draw_dst_offsets(
@@ -53,18 +60,33 @@ def draw_dst_offsets(
 
 
 def window_tokens(
-    height: int, width: int, sx: int, sy: int, device: torch.device | str | None = None
+    height: int,
+    width: int,
+    sx: int,
+    sy: int,
+    device: torch.device | str | None = None,
+    frames: int = 1,
+    st: int = 1,
 ) -> torch.Tensor:
-    """Token index of every position of every full window: ``[Nd, sx*sy]`` int64, row ``w`` for the
-    w-th window in row-major order, column ``k = row * sx + col`` inside it. Depends only on the shape,
-    so callers cache it and pass it to :func:`grid_partition`."""
-    windows_y, windows_x = height // sy, width // sx
+    """Token index of every position of every full window: ``[Nd, st*sy*sx]`` int64, row ``w`` for the
+    w-th window (time, then row-major within the frame), column ``k = (t * sy + row) * sx + col``
+    inside it. ``height`` holds ``frames`` stacked frames. Depends only on the shape, so callers cache
+    it and pass it to :func:`grid_partition`."""
+    frame_height = height // frames
+    windows_y, windows_x = frame_height // sy, width // sx
     corner = (
         torch.arange(windows_y, device=device).mul_(sy * width).unsqueeze(1)
         + torch.arange(windows_x, device=device).mul_(sx).unsqueeze(0)
     ).view(-1, 1)
     k = torch.arange(sx * sy, device=device)
-    return corner + (k.div(sx, rounding_mode="floor") * width + k.remainder(sx)).unsqueeze(0)
+    offsets = (k.div(sx, rounding_mode="floor") * width + k.remainder(sx)).unsqueeze(0)
+    if frames == 1 and st == 1:
+        return corner + offsets
+    frame_size = frame_height * width
+    groups = torch.arange(frames // st, device=device).mul_(st * frame_size).view(-1, 1, 1)
+    corner = (groups + corner.view(1, -1, 1)).view(-1, 1)
+    steps = torch.arange(st, device=device).mul_(frame_size).view(-1, 1)
+    return corner + (steps + offsets).view(1, -1)
 
 
 def grid_partition(
@@ -75,6 +97,8 @@ def grid_partition(
     offsets: torch.Tensor,
     device: torch.device | str | None = None,
     windows: torch.Tensor | None = None,
+    frames: int = 1,
+    st: int = 1,
 ) -> Partition:
     """Build the dst/src index sets of a grid from per-window dst offsets, on the offsets' device.
 
@@ -83,13 +107,15 @@ def grid_partition(
 
     Args:
         height, width: token grid size; need not be multiples of ``sy``/``sx``.
-        offsets: ``[height // sy, width // sx]`` (or flat ``[Nd]``) integer offsets, as from
-            :func:`draw_dst_offsets`.
+        offsets: ``[Nd // (width // sx), width // sx]`` (``[height // sy, width // sx]`` for an image)
+            or flat ``[Nd]`` integer offsets in ``[0, st*sy*sx)``, as from :func:`draw_dst_offsets`.
         device: where the indices live; default the device of ``offsets``.
         windows: :func:`window_tokens` for this grid, if the caller keeps it (saves its construction).
+        frames, st: a video's frames stacked in ``height``, and how many frames a window spans.
     """
-    windows_y, windows_x = height // sy, width // sx
-    num_dst = num_windows(height, width, sx, sy)
+    windows_x = width // sx
+    num_dst = num_windows(height, width, sx, sy, frames, st)
+    windows_y = num_dst // windows_x if windows_x else 0
     if offsets.numel() != num_dst or (offsets.dim() == 2 and tuple(offsets.shape) != (windows_y, windows_x)):
         raise ValueError(
             f"offsets must have shape {(windows_y, windows_x)} for a {height}x{width} grid with "
@@ -97,7 +123,7 @@ def grid_partition(
         )
     device = offsets.device if device is None else torch.device(device)
     if windows is None:
-        windows = window_tokens(height, width, sx, sy, device)
+        windows = window_tokens(height, width, sx, sy, device, frames, st)
     num_tokens = height * width
     dst_idx = windows.gather(1, offsets.to(device=device, dtype=torch.int64).view(-1, 1)).view(-1)
     # A stable sort of "is src" puts the dst tokens first and the src tokens after them, each group in
