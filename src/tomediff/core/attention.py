@@ -118,7 +118,9 @@ class _AttentionCallMode(TorchFunctionMode):
             raise MergeCallError(
                 f"tomediff cannot reduce the causal attention of block '{self.block_name}' (is_causal=True)."
             )
-        return reduced_attention(func, plan, start, query, key, value, values["attn_mask"], query_start, **options)
+        return reduced_attention(
+            func, plan, start, query, key, value, values["attn_mask"], query_start, **options
+        )
 
     def _resolve_plan(self) -> AttentionPlan | None:
         if isinstance(self._plan, PendingPlan):  # made here, outside this mode (it is off in its handler)

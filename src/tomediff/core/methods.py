@@ -85,6 +85,7 @@ class Method:
                 "SD3 and every BasicTransformerBlock (PixArt, DiT, UNets); use method='merge' for this one."
             )
         return self.block_action.for_site(spec.block_site, spec.name)
+
     def inside_action_for(self, site: Site, block_name: str) -> SiteAction | None:
         """The action of ``site.inside`` (reducing inside the module, at its attention call) that takes
         over from ``site`` while a cache keeps the module's output, or None when there is none."""

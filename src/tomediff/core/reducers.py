@@ -9,7 +9,6 @@ A reducer knows nothing of hooks or sites; :mod:`tomediff.core.actions` applies 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar

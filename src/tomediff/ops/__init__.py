@@ -1,7 +1,6 @@
 """Pure tensor functions of token merging: partition, matching, merge/unmerge. No model imports."""
 
 from tomediff.ops.attention import AttentionPlan, attention_merge_plan, paired_plan, reduced_attention
-from tomediff.ops.attention import AttentionPlan, reduced_attention
 from tomediff.ops.caching import (
     changed_tokens,
     fill_from_cache,
