@@ -304,7 +304,7 @@ def test_unflatten_inside_the_attention_mode_is_the_builtin_one() -> None:
     from tomediff.core.attention import _AttentionCallMode
 
     x = torch.arange(8.0).view(2, 4)
-    with _AttentionCallMode(None, None, "block"):  # type: ignore[arg-type]
+    with _AttentionCallMode(None, False, None, "block"):  # type: ignore[arg-type]
         plain = x.unflatten(1, (2, -1))  # the builtin torch.unflatten (traceable by torch.compile)
         by_keyword = x.unflatten(dim=1, sizes=(2, 2))
     assert torch.equal(plain, x.view(2, 2, 2)) and torch.equal(by_keyword, plain)
