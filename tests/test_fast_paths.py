@@ -125,7 +125,7 @@ def test_matching_launches_no_more_kernels_than_tomesd(use_rand: bool) -> None:
     # The path a CUDA tensor takes (Triton similarity kernel), run here in Triton's interpreter.
     pytest.importorskip("triton")
     tomesd_merge = pytest.importorskip("tomesd.merge")
-    side, batch, channels = 32, 2, 64
+    side, batch, channels = 16, 2, 64  # launches do not grow with N; the interpreter does
     num_remove = side * side // 2
     x = torch.randn(batch, side * side, channels, generator=torch.Generator().manual_seed(0))
     generator = torch.Generator().manual_seed(0)
