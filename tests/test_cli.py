@@ -169,6 +169,10 @@ import os, signal, sys, time
 import tomediff.eval.quality as quality
 from tomediff.cli.main import main
 
+# Python installs this handler itself unless SIGINT is ignored, as it is for a job started in the
+# background by a non-interactive shell (and so for this child): install it, as any terminal would have.
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 def run_quality_eval(options):
     os.kill(os.getpid(), signal.SIGINT)
     time.sleep(30)  # the interrupt arrives here
