@@ -10,12 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from tomediff.config import METHODS
 from tomediff.errors import ConfigError
 from tomediff.eval.pareto import (
     CACHE_KINDS,
     DEFAULT_SETTINGS,
-    MethodUnavailable,
     ParetoOptions,
     build_settings,
     main,
@@ -79,7 +77,7 @@ def test_settings_combine_tomediff_options_presets_and_a_cache() -> None:
     config = stack.tome.config()
     assert (config.ratio, config.kv_ratio) == (0.0, 0.5)
     fastest = parse_pareto_setting("dit-mag")  # a harness preset: a measured Pareto-best point
-    assert fastest.tome is None and fastest.cache == parse_cache("mag:threshold=0.15/max_skip=5")
+    assert fastest.tome is None and fastest.cache == parse_cache("mag:threshold=0.4/max_skip=8")
     preset = parse_pareto_setting("downsample")
     assert preset.tome is not None and preset.tome.config().method == "downsample" and preset.cache is None
     with pytest.raises(ConfigError, match="one cache= per setting"):
@@ -92,13 +90,11 @@ def test_settings_combine_tomediff_options_presets_and_a_cache() -> None:
         parse_pareto_setting("typo:method=merg")
 
 
-@pytest.mark.skipif("cache" in METHODS, reason="this tomediff has method='cache'")
-def test_token_caching_settings_are_skipped_with_a_message_until_the_method_exists() -> None:
-    with pytest.raises(MethodUnavailable, match="method=cache is not in this tomediff"):
-        parse_pareto_setting("tokencache:method=cache")
-    settings, skipped = build_settings(DEFAULT_SETTINGS)
-    assert [text for text, _ in skipped] == ["tokencache:method=cache"]
-    assert len(settings) == len(DEFAULT_SETTINGS) - 1
+def test_default_settings_parse_and_token_caching_runs_in_the_harness() -> None:
+    settings = build_settings(DEFAULT_SETTINGS)
+    assert len(settings) == len(DEFAULT_SETTINGS)
+    token_cache = next(s for s in settings if s.tome is not None and s.tome.config().method == "cache")
+    assert token_cache.cache is None
 
 
 def test_pareto_front_keeps_points_no_other_beats_on_speed_and_psnr() -> None:
@@ -138,7 +134,6 @@ def test_run_writes_every_setting_with_speed_and_paired_metrics(tmp_path: Path) 
         bootstrap=10,
         progress=False,
         assets_dir=assets,
-        skipped=[("tokencache:method=cache", "not here")],
     )
     rows = run_pareto(options, say=lambda _: None)
     assert [r["name"] for r in rows] == ["unaccelerated", "fbc", "kv"]
@@ -146,7 +141,6 @@ def test_run_writes_every_setting_with_speed_and_paired_metrics(tmp_path: Path) 
     assert all(r["num_images"] == 10 and len(r["batch_seconds"]) == 2 for r in rows)
     assert rows[1]["psnr"]["value"] < 100  # the cache changed the images
     saved = json.loads((tmp_path / "out" / "results.json").read_text())
-    assert saved["meta"]["skipped"] == [{"setting": "tokencache:method=cache", "why": "not here"}]
     assert saved["meta"]["steps"] == 3 and len(saved["meta"]["load_average_1min"]) == 3
     table = (tmp_path / "out" / "results.md").read_text()
     assert "| unaccelerated | – | – |" in table and "cache=" not in table.split("\n")[2]

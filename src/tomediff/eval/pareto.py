@@ -31,7 +31,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tomediff.config import METHODS
 from tomediff.errors import ConfigError
 from tomediff.eval.settings import PRESETS, NamedSetting, parse_setting
 
@@ -39,10 +38,8 @@ __all__ = [
     "CACHE_KINDS",
     "DEFAULT_SETTINGS",
     "PARETO_PRESETS",
-    "PLANNED_METHODS",
     "CacheKind",
     "CacheSpec",
-    "MethodUnavailable",
     "ParetoOptions",
     "ParetoSetting",
     "main",
@@ -240,26 +237,17 @@ class ParetoSetting:
         return ",".join(parts) or "unaccelerated"
 
 
-class MethodUnavailable(ConfigError):
-    """A setting names a planned tomediff method this install does not have yet (:data:`PLANNED_METHODS`)."""
-
-
-# Methods issue 16 adds (token caching); a setting naming one is skipped, with a message, until it lands.
-PLANNED_METHODS = ("cache",)
-
-
 # The Pareto-best points of docs/methods.md "Pareto on the trained DiT" (speed-up against PSNR), by name.
 PARETO_PRESETS: dict[str, str] = {
-    "dit-mag": "cache=mag:threshold=0.15/max_skip=5",  # the fastest: 1.90x, 32.1 dB
-    "dit-faster": "cache=faster:every=2",  # 1.19x, 43.9 dB
-    "dit-fbc": "cache=fbc:threshold=0.1",  # closest to unaccelerated (46.1 dB), not faster in that run
+    "dit-mag": "cache=mag:threshold=0.4/max_skip=8",  # recommended: 2.79x inside the quality bar, 27.8 dB
+    "dit-mag-fidelity": "cache=mag:threshold=0.15/max_skip=5",  # 1.97x, 32.4 dB
+    "dit-faster": "cache=faster:every=2",  # 1.16x, 43.8 dB: closest to unaccelerated
 }
 
 
 def parse_pareto_setting(text: str) -> ParetoSetting:
     """``NAME:OPTIONS`` as :func:`~tomediff.eval.settings.parse_setting` takes them, plus one
-    ``cache=KIND[:KEY=VALUE/...]``; NAME alone may be one of :data:`PARETO_PRESETS`. Raises ConfigError
-    (:class:`MethodUnavailable` for a method this install lacks)."""
+    ``cache=KIND[:KEY=VALUE/...]``; NAME alone may be one of :data:`PARETO_PRESETS`. Raises ConfigError."""
     name, _, rest = text.partition(":")
     if name.strip() in PARETO_PRESETS and not rest.strip():
         rest = PARETO_PRESETS[name.strip()]
@@ -273,13 +261,6 @@ def parse_pareto_setting(text: str) -> ParetoSetting:
             cache = parse_cache(value)
         elif item.strip():
             tome_items.append(item.strip())
-    method = next(
-        (i.partition("=")[2].strip() for i in tome_items if i.partition("=")[0].strip() == "method"), None
-    )
-    if method in PLANNED_METHODS and method not in METHODS:
-        raise MethodUnavailable(
-            f"setting {name!r}: method={method} is not in this tomediff (methods: {', '.join(METHODS)})"
-        )
     tome = None
     if tome_items or name.strip() in PRESETS:
         tome = parse_setting(name + (":" + ",".join(tome_items) if tome_items else ""))
@@ -297,19 +278,25 @@ def parse_pareto_setting(text: str) -> ParetoSetting:
     return ParetoSetting(name.strip(), tome, cache)
 
 
-# What the documented run compares (docs/methods.md "Pareto on the trained DiT"); `tokencache` is the
-# token-caching method of issue 16 item 2, skipped with a message where this tomediff lacks it.
+# What the documented runs compare (docs/methods.md "Pareto on the trained DiT").
 DEFAULT_SETTINGS: tuple[str, ...] = (
+    "tokencache-i2:method=cache,cache_interval=2,cache_ratio=0.25",
+    "tokencache-i3:method=cache,cache_interval=3,cache_ratio=0.25",
+    "tokencache-i2h:method=cache,cache_interval=2,cache_ratio=0.5",
     "merge0.3-skip1:ratio=0.3,skip_blocks=1/1",
     "kv0.5:ratio=0,kv_ratio=0.5",
-    "tokencache:method=cache",
-    "fbc0.1:cache=fbc:threshold=0.1",
     "fbc0.2:cache=fbc:threshold=0.2",
     "taylorseer3:cache=taylorseer:interval=3/warmup=3/order=1",
+    "taylorseer4:cache=taylorseer:interval=4/warmup=2/order=2",
     "pab:cache=pab:every=2/t_low=100/t_high=800",
     "faster:cache=faster:every=2",
     "mag0.15:cache=mag:threshold=0.15/max_skip=5",
-    "fbc0.2+kv0.5:ratio=0,kv_ratio=0.5,cache=fbc:threshold=0.2",
+    "mag0.25:cache=mag:threshold=0.25/max_skip=5",
+    "mag0.4:cache=mag:threshold=0.4/max_skip=8",
+    "mag0.6:cache=mag:threshold=0.6/max_skip=8",
+    "mag1.0:cache=mag:threshold=1.0/max_skip=10",
+    "pab+merge0.3-skip1:ratio=0.3,skip_blocks=1/1,cache=pab:every=2/t_low=100/t_high=800",
+    "mag0.15+kv0.25:ratio=0,kv_ratio=0.25,cache=mag:threshold=0.15/max_skip=5",
 )
 
 
@@ -409,7 +396,6 @@ class ParetoOptions:
     bootstrap: int = 1000
     progress: bool = True
     assets_dir: Path | None = None  # other DiT/classifier weights in the shipped layout (tests: tiny ones)
-    skipped: Sequence[tuple[str, str]] = ()  # (setting text, why) of settings this install cannot run
     command: str = field(default_factory=lambda: " ".join(sys.argv))
 
 
@@ -521,7 +507,6 @@ def run_pareto(options: ParetoOptions, say: Callable[[str], None] = print) -> li
         "guidance": options.guidance,
         "sampler": "FlowMatchEulerDiscreteScheduler (shift 1)",
         "mag_ratios": mag_ratios,
-        "skipped": [{"setting": s, "why": why} for s, why in options.skipped],
         "load_average_1min": [round(x[0], 2) for x in loads],
         "wall_seconds": round(time.time() - started, 1),
         "environment": environment(DistContext(cpu=True)),
@@ -533,8 +518,6 @@ def run_pareto(options: ParetoOptions, say: Callable[[str], None] = print) -> li
     table = markdown(rows)
     (out / "results.md").write_text(table + "\n")
     say(table)
-    for text, why in options.skipped:
-        say(f"skipped {text}: {why}")
     say(f"wrote {out}/results.json, results.csv, results.md")
     return rows
 
@@ -571,15 +554,9 @@ def markdown(rows: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def build_settings(texts: Sequence[str]) -> tuple[list[ParetoSetting], list[tuple[str, str]]]:
-    """Parsed settings, and (text, reason) for those naming a method this install lacks (skipped)."""
-    settings, skipped = [], []
-    for text in texts:
-        try:
-            settings.append(parse_pareto_setting(text))
-        except MethodUnavailable as error:
-            skipped.append((text, str(error)))
-    return settings, skipped
+def build_settings(texts: Sequence[str]) -> list[ParetoSetting]:
+    """The parsed settings, in order (raises ConfigError at the first bad one)."""
+    return [parse_pareto_setting(text) for text in texts]
 
 
 def parser() -> argparse.ArgumentParser:
@@ -621,11 +598,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(args, name) < 1:
             parser().error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     try:
-        settings, skipped = build_settings(args.setting or DEFAULT_SETTINGS)
+        settings = build_settings(args.setting or DEFAULT_SETTINGS)
     except ConfigError as error:
         parser().error(str(error))
-    for text, why in skipped:
-        print(f"skipping {text}: {why}", file=sys.stderr)
     import torch
 
     torch.set_num_threads(args.threads)
@@ -640,7 +615,6 @@ def main(argv: Sequence[str] | None = None) -> int:
             base_seed=args.seed,
             bootstrap=args.bootstrap,
             progress=not args.no_progress,
-            skipped=skipped,
         ),
         say=lambda text: print(text, flush=True),
     )
