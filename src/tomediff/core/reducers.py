@@ -458,7 +458,10 @@ def combine_group_plans(plans: list[Any], sizes: tuple[int, ...], batch: int, bl
         return None
     if any(isinstance(plan, AttentionPlan) for plan in plans):
         sides = [
-            (None, None) if plan is None else (plan.queries, plan.keys) if isinstance(plan, AttentionPlan)
+            (None, None)
+            if plan is None
+            else (plan.queries, plan.keys)
+            if isinstance(plan, AttentionPlan)
             else (plan, plan)
             for plan in plans
         ]

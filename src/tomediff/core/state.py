@@ -403,8 +403,8 @@ class ToMeState:
         if request.groups is not None and not reducer.plans_groups():
             raise MergeCallError(
                 f"block '{request.block_name}' receives the tokens of {len(request.groups.grids)} images "
-                f"(grids {list(request.groups.grids)}: an edit model's output image and its reference images), "
-                f"but {type(reducer).__name__} plans one image grid per block call. Use method='merge' or "
+                f"(grids {list(request.groups.grids)}: an edit model's output image and its reference "
+                f"images), but {type(_given(reducer)).__name__} plans one image grid per block call. Use method='merge' or "
                 "'downsample' for such calls, or run them without tomediff."
             )
         plan = reducer.plan(self, request)
