@@ -404,8 +404,8 @@ class ToMeState:
             raise MergeCallError(
                 f"block '{request.block_name}' receives the tokens of {len(request.groups.grids)} images "
                 f"(grids {list(request.groups.grids)}: an edit model's output image and its reference "
-                f"images), but {type(_given(reducer)).__name__} plans one image grid per block call. Use method='merge' or "
-                "'downsample' for such calls, or run them without tomediff."
+                f"images), but {type(_given(reducer)).__name__} plans one image grid per block call. Use "
+                "method='merge' or 'downsample' for such calls, or run them without tomediff."
             )
         plan = reducer.plan(self, request)
         if plan is not None and not all(hasattr(plan, a) for a in ("batch", "num_tokens", "num_merged")):
