@@ -2,7 +2,9 @@
 
 * A :class:`Reducer` decides what plan a block call gets: ToMe's similarity matching
   (:class:`MatchReducer`), a downsampled grid (:class:`DownsampleReducer`), or an earlier plan
-  (:class:`ReusingReducer`, wrapping another reducer).
+  (:class:`ReusingReducer`, wrapping another reducer). Merging and downsampling wrap theirs in a
+  :class:`GroupedReducer`, which plans a call holding several images (an edit model's reference
+  images) one image at a time, the references at ``reference_ratio``.
 * A :class:`SiteAction` decides what happens around a submodule of the block with that plan: merge
   its input and unmerge its output (:class:`MergeAction`), or keep the queries and pass reduced keys
   and values (:class:`KeyValueAction`); a method may also act around the whole block (its
