@@ -372,9 +372,10 @@ def test_flux_grid_comes_from_img_ids_and_unexplained_ids_are_refused() -> None:
         model(x, **{**kwargs, "img_ids": extra})
 
 
-def test_flux_kontext_reference_tokens_are_refused_not_merged_as_one_square_grid() -> None:
+def test_flux_kontext_reference_tokens_are_their_own_grid_not_one_square_grid() -> None:
     # Kontext's layout in tiny form: a 4x8 latent and a same-size reference image (ids with a first
-    # coordinate of 1), 64 tokens that a square-root guess would merge as one 8x8 image.
+    # coordinate of 1), 64 tokens that a square-root guess would merge as one 8x8 image. Each image is
+    # merged on its own grid (tests/test_reference_tokens.py).
     model = tiny_flux()
     latent, kwargs = flux_inputs(height=4, width=8)
     reference = image_ids(4, 8)
@@ -382,9 +383,10 @@ def test_flux_kontext_reference_tokens_are_refused_not_merged_as_one_square_grid
     x = torch.cat([latent, torch.randn_like(latent)], dim=1)
     ids = torch.cat([image_ids(4, 8), reference])
     handle = tomediff.apply_tome(model, ratio=0.5)
-    with pytest.raises(tomediff.MergeCallError, match="img_ids in this call do not describe one image grid"):
-        run(model, x, {**kwargs, "img_ids": ids})
-    assert all(block.last_call is None for block in handle.report().blocks)  # nothing was merged
+    run(model, x, {**kwargs, "img_ids": ids})
+    stats = [block.last_call for block in handle.report().blocks]
+    assert all(s is not None and (s.height, s.width, s.other_grids) == (4, 8, ((4, 8),)) for s in stats)
+    assert all(s is not None and s.tokens == 64 and s.tokens_after_merge == 32 for s in stats)
 
 
 def test_sd3_five_dual_attention_and_downsample_keys_only() -> None:

@@ -83,6 +83,7 @@ class ToMeReport:
                 tail = f"{'-':>9} {'-':>7} {'-':>7} {'-':>6}"
             else:
                 grid = f"{stats.height}x{stats.width}"
+                grid += "".join(f"+{'x'.join(map(str, g[-2:]))}" for g in stats.other_grids)
                 tail = f"{grid:>9} {stats.tokens:>7} {stats.tokens_after_merge:>7} {stats.removed:>6}"
             lines.append(f"{block.name:<58} {level!s:>5} {','.join(block.sites):<20} {tail}")
         ratio = self.effective_ratio
@@ -135,6 +136,8 @@ def _describe_method(cfg: ToMeConfig, partition: str | None = None) -> str:
         ]
         if cfg.kv_ratio is not None:
             parts.insert(1, f"kv_ratio={cfg.kv_ratio} (keys/values merged apart from the queries)")
+        if cfg.reference_ratio is not None:
+            parts.insert(1, f"reference_ratio={cfg.reference_ratio} (edit models' reference-image tokens)")
         reuse = [f"reuse_level={cfg.reuse_level}"] if cfg.reuse_level else []
         reuse += [f"reuse_steps={cfg.reuse_steps}"] if cfg.reuse_steps > 1 else []
         reuse += [f"reuse_cfg={cfg.reuse_cfg}, cfg_layout={cfg.cfg_layout}"] if cfg.reuse_cfg else []

@@ -191,6 +191,12 @@ class ToMeConfig:
             attention call, after rotary positions, on models whose adapter declares attention-call
             sites (Flux, Wan, ...). None (default): queries and keys/values are merged alike, where the
             model's adapter places merging. ``merge_attn`` only.
+        reference_ratio: ``method="merge"`` on edit and in-context models (Flux Kontext, Flux.2 with
+            reference images, Qwen-Image-Edit), whose calls hold reference-image tokens after the image
+            they predict: merge each reference image's tokens at this ratio (queries and keys/values
+            alike), 0 keeps them all. Every image of such a call is merged on its own grid, never with
+            another image's tokens. None (default): reference images are merged like the predicted image
+            (``ratio``, ``kv_ratio``).
         downsample_factor_time: ``method="downsample"`` on video models: the keys/values' grid is also
             downsampled in time by this factor (1 = per frame, in space only).
         skip_blocks: ``(first, last)``: leave the first ``first`` and the last ``last`` of the blocks
@@ -233,12 +239,32 @@ class ToMeConfig:
     cache_ratio: float = 0.25
     cache_select: str = "change"
     st: int = 1
+    reference_ratio: float | None = None
 
     def __post_init__(self) -> None:
         self._check_merge_fields()
         self._check_method_fields()
         self._check_attention_call_fields()
         self._check_cache_fields()
+        self._check_reference_ratio()
+
+    def _check_reference_ratio(self) -> None:
+        """``reference_ratio``: the merge ratio of edit models' reference-image tokens."""
+        if self.reference_ratio is None:
+            return
+        ratio = _as_float("reference_ratio", self.reference_ratio)
+        object.__setattr__(self, "reference_ratio", ratio)
+        if not 0.0 <= ratio <= self.max_ratio + 1e-12:  # also refuses NaN
+            raise ConfigError(
+                f"reference_ratio={ratio!r} is outside [0, {self.max_ratio:g}] (sx={self.sx}, sy={self.sy}); "
+                "it is the fraction of each reference image's tokens merged away."
+            )
+        if self.method != "merge":
+            raise ConfigError(
+                f"reference_ratio applies to method='merge' (got method={self.method!r}): "
+                "method='downsample' reduces every image of an edit model's call by downsample_factor, "
+                "on its own grid. Leave reference_ratio=None."
+            )
 
     def _check_cache_fields(self) -> None:
         """``cache_interval``, ``cache_ratio`` and ``cache_select``: settings of ``method="cache"``."""
@@ -328,7 +354,7 @@ class ToMeConfig:
                 f"kv_ratio reduces tokens inside self-attention only; it cannot be combined with "
                 f"{', '.join(conflicts)} (set them to their defaults, or leave kv_ratio=None)."
             )
-        if kv_ratio == 0 and self.ratio == 0:
+        if kv_ratio == 0 and self.ratio == 0 and not self.reference_ratio:
             raise ConfigError(
                 "ratio=0 and kv_ratio=0 reduce neither queries nor keys/values; raise one of them."
             )

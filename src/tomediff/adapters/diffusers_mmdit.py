@@ -136,7 +136,11 @@ class FluxAdapter(Adapter):
     its own; pass ``use_rand=False`` to give both the top-left one).
 
     ``method="downsample"`` and ``kv_ratio`` act at the attention call, after the rotary embedding
-    (the image keys/values reduced, text untouched; with ``kv_ratio`` the queries merged at ``ratio``)."""
+    (the image keys/values reduced, text untouched; with ``kv_ratio`` the queries merged at ``ratio``).
+
+    Flux Kontext appends its reference image's tokens (``img_ids`` with a first column of 1) after the
+    image it predicts: each image is reduced on its own grid, the reference at ``reference_ratio``, and
+    every kept token keeps its own rotary row."""
 
     name = "diffusers-flux"
     priority = 30
@@ -149,7 +153,7 @@ class FluxAdapter(Adapter):
 
     @classmethod
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
-        grid = PositionIdsGrid(model)
+        grid = PositionIdsGrid(model, group_axis=0)
         specs = []
         for index, block in enumerate(model.transformer_blocks):
             if class_name_in(block, {"FluxTransformerBlock"}):
@@ -201,7 +205,9 @@ class Flux2Adapter(CallSiteAdapter):
     the image queries and keys/values there (outputs copied back), ``kv_ratio`` the keys/values apart,
     ``method="downsample"`` the keys/values from the downsampled grid; text tokens are never reduced. The
     double-stream image feed-forward ``ff`` merges at block level (``merge_mlp``). The grid comes from
-    ``img_ids`` (``(t, h, w, l)`` columns); reference-image tokens (edit) are refused as an unknown grid."""
+    ``img_ids`` (``(t, h, w, l)`` columns). Reference images (edit) follow the predicted image with their
+    own ``t`` (10, 20, ...): each image is reduced on its own grid, the references at
+    ``reference_ratio``."""
 
     name = "diffusers-flux2"
     timestep_scale = 1.0
@@ -210,7 +216,7 @@ class Flux2Adapter(CallSiteAdapter):
 
     @classmethod
     def grid(cls, model: nn.Module) -> GridSource:
-        return PositionIdsGrid(model, position=3)
+        return PositionIdsGrid(model, position=3, group_axis=0)
 
 
 @register_adapter
@@ -219,8 +225,10 @@ class QwenImageAdapter(CallSiteAdapter):
     ``QwenImageTransformerBlock`` at its call, after the rotary embedding, over ``[text, image]``; the
     image feed-forward ``img_mlp`` at block level (``merge_mlp``). The text padding mask the processor
     builds from ``encoder_hidden_states_mask`` keeps its text columns; its image columns are reduced with
-    the keys. The grid is read from ``img_shapes``; Qwen-Image-Edit's reference-image tokens (several
-    shapes per sample) are refused as an unknown grid."""
+    the keys. The grid is read from ``img_shapes``. Qwen-Image-Edit (and Edit Plus) list the predicted
+    image's grid then the reference images' per sample: each image is reduced on its own grid, the
+    references at ``reference_ratio``; Qwen-Image-Layered predicts every listed grid but the last (its
+    input image)."""
 
     name = "diffusers-qwenimage"
     timestep_scale = 1.0
@@ -233,7 +241,8 @@ class QwenImageAdapter(CallSiteAdapter):
 
     @classmethod
     def grid(cls, model: nn.Module) -> GridSource:
-        return ShapeListGrid(model)
+        layered = bool(getattr(getattr(model, "config", None), "use_layer3d_rope", False))
+        return ShapeListGrid(model, references=1 if layered else None)
 
 
 @register_adapter

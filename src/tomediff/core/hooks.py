@@ -6,7 +6,6 @@ hook tables without any marker attribute on the module itself.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Iterator, Sequence
 from typing import Any
 
@@ -19,7 +18,7 @@ from tomediff.core.attention import PendingPlan
 from tomediff.core.calls import Args, Kwargs, find_input, forward_parameters
 from tomediff.core.parallel import gather_sequence, ulysses_group
 from tomediff.core.reducers import PlanRequest
-from tomediff.core.spec import BlockSpec, GridSource, Site
+from tomediff.core.spec import BlockSpec, GridSource, Site, TokenGroups, grid_tokens
 from tomediff.core.state import BlockStats, CallState, ToMeState
 from tomediff.errors import MergeCallError
 
@@ -113,11 +112,19 @@ class BlockCall:
         if not torch.compiler.is_compiling():  # a report entry; compiled graphs skip the bookkeeping
             num_tokens = request.metric.shape[1]
             merged = plan.num_merged if plan is not None else num_tokens
+            groups = request.groups
             state.stats[self.spec.name] = BlockStats(
-                request.height, request.width, request.level, int(num_tokens), int(merged)
+                request.height,
+                request.width,
+                request.level,
+                int(num_tokens),
+                int(merged),
+                groups.grids[1:] if groups is not None else (),
             )
-            if plan is not None and state.observers:
-                state.notify(self.spec.name, request.height, request.width, plan)
+            # Several images: observers see the output image's plan, the grid they are told of.
+            observed = plan if request.groups is None else getattr(plan, "plans", (None,))[0]
+            if observed is not None and state.observers:
+                state.notify(self.spec.name, request.height, request.width, observed)
         return plan
 
     def has_work(self, call: CallState) -> bool:
@@ -132,7 +139,7 @@ class BlockCall:
         if left <= 0:
             call.plans[self.index] = None
 
-    def _grid_candidates(self, call: CallState) -> Iterator[tuple[int, ...] | None]:
+    def _grid_candidates(self, call: CallState) -> Iterator[tuple[int, ...] | TokenGroups | None]:
         """Token grids the call's inputs give, most reliable first (lazily: the first usually fits).
         What the adapter says wins: the grid its grid source read in this call (None when that input
         shows no single grid), else the grid of the block's level; only a block whose level only a call
@@ -151,7 +158,7 @@ class BlockCall:
     def image_tokens(self, call: CallState, num_inputs: int) -> int:
         """How many of a block's ``num_inputs`` input tokens are image tokens, from its grid source."""
         grid = call.grids.get(self.grid_index) if self.grid_index is not None else None
-        if grid is None or not 0 < math.prod(grid) <= num_inputs:
+        if grid is None or not 0 < grid_tokens(grid) <= num_inputs:
             source = self.spec.grid
             example = f" ({source.unreadable_example})" if grid is None and source is not None else ""
             raise MergeCallError(
@@ -159,17 +166,26 @@ class BlockCall:
                 f"receives are image tokens: its model call gave the token grid {grid}{example}. Call the "
                 "model with the position ids of one full image grid."
             )
-        return math.prod(grid)
+        return grid_tokens(grid)
 
     def fits_grid(self, call: CallState, num_tokens: int) -> bool:
         """Whether one of the call's token grids has ``num_tokens`` tokens."""
-        return any(g is not None and math.prod(g) == num_tokens for g in self._grid_candidates(call))
+        return any(g is not None and grid_tokens(g) == num_tokens for g in self._grid_candidates(call))
 
-    def token_grid(self, call: CallState, num_tokens: int) -> tuple[int, ...]:
-        """``(height, width)``, or ``(frames, height, width)`` for a video grid source."""
+    def token_grid(self, call: CallState, num_tokens: int) -> tuple[int, ...] | TokenGroups:
+        """``(height, width)``, ``(frames, height, width)`` for a video grid source, or the images'
+        :class:`TokenGroups` for a call holding several (an edit model's reference images)."""
         for grid in self._grid_candidates(call):
-            if grid is not None and math.prod(grid) == num_tokens:
+            if grid is not None and grid_tokens(grid) == num_tokens:
                 return grid
+        read = call.grids.get(self.grid_index) if self.grid_index is not None else None
+        if isinstance(read, TokenGroups):
+            raise MergeCallError(
+                f"tomediff cannot reduce block '{self.spec.name}': its model call describes "
+                f"{len(read.grids)} images of {read.sizes} tokens ({read.num_tokens} in all, grids "
+                f"{list(read.grids)}), but the block received {num_tokens} image tokens. Give the model the "
+                "ids / shapes of exactly the image tokens it is called with."
+            )
         name = self.spec.name
         if (
             self.grid_index is not None
@@ -226,6 +242,9 @@ class BlockPreHook(ToMeHook):
             num_tokens = block.image_tokens(call, num_tokens)
             x = x[:, :num_tokens]
         grid = block.token_grid(call, num_tokens)
+        groups = grid if isinstance(grid, TokenGroups) else None
+        if groups is not None:  # several images: the first one's grid names the block call
+            grid = groups.grids[0]
         frames = grid[0] if len(grid) == 3 else 1
         height, width = frames * grid[-2], grid[-1]  # a video's frames stacked: one 2-D grid per call
         level = spec.downsample if spec.downsample is not None else state.infer_level(height, width)
@@ -244,6 +263,7 @@ class BlockPreHook(ToMeHook):
                 spec.name,
                 batch_shared=spec.batch_shared,
                 frames=frames,
+                groups=groups,
             )
             if torch.compiler.is_compiling():
                 # Traced, the plan is made here, in the block's frame: made in a site's pre-hook, which
@@ -253,7 +273,8 @@ class BlockPreHook(ToMeHook):
         else:
             call.requests.pop(block.index, None)
             if not torch.compiler.is_compiling():  # a report entry; compiled graphs skip the bookkeeping
-                state.stats[spec.name] = BlockStats(height, width, level, num_tokens, num_tokens)
+                others = groups.grids[1:] if groups is not None else ()
+                state.stats[spec.name] = BlockStats(height, width, level, num_tokens, num_tokens, others)
 
 
 class BlockPostHook(ToMeHook):

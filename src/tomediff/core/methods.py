@@ -2,7 +2,9 @@
 
 * A :class:`Reducer` decides what plan a block call gets: ToMe's similarity matching
   (:class:`MatchReducer`), a downsampled grid (:class:`DownsampleReducer`), or an earlier plan
-  (:class:`ReusingReducer`, wrapping another reducer).
+  (:class:`ReusingReducer`, wrapping another reducer). Merging and downsampling wrap theirs in a
+  :class:`GroupedReducer`, which plans a call holding several images (an edit model's reference
+  images) one image at a time, the references at ``reference_ratio``.
 * A :class:`SiteAction` decides what happens around a submodule of the block with that plan: merge
   its input and unmerge its output (:class:`MergeAction`), or keep the queries and pass reduced keys
   and values (:class:`KeyValueAction`); a method may also act around the whole block (its
@@ -30,6 +32,7 @@ from tomediff.core.actions import (
 from tomediff.core.attention import AttentionCallAction, AttentionReducer
 from tomediff.core.reducers import (
     DownsampleReducer,
+    GroupedReducer,
     MatchReducer,
     PlanRequest,
     Reducer,
@@ -42,6 +45,7 @@ from tomediff.errors import ConfigError, NothingToPatchError
 
 __all__ = [
     "DownsampleReducer",
+    "GroupedReducer",
     "ImageTokensMergeAction",
     "KeyValueAction",
     "MatchReducer",
@@ -139,14 +143,19 @@ def build_method(config: ToMeConfig, enabled: set[SiteKind], reducer: Reducer | 
             )
         return Method(TokenCacheReducer(config), {}, BlockCacheAction())
     if config.method == "downsample":
-        base: Reducer = DownsampleReducer(config)
+        # Each image of a call (an edit model's references) is downsampled on its own grid.
+        base: Reducer = GroupedReducer(reducer or DownsampleReducer(config))
         action = KeyValueAction(AttentionCallAction(reduce_queries=False))
-        return Method(reducer or base, {"attn": action} if "attn" in enabled else {})
+        return Method(base, {"attn": action} if "attn" in enabled else {})
     # A given reducer is reused like the built-in matching: reuse_level/reuse_steps apply to it too.
-    base = reducer if reducer is not None else MatchReducer(config)
+    matching = reducer if reducer is not None else MatchReducer(config)
+    base = matching
     separate_kv = config.kv_ratio is not None
     if separate_kv:  # two plans per block call (queries, keys/values); reused together
         base = AttentionReducer(base, config.kv_ratio)  # type: ignore[arg-type]
+    # Reference images (edit models) are planned on their own, at reference_ratio when it is set.
+    reference_ratio = config.reference_ratio
+    base = GroupedReducer(base, None if reference_ratio is None else matching, reference_ratio)
     if config.reuse_level or config.reuse_steps > 1:
         base = ReusingReducer(base, config.reuse_level, config.reuse_steps)
     merge = MergeAction(AttentionCallAction(reduce_queries=True), separate_kv=separate_kv)

@@ -3,12 +3,14 @@
 * :class:`MatchReducer`: ToMe for SD's similarity matching (:func:`tomediff.ops.plan_merge`).
 * :class:`DownsampleReducer`: ToDo's downsampled grid for keys and values.
 * :class:`ReusingReducer`: an earlier plan, shared across a level's blocks or kept for ``k`` calls.
+* :class:`GroupedReducer`: a plan per image for a call holding several (an edit model's references).
 
 A reducer knows nothing of hooks or sites; :mod:`tomediff.core.actions` applies its plans.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -17,13 +19,18 @@ import torch
 
 from tomediff.config import ToMeConfig
 from tomediff.core.selection import LevelSetting
+from tomediff.core.spec import TokenGroups
 from tomediff.ops import (
+    AttentionPlan,
     GridDownsample,
+    GroupedDownsample,
+    GroupedPlan,
     Partition,
     PlanConstants,
     SharedMergePlan,
     TokenPlan,
     grid_partition,
+    group_starts,
     num_windows,
     plan_constants,
     plan_merge,
@@ -36,6 +43,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "DownsampleReducer",
+    "GroupedReducer",
     "MatchReducer",
     "PlanRequest",
     "Reducer",
@@ -70,6 +78,10 @@ class PlanRequest:
         batch_shared: the plan must reduce every batch element alike and say which token's position
             each slot keeps (a rotary table shared by the batch is reduced with it).
         frames: for a video, the number of frames stacked in ``height`` (each ``height // frames`` rows).
+        groups: the call's image tokens are several images (an edit model's output image then its
+            references), ``N = groups.num_tokens``; ``height``, ``width`` and ``frames`` are then the
+            first group's. Only a reducer whose :meth:`Reducer.plans_groups` is true gets such requests;
+            :class:`GroupedReducer` asks its inner reducer once per group, with ``groups=None``.
     """
 
     metric: torch.Tensor
@@ -81,6 +93,7 @@ class PlanRequest:
     block_name: str
     batch_shared: bool = False
     frames: int = 1
+    groups: TokenGroups | None = None
 
 
 class Reducer:
@@ -96,6 +109,10 @@ class Reducer:
     def keeps_between_calls(self) -> bool:
         """Whether plans (or caches) outlive a model call: the calls' timesteps and the caller's
         generations are then read, and compiled calls are refused."""
+        return False
+
+    def plans_groups(self) -> bool:
+        """Whether :meth:`plan` takes requests with :attr:`PlanRequest.groups` (several images)."""
         return False
 
     def plan(self, state: ToMeState, request: PlanRequest) -> Any:
@@ -158,7 +175,12 @@ class MatchReducer(Reducer):
         the call has recorded so far (its grid sources, its input size), so one draw serves every block."""
         cfg = self.config
         # A video grid (frames, h, w) has at most as many windows as its frames stacked into one grid.
-        grids = [(height, width), *(_stacked(g) for g in call.grids.values() if g is not None)]
+        grids = [(height, width)]
+        for read in call.grids.values():
+            if isinstance(read, TokenGroups):
+                grids += [_stacked(g) for g in read.grids]
+            elif read is not None:
+                grids.append(_stacked(read))
         if call.input_size is not None:
             grids.append(call.input_size)
         windows = max(max(1, num_windows(h, w, cfg.sx, cfg.sy)) for h, w in grids)
@@ -316,15 +338,20 @@ class ReusingReducer(Reducer):
     def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
         self.inner.begin_call(state, call, sample)
 
+    def plans_groups(self) -> bool:
+        return self.inner.plans_groups()
+
     def nothing_reason(self, request: PlanRequest) -> str | None:
         return self.inner.nothing_reason(request)
 
     def plan(self, state: ToMeState, request: PlanRequest) -> Any:
         batch, device = request.metric.shape[0], str(request.metric.device)
+        # The group layout is part of the key: a plan for one image never serves a call with references.
+        grid = (request.height, request.width, request.groups)
         if self.level:
-            key: tuple[object, ...] = ("level", request.level, request.height, request.width, batch, device)
+            key: tuple[object, ...] = ("level", request.level, *grid, batch, device)
         else:
-            key = ("block", request.block_index, request.height, request.width, batch, device)
+            key = ("block", request.block_index, *grid, batch, device)
         call = state.call
         if self.level and key in call.shared_plans:
             return call.shared_plans[key]
@@ -342,3 +369,112 @@ class ReusingReducer(Reducer):
         if self.level:
             call.shared_plans[key] = plan
         return plan
+
+
+class GroupedReducer(Reducer):
+    """Plans a call whose image tokens are several images (:attr:`PlanRequest.groups`: an edit model's
+    output image then its reference images) one image at a time, each on its own grid, and combines
+    the plans (:class:`~tomediff.ops.GroupedPlan`, :class:`~tomediff.ops.GroupedDownsample`), so no
+    token is merged with another image's. The output images are planned by ``inner`` with the request's
+    setting; the reference images by ``reference`` at ``reference_ratio`` (queries and keys/values
+    alike), or, when ``reference`` is None, by ``inner`` as the output images. Requests of one image
+    go to ``inner`` as they are."""
+
+    def __init__(
+        self, inner: Reducer, reference: Reducer | None = None, reference_ratio: float | None = None
+    ) -> None:
+        if (reference is None) != (reference_ratio is None):
+            raise ValueError("GroupedReducer takes a reference reducer and its reference_ratio together.")
+        self.inner = inner
+        self.reference = reference
+        self.reference_ratio = reference_ratio
+
+    def draws_per_call(self) -> bool:
+        return self.inner.draws_per_call()
+
+    def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
+        self.inner.begin_call(state, call, sample)
+
+    def keeps_between_calls(self) -> bool:
+        return self.inner.keeps_between_calls()
+
+    def plans_groups(self) -> bool:
+        return True
+
+    def report_lines(self) -> list[str]:
+        return self.inner.report_lines()
+
+    def nothing_reason(self, request: PlanRequest) -> str | None:
+        groups = request.groups
+        if groups is None:
+            return self.inner.nothing_reason(request)
+        return self.inner.nothing_reason(self.group_requests(request)[0])  # what the output image's ratio did
+
+    def group_requests(self, request: PlanRequest) -> list[PlanRequest]:
+        """One request per group of ``request.groups``: its slice of the metric, its own grid, and for a
+        reference image (with a ``reference`` reducer) the setting ``reference_ratio``."""
+        groups = request.groups
+        assert groups is not None
+        requests = []
+        for index, (grid, size, start) in enumerate(
+            zip(groups.grids, groups.sizes, group_starts(groups.sizes), strict=True)
+        ):
+            setting = request.setting
+            if groups.is_reference(index) and self.reference_ratio is not None:
+                setting = LevelSetting(self.reference_ratio, setting.factor)
+            height, width = _stacked(grid)
+            requests.append(
+                dataclasses.replace(
+                    request,
+                    metric=request.metric[:, start : start + size],
+                    height=height,
+                    width=width,
+                    frames=grid[0] if len(grid) == 3 else 1,
+                    setting=setting,
+                    groups=None,
+                )
+            )
+        return requests
+
+    def plan(self, state: ToMeState, request: PlanRequest) -> Any:
+        groups = request.groups
+        if groups is None:
+            return self.inner.plan(state, request)
+        plans = []
+        for index, group_request in enumerate(self.group_requests(request)):
+            reducer = self.inner
+            if groups.is_reference(index) and self.reference is not None:
+                reducer = self.reference
+            plans.append(reducer.plan(state, group_request))
+        return combine_group_plans(plans, groups.sizes, int(request.metric.shape[0]), request.block_name)
+
+
+def combine_group_plans(plans: list[Any], sizes: tuple[int, ...], batch: int, block_name: str) -> Any:
+    """One plan over the concatenated groups from each group's plan (None: the group is kept whole):
+    a :class:`GroupedPlan` of merge plans, a :class:`GroupedDownsample` of downsampled grids, or, when a
+    group's plan reduces queries and keys/values apart (:class:`AttentionPlan`), an AttentionPlan of the
+    two grouped sides. None when no group is reduced."""
+    if all(plan is None for plan in plans):
+        return None
+    if any(isinstance(plan, AttentionPlan) for plan in plans):
+        sides = [
+            (None, None)
+            if plan is None
+            else (plan.queries, plan.keys)
+            if isinstance(plan, AttentionPlan)
+            else (plan, plan)
+            for plan in plans
+        ]
+        queries = combine_group_plans([q for q, _ in sides], sizes, batch, block_name)
+        keys = combine_group_plans([k for _, k in sides], sizes, batch, block_name)
+        return AttentionPlan(queries, keys)
+    given = [plan for plan in plans if plan is not None]
+    if all(hasattr(plan, "reduce") for plan in given):
+        return GroupedDownsample(tuple(plans), sizes, batch)
+    if all(hasattr(plan, "merge") and not hasattr(plan, "reduce") for plan in given):
+        return GroupedPlan.build(tuple(plans), sizes, batch)
+    kinds = sorted({type(plan).__name__ for plan in given})
+    raise TypeError(
+        f"the images of block '{block_name}' got plans of different kinds ({', '.join(kinds)}); a reducer "
+        "must give every image of a call a merge plan, or every one a downsampled grid."
+    )

@@ -24,12 +24,56 @@ __all__ = [
     "Site",
     "SiteKind",
     "SiteRole",
+    "TokenGroups",
     "TrailingPositionIdsGrid",
     "VideoGrid",
+    "grid_tokens",
 ]
 
 SiteKind = Literal["attn", "crossattn", "mlp"]
 SiteRole = Literal["tokens", "attention", "key_value", "call", "block"]
+
+
+@dataclass(frozen=True)
+class TokenGroups:
+    """The image tokens of a call that holds several images, one after another in the blocks' sequence:
+    an edit or in-context model's output image then its reference images (Flux Kontext, Flux.2 with
+    reference images, Qwen-Image-Edit). Each image is a group with its own token grid, reduced on its
+    own, so tokens of different images are never merged together.
+
+    Attributes:
+        grids: each group's token grid, ``(h, w)`` or ``(frames, h, w)``, in sequence order.
+        outputs: how many of the leading groups the model predicts (1 for an edit model; Qwen-Image-Layered
+            predicts every layer); the groups after them are reference images (``reference_ratio``).
+    """
+
+    grids: tuple[tuple[int, ...], ...]
+    outputs: int = 1
+
+    def __post_init__(self) -> None:
+        if len(self.grids) < 2 or not 1 <= self.outputs <= len(self.grids):
+            raise ValueError(
+                f"TokenGroups needs at least two grids and 1 <= outputs <= {len(self.grids)}, got "
+                f"grids={self.grids}, outputs={self.outputs}; a call with one image has a plain grid."
+            )
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        """Each group's token count."""
+        return tuple(math.prod(grid) for grid in self.grids)
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.sizes)
+
+    def is_reference(self, index: int) -> bool:
+        """Whether group ``index`` is a reference image (not predicted by the model)."""
+        return index >= self.outputs
+
+
+def grid_tokens(grid: tuple[int, ...] | TokenGroups) -> int:
+    """How many image tokens a grid source's reading describes."""
+    return grid.num_tokens if isinstance(grid, TokenGroups) else math.prod(grid)
 
 
 @dataclass(frozen=True, eq=False)
@@ -44,7 +88,7 @@ class GridSource:
     patch_size: int = 1
     input_names: tuple[str, ...] = ("hidden_states", "x", "sample")
     # When read() gives None: a call it cannot read one grid from, for the error message.
-    unreadable_example: str = "e.g. an edit model's extra reference-image tokens, as in Flux Kontext"
+    unreadable_example: str = "e.g. an input that is not a [B, C, H, W] map"
 
     def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
         """The token grid ``(h, w)`` of one call of :attr:`module`, or None when its input is not a map."""
@@ -59,22 +103,33 @@ class PositionIdsGrid(GridSource):
     """A module given the position ids of its image tokens (Flux's ``img_ids``): ``[N, A]`` (or the
     deprecated ``[B, N, A]``) integer coordinates, row-major, with the row in column ``row_axis`` and
     the column in ``row_axis + 1``. The grid is read from the first and last id (one small copy to the
-    host per model call) and checked against ``N``; ids that are not one full row-major grid (e.g.
-    extra reference-image tokens) give None, and the blocks then say they cannot tell their grid.
+    host per model call) and checked against ``N``; ids that are not one full row-major grid give None,
+    and the blocks then say they cannot tell their grid.
+
+    With ``group_axis``, ids whose column ``group_axis`` changes along the sequence are several images
+    (Flux Kontext gives its reference image's tokens ``1`` there, Flux.2 ``10, 20, ...``): each run of
+    one value must be a full row-major grid of its own, and the call gives their :class:`TokenGroups`
+    (the first run is the image the model predicts, the others its references). That costs one more
+    host copy, of the runs' lengths.
 
     Attributes:
         position: the ids' positional index in the module's call (when not passed by keyword).
+        group_axis: the id column telling the images of a call apart, or None (one image per call).
     """
 
     input_names: tuple[str, ...] = ("img_ids",)
     position: int = 4
     row_axis: int = 1
+    group_axis: int | None = None
     # Inputs (name, position) that add other images' tokens to the blocks (Flux 3's reference images):
     # a call giving one has no single grid.
     other_images: tuple[tuple[str, int], ...] = ()
+    unreadable_example: str = (
+        "e.g. image tokens whose ids are not row-major grids, or reference images given apart from the ids"
+    )
 
-    @torch.compiler.disable  # reads two values: one host copy, outside any compiled graph
-    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+    @torch.compiler.disable  # reads a few values: small host copies, outside any compiled graph
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | TokenGroups | None:  # type: ignore[override]
         for name, position in self.other_images:
             if kwargs.get(name) is not None or (len(args) > position and args[position] is not None):
                 return None
@@ -85,10 +140,28 @@ class PositionIdsGrid(GridSource):
             return None
         if ids.dim() == 3:
             ids = ids[0]
-        corners = ids[[0, -1], self.row_axis : self.row_axis + 2].tolist()
+        if self.group_axis is None or ids.shape[-1] <= self.group_axis:
+            return self._one_grid(ids, 0, int(ids.shape[0]))
+        _, counts = torch.unique_consecutive(ids[:, self.group_axis], return_counts=True)
+        sizes = [int(n) for n in counts.tolist()]
+        if len(sizes) == 1:
+            return self._one_grid(ids, 0, sizes[0])
+        grids: list[tuple[int, ...]] = []
+        start = 0
+        for size in sizes:
+            grid = self._one_grid(ids, start, size)
+            if grid is None:
+                return None
+            grids.append(grid)
+            start += size
+        return TokenGroups(tuple(grids))
+
+    def _one_grid(self, ids: torch.Tensor, start: int, size: int) -> tuple[int, int] | None:
+        """The grid of ids ``[start, start + size)``, or None when they are not one row-major grid."""
+        corners = ids[[start, start + size - 1], self.row_axis : self.row_axis + 2].tolist()
         height = int(corners[1][0] - corners[0][0]) + 1
         width = int(corners[1][1] - corners[0][1]) + 1
-        if height < 1 or width < 1 or height * width != ids.shape[0]:
+        if height < 1 or width < 1 or height * width != size:
             return None
         return height, width
 
@@ -219,29 +292,54 @@ class KeywordGrid(GridSource):
 class ShapeListGrid(GridSource):
     """A module told its grids as a list (Qwen-Image's ``img_shapes``): per sample, a list of
     ``(frames, height, width)`` token grids, or one such tuple for the whole batch. A sample with one
-    grid gives it; several grids (an edit model's reference images) give None, and the blocks then say
-    they cannot tell their grid.
+    grid gives it. Several grids per sample (Qwen-Image-Edit's output image then its reference images)
+    give their :class:`TokenGroups`, when every sample lists the same grids; else None, and the blocks
+    then say they cannot tell their grid.
 
     Attributes:
         position: the list's positional index in the module's call (when not passed by keyword).
+        references: how many of the trailing grids of a sample are reference images; None: all but the
+            first (an edit model's layout). Qwen-Image-Layered predicts every grid but its last.
     """
 
     input_names: tuple[str, ...] = ("img_shapes",)
     position: int = 4
+    references: int | None = None
+    unreadable_example: str = "e.g. samples listing different img_shapes in one call"
 
-    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:  # type: ignore[override]
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | TokenGroups | None:  # type: ignore[override]
         shapes = args[self.position] if len(args) > self.position else None
         if shapes is None:
             shapes = next((kwargs[n] for n in self.input_names if kwargs.get(n) is not None), None)
-        if isinstance(shapes, (list, tuple)) and shapes and isinstance(shapes[0], (list, tuple)):
-            first = shapes[0]
-            if first and isinstance(first[0], (list, tuple)):  # per sample: a list of grids
-                if len(first) != 1:
-                    return None
-                first = first[0]
-            if len(first) == 3 and all(isinstance(v, int) for v in first):
-                return int(first[0]), int(first[1]), int(first[2])
+        if not isinstance(shapes, (list, tuple)) or not shapes or not isinstance(shapes[0], (list, tuple)):
+            return None
+        first = shapes[0]
+        if not first or not isinstance(first[0], (list, tuple)):  # one grid for the whole batch
+            return _frames_grid(first)
+        if len(first) == 1:
+            return _frames_grid(first[0])
+        grids = tuple(_frames_grid(grid) for grid in first)
+        if any(grid is None for grid in grids) or any(_as_grids(sample) != grids for sample in shapes[1:]):
+            return None
+        references = len(grids) - 1 if self.references is None else self.references
+        if not 1 <= references < len(grids):
+            return None
+        return TokenGroups(grids, outputs=len(grids) - references)  # type: ignore[arg-type]
+
+
+def _frames_grid(shape: object) -> tuple[int, int, int] | None:
+    """A ``(frames, height, width)`` tuple of positive ints, else None."""
+    if not isinstance(shape, (list, tuple)) or len(shape) != 3:
         return None
+    if not all(isinstance(v, int) and v > 0 for v in shape):
+        return None
+    return int(shape[0]), int(shape[1]), int(shape[2])
+
+
+def _as_grids(sample: object) -> tuple[tuple[int, int, int] | None, ...] | None:
+    if not isinstance(sample, (list, tuple)):
+        return None
+    return tuple(_frames_grid(grid) for grid in sample)
 
 
 @dataclass(frozen=True, eq=False)

@@ -14,9 +14,9 @@ import torch
 
 from tomediff.config import ToMeConfig
 from tomediff.core.methods import Method
-from tomediff.core.reducers import PlanRequest
+from tomediff.core.reducers import GroupedReducer, PlanRequest, Reducer, ReusingReducer
 from tomediff.core.selection import Selection
-from tomediff.core.spec import Caller
+from tomediff.core.spec import Caller, TokenGroups
 from tomediff.errors import MergeCallError
 
 __all__ = ["BlockStats", "CallState", "PlanEvent", "ThreadMemory", "ToMeState", "downsampled_size"]
@@ -32,13 +32,16 @@ def downsampled_size(size: int, factor: int) -> int:
 
 @dataclass
 class BlockStats:
-    """What the last call of one block did."""
+    """What the last call of one block did. ``height × width`` is its image's grid; a call holding
+    several images (an edit model's reference images) lists the others' grids in ``other_grids``, and
+    ``tokens`` counts every image's tokens."""
 
     height: int
     width: int
     downsample: int | None
     tokens: int
     tokens_after_merge: int
+    other_grids: tuple[tuple[int, ...], ...] = ()
 
     @property
     def removed(self) -> int:
@@ -56,7 +59,8 @@ class PlanEvent:
             each thread when several threads share a patched model).
         height, width: the block's token grid (``N = height * width`` tokens, row-major).
         plan: the plan itself (for merging, a :class:`tomediff.ops.MergePlan`, whose ``local_slot``
-            gives each token's group).
+            gives each token's group). For a call holding several images (an edit model's reference
+            images), the output image's own plan, grid and tokens.
     """
 
     block: str
@@ -72,7 +76,8 @@ class CallState:
 
     Attributes:
         input_size: ``(H, W)`` of the call's ``[B, C, H, W]`` model input, if it had one.
-        grids: token grid recorded by each grid-source hook (by the source's index) in this call.
+        grids: token grid recorded by each grid-source hook (by the source's index) in this call (the
+            images' :class:`~tomediff.core.spec.TokenGroups` for a call holding several).
         offsets: ``[blocks, windows]`` dst offsets drawn for this call when partitions are random
             (row ``i`` for block ``i``, as many windows as the full-resolution grid has); else None.
         plans: the plan of each block (by index) while that block runs.
@@ -90,7 +95,7 @@ class CallState:
     """
 
     input_size: tuple[int, int] | None
-    grids: dict[int, tuple[int, int] | None] = field(default_factory=dict)
+    grids: dict[int, tuple[int, ...] | TokenGroups | None] = field(default_factory=dict)
     offsets: torch.Tensor | None = None
     plans: dict[int, Any] = field(default_factory=dict)
     requests: dict[int, PlanRequest] = field(default_factory=dict)
@@ -395,10 +400,17 @@ class ToMeState:
         """The plan of one block call (None: the block runs unreduced), warning once when the
         settings leave a selected block unreduced."""
         reducer = self.method.reducer
+        if request.groups is not None and not reducer.plans_groups():
+            raise MergeCallError(
+                f"block '{request.block_name}' receives the tokens of {len(request.groups.grids)} images "
+                f"(grids {list(request.groups.grids)}: an edit model's output image and its reference "
+                f"images), but {type(_given(reducer)).__name__} plans one image grid per block call. Use "
+                "method='merge' or 'downsample' for such calls, or run them without tomediff."
+            )
         plan = reducer.plan(self, request)
         if plan is not None and not all(hasattr(plan, a) for a in ("batch", "num_tokens", "num_merged")):
             raise MergeCallError(
-                f"{type(reducer).__name__}.plan returned a {type(plan).__name__} for block "
+                f"{type(_given(reducer)).__name__}.plan returned a {type(plan).__name__} for block "
                 f"'{request.block_name}'; a reducer must return None or a plan with batch, num_tokens and "
                 "num_merged (and what the site actions use: merge/unmerge, or reduce)."
             )
@@ -413,6 +425,13 @@ class ToMeState:
                     stacklevel=3,
                 )
         return plan
+
+
+def _given(reducer: Reducer) -> Reducer:
+    """The reducer inside the wrappers every method gets (plan reuse, one plan per image), for messages."""
+    while isinstance(reducer, (GroupedReducer, ReusingReducer)):
+        reducer = reducer.inner
+    return reducer
 
 
 def _timestep_value(timestep: object) -> float | None:

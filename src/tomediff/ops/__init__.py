@@ -15,6 +15,7 @@ from tomediff.ops.downsample import (
     downsample_grid,
     downsampled_grid,
 )
+from tomediff.ops.groups import GroupedDownsample, GroupedPlan, group_starts
 from tomediff.ops.kernels import triton_enabled
 from tomediff.ops.matching import (
     Backend,
@@ -42,6 +43,8 @@ __all__ = [
     "Backend",
     "DownsampleMode",
     "GridDownsample",
+    "GroupedDownsample",
+    "GroupedPlan",
     "KeepPlan",
     "MergePlan",
     "Partition",
@@ -59,6 +62,7 @@ __all__ = [
     "fill_from_cache",
     "gather_tokens",
     "grid_partition",
+    "group_starts",
     "merge_trailing",
     "num_windows",
     "paired_plan",
