@@ -6,10 +6,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import diffusers
 import torch
 from torch import nn
-
-import diffusers
 
 Inputs = tuple[tuple[Any, ...], dict[str, Any]]
 
@@ -77,7 +76,10 @@ def ideogram4_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
     gen = torch.Generator().manual_seed(1)
     num, text = height * width, 5
     seq = text + num
-    image = torch.cartesian_prod(torch.zeros(1, dtype=torch.long), torch.arange(height), torch.arange(width)) + 65536
+    image = (
+        torch.cartesian_prod(torch.zeros(1, dtype=torch.long), torch.arange(height), torch.arange(width))
+        + 65536
+    )
     position_ids = torch.zeros(batch, seq, 3, dtype=torch.long)
     segment_ids = torch.full((batch, seq), -1, dtype=torch.long)
     indicator = torch.zeros(batch, seq, dtype=torch.long)

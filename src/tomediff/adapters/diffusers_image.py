@@ -449,8 +449,8 @@ _REFUSED = {
         "(scattered by index), so the video rows are not one grid at a known place"
     ),
     "BriaFibo2Transformer2DModel": (
-        "Bria FIBO 2 places the image tokens of its main blocks after its gist tokens, whose count follows the "
-        "prompt's length, or before them when a batch's prompts give different counts, with edit context "
+        "Bria FIBO 2 places the image tokens of its main blocks after its gist tokens, whose count follows "
+        "the prompt's length, or before them when a batch's prompts give different counts, with edit context "
         "tokens after the image: where the image tokens sit is decided by each call, and that layout is not "
         "described yet"
     ),
@@ -470,8 +470,8 @@ _REFUSED = {
         "values; reducing only those blocks is not implemented"
     ),
     "SanaWMLTX2RefinerTransformer3DModel": (
-        "the SANA-WM refiner denoises a few latent frames at a time (chunk-causal) while attending to a cache "
-        "of earlier frames' keys/values, so a call's keys are not its own video grid"
+        "the SANA-WM refiner denoises a few latent frames at a time (chunk-causal) while attending to a "
+        "cache of earlier frames' keys/values, so a call's keys are not its own video grid"
     ),
     # DiT ControlNets: their per-block residuals are added token by token to the main transformer's image
     # tokens, so reducing the ControlNet would hand averaged control residuals to every main block.
@@ -524,10 +524,10 @@ class RefusedFamilyAdapter(Adapter):
         raise UnsupportedModelError(
             f"tomediff does not reduce tokens in {name} yet: {_REFUSED[name]}. Supported diffusion "
             "transformers: SD3, Flux.1, Flux.2, Flux 3, Chroma, Bria, Bria FIBO, LongCat-Image, Ovis-Image, "
-            "Qwen-Image, Z-Image, HiDream, HunyuanDiT, HunyuanImage 2.1, Lumina2, Lumina-Next, CogView3-Plus, "
-            "CogView4, GLM-Image, Krea 2, ERNIE-Image, PRX, OmniGen, Ideogram 4, JoyImage-Edit (and Plus), "
-            "NucleusMoE-Image, AuraFlow, Sana, PixArt, DiT, DreamLite, Wan 2.x (and VACE, "
-            "ChronoEdit, Wan-Animate), SkyReels-V2, HunyuanVideo 1.0/1.5, CogVideoX, ConsisID, LTX-Video, "
+            "Qwen-Image, Z-Image, HiDream, HunyuanDiT, HunyuanImage 2.1, Lumina2, Lumina-Next, "
+            "CogView3-Plus, CogView4, GLM-Image, Krea 2, ERNIE-Image, PRX, OmniGen, Ideogram 4, "
+            "JoyImage-Edit (and Plus), NucleusMoE-Image, AuraFlow, Sana, PixArt, DiT, DreamLite, "
+            "Wan 2.x (and VACE, ChronoEdit, Wan-Animate), SkyReels-V2, HunyuanVideo 1.0/1.5, CogVideoX, ConsisID, LTX-Video, "
             "LTX-2, Kandinsky 5/6, Mochi, EasyAnimate, MotifVideo, AnyFlow, Allegro, Cosmos "
             "(see docs/dits.md)."
         )
@@ -612,7 +612,8 @@ class NucleusMoEImageAdapter(CallSiteAdapter):
     """NucleusMoE-Image (``NucleusMoEImageTransformer2DModel``): the attention of every
     ``NucleusMoEImageTransformerBlock`` at its call, after the rotary embedding: its queries are the image
     tokens, its keys/values ``[image, text]``; the text keys/values and their mask columns are never reduced.
-    The image feed-forwards (a mixture of experts in most blocks) are not reduced. Grid from ``img_shapes``."""
+    The image feed-forwards (a mixture of experts in most blocks) are not reduced. Grid from
+    ``img_shapes``."""
 
     name = "diffusers-nucleusmoe-image"
     timestep_scale = 1.0

@@ -17,8 +17,8 @@ __all__ = [
     "Caller",
     "EqualLengthsGrid",
     "GridSource",
-    "KeywordGrid",
     "ItemsVideoGrid",
+    "KeywordGrid",
     "LatentListGrid",
     "LeadingShapeListGrid",
     "MarkedPositionIdsGrid",
@@ -311,7 +311,11 @@ class LeadingShapeListGrid(ShapeListGrid):
             return None
         firsts = set()
         for sample in shapes:
-            if not isinstance(sample, (list, tuple)) or not sample or not isinstance(sample[0], (list, tuple)):
+            if (
+                not isinstance(sample, (list, tuple))
+                or not sample
+                or not isinstance(sample[0], (list, tuple))
+            ):
                 return None
             first = sample[0]
             if len(first) != 3 or not all(isinstance(v, int) for v in first):
