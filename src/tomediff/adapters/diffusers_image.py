@@ -527,9 +527,9 @@ class RefusedFamilyAdapter(Adapter):
             "Qwen-Image, Z-Image, HiDream, HunyuanDiT, HunyuanImage 2.1, Lumina2, Lumina-Next, "
             "CogView3-Plus, CogView4, GLM-Image, Krea 2, ERNIE-Image, PRX, OmniGen, Ideogram 4, "
             "JoyImage-Edit (and Plus), NucleusMoE-Image, AuraFlow, Sana, PixArt, DiT, DreamLite, "
-            "Wan 2.x (and VACE, ChronoEdit, Wan-Animate), SkyReels-V2, HunyuanVideo 1.0/1.5, CogVideoX, ConsisID, LTX-Video, "
-            "LTX-2, Kandinsky 5/6, Mochi, EasyAnimate, MotifVideo, AnyFlow, Allegro, Cosmos "
-            "(see docs/dits.md)."
+            "Wan 2.x (and VACE, ChronoEdit, Wan-Animate), SkyReels-V2, HunyuanVideo 1.0/1.5, CogVideoX, "
+            "ConsisID, LTX-Video, LTX-2, Kandinsky 5/6, Mochi, EasyAnimate, MotifVideo, AnyFlow, Allegro, "
+            "Cosmos (see docs/dits.md)."
         )
 
 
