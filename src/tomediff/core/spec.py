@@ -368,7 +368,8 @@ class Site:
             sequence must be the N image tokens alone.
         extra_keys: (``"call"`` sites, ``text_first``) the keys may hold more tokens than the queries,
             before them (tokens only attended to: PRX's text, GLM-Image's cached condition-image tokens);
-            the image tokens are the last N of the queries and of the keys.
+            the image tokens are the last N of the queries and of the keys. With ``image_first`` the extra
+            keys come after them (NucleusMoE-Image's text): the image tokens are the first N of both.
         per_sample: (``"call"`` sites) the module may call attention once per sample, in batch order,
             with a batch of one (Mochi, whose text length differs per sample): each call gets the plan
             of its sample.
