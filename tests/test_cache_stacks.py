@@ -384,25 +384,22 @@ def test_layerwise_casting_and_tome_stack_in_both_orders() -> None:
 
 
 def test_text_kv_cache_stacks_as_a_no_op_outside_nucleus_moe() -> None:
-    """TextKVCache caches text keys/values only in NucleusMoE-Image blocks, a model tomediff has no
-    adapter for (refused, with or without the cache); elsewhere it only hooks the model's forward,
-    which composes with tomediff in both orders and is removed alone."""
-    nucleus = diffusers.NucleusMoEImageTransformer2DModel(
-        patch_size=2,
-        in_channels=16,
-        num_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        axes_dims_rope=(4, 6, 6),
-        moe_enabled=False,
-    )
+    """TextKVCache caches text keys/values only in NucleusMoE-Image blocks, whose attention call then
+    takes ``[image, cached text]`` keys: the image queries and keys are reduced there as without the cache;
+    elsewhere it only hooks the model's forward, which composes with tomediff in both orders and is
+    removed alone."""
+    from test_image_families import call_shapes, run
+    from tiny_recent_families import nucleusmoe_image_inputs, tiny_nucleusmoe_image
+
+    nucleus = tiny_nucleusmoe_image()
     nucleus.enable_cache(hooks.TextKVCacheConfig())
-    with pytest.raises(
-        tomediff.UnsupportedModelError, match="no adapter for NucleusMoEImageTransformer2DModel"
-    ):
-        tomediff.apply_tome(nucleus, ratio=0.5)
-    assert tome_hooks(nucleus) == 0
+    inputs = nucleusmoe_image_inputs(2, (1, 3, 4))
+    reference = run(nucleus, inputs)[0]
+    with tomediff.tome(nucleus, ratio=0.5, use_rand=False):
+        out, spy = run(nucleus, inputs)
+    assert call_shapes(spy) == [(6, 11)] * 2  # 12 image queries and keys merged to 6; 5 text keys kept
+    assert torch.isfinite(out).all() and not torch.equal(out, reference)
+    assert tome_hooks(nucleus) == 0 and torch.equal(run(nucleus, inputs)[0], reference)
 
     pipe, generate = flux_pipeline()
     model = pipe.transformer

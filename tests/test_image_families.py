@@ -16,6 +16,18 @@ from torch import nn
 import tomediff
 from test_attention_site import SdpaSpy
 from test_dit_models import tome_hooks
+from tiny_recent_families import (
+    briafibo_inputs,
+    ideogram4_inputs,
+    joyimage_edit_inputs,
+    joyimage_edit_plus_inputs,
+    nucleusmoe_image_inputs,
+    tiny_briafibo,
+    tiny_ideogram4,
+    tiny_joyimage_edit,
+    tiny_joyimage_edit_plus,
+    tiny_nucleusmoe_image,
+)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -481,6 +493,15 @@ IMAGE_FAMILIES = {
     "omnigen": ImageFamily("OmniGenTransformer2DModel", tiny_omnigen, omnigen_inputs),
     "prx": ImageFamily("PRXTransformer2DModel", tiny_prx, prx_inputs),
     "ernieimage": ImageFamily("ErnieImageTransformer2DModel", tiny_ernieimage, ernieimage_inputs),
+    "briafibo": ImageFamily("BriaFiboTransformer2DModel", tiny_briafibo, briafibo_inputs),
+    "ideogram4": ImageFamily("Ideogram4Transformer2DModel", tiny_ideogram4, ideogram4_inputs),
+    "joyimage_edit": ImageFamily("JoyImageEditTransformer3DModel", tiny_joyimage_edit, joyimage_edit_inputs),
+    "joyimage_edit_plus": ImageFamily(
+        "JoyImageEditPlusTransformer3DModel", tiny_joyimage_edit_plus, joyimage_edit_plus_inputs
+    ),
+    "nucleusmoe_image": ImageFamily(
+        "NucleusMoEImageTransformer2DModel", tiny_nucleusmoe_image, nucleusmoe_image_inputs
+    ),
 }
 
 
@@ -556,7 +577,7 @@ def test_every_image_family_is_matched_by_an_adapter_that_reduces_tokens() -> No
         adapter = find_adapter(model)
         specs = adapter.block_specs(model)
         assert specs and all(any(site.role == "call" for site in spec.sites) for spec in specs), name
-    assert len(builds) == 22
+    assert len(builds) == 27
 
 
 def test_image_families_not_supported_yet_are_refused_with_their_reason() -> None:

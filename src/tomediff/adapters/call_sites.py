@@ -102,7 +102,8 @@ class BlockStack:
         sequence_first: the block input is ``[tokens, batch, channels]``.
         inner: each listed module wraps its block in this attribute (HiDream's ``HiDreamBlock.block``).
         extra_keys: the attention's keys may hold more tokens than its queries, before them (PRX's text
-            keys for image queries, GLM-Image's cached condition-image keys).
+            keys for image queries, GLM-Image's cached condition-image keys), or after them with
+            ``image_first`` (NucleusMoE-Image's text keys).
         optional: the model may lack this list (e.g. no single-stream blocks).
         per_sample: the attention may be called once per sample (:attr:`Site.per_sample`).
     """

@@ -12,8 +12,12 @@ from tomediff.adapters.diffusers_caches import ReplayedOutputCheck
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import (
     EqualLengthsGrid,
+    ItemsVideoGrid,
     LatentListGrid,
+    LeadingShapeListGrid,
+    MarkedPositionIdsGrid,
     PositionIdsGrid,
+    ShapeListGrid,
     TrailingPositionIdsGrid,
     VideoGrid,
 )
@@ -29,9 +33,13 @@ __all__ = [
     "HiDreamAdapter",
     "HunyuanDiTAdapter",
     "HunyuanImageAdapter",
+    "Ideogram4Adapter",
+    "JoyImageEditAdapter",
+    "JoyImageEditPlusAdapter",
     "Krea2Adapter",
     "Lumina2Adapter",
     "LuminaNextAdapter",
+    "NucleusMoEImageAdapter",
     "OmniGenAdapter",
     "PRXAdapter",
     "RefusedFamilyAdapter",
@@ -440,6 +448,54 @@ _REFUSED = {
         "MiniMax-H3 packs video, text and audio rows into one sequence in an order its caller chooses "
         "(scattered by index), so the video rows are not one grid at a known place"
     ),
+    "BriaFibo2Transformer2DModel": (
+        "Bria FIBO 2 places the image tokens of its main blocks after its gist tokens, whose count follows "
+        "the prompt's length, or before them when a batch's prompts give different counts, with edit context "
+        "tokens after the image: where the image tokens sit is decided by each call, and that layout is not "
+        "described yet"
+    ),
+    "Kandinsky6SRTransformer3DModel": (
+        "Kandinsky 6 SR is a video super-resolution model whose self-attention always runs NABLA sparse "
+        "attention on the flex backend (a block mask over local token blocks), with no scaled-dot-product "
+        "attention call to reduce at"
+    ),
+    "LTX2VideoDiffusionDecoderModel": (
+        "the LTX-2 diffusion decoder is a VAE decoder (latents to pixels) whose attention is neighborhood "
+        "attention over local windows (flex block mask or NATTEN), not a generation grid's attention; patch "
+        "the pipeline's transformer instead"
+    ),
+    "SanaWMTransformer3DModel": (
+        "SANA-WM runs a gated delta-net linear recurrence (no softmax attention call) in three blocks of "
+        "every four, and its softmax blocks apply per-token camera (UCPE) transforms to their keys and "
+        "values; reducing only those blocks is not implemented"
+    ),
+    "SanaWMLTX2RefinerTransformer3DModel": (
+        "the SANA-WM refiner denoises a few latent frames at a time (chunk-causal) while attending to a "
+        "cache of earlier frames' keys/values, so a call's keys are not its own video grid"
+    ),
+    # DiT ControlNets: their per-block residuals are added token by token to the main transformer's image
+    # tokens, so reducing the ControlNet would hand averaged control residuals to every main block.
+    **{
+        name: (
+            f"patch the main transformer; the ControlNet ({label}) adds its residuals to the main "
+            "transformer's image tokens block by block: its tokens carry the control image's detail, which "
+            "merging would average before it reaches every main block (tomediff.apply_tome(pipe) patches "
+            "pipe.transformer and leaves pipe.controlnet whole)"
+        )
+        for name, label in (
+            ("FluxControlNetModel", "Flux"),
+            ("FluxMultiControlNetModel", "Flux, several"),
+            ("SD3ControlNetModel", "SD3"),
+            ("SD3MultiControlNetModel", "SD3, several"),
+            ("QwenImageControlNetModel", "Qwen-Image"),
+            ("QwenImageMultiControlNetModel", "Qwen-Image, several"),
+            ("ZImageControlNetModel", "Z-Image"),
+            ("SanaControlNetModel", "Sana"),
+            ("CosmosControlNetModel", "Cosmos"),
+            ("HunyuanDiT2DControlNetModel", "HunyuanDiT"),
+            ("HunyuanDiT2DMultiControlNetModel", "HunyuanDiT, several"),
+        )
+    },
     # Audio and other 1-D models: their tokens are a sequence in time, with no image or video grid.
     "StableAudioDiTModel": "Stable Audio is an audio model: its tokens have no image or video grid",
     "StableAudio3DiTModel": "Stable Audio 3 is an audio model: its tokens have no image or video grid",
@@ -467,10 +523,111 @@ class RefusedFamilyAdapter(Adapter):
         name = next(k.__name__ for k in type(model).__mro__ if k.__name__ in _REFUSED)
         raise UnsupportedModelError(
             f"tomediff does not reduce tokens in {name} yet: {_REFUSED[name]}. Supported diffusion "
-            "transformers: SD3, Flux.1, Flux.2, Flux 3, Chroma, Bria, LongCat-Image, Ovis-Image, Qwen-Image, "
-            "Z-Image, HiDream, HunyuanDiT, HunyuanImage 2.1, Lumina2, Lumina-Next, CogView3-Plus, CogView4, "
-            "GLM-Image, Krea 2, ERNIE-Image, PRX, OmniGen, AuraFlow, Sana, PixArt, DiT, Wan 2.x (and VACE, "
-            "ChronoEdit, Wan-Animate), SkyReels-V2, HunyuanVideo 1.0/1.5, CogVideoX, ConsisID, LTX-Video, "
-            "LTX-2, Kandinsky 5/6, Mochi, EasyAnimate, MotifVideo, AnyFlow, Allegro, Cosmos "
-            "(see docs/dits.md)."
+            "transformers: SD3, Flux.1, Flux.2, Flux 3, Chroma, Bria, Bria FIBO, LongCat-Image, Ovis-Image, "
+            "Qwen-Image, Z-Image, HiDream, HunyuanDiT, HunyuanImage 2.1, Lumina2, Lumina-Next, "
+            "CogView3-Plus, CogView4, GLM-Image, Krea 2, ERNIE-Image, PRX, OmniGen, Ideogram 4, "
+            "JoyImage-Edit (and Plus), NucleusMoE-Image, AuraFlow, Sana, PixArt, DiT, DreamLite, "
+            "Wan 2.x (and VACE, ChronoEdit, Wan-Animate), SkyReels-V2, HunyuanVideo 1.0/1.5, CogVideoX, "
+            "ConsisID, LTX-Video, LTX-2, Kandinsky 5/6, Mochi, EasyAnimate, MotifVideo, AnyFlow, Allegro, "
+            "Cosmos (see docs/dits.md)."
         )
+
+
+@register_adapter
+class Ideogram4Adapter(CallSiteAdapter):
+    """Ideogram 4 (``Ideogram4Transformer2DModel``): the attention of every single-stream
+    ``Ideogram4TransformerBlock`` at its call, after the rotary embedding, over the packed ``[padding, text,
+    image]`` row (the unconditional call: the image alone); the padding and text are never reduced, and the
+    block-diagonal segment mask's rows and columns follow the image tokens. Grid from the image rows of
+    ``position_ids``, found by ``indicator``; a row packing several samples is refused as an unknown grid. Its
+    timestep is ``1 - t / 1000`` (0 at pure noise): it rises during a generation."""
+
+    name = "diffusers-ideogram4"
+    timestep_scale = 1.0
+    timestep_rises = True
+    models = frozenset({"Ideogram4Transformer2DModel"})
+    stacks = (
+        BlockStack("layers", frozenset({"Ideogram4TransformerBlock"}), attn="attention", image_last=True),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        # diffusers' OUTPUT_IMAGE_INDICATOR (transformer_ideogram4.py) marks the generated image's tokens.
+        return MarkedPositionIdsGrid(model, input_names=("position_ids",), position=3, image_role=2)
+
+
+@register_adapter
+class JoyImageEditAdapter(CallSiteAdapter):
+    """JoyImage-Edit (``JoyImageEditTransformer3DModel``): the joint attention of every double-stream
+    ``JoyImageTransformerBlock`` at its call, after the rotary embedding, over ``[image, text]``. Given
+    reference images (a ``[B, items, C, F, H, W]`` input), the model lays out the generated image's tokens
+    first and the references' after them: only the generated image is reduced, the references and the text
+    are never. The image feed-forward ``img_mlp`` sees the references too and is not reduced."""
+
+    name = "diffusers-joyimage-edit"
+    models = frozenset({"JoyImageEditTransformer3DModel"})
+    stacks = (
+        BlockStack(
+            "double_blocks",
+            frozenset({"JoyImageTransformerBlock"}),
+            attn="attn",
+            image_first=True,
+            image_leads=True,
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        patch = tuple(int(p) for p in model.config.patch_size)  # type: ignore[attr-defined]
+        return ItemsVideoGrid(model, video_patch=(patch[0], patch[1], patch[2]))
+
+
+@register_adapter
+class JoyImageEditPlusAdapter(CallSiteAdapter):
+    """JoyImage-Edit-Plus (``JoyImageEditPlusTransformer3DModel``): the joint attention of every
+    double-stream ``JoyImageEditPlusTransformerBlock`` at its call, after the rotary embedding, over
+    ``[generated image, reference images, padding, text]``: only the generated image is reduced (its grid the
+    first of each sample's ``shape_list``, alike for the batch); the references, the padding (masked) and
+    the text are never. The image feed-forward ``img_mlp`` sees the references too and is not reduced."""
+
+    name = "diffusers-joyimage-edit-plus"
+    models = frozenset({"JoyImageEditPlusTransformer3DModel"})
+    stacks = (
+        BlockStack(
+            "double_blocks",
+            frozenset({"JoyImageEditPlusTransformerBlock"}),
+            attn="attn",
+            image_first=True,
+            image_leads=True,
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return LeadingShapeListGrid(model)
+
+
+@register_adapter
+class NucleusMoEImageAdapter(CallSiteAdapter):
+    """NucleusMoE-Image (``NucleusMoEImageTransformer2DModel``): the attention of every
+    ``NucleusMoEImageTransformerBlock`` at its call, after the rotary embedding: its queries are the image
+    tokens, its keys/values ``[image, text]``; the text keys/values and their mask columns are never reduced.
+    The image feed-forwards (a mixture of experts in most blocks) are not reduced. Grid from
+    ``img_shapes``."""
+
+    name = "diffusers-nucleusmoe-image"
+    timestep_scale = 1.0
+    models = frozenset({"NucleusMoEImageTransformer2DModel"})
+    stacks = (
+        BlockStack(
+            "transformer_blocks",
+            frozenset({"NucleusMoEImageTransformerBlock"}),
+            attn="attn",
+            image_first=True,
+            extra_keys=True,
+        ),
+    )
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return ShapeListGrid(model, position=1)

@@ -21,6 +21,7 @@ from tomediff.core.spec import PositionIdsGrid, ShapeListGrid
 
 __all__ = [
     "BriaAdapter",
+    "BriaFiboAdapter",
     "ChromaAdapter",
     "Flux2Adapter",
     "FluxAdapter",
@@ -309,3 +310,20 @@ class BriaAdapter(FluxShapedAdapter):
     name = "diffusers-bria"
     timestep_scale = 1000.0
     models = frozenset({"BriaTransformer2DModel"})
+
+
+@register_adapter
+class BriaFiboAdapter(CallSiteAdapter):
+    """Bria FIBO (``BriaFiboTransformer2DModel``, Flux.1-shaped, timestep in ``[0, 1000]``): the joint
+    attention of the double-stream blocks (``[text, image]``) and of the single-stream blocks (whose input is
+    already ``[text, image]``) at its call, after the rotary embedding; the double-stream image ``ff`` at
+    block level (``merge_mlp``). Grid from ``img_ids``; FIBO-Edit's reference-image tokens are refused as an
+    unknown grid. The text (re-projected from the text encoder's layers at every block) is never reduced."""
+
+    name = "diffusers-bria-fibo"
+    models = frozenset({"BriaFiboTransformer2DModel"})
+    stacks = _double_and_single("BriaFiboTransformerBlock", "BriaFiboSingleTransformerBlock", True)
+
+    @classmethod
+    def grid(cls, model: nn.Module) -> GridSource:
+        return PositionIdsGrid(model, position=5)

@@ -8,7 +8,7 @@ from torch import nn
 from tomediff.adapters.base import Adapter, class_name_in, register_adapter, transformer_block_spec
 from tomediff.core import BlockSpec, GridSource
 
-__all__ = ["DiffusersUNetAdapter"]
+__all__ = ["DiffusersUNetAdapter", "DreamLiteTransformerAdapter"]
 
 _UNET_CLASSES = {"UNet2DConditionModel", "ControlNetModel", "ControlNetXSAdapter", "UNetControlNetXSModel"}
 
@@ -53,3 +53,27 @@ class DiffusersUNetAdapter(Adapter):
             if _has_sampler(block, "upsamplers"):
                 downsample //= 2
         return specs
+
+
+@register_adapter
+class DreamLiteTransformerAdapter(Adapter):
+    """DreamLite's ``DreamLiteTransformer2DModel`` patched on its own (inside a ``DreamLiteUNetModel``, a
+    ``UNet2DConditionModel`` subclass, :class:`DiffusersUNetAdapter` reaches its blocks): its
+    ``BasicTransformerBlockDreamLite``s, as ``BasicTransformerBlock``s (``attn1``, ``attn2``, ``ff``), on the
+    grid of its ``[B, C, H, W]`` input. Blocks built without self-attention (DreamLite's high-resolution
+    levels) have no ``attn1`` site."""
+
+    name = "diffusers-dreamlite-transformer"
+    priority = 20
+
+    @classmethod
+    def matches(cls, model: nn.Module) -> bool:
+        return class_name_in(model, {"DreamLiteTransformer2DModel"}) and hasattr(model, "transformer_blocks")
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        grid = GridSource(model)
+        return [
+            transformer_block_spec(f"transformer_blocks.{index}", block, 1, grid)
+            for index, block in enumerate(model.transformer_blocks)
+        ]

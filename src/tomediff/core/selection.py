@@ -106,9 +106,23 @@ class Selection:
         enabled = self.enabled_kinds()
         if not any(site.kind in enabled for spec in selected for site in spec.sites):
             present = sorted({site.kind for spec in selected for site in spec.sites})
+            # Blocks of other levels may have them (e.g. a UNet without self-attention at its top level).
+            levels = sorted(
+                {
+                    spec.downsample
+                    for spec in specs
+                    if spec.downsample is not None and any(site.kind in enabled for site in spec.sites)
+                }
+            )
+            elsewhere = ""
+            if levels and self.config.level_ratios is None:
+                elsewhere = (
+                    f", or select the downsample levels {levels} whose blocks have them "
+                    f"(max_downsample={levels[0]})"
+                )
             raise NothingToPatchError(
                 f"the enabled merge sites {sorted(enabled)} do not exist in the selected blocks of "
-                f"{model_name} (they have {present}); enable one of those."
+                f"{model_name} (they have {present}); enable one of those{elsewhere}."
             )
         return selected
 

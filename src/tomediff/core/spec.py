@@ -17,8 +17,11 @@ __all__ = [
     "Caller",
     "EqualLengthsGrid",
     "GridSource",
+    "ItemsVideoGrid",
     "KeywordGrid",
     "LatentListGrid",
+    "LeadingShapeListGrid",
+    "MarkedPositionIdsGrid",
     "PositionIdsGrid",
     "ShapeListGrid",
     "Site",
@@ -188,6 +191,38 @@ class TrailingPositionIdsGrid(PositionIdsGrid):
 
 
 @dataclass(frozen=True, eq=False)
+class MarkedPositionIdsGrid(PositionIdsGrid):
+    """Position ids of a packed sequence (Ideogram 4's ``position_ids``, ``[B, S, A]``) whose image tokens are
+    marked in a per-token role tensor (``role_names``, at ``role_position``: ``[B, S]``, ``image_role`` for an
+    image token). The image tokens must be the last N of every row, N alike for the batch, and their ids are
+    read as :class:`PositionIdsGrid` reads its ids; else None (e.g. a row packing several samples)."""
+
+    role_names: tuple[str, ...] = ("indicator",)
+    role_position: int = 5
+    image_role: int = 0
+    unreadable_example: str = "a row packing several samples, or image tokens that do not end every row"
+
+    @torch.compiler.disable  # counts the image tokens: one host copy per model call
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | None:
+        roles = args[self.role_position] if len(args) > self.role_position else None
+        if roles is None:
+            roles = next((kwargs[n] for n in self.role_names if kwargs.get(n) is not None), None)
+        ids = args[self.position] if len(args) > self.position else None
+        if ids is None:
+            ids = next((kwargs[n] for n in self.input_names if kwargs.get(n) is not None), None)
+        if not isinstance(roles, torch.Tensor) or roles.dim() != 2 or not isinstance(ids, torch.Tensor):
+            return None
+        image = roles == self.image_role
+        counts = image.sum(dim=1)
+        num = int(counts[0])
+        if num == 0 or ids.shape[-2] != roles.shape[1]:
+            return None
+        if not (bool((counts == num).all()) and bool(image[:, -num:].all())):
+            return None
+        return super().read((), {self.input_names[0]: ids[..., -num:, :]})
+
+
+@dataclass(frozen=True, eq=False)
 class EqualLengthsGrid(GridSource):
     """A ``[B, C, H, W]`` map (as :class:`GridSource`) whose blocks place each sample's image tokens after
     its own caption (Lumina2): one layout for the batch only when every sample's caption has the same
@@ -269,6 +304,21 @@ class VideoGrid(GridSource):
 
 
 @dataclass(frozen=True, eq=False)
+class ItemsVideoGrid(VideoGrid):
+    """A :class:`VideoGrid` whose input may also be ``[B, items, C, F, H, W]``: several latents of one shape
+    (JoyImage-Edit's reference images and the generated image), whose tokens the model lays out one item
+    after the other, the generated one first; its blocks' grid is then one item's, ``F/pt × H/ph × W/pw``
+    (the other items' tokens follow it)."""
+
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:  # type: ignore[override]
+        _, x = find_input(args, kwargs, self.input_names)
+        if isinstance(x, torch.Tensor) and x.dim() == 6:
+            pt, ph, pw = self.video_patch
+            return math.ceil(int(x.shape[3]) / pt), int(x.shape[4]) // ph, int(x.shape[5]) // pw
+        return super().read(args, kwargs)
+
+
+@dataclass(frozen=True, eq=False)
 class KeywordGrid(GridSource):
     """A module told its token grid as integer arguments (LTX-Video's ``num_frames``, ``height``,
     ``width``, in tokens), by keyword or at ``positions`` in its call."""
@@ -343,6 +393,39 @@ def _as_grids(sample: object) -> tuple[tuple[int, int, int] | None, ...] | None:
 
 
 @dataclass(frozen=True, eq=False)
+class LeadingShapeListGrid(ShapeListGrid):
+    """A module told, per sample, the ``(frames, height, width)`` token grids of the images it lays out one
+    after the other, the generated one first (JoyImage-Edit-Plus's ``shape_list``: the generated image, then
+    its reference images): its blocks' grid is the first one, when every sample's first grid is the same;
+    else None."""
+
+    input_names: tuple[str, ...] = ("shape_list",)
+
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:  # type: ignore[override]
+        shapes = args[self.position] if len(args) > self.position else None
+        if shapes is None:
+            shapes = next((kwargs[n] for n in self.input_names if kwargs.get(n) is not None), None)
+        if not isinstance(shapes, (list, tuple)) or not shapes:
+            return None
+        firsts = set()
+        for sample in shapes:
+            if (
+                not isinstance(sample, (list, tuple))
+                or not sample
+                or not isinstance(sample[0], (list, tuple))
+            ):
+                return None
+            first = sample[0]
+            if len(first) != 3 or not all(isinstance(v, int) for v in first):
+                return None
+            firsts.add(tuple(first))
+        if len(firsts) != 1:
+            return None
+        frames, height, width = firsts.pop()
+        return frames, height, width
+
+
+@dataclass(frozen=True, eq=False)
 class Site:
     """A submodule whose token input is merged and whose output is unmerged.
 
@@ -383,7 +466,8 @@ class Site:
             sequence must be the N image tokens alone.
         extra_keys: (``"call"`` sites, ``text_first``) the keys may hold more tokens than the queries,
             before them (tokens only attended to: PRX's text, GLM-Image's cached condition-image tokens);
-            the image tokens are the last N of the queries and of the keys.
+            the image tokens are the last N of the queries and of the keys. With ``image_first`` the extra
+            keys come after them (NucleusMoE-Image's text): the image tokens are the first N of both.
         per_sample: (``"call"`` sites) the module may call attention once per sample, in batch order,
             with a batch of one (Mochi, whose text length differs per sample): each call gets the plan
             of its sample.
