@@ -93,6 +93,9 @@ class Reducer:
     def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
         """Prepare a model call (e.g. draw its random numbers) before any block runs."""
 
+    def grids_read(self, state: ToMeState, call: CallState) -> None:
+        """Prepare a model call once every grid source has read its grid (still before the blocks)."""
+
     def keeps_between_calls(self) -> bool:
         """Whether plans (or caches) outlive a model call: the calls' timesteps and the caller's
         generations are then read, and compiled calls are refused."""
@@ -136,11 +139,23 @@ class MatchReducer(Reducer):
     def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
         """One draw per call for every block's random partition (one host-to-device copy per call):
         here when the model input is a ``[B, C, H, W]`` map, which tells the call's largest grid;
-        otherwise (``[B, N, C]`` packed tokens, as Flux takes) at the first block that needs it."""
+        otherwise (``[B, N, C]`` packed tokens as Flux takes, video latents) once the call's grid
+        sources have read their grids (:meth:`grids_read`), else at the first block that needs it."""
         if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
             return
         if self.random_partition(state, int(sample.shape[0])):
             self._draw_offsets(state, call, int(sample.shape[-2]), int(sample.shape[-1]), sample.device)
+
+    def grids_read(self, state: ToMeState, call: CallState) -> None:
+        """The draw of a call whose model input did not tell its grid, made before the blocks: a block
+        compiled on its own (regional compilation, ``fullgraph=True``) cannot draw from the CPU generator.
+        The grids read are every grid the blocks can see, so the table is the one the first block would
+        draw."""
+        if call.offsets is not None or call.batch is None or call.device is None:
+            return
+        grids = [_stacked(g) for g in call.grids.values() if g is not None]
+        if grids and self.random_partition(state, call.batch):
+            self._draw_offsets(state, call, *grids[0], call.device)
 
     def random_partition(self, state: ToMeState, batch: int) -> bool:
         """Whether a block call with ``batch`` samples gets a random partition (else the top-left one).
@@ -315,6 +330,9 @@ class ReusingReducer(Reducer):
 
     def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
         self.inner.begin_call(state, call, sample)
+
+    def grids_read(self, state: ToMeState, call: CallState) -> None:
+        self.inner.grids_read(state, call)
 
     def nothing_reason(self, request: PlanRequest) -> str | None:
         return self.inner.nothing_reason(request)
