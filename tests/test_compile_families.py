@@ -204,3 +204,25 @@ def test_unpatched_blocks_of_the_xfailed_families_break_the_graph_too(name: str)
     with pytest.raises((torch._dynamo.exc.Unsupported, torch._dynamo.exc.UserError)):
         run(model, inputs_for(BATCH), name)
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("name", ["flux", "wan", "zimage"])
+def test_the_random_draw_is_made_before_the_first_block(name: str) -> None:
+    """Packed tokens (Flux), video latents (Wan) and latent lists (Z-Image) do not tell the grid at the
+    model call: the call's one draw is made once the grid sources have read theirs, before any block
+    (a block compiled on its own cannot draw from the CPU generator)."""
+    build, inputs_for = COMPILE_FAMILIES[name]
+    model = build()
+    handle = tomediff.apply_tome(model)
+    drawn: list[bool] = []
+
+    def record(module: nn.Module, args: tuple[Any, ...]) -> None:  # runs after tomediff's pre-hook
+        drawn.append(handle.state.call.offsets is not None)
+
+    hooks = [spec.block.register_forward_pre_hook(record) for spec in find_adapter(model).block_specs(model)]
+    run(model, inputs_for(BATCH), name)
+    for hook in hooks:
+        hook.remove()
+    assert drawn and all(drawn)
+    assert handle.report().partition == "random"
+    handle.remove()
