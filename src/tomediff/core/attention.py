@@ -148,7 +148,9 @@ class _AttentionCallMode(TorchFunctionMode):
             key.dim() != 4
             or key.shape[0] != plan.batch
             or seq < num
-            or (seq != num and not (site.text_first or site.image_first))
+            # The site's layout first: Mochi's per-sample key count depends on its caption's mask,
+            # which torch.compile cannot compare with ``num`` (a data-dependent size).
+            or (not (site.text_first or site.image_first) and seq != num)
         ):
             raise MergeCallError(
                 f"tomediff cannot reduce the attention call of the {site.kind} site in block "
@@ -213,6 +215,9 @@ class AttentionReducer(Reducer):
 
     def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
         self.inner.begin_call(state, call, sample)
+
+    def grids_read(self, state: ToMeState, call: CallState) -> None:
+        self.inner.grids_read(state, call)
 
     def plan(self, state: ToMeState, request: PlanRequest) -> AttentionPlan | None:
         def plan_at(ratio: float) -> Any:

@@ -63,15 +63,17 @@ def _timestep_position(root: nn.Module) -> int | None:
 
 
 class GridHook(ToMeHook):
-    """Pre-hook on a grid source: records the token grid its blocks will see in this call."""
+    """Pre-hook on a grid source: records the token grid its blocks will see in this call (one of the
+    patch's ``num_sources`` grid sources)."""
 
-    def __init__(self, state: ToMeState, source: GridSource, index: int) -> None:
+    def __init__(self, state: ToMeState, source: GridSource, index: int, num_sources: int) -> None:
         self.state = state
         self.source = source
         self.index = index
+        self.num_sources = num_sources
 
     def __call__(self, module: nn.Module, args: Args, kwargs: Kwargs) -> None:
-        self.state.call.grids[self.index] = self.source.read(args, kwargs)
+        self.state.record_grid(self.index, self.source.read(args, kwargs), self.num_sources)
 
 
 class BlockCall:
@@ -423,7 +425,7 @@ def install(root: nn.Module, specs: Sequence[BlockSpec], state: ToMeState) -> li
             spec.block.register_forward_hook(BlockPostHook(block_call), with_kwargs=True, always_call=True)
         )
     for grid_index, source in grid_sources.values():
-        hook = GridHook(state, source, grid_index)
+        hook = GridHook(state, source, grid_index, len(grid_sources))
         handles.append(source.module.register_forward_pre_hook(hook, with_kwargs=True))
     return handles
 

@@ -106,6 +106,9 @@ class Reducer:
     def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
         """Prepare a model call (e.g. draw its random numbers) before any block runs."""
 
+    def grids_read(self, state: ToMeState, call: CallState) -> None:
+        """Prepare a model call once every grid source has read its grid (still before the blocks)."""
+
     def keeps_between_calls(self) -> bool:
         """Whether plans (or caches) outlive a model call: the calls' timesteps and the caller's
         generations are then read, and compiled calls are refused."""
@@ -127,6 +130,13 @@ class Reducer:
         """Why :meth:`plan` returned None although the block was selected, if the settings are to
         blame (said once as a warning); None when that was intended (e.g. ratio 0)."""
         return None
+
+
+def _images(read: tuple[int, ...] | TokenGroups | None) -> tuple[tuple[int, ...], ...]:
+    """The image grids a grid source read: one, one per image of an edit model's call, or none."""
+    if read is None:
+        return ()
+    return read.grids if isinstance(read, TokenGroups) else (read,)
 
 
 def _stacked(grid: tuple[int, ...]) -> tuple[int, int]:
@@ -153,11 +163,23 @@ class MatchReducer(Reducer):
     def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
         """One draw per call for every block's random partition (one host-to-device copy per call):
         here when the model input is a ``[B, C, H, W]`` map, which tells the call's largest grid;
-        otherwise (``[B, N, C]`` packed tokens, as Flux takes) at the first block that needs it."""
+        otherwise (``[B, N, C]`` packed tokens as Flux takes, video latents) once the call's grid
+        sources have read their grids (:meth:`grids_read`), else at the first block that needs it."""
         if not isinstance(sample, torch.Tensor) or sample.dim() != 4:
             return
         if self.random_partition(state, int(sample.shape[0])):
             self._draw_offsets(state, call, int(sample.shape[-2]), int(sample.shape[-1]), sample.device)
+
+    def grids_read(self, state: ToMeState, call: CallState) -> None:
+        """The draw of a call whose model input did not tell its grid, made before the blocks: a block
+        compiled on its own (regional compilation, ``fullgraph=True``) cannot draw from the CPU generator.
+        The grids read are every grid the blocks can see, so the table is the one the first block would
+        draw."""
+        if call.offsets is not None or call.batch is None or call.device is None:
+            return
+        grids = [_stacked(g) for read in call.grids.values() for g in _images(read)]
+        if grids and self.random_partition(state, call.batch):
+            self._draw_offsets(state, call, *grids[0], call.device)
 
     def random_partition(self, state: ToMeState, batch: int) -> bool:
         """Whether a block call with ``batch`` samples gets a random partition (else the top-left one).
@@ -175,12 +197,7 @@ class MatchReducer(Reducer):
         the call has recorded so far (its grid sources, its input size), so one draw serves every block."""
         cfg = self.config
         # A video grid (frames, h, w) has at most as many windows as its frames stacked into one grid.
-        grids = [(height, width)]
-        for read in call.grids.values():
-            if isinstance(read, TokenGroups):
-                grids += [_stacked(g) for g in read.grids]
-            elif read is not None:
-                grids.append(_stacked(read))
+        grids = [(height, width), *(_stacked(g) for read in call.grids.values() for g in _images(read))]
         if call.input_size is not None:
             grids.append(call.input_size)
         windows = max(max(1, num_windows(h, w, cfg.sx, cfg.sy)) for h, w in grids)
@@ -341,6 +358,9 @@ class ReusingReducer(Reducer):
     def plans_groups(self) -> bool:
         return self.inner.plans_groups()
 
+    def grids_read(self, state: ToMeState, call: CallState) -> None:
+        self.inner.grids_read(state, call)
+
     def nothing_reason(self, request: PlanRequest) -> str | None:
         return self.inner.nothing_reason(request)
 
@@ -394,6 +414,9 @@ class GroupedReducer(Reducer):
 
     def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
         self.inner.begin_call(state, call, sample)
+
+    def grids_read(self, state: ToMeState, call: CallState) -> None:
+        self.inner.grids_read(state, call)
 
     def keeps_between_calls(self) -> bool:
         return self.inner.keeps_between_calls()

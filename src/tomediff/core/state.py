@@ -92,6 +92,8 @@ class CallState:
             this call, from their pre-hook to their post-hook, because a cache keeps the module's output.
         cfg_layout: with ``reuse_cfg`` and ``cfg_layout="auto"``, what the caller said of this call's
             batch: ``"uncond_cond"`` (a guidance pair), None (no pair), ``"auto"`` (it could not tell).
+        batch, device: the batch size and device of the call's main input (a tensor, or Z-Image's list of
+            per-sample latents); None when it has neither.
     """
 
     input_size: tuple[int, int] | None
@@ -105,6 +107,8 @@ class CallState:
     number: int = 0
     cfg_layout: str | None = "auto"
     inside: set[int] = field(default_factory=set)
+    batch: int | None = None
+    device: torch.device | None = None
 
 
 @dataclass(eq=False)  # compared by identity: the patch keeps a weak set of them
@@ -285,6 +289,7 @@ class ToMeState:
         is_map = isinstance(sample, torch.Tensor) and sample.dim() == 4
         input_size = (int(sample.shape[-2]), int(sample.shape[-1])) if is_map else None
         call = self._local.call = CallState(input_size)
+        call.batch, call.device = _batch_and_device(sample)
         self._latest_call = call
         if not torch.compiler.is_compiling():
             self._begin(call, sample, timestep)
@@ -332,6 +337,14 @@ class ToMeState:
                 guided = caller.guidance(sample)
                 call.cfg_layout = "auto" if guided is None else "uncond_cond" if guided else None
             self.method.reducer.begin_call(self, call, sample)
+
+    def record_grid(self, index: int, grid: tuple[int, ...] | None, num_sources: int) -> None:
+        """Record the grid that grid source ``index`` read in the calling thread's call; once all
+        ``num_sources`` have read theirs, the reducer may prepare the call (its random draw)."""
+        call = self.call
+        call.grids[index] = grid
+        if len(call.grids) == num_sources and call.active:
+            self.method.reducer.grids_read(self, call)
 
     def reseed(self, seed: int | None = None) -> None:
         """Restart the partition RNG (from ``seed``, default the config's seed); every thread's next
@@ -432,6 +445,16 @@ def _given(reducer: Reducer) -> Reducer:
     while isinstance(reducer, (GroupedReducer, ReusingReducer)):
         reducer = reducer.inner
     return reducer
+
+
+def _batch_and_device(sample: object) -> tuple[int | None, torch.device | None]:
+    """The batch size and device of a model call's main input: a batch-first tensor, or a list of
+    per-sample tensors (Z-Image's latents)."""
+    if isinstance(sample, torch.Tensor) and sample.dim() >= 2:
+        return int(sample.shape[0]), sample.device
+    if isinstance(sample, (list, tuple)) and sample and all(isinstance(x, torch.Tensor) for x in sample):
+        return len(sample), sample[0].device
+    return None, None
 
 
 def _timestep_value(timestep: object) -> float | None:

@@ -91,8 +91,10 @@ def _tokens_to_heads(x: torch.Tensor, heads: int) -> torch.Tensor:
 
 def _splice(x: torch.Tensor, start: int, num: int, image: torch.Tensor, dim: int) -> torch.Tensor:
     """``x`` with its ``[start, start + num)`` slice along ``dim`` replaced by ``image``."""
+    # Empty parts are concatenated as they are: a test of their size would be data-dependent under
+    # torch.compile where the sequence length is (Mochi's per-sample caption keys).
     parts = [x.narrow(dim, 0, start), image, x.narrow(dim, start + num, x.shape[dim] - start - num)]
-    return torch.cat([p for p in parts if p.shape[dim] > 0], dim=dim)
+    return torch.cat(parts, dim=dim)
 
 
 def _full_index(kept: torch.Tensor, start: int, num: int, total: int) -> torch.Tensor:
