@@ -166,8 +166,8 @@ class BlockCall:
             if grid is None and source is not None:
                 inputs = "/".join(source.input_names)
                 raise MergeCallError(
-                    f"{start} are image tokens: the model's {inputs} in this call do not describe its image "
-                    f"grids ({source.unreadable_example})."
+                    f"{start} are image tokens: the model's {inputs} in this call do not describe the token "
+                    f"grids of its images ({source.unreadable_example})."
                 )
             raise MergeCallError(
                 f"{start} are image tokens: its model call gave the token grid {grid}, which does not fit "
