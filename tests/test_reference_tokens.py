@@ -54,7 +54,7 @@ from tomediff.ops import (
 
 MAIN, REFERENCE = (4, 6), (4, 4)  # the predicted image's token grid, the reference image's
 N1, N2 = math.prod(MAIN), math.prod(REFERENCE)
-QWEN_TEXT, FLUX2_TEXT = 5, 4
+QWEN_TEXT, FLUX2_TEXT, FIBO_TEXT, JOY_TEXT, FLUX3_TEXT = 5, 4, 5, 5, 4  # text tokens per family
 
 
 def kontext_inputs(batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -157,10 +157,6 @@ def flux3_reference_inputs(batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]
         "image_cond_hidden_states": torch.randn(batch, N2, 4, generator=gen),
         "image_cond_ids": reference_ids,
     }
-
-
-FIBO_TEXT = JOY_TEXT = 5
-FLUX3_TEXT = 4
 
 
 @dataclass(frozen=True)
