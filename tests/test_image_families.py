@@ -618,7 +618,9 @@ def test_zimage_refuses_latents_of_different_shapes_in_one_call() -> None:
         run(model, ((latents, t, captions), kwargs))
 
 
-def test_flux3_refuses_reference_images_as_an_unknown_grid() -> None:
+def test_flux3_refuses_reference_images_its_ids_do_not_tell_apart() -> None:
+    """Reference images whose ids share the generated image's last column ``l`` are no separate grid
+    (``test_reference_tokens`` runs the pipeline's layout, ``l = -1, -2, ...``)."""
     model = tiny_flux3()
     args, kwargs = flux3_inputs(1, (1, 3, 4))
     one = torch.arange(1)

@@ -1,5 +1,6 @@
 """The diffusers 0.42 classes tomediff says something specific about beyond :data:`IMAGE_FAMILIES`'s
-shared checks (issue 15): edit models' reference images left whole, Ideogram 4's packed rows, DreamLite's
+shared checks (issue 15): JoyImage-Edit's items each on its own grid and Edit-Plus's refusal of samples
+with different reference images, Ideogram 4's packed rows, DreamLite's
 UNet and transformer, and the families refused with their reason (tiny real models where their
 constructor allows, else the registry entry by class name)."""
 
@@ -40,30 +41,36 @@ def _reduced_then_restored(model: nn.Module, inputs: Any, options: dict[str, Any
     return call_shapes(spy)
 
 
-@pytest.mark.parametrize("options", [{"ratio": 0.5}, {"method": "downsample"}])
-def test_joyimage_edit_reduces_the_generated_image_and_leaves_its_references_whole(
-    options: dict[str, Any],
-) -> None:
+@pytest.mark.parametrize("options", [{"ratio": 0.5, "reference_ratio": 0.0}, {"method": "downsample"}])
+def test_joyimage_edit_reduces_each_item_on_its_own_grid(options: dict[str, Any]) -> None:
+    """Two reference images and the generated one, 5 x 6 tokens each (``test_reference_tokens`` checks the
+    per-image ratios): ``reference_ratio=0`` merges the generated image alone; ``method="downsample"``
+    downsamples the keys/values of every item on its own grid."""
     model = tiny_joyimage_edit()
     num, text = 5 * 6, 5
     inputs = joyimage_edit_inputs(2, (1, 5, 6), references=2)
     assert call_shapes(run(model, inputs)[1]) == [(3 * num + text, 3 * num + text)] * 2
-    kept = num - int(num * 0.5) if "ratio" in options else math.ceil(5 / 2) * math.ceil(6 / 2)
-    queries = kept if "ratio" in options else num
     shapes = _reduced_then_restored(model, inputs, options)
-    assert shapes == [(queries + 2 * num + text, kept + 2 * num + text)] * 2
+    if "ratio" in options:
+        kept = num - int(num * 0.5)
+        assert shapes == [(kept + 2 * num + text,) * 2] * 2
+    else:
+        kept = math.ceil(5 / 2) * math.ceil(6 / 2)
+        assert shapes == [(3 * num + text, 3 * kept + text)] * 2
 
 
-def test_joyimage_edit_plus_reduces_the_generated_image_of_each_sample_and_leaves_the_rest_whole() -> None:
-    """Sample 0 has two reference images (4 x 3 and 2 x 2 tokens), sample 1 none: the generated images
-    (5 x 6 tokens, first in every row) are reduced; the references, the padding and the text are not."""
+def test_joyimage_edit_plus_refuses_samples_with_different_reference_images_in_one_call() -> None:
+    """Sample 0 has two reference images (4 x 3 and 2 x 2 tokens), sample 1 none: no one layout of images
+    for the batch, so the call is refused, naming ``shape_list`` and the fix."""
     model = tiny_joyimage_edit_plus()
-    num, text, references = 5 * 6, 5, 4 * 3 + 2 * 2
     inputs = joyimage_edit_plus_inputs(2, (1, 5, 6), references=((4, 3), (2, 2)))
-    assert call_shapes(run(model, inputs)[1]) == [(num + references + text,) * 2] * 2
-    kept = num - int(num * 0.5)
-    shapes = _reduced_then_restored(model, inputs, {"ratio": 0.5})
-    assert shapes == [(kept + references + text,) * 2] * 2
+    reference = run(model, inputs)[0]
+    with (
+        tomediff.tome(model, ratio=0.5),
+        pytest.raises(tomediff.MergeCallError, match=r"shape_list.*same images' sizes"),
+    ):
+        run(model, inputs)
+    assert tome_hooks(model) == 0 and torch.equal(run(model, inputs)[0], reference)
 
 
 def test_joyimage_edit_plus_refuses_generated_images_of_different_shapes_in_one_call() -> None:

@@ -1,11 +1,12 @@
 """Edit and in-context models: reference-image tokens as groups of their own (Flux Kontext, Flux.2 with
-reference images, Qwen-Image-Edit), each image reduced on its own grid, the references at
-``reference_ratio``."""
+reference images, Qwen-Image-Edit, Bria FIBO-Edit, LongCat-Image-Edit, JoyImage-Edit and Edit-Plus, Flux 3),
+each image reduced on its own grid, the references at ``reference_ratio``."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import diffusers
@@ -15,9 +16,31 @@ from torch import nn
 
 import tomediff
 from test_attention_site import SdpaSpy
-from test_dit_families import call_shapes, family_run, tiny_flux2, tiny_qwenimage
+from test_dit_families import (
+    call_shapes,
+    family_run,
+    flux_shaped_inputs,
+    tiny_flux2,
+    tiny_flux_shaped,
+    tiny_qwenimage,
+)
 from test_dit_models import TEXT, flux_inputs, image_ids, tiny_flux, tome_hooks
-from tomediff.core.spec import PositionIdsGrid, ShapeListGrid, TokenGroups
+from test_image_families import flux3_inputs, tiny_flux3
+from tiny_recent_families import (
+    briafibo_inputs,
+    joyimage_edit_inputs,
+    joyimage_edit_plus_inputs,
+    tiny_briafibo,
+    tiny_joyimage_edit,
+    tiny_joyimage_edit_plus,
+)
+from tomediff.core.spec import (
+    ItemsVideoGrid,
+    LeadingShapeListGrid,
+    PositionIdsGrid,
+    ShapeListGrid,
+    TokenGroups,
+)
 from tomediff.eval.settings import METHOD_FIELDS, field_help, parse_setting
 from tomediff.ops import (
     GridDownsample,
@@ -31,7 +54,7 @@ from tomediff.ops import (
 
 MAIN, REFERENCE = (4, 6), (4, 4)  # the predicted image's token grid, the reference image's
 N1, N2 = math.prod(MAIN), math.prod(REFERENCE)
-QWEN_TEXT, FLUX2_TEXT = 5, 4
+QWEN_TEXT, FLUX2_TEXT, FIBO_TEXT, JOY_TEXT, FLUX3_TEXT = 5, 4, 5, 5, 4  # text tokens per family
 
 
 def kontext_inputs(batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -75,12 +98,99 @@ def qwen_edit_inputs(batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
     }
 
 
-FAMILIES: dict[
-    str, tuple[Callable[[], nn.Module], Callable[[int], tuple[tuple[Any, ...], dict[str, Any]]], int]
-] = {
-    "flux_kontext": (tiny_flux, kontext_inputs, TEXT),
-    "flux2": (tiny_flux2, flux2_reference_inputs, FLUX2_TEXT),
-    "qwen_edit": (tiny_qwenimage, qwen_edit_inputs, QWEN_TEXT),
+def fibo_edit_inputs(batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Bria FIBO-Edit's layout: the predicted image's tokens, then the reference's (ids with a first column
+    of 1); one sample's text padded, so the pipeline passes its key-padding mask over ``[text, images]``."""
+    args, kwargs = briafibo_inputs(batch, (1, *MAIN))
+    reference_ids = image_ids(*REFERENCE)
+    reference_ids[:, 0] = 1
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.ones(batch, FIBO_TEXT + N1 + N2, dtype=torch.bool)
+    mask[0, FIBO_TEXT - 2 : FIBO_TEXT] = False
+    return args, {
+        **kwargs,
+        "hidden_states": torch.cat([kwargs["hidden_states"], torch.randn(batch, N2, 4, generator=gen)], 1),
+        "img_ids": torch.cat([kwargs["img_ids"], reference_ids]),
+        "joint_attention_kwargs": {"attention_mask": mask[:, None, None, :]},
+    }
+
+
+def longcat_edit_ids(first: int, grid: tuple[int, int], offset: int) -> torch.Tensor:
+    """LongCat-Image-Edit's image ids: ``first`` in the first column (1: the predicted image, 2: the
+    reference), rows and columns counted from the text's length ``offset``."""
+    ids = image_ids(*grid)
+    ids[:, 0] = first
+    ids[:, 1:] += offset
+    return ids
+
+
+def longcat_edit_inputs(batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    (latent,), kwargs = flux_shaped_inputs("pooled_projections")(batch, (1, *MAIN))
+    gen = torch.Generator().manual_seed(3)
+    ids = torch.cat([longcat_edit_ids(1, MAIN, TEXT), longcat_edit_ids(2, REFERENCE, TEXT)])
+    return (torch.cat([latent, torch.randn(batch, N2, 4, generator=gen)], dim=1),), {**kwargs, "img_ids": ids}
+
+
+def joyimage_edit_reference_inputs(batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """JoyImage-Edit's ``[B, items, C, F, H, W]``: one reference image, of the predicted image's size."""
+    return joyimage_edit_inputs(batch, (1, *MAIN), references=1)
+
+
+def joyimage_edit_plus_reference_inputs(batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """JoyImage-Edit-Plus's patches: every sample the predicted image then one reference image."""
+    return joyimage_edit_plus_inputs(batch, (1, *MAIN), references=(REFERENCE,), every_sample=True)
+
+
+def flux3_reference_inputs(batch: int) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """Flux 3's modular pipeline's layout: ``(t, h, w, l)`` ids with rows and columns scaled by its
+    ``image_rope_scale`` (0.5); the reference image's tokens and ids (``l = -1``) given apart."""
+    args, kwargs = flux3_inputs(batch, (1, *MAIN))
+    one = torch.arange(1)
+    reference_ids = torch.cartesian_prod(one, torch.arange(REFERENCE[0]), torch.arange(REFERENCE[1]), one - 1)
+    img_ids, reference_ids = kwargs["img_ids"].float(), reference_ids.float()
+    img_ids[:, 1:3] *= 0.5
+    reference_ids[:, 1:3] *= 0.5
+    gen = torch.Generator().manual_seed(3)
+    return args, {
+        **kwargs,
+        "img_ids": img_ids,
+        "image_cond_hidden_states": torch.randn(batch, N2, 4, generator=gen),
+        "image_cond_ids": reference_ids,
+    }
+
+
+@dataclass(frozen=True)
+class EditFamily:
+    """A tiny model, its inputs for a batch (the predicted image's grid :data:`MAIN` then one reference
+    image), its text length, the reference's grid, and whether the attention sequence is ``[text,
+    images]`` (else ``[images, text]``)."""
+
+    build: Callable[[], nn.Module]
+    inputs: Callable[[int], tuple[tuple[Any, ...], dict[str, Any]]]
+    text: int
+    reference: tuple[int, int] = REFERENCE
+    text_first: bool = True
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        return N1, math.prod(self.reference)
+
+
+FAMILIES = {
+    "flux_kontext": EditFamily(tiny_flux, kontext_inputs, TEXT),
+    "flux2": EditFamily(tiny_flux2, flux2_reference_inputs, FLUX2_TEXT),
+    "qwen_edit": EditFamily(tiny_qwenimage, qwen_edit_inputs, QWEN_TEXT),
+    "fibo_edit": EditFamily(tiny_briafibo, fibo_edit_inputs, FIBO_TEXT),
+    "longcat_edit": EditFamily(
+        tiny_flux_shaped("LongCatImageTransformer2DModel", pooled_projection_dim=8), longcat_edit_inputs, TEXT
+    ),
+    # JoyImage-Edit's items share one shape: its reference has the predicted image's grid.
+    "joyimage_edit": EditFamily(
+        tiny_joyimage_edit, joyimage_edit_reference_inputs, JOY_TEXT, reference=MAIN, text_first=False
+    ),
+    "joyimage_edit_plus": EditFamily(
+        tiny_joyimage_edit_plus, joyimage_edit_plus_reference_inputs, JOY_TEXT, text_first=False
+    ),
 }
 
 
@@ -131,6 +241,43 @@ def test_grid_sources_read_one_group_per_image() -> None:
     assert layered == TokenGroups(((1, 4, 6), (1, 4, 4), (1, 2, 2)), outputs=2)
     assert shapes.read((), {"img_shapes": [[(1, 4, 6)]] * 2}) == (1, 4, 6)
     assert shapes.read((), {"img_shapes": [[(1, 4, 6), (1, 4, 4)], [(1, 4, 6), (1, 2, 8)]]}) is None
+
+
+def test_grid_sources_of_the_other_edit_families() -> None:
+    model = nn.Linear(1, 1)
+    groups = TokenGroups((MAIN, REFERENCE))
+    _, kwargs = longcat_edit_inputs(1)  # ids counted from the text's length
+    assert PositionIdsGrid(model, position=3, group_axis=0).read((), kwargs) == groups
+    _, kwargs = fibo_edit_inputs(1)
+    assert PositionIdsGrid(model, position=5, group_axis=0).read((), kwargs) == groups
+
+    # Flux 3: ids scaled by 0.5, the references' ids given apart and told apart by their last column.
+    _, kwargs = flux3_reference_inputs(2)
+    generated = PositionIdsGrid(model, position=3)
+    with_references = PositionIdsGrid(model, position=3, group_axis=3, appended_ids=(("image_cond_ids", 6),))
+    assert generated.read((), kwargs) == MAIN
+    assert with_references.read((), kwargs) == groups
+    assert with_references.read((), {**kwargs, "image_cond_ids": None}) == MAIN
+    off_step = kwargs["img_ids"].clone()
+    off_step[-1, 2] += 0.25  # the last id off the grid's 0.5 step
+    assert generated.read((), {"img_ids": off_step}) is None
+    same_column = kwargs["image_cond_ids"].clone()
+    same_column[:, 3] = 0  # the reference not told apart from the generated image
+    assert with_references.read((), {**kwargs, "image_cond_ids": same_column}) is None
+    with pytest.raises(ValueError, match="give it a group_axis"):
+        PositionIdsGrid(model, appended_ids=(("image_cond_ids", 6),))
+
+    items = ItemsVideoGrid(model, video_patch=(1, 2, 2))
+    _, kwargs = joyimage_edit_reference_inputs(2)
+    assert items.read((), kwargs) == TokenGroups(((1, *MAIN), (1, *MAIN)))
+    _, kwargs = joyimage_edit_inputs(2, (1, *MAIN))
+    assert items.read((), kwargs) == (1, *MAIN)  # no references: the plain grid
+
+    shapes = LeadingShapeListGrid(model)
+    _, kwargs = joyimage_edit_plus_reference_inputs(2)
+    assert shapes.read((), kwargs) == TokenGroups(((1, *MAIN), (1, *REFERENCE)))
+    _, kwargs = joyimage_edit_plus_inputs(2, (1, *MAIN), references=(REFERENCE,))  # sample 0's only
+    assert shapes.read((), kwargs) is None
 
 
 # the grouped plan against the per-image plans --------------------------------------------------------
@@ -211,20 +358,25 @@ def test_the_models_plan_is_each_images_own_matching() -> None:
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 @pytest.mark.parametrize("batch", [1, 3])
 def test_ratio_zero_removal_and_token_counts_per_image(name: str, batch: int) -> None:
-    build, inputs_of, text = FAMILIES[name]
-    model = build()
-    inputs = inputs_of(batch)
+    family = FAMILIES[name]
+    text, (n1, n2) = family.text, family.sizes
+    model = family.build()
+    inputs = family.inputs(batch)
     reference, base = family_run(model, inputs)
     base_calls = call_shapes(base)
-    assert base_calls and all(q == k == text + N1 + N2 for q, k in base_calls)
+    assert base_calls and all(q == k == text + n1 + n2 for q, k in base_calls)
     with tomediff.tome(model, ratio=0.0, reference_ratio=0.0):
         assert torch.equal(family_run(model, inputs)[0], reference)
     settings = {  # (options, tokens of the predicted image kept, of the reference kept)
-        "both": ({"ratio": 0.5, "reference_ratio": 0.75}, kept(N1, 0.5), kept(N2, 0.75)),
-        "image only": ({"ratio": 0.5, "reference_ratio": 0.0}, kept(N1, 0.5), N2),
-        "reference only": ({"ratio": 0.0, "reference_ratio": 0.75}, N1, kept(N2, 0.75)),
-        "as the image": ({"ratio": 0.5}, kept(N1, 0.5), kept(N2, 0.5)),
+        "both": ({"ratio": 0.5, "reference_ratio": 0.75}, kept(n1, 0.5), kept(n2, 0.75)),
+        "image only": ({"ratio": 0.5, "reference_ratio": 0.0}, kept(n1, 0.5), n2),
+        "reference only": ({"ratio": 0.0, "reference_ratio": 0.75}, n1, kept(n2, 0.75)),
+        "as the image": ({"ratio": 0.5}, kept(n1, 0.5), kept(n2, 0.5)),
     }
+    # Where the text and each image sit in the attention sequence.
+    text_slice = slice(0, text) if family.text_first else slice(n1 + n2, None)
+    start = text if family.text_first else 0
+    main_slice, reference_slice = slice(start, start + n1), slice(start + n1, start + n1 + n2)
     for label, (options, main_kept, reference_kept) in settings.items():
         handle = tomediff.apply_tome(model, **options)
         out, spy = family_run(model, inputs)
@@ -235,15 +387,17 @@ def test_ratio_zero_removal_and_token_counts_per_image(name: str, batch: int) ->
         # keys (and so its rotary positions); the text's are untouched.
         query, key, _ = spy.calls[0]
         base_query, base_key, _ = base.calls[0]
-        if main_kept == N1:
-            assert torch.equal(query[:, :, : text + N1], base_query[:, :, : text + N1]), label
-        if reference_kept == N2:
-            assert torch.equal(key[:, :, -N2:], base_key[:, :, -N2:]), label
-        assert torch.equal(key[:, :, :text], base_key[:, :, :text]), label
+        text_kept = text_slice if family.text_first else slice(main_kept + reference_kept, None)
+        if main_kept == n1:
+            assert torch.equal(query[:, :, main_slice], base_query[:, :, main_slice]), label
+        if reference_kept == n2:
+            kept_reference = slice(start + main_kept, start + main_kept + n2)
+            assert torch.equal(key[:, :, kept_reference], base_key[:, :, reference_slice]), label
+        assert torch.equal(key[:, :, text_kept], base_key[:, :, text_slice]), label
         last = handle.report().blocks[-1].last_call
         assert (
             last is not None
-            and last.tokens == N1 + N2
+            and last.tokens == n1 + n2
             and last.tokens_after_merge == main_kept + reference_kept
         )
         handle.remove()
@@ -253,22 +407,60 @@ def test_ratio_zero_removal_and_token_counts_per_image(name: str, batch: int) ->
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
 def test_key_value_ratio_and_downsampling_act_per_image(name: str) -> None:
-    build, inputs_of, text = FAMILIES[name]
-    model = build()
-    inputs = inputs_of(2)
+    family = FAMILIES[name]
+    text, (n1, n2) = family.text, family.sizes
+    model = family.build()
+    inputs = family.inputs(2)
     reference, _ = family_run(model, inputs)
     handle = tomediff.apply_tome(model, ratio=0.25, kv_ratio=0.5, reference_ratio=0.75, use_rand=False)
     out, spy = family_run(model, inputs)
-    queries = text + kept(N1, 0.25) + kept(N2, 0.75)
-    keys = text + kept(N1, 0.5) + kept(N2, 0.75)
+    queries = text + kept(n1, 0.25) + kept(n2, 0.75)
+    keys = text + kept(n1, 0.5) + kept(n2, 0.75)
     assert set(call_shapes(spy)) == {(queries, keys)} and not torch.equal(out, reference)
     handle.remove()
     handle = tomediff.apply_tome(model, method="downsample")
     out, spy = family_run(model, inputs)
-    keys = text + math.ceil(MAIN[0] / 2) * math.ceil(MAIN[1] / 2) + math.ceil(REFERENCE[0] / 2) * 2
-    assert set(call_shapes(spy)) == {(text + N1 + N2, keys)} and not torch.equal(out, reference)
+    halves = [math.ceil(grid[0] / 2) * math.ceil(grid[1] / 2) for grid in (MAIN, family.reference)]
+    assert set(call_shapes(spy)) == {(text + n1 + n2, text + sum(halves))} and not torch.equal(out, reference)
     handle.remove()
     assert torch.equal(family_run(model, inputs)[0], reference)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_flux3_reduces_its_reference_images_in_the_single_stream_blocks(batch: int) -> None:
+    """Flux 3's attention calls: the text's own blocks, the generated image's (``N1`` tokens), the
+    references' (``N2``, left whole), then the single-stream blocks over ``[text, image, references]``."""
+    model = tiny_flux3()
+    inputs = flux3_reference_inputs(batch)
+    reference, base = family_run(model, inputs)
+    joint = FLUX3_TEXT + N1 + N2
+    assert call_shapes(base) == [(FLUX3_TEXT,) * 2, (N1, N1), (N2, N2), (joint, joint), (joint, joint)]
+    with tomediff.tome(model, ratio=0.0, reference_ratio=0.0):
+        assert torch.equal(family_run(model, inputs)[0], reference)
+    settings = {
+        "both": ({"ratio": 0.5, "reference_ratio": 0.75}, kept(N1, 0.5), kept(N2, 0.75)),
+        "reference only": ({"ratio": 0.0, "reference_ratio": 0.5}, N1, kept(N2, 0.5)),
+        "as the image": ({"ratio": 0.5}, kept(N1, 0.5), kept(N2, 0.5)),
+    }
+    for label, (options, main_kept, reference_kept) in settings.items():
+        handle = tomediff.apply_tome(model, **options)
+        out, spy = family_run(model, inputs)
+        assert out.shape == reference.shape and not torch.equal(out, reference), label
+        total = FLUX3_TEXT + main_kept + reference_kept
+        expected = [(FLUX3_TEXT,) * 2, (main_kept,) * 2, (N2, N2), (total, total), (total, total)]
+        assert call_shapes(spy) == expected, label
+        key, base_key = spy.calls[3][1], base.calls[3][1]
+        assert torch.equal(key[:, :, :FLUX3_TEXT], base_key[:, :, :FLUX3_TEXT]), label  # the text's keys
+        assert torch.equal(spy.calls[2][1], base.calls[2][1]), label  # the references' own blocks: whole
+        blocks = handle.report().blocks
+        assert [b.last_call.tokens_after_merge for b in blocks if b.last_call is not None] == [
+            main_kept,
+            main_kept + reference_kept,
+            main_kept + reference_kept,
+        ], label
+        handle.remove()
+        assert tome_hooks(model) == 0
+        assert torch.equal(family_run(model, inputs)[0], reference), label
 
 
 def test_kontext_rotary_rows_follow_their_tokens() -> None:

@@ -147,15 +147,19 @@ def tiny_joyimage_edit_plus() -> nn.Module:
 
 
 def joyimage_edit_plus_inputs(
-    batch: int, grid: tuple[int, int, int], references: tuple[tuple[int, int], ...] = ()
+    batch: int,
+    grid: tuple[int, int, int],
+    references: tuple[tuple[int, int], ...] = (),
+    every_sample: bool = False,
 ) -> Inputs:
     """The pipeline's patchified ``[B, patches, C, pt, ph, pw]`` input: the generated image's patches, then
-    each sample's reference images' (``references``: their token grids, for sample 0 only), zero-padded to
-    one length; the text mask pads one sample's text."""
+    each sample's reference images' (``references``: their token grids, for sample 0 only, or with
+    ``every_sample`` for every sample), zero-padded to one length; the text mask pads one sample's text."""
     _, height, width = grid
     gen = torch.Generator().manual_seed(1)
     shape_list = [[(1, height, width)] for _ in range(batch)]
-    shape_list[0] += [(1, h, w) for h, w in references]
+    for sample in shape_list[: batch if every_sample else 1]:
+        sample += [(1, h, w) for h, w in references]
     lengths = [sum(t * h * w for t, h, w in shapes) for shapes in shape_list]
     hidden = torch.zeros(batch, max(lengths), 4, 1, 2, 2)
     for b, length in enumerate(lengths):

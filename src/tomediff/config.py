@@ -192,11 +192,12 @@ class ToMeConfig:
             sites (Flux, Wan, ...). None (default): queries and keys/values are merged alike, where the
             model's adapter places merging. ``merge_attn`` only.
         reference_ratio: ``method="merge"`` on edit and in-context models (Flux Kontext, Flux.2 with
-            reference images, Qwen-Image-Edit), whose calls hold reference-image tokens after the image
-            they predict: merge each reference image's tokens at this ratio (queries and keys/values
-            alike), 0 keeps them all. Every image of such a call is merged on its own grid, never with
-            another image's tokens. None (default): reference images are merged like the predicted image
-            (``ratio``, ``kv_ratio``).
+            reference images, Qwen-Image-Edit, Bria FIBO-Edit, LongCat-Image-Edit, JoyImage-Edit and
+            Edit-Plus, Flux 3 with ``image_cond_hidden_states``), whose calls hold reference-image
+            tokens after the image they predict: merge each reference image's tokens at this ratio
+            (queries and keys/values alike), 0 keeps them all. Every image of such a call is merged on
+            its own grid, never with another image's tokens. None (default): reference images are
+            merged like the predicted image (``ratio``, ``kv_ratio``).
         downsample_factor_time: ``method="downsample"`` on video models: the keys/values' grid is also
             downsampled in time by this factor (1 = per frame, in space only).
         skip_blocks: ``(first, last)``: leave the first ``first`` and the last ``last`` of the blocks

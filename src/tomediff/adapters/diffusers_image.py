@@ -347,8 +347,12 @@ class Flux3Adapter(CallSiteAdapter):
     """Flux 3 (``Flux3Transformer2DModel``): the self-attention of the image's own blocks
     (``mode_blocks.image``, image tokens only) and the joint attention of the single-stream blocks
     (``[text, image]``) at its call, after the rotary embedding; the image blocks' parallel feed-forward
-    ``ff`` at block level (``merge_mlp``). The text is never reduced. Grid from ``img_ids``; calls with
-    reference images (``image_cond_hidden_states``) are refused as an unknown grid."""
+    ``ff`` at block level (``merge_mlp``). The text is never reduced. Grid from ``img_ids``.
+
+    Reference images (``image_cond_hidden_states``, their ids ``image_cond_ids`` given apart, each image
+    with its own last id column ``l``: -1, -2, ...) run through blocks of their own, left whole, then join
+    the single-stream blocks after the generated image: there each image is reduced on its own grid, the
+    references at ``reference_ratio``."""
 
     name = "diffusers-flux3"
     timestep_scale = 1.0
@@ -360,7 +364,17 @@ class Flux3Adapter(CallSiteAdapter):
 
     @classmethod
     def grid(cls, model: nn.Module) -> GridSource:
-        return PositionIdsGrid(model, position=3, other_images=(("image_cond_hidden_states", 5),))
+        """The generated image's grid, which its own blocks (``mode_blocks.image``) see."""
+        return PositionIdsGrid(model, position=3)
+
+    @classmethod
+    def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
+        image_blocks, single_blocks = cls.stacks
+        # The single-stream blocks see the generated image's tokens, then the reference images'.
+        with_references = PositionIdsGrid(
+            model, position=3, group_axis=3, appended_ids=(("image_cond_ids", 6),)
+        )
+        return image_blocks.specs(model, cls.grid(model)) + single_blocks.specs(model, with_references)
 
 
 @register_adapter
@@ -559,10 +573,11 @@ class Ideogram4Adapter(CallSiteAdapter):
 @register_adapter
 class JoyImageEditAdapter(CallSiteAdapter):
     """JoyImage-Edit (``JoyImageEditTransformer3DModel``): the joint attention of every double-stream
-    ``JoyImageTransformerBlock`` at its call, after the rotary embedding, over ``[image, text]``. Given
-    reference images (a ``[B, items, C, F, H, W]`` input), the model lays out the generated image's tokens
-    first and the references' after them: only the generated image is reduced, the references and the text
-    are never. The image feed-forward ``img_mlp`` sees the references too and is not reduced."""
+    ``JoyImageTransformerBlock`` at its call, after the rotary embedding, over ``[image, text]``; the text
+    is never reduced. Given reference images (a ``[B, items, C, F, H, W]`` input), the model lays out the
+    generated image's tokens first and the references' after them: each image is reduced on its own grid,
+    the references at ``reference_ratio`` (0 keeps them whole). The image feed-forward ``img_mlp`` is not
+    reduced."""
 
     name = "diffusers-joyimage-edit"
     models = frozenset({"JoyImageEditTransformer3DModel"})
@@ -586,9 +601,10 @@ class JoyImageEditAdapter(CallSiteAdapter):
 class JoyImageEditPlusAdapter(CallSiteAdapter):
     """JoyImage-Edit-Plus (``JoyImageEditPlusTransformer3DModel``): the joint attention of every
     double-stream ``JoyImageEditPlusTransformerBlock`` at its call, after the rotary embedding, over
-    ``[generated image, reference images, padding, text]``: only the generated image is reduced (its grid the
-    first of each sample's ``shape_list``, alike for the batch); the references, the padding (masked) and
-    the text are never. The image feed-forward ``img_mlp`` sees the references too and is not reduced."""
+    ``[generated image, reference images, padding, text]``: each image is reduced on its own grid (read from
+    ``shape_list``, which must list the same images' sizes for every sample), the references at
+    ``reference_ratio`` (0 keeps them whole); the padding (masked) and the text never are. The image
+    feed-forward ``img_mlp`` is not reduced."""
 
     name = "diffusers-joyimage-edit-plus"
     models = frozenset({"JoyImageEditPlusTransformer3DModel"})

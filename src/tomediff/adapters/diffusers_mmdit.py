@@ -263,16 +263,18 @@ class ChromaAdapter(CallSiteAdapter):
         return PositionIdsGrid(model, position=3)
 
 
-# Flux.1-shaped families: img_ids position in forward, double-stream and single-stream block classes.
+# Flux.1-shaped families: img_ids position in forward, double-stream and single-stream block classes, and
+# the id column telling a call's images apart (None: their pipelines pass one image).
 # Their single-stream blocks build [text, image] themselves.
-_FLUX_SHAPED: dict[str, tuple[int, str, str]] = {
-    "BriaTransformer2DModel": (4, "BriaTransformerBlock", "BriaSingleTransformerBlock"),
+_FLUX_SHAPED: dict[str, tuple[int, str, str, int | None]] = {
+    "BriaTransformer2DModel": (4, "BriaTransformerBlock", "BriaSingleTransformerBlock", None),
     "LongCatImageTransformer2DModel": (
         3,
         "LongCatImageTransformerBlock",
         "LongCatImageSingleTransformerBlock",
+        0,  # LongCat-Image-Edit: the predicted image's ids have a first column of 1, the reference's 2
     ),
-    "OvisImageTransformer2DModel": (3, "OvisImageTransformerBlock", "OvisImageSingleTransformerBlock"),
+    "OvisImageTransformer2DModel": (3, "OvisImageTransformerBlock", "OvisImageSingleTransformerBlock", None),
 }
 
 
@@ -281,7 +283,9 @@ class FluxShapedAdapter(Adapter):
     """LongCat-Image and Ovis-Image (Flux.1-shaped, timestep ``t / 1000``; Bria below): the joint
     attention of the double- and single-stream blocks at its call, after the rotary embedding, over
     ``[text, image]``; the double-stream image ``ff`` at block level (``merge_mlp``). Grid from
-    ``img_ids``."""
+    ``img_ids``. LongCat-Image-Edit appends its reference image's tokens (ids with a first column of 2)
+    after the image it predicts (1): each image is reduced on its own grid, the reference at
+    ``reference_ratio``."""
 
     name = "diffusers-flux-shaped"
     priority = 30
@@ -297,8 +301,8 @@ class FluxShapedAdapter(Adapter):
     @classmethod
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
         name = next(k.__name__ for k in type(model).__mro__ if k.__name__ in _FLUX_SHAPED)
-        position, double, single = _FLUX_SHAPED[name]
-        grid = PositionIdsGrid(model, position=position)
+        position, double, single, group_axis = _FLUX_SHAPED[name]
+        grid = PositionIdsGrid(model, position=position, group_axis=group_axis)
         stacks = _double_and_single(double, single, False)
         return [spec for stack in stacks for spec in stack.specs(model, grid)]
 
@@ -317,8 +321,10 @@ class BriaFiboAdapter(CallSiteAdapter):
     """Bria FIBO (``BriaFiboTransformer2DModel``, Flux.1-shaped, timestep in ``[0, 1000]``): the joint
     attention of the double-stream blocks (``[text, image]``) and of the single-stream blocks (whose input is
     already ``[text, image]``) at its call, after the rotary embedding; the double-stream image ``ff`` at
-    block level (``merge_mlp``). Grid from ``img_ids``; FIBO-Edit's reference-image tokens are refused as an
-    unknown grid. The text (re-projected from the text encoder's layers at every block) is never reduced."""
+    block level (``merge_mlp``). Grid from ``img_ids``. FIBO-Edit appends its reference images' tokens after
+    the image it predicts, each image's ids with its own first column (0, then 1, 2, ...): each image is
+    reduced on its own grid, the references at ``reference_ratio``. The text (re-projected from the text
+    encoder's layers at every block) and its padding mask columns are never reduced."""
 
     name = "diffusers-bria-fibo"
     models = frozenset({"BriaFiboTransformer2DModel"})
@@ -326,4 +332,4 @@ class BriaFiboAdapter(CallSiteAdapter):
 
     @classmethod
     def grid(cls, model: nn.Module) -> GridSource:
-        return PositionIdsGrid(model, position=5)
+        return PositionIdsGrid(model, position=5, group_axis=0)

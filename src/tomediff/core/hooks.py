@@ -162,11 +162,18 @@ class BlockCall:
         grid = call.grids.get(self.grid_index) if self.grid_index is not None else None
         if grid is None or not 0 < grid_tokens(grid) <= num_inputs:
             source = self.spec.grid
-            example = f" ({source.unreadable_example})" if grid is None and source is not None else ""
+            start = (
+                f"tomediff cannot tell how many of the {num_inputs} tokens block '{self.spec.name}' receives"
+            )
+            if grid is None and source is not None:
+                inputs = "/".join(source.input_names)
+                raise MergeCallError(
+                    f"{start} are image tokens: the model's {inputs} in this call do not describe the token "
+                    f"grids of its images ({source.unreadable_example})."
+                )
             raise MergeCallError(
-                f"tomediff cannot tell how many of the {num_inputs} tokens block '{self.spec.name}' "
-                f"receives are image tokens: its model call gave the token grid {grid}{example}. Call the "
-                "model with the position ids of one full image grid."
+                f"{start} are image tokens: its model call gave the token grid {grid}, which does not fit "
+                "them. Call the model with the position ids or sizes of exactly the image tokens it is given."
             )
         return grid_tokens(grid)
 

@@ -104,10 +104,11 @@ class GridSource:
 @dataclass(frozen=True, eq=False)
 class PositionIdsGrid(GridSource):
     """A module given the position ids of its image tokens (Flux's ``img_ids``): ``[N, A]`` (or the
-    deprecated ``[B, N, A]``) integer coordinates, row-major, with the row in column ``row_axis`` and
-    the column in ``row_axis + 1``. The grid is read from the first and last id (one small copy to the
-    host per model call) and checked against ``N``; ids that are not one full row-major grid give None,
-    and the blocks then say they cannot tell their grid.
+    deprecated ``[B, N, A]``) coordinates, row-major, with the row in column ``row_axis`` and the column
+    in ``row_axis + 1``, stepping by any positive amount (Flux 3's pipeline scales them by 0.5). The
+    grid is read from the first, second (the step) and last id (one small copy to the host per model
+    call) and checked against ``N``; ids that are not one full row-major grid give None, and the blocks
+    then say they cannot tell their grid.
 
     With ``group_axis``, ids whose column ``group_axis`` changes along the sequence are several images
     (Flux Kontext gives its reference image's tokens ``1`` there, Flux.2 ``10, 20, ...``): each run of
@@ -118,31 +119,41 @@ class PositionIdsGrid(GridSource):
     Attributes:
         position: the ids' positional index in the module's call (when not passed by keyword).
         group_axis: the id column telling the images of a call apart, or None (one image per call).
+        appended_ids: ``(name, position)`` of inputs holding the ids of further image tokens, given apart
+            from these, that the blocks see after them (Flux 3's reference images, ``image_cond_ids``):
+            read after these ids, as further images told apart by ``group_axis``.
     """
 
     input_names: tuple[str, ...] = ("img_ids",)
     position: int = 4
     row_axis: int = 1
     group_axis: int | None = None
-    # Inputs (name, position) that add other images' tokens to the blocks (Flux 3's reference images):
-    # a call giving one has no single grid.
-    other_images: tuple[tuple[str, int], ...] = ()
-    unreadable_example: str = (
-        "e.g. image tokens whose ids are not row-major grids, or reference images given apart from the ids"
-    )
+    appended_ids: tuple[tuple[str, int], ...] = ()
+    unreadable_example: str = "e.g. image tokens whose ids are not row-major grids"
+
+    def __post_init__(self) -> None:
+        if self.appended_ids and self.group_axis is None:
+            raise ValueError("PositionIdsGrid reads appended_ids as further images: give it a group_axis.")
 
     @torch.compiler.disable  # reads a few values: small host copies, outside any compiled graph
     def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | TokenGroups | None:  # type: ignore[override]
-        for name, position in self.other_images:
-            if kwargs.get(name) is not None or (len(args) > position and args[position] is not None):
-                return None
         ids = args[self.position] if len(args) > self.position else None
         if ids is None:
             ids = next((kwargs[n] for n in self.input_names if kwargs.get(n) is not None), None)
-        if not isinstance(ids, torch.Tensor) or ids.dim() not in (2, 3) or ids.shape[-1] < self.row_axis + 2:
+        ids = _id_rows(ids, self.row_axis)
+        if ids is None:
             return None
-        if ids.dim() == 3:
-            ids = ids[0]
+        appended = [
+            args[position] if len(args) > position else kwargs.get(name)
+            for name, position in self.appended_ids
+        ]
+        for more in appended:
+            if more is None:
+                continue
+            more = _id_rows(more, self.row_axis)
+            if more is None or more.shape[-1] != ids.shape[-1]:
+                return None
+            ids = torch.cat([ids, more])
         if self.group_axis is None or ids.shape[-1] <= self.group_axis:
             return self._one_grid(ids, 0, int(ids.shape[0]))
         _, counts = torch.unique_consecutive(ids[:, self.group_axis], return_counts=True)
@@ -161,12 +172,30 @@ class PositionIdsGrid(GridSource):
 
     def _one_grid(self, ids: torch.Tensor, start: int, size: int) -> tuple[int, int] | None:
         """The grid of ids ``[start, start + size)``, or None when they are not one row-major grid."""
-        corners = ids[[start, start + size - 1], self.row_axis : self.row_axis + 2].tolist()
-        height = int(corners[1][0] - corners[0][0]) + 1
-        width = int(corners[1][1] - corners[0][1]) + 1
+        if size == 1:
+            return 1, 1
+        rows = [start, start + 1, start + size - 1]  # the second id gives the step
+        (row0, col0), (row1, col1), (row_last, col_last) = ids[
+            rows, self.row_axis : self.row_axis + 2
+        ].tolist()
+        # Row-major: the second id is one step right (or one step down, in a grid one column wide).
+        step = col1 - col0 if row1 == row0 else row1 - row0 if col1 == col0 else 0
+        if not step > 0:
+            return None
+        height, width = (row_last - row0) / step + 1, (col_last - col0) / step + 1
+        if abs(height - round(height)) > 1e-3 or abs(width - round(width)) > 1e-3:
+            return None  # the last id is off the first two's step: no grid
+        height, width = round(height), round(width)
         if height < 1 or width < 1 or height * width != size:
             return None
         return height, width
+
+
+def _id_rows(ids: object, row_axis: int) -> torch.Tensor | None:
+    """Position ids as ``[N, A]`` (the first sample's of ``[B, N, A]``), or None when they are no such ids."""
+    if not isinstance(ids, torch.Tensor) or ids.dim() not in (2, 3) or ids.shape[-1] < row_axis + 2:
+        return None
+    return ids[0] if ids.dim() == 3 else ids
 
 
 @dataclass(frozen=True, eq=False)
@@ -307,14 +336,16 @@ class VideoGrid(GridSource):
 class ItemsVideoGrid(VideoGrid):
     """A :class:`VideoGrid` whose input may also be ``[B, items, C, F, H, W]``: several latents of one shape
     (JoyImage-Edit's reference images and the generated image), whose tokens the model lays out one item
-    after the other, the generated one first; its blocks' grid is then one item's, ``F/pt × H/ph × W/pw``
-    (the other items' tokens follow it)."""
+    after the other, the generated one first: each item is an image of its own, ``F/pt × H/ph × W/pw``
+    tokens, and the call gives their :class:`TokenGroups` (one item: its plain grid)."""
 
-    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:  # type: ignore[override]
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | TokenGroups | None:  # type: ignore[override]
         _, x = find_input(args, kwargs, self.input_names)
         if isinstance(x, torch.Tensor) and x.dim() == 6:
             pt, ph, pw = self.video_patch
-            return math.ceil(int(x.shape[3]) / pt), int(x.shape[4]) // ph, int(x.shape[5]) // pw
+            item = (math.ceil(int(x.shape[3]) / pt), int(x.shape[4]) // ph, int(x.shape[5]) // pw)
+            items = int(x.shape[1])
+            return TokenGroups((item,) * items) if items > 1 else item
         return super().read(args, kwargs)
 
 
@@ -341,10 +372,9 @@ class KeywordGrid(GridSource):
 @dataclass(frozen=True, eq=False)
 class ShapeListGrid(GridSource):
     """A module told its grids as a list (Qwen-Image's ``img_shapes``): per sample, a list of
-    ``(frames, height, width)`` token grids, or one such tuple for the whole batch. A sample with one
-    grid gives it. Several grids per sample (Qwen-Image-Edit's output image then its reference images)
-    give their :class:`TokenGroups`, when every sample lists the same grids; else None, and the blocks
-    then say they cannot tell their grid.
+    ``(frames, height, width)`` token grids, or one such tuple. Every sample must list the same grids
+    (else None, and the blocks then say they cannot tell their grid): one grid gives it, several (an
+    edit model's output image then its reference images) give their :class:`TokenGroups`.
 
     Attributes:
         position: the list's positional index in the module's call (when not passed by keyword).
@@ -363,14 +393,15 @@ class ShapeListGrid(GridSource):
             shapes = next((kwargs[n] for n in self.input_names if kwargs.get(n) is not None), None)
         if not isinstance(shapes, (list, tuple)) or not shapes or not isinstance(shapes[0], (list, tuple)):
             return None
-        first = shapes[0]
-        if not first or not isinstance(first[0], (list, tuple)):  # one grid for the whole batch
-            return _frames_grid(first)
-        if len(first) == 1:
-            return _frames_grid(first[0])
-        grids = tuple(_frames_grid(grid) for grid in first)
-        if any(grid is None for grid in grids) or any(_as_grids(sample) != grids for sample in shapes[1:]):
+        if shapes[0] and not isinstance(shapes[0][0], (list, tuple)):  # one grid per sample
+            shapes = [[sample] for sample in shapes]
+        grids = _as_grids(shapes[0])
+        if not grids or any(grid is None for grid in grids):
             return None
+        if any(_as_grids(sample) != grids for sample in shapes[1:]):
+            return None  # the samples' images differ: no one layout for the batch
+        if len(grids) == 1:
+            return grids[0]
         references = len(grids) - 1 if self.references is None else self.references
         if not 1 <= references < len(grids):
             return None
@@ -396,33 +427,16 @@ def _as_grids(sample: object) -> tuple[tuple[int, int, int] | None, ...] | None:
 class LeadingShapeListGrid(ShapeListGrid):
     """A module told, per sample, the ``(frames, height, width)`` token grids of the images it lays out one
     after the other, the generated one first (JoyImage-Edit-Plus's ``shape_list``: the generated image, then
-    its reference images): its blocks' grid is the first one, when every sample's first grid is the same;
-    else None."""
+    its reference images), then padding up to the longest sample: read as :class:`ShapeListGrid` reads
+    ``img_shapes`` (one grid, or the images' :class:`TokenGroups` when every sample lists the same grids;
+    else None). The blocks' image tokens are the first of their input; what follows them is padding."""
 
     input_names: tuple[str, ...] = ("shape_list",)
-
-    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, ...] | None:  # type: ignore[override]
-        shapes = args[self.position] if len(args) > self.position else None
-        if shapes is None:
-            shapes = next((kwargs[n] for n in self.input_names if kwargs.get(n) is not None), None)
-        if not isinstance(shapes, (list, tuple)) or not shapes:
-            return None
-        firsts = set()
-        for sample in shapes:
-            if (
-                not isinstance(sample, (list, tuple))
-                or not sample
-                or not isinstance(sample[0], (list, tuple))
-            ):
-                return None
-            first = sample[0]
-            if len(first) != 3 or not all(isinstance(v, int) for v in first):
-                return None
-            firsts.add(tuple(first))
-        if len(firsts) != 1:
-            return None
-        frames, height, width = firsts.pop()
-        return frames, height, width
+    unreadable_example: str = (
+        "samples listing different images in one call's shape_list (their reference images, or the "
+        "generated image's grid); give every sample of a call the same images' sizes, or call the model "
+        "one sample at a time"
+    )
 
 
 @dataclass(frozen=True, eq=False)
