@@ -36,7 +36,8 @@
 #   stack     issue 16: FLUX.1-dev (published config, random weights), bf16, batch 1, 1024², a whole
 #             28-step trajectory (benchmarks/flux_trajectory.py, 2 interleaved rounds): unaccelerated vs
 #             kv_ratio 0.5, FirstBlockCache at 0.1 and at a threshold that skips every step it can,
-#             TaylorSeer (interval 3), and the stacks FirstBlockCache + kv_ratio 0.5; each row also
+#             TaylorSeer (interval 3), token caching (refresh every 2nd step, a quarter of the image
+#             tokens between), and the stacks FirstBlockCache + kv_ratio 0.5, PAB + merge 0.5; each row also
 #             counts the steps whose last block computed attention (not timed yet; the target is >= 2.5x)
 # Every part has its own time cap, so one that overruns leaves the others' results. All parts together
 # take longer than one session's device time (15 min, machine start included): pick them, e.g.
@@ -180,7 +181,9 @@ if has_part stack; then
         --setting "fbc0.1:cache=fbc:threshold=0.1" --setting "fbc-all:cache=fbc:threshold=10" \
         --setting "taylorseer3:cache=taylorseer:interval=3/warmup=3/order=1" \
         --setting "fbc0.1+kv0.5:ratio=0,kv_ratio=0.5,cache=fbc:threshold=0.1" \
-        --setting "fbc-all+kv0.5:ratio=0,kv_ratio=0.5,cache=fbc:threshold=10" 2>&1 | tee "$OUT_DIR/stack.log" \
+        --setting "fbc-all+kv0.5:ratio=0,kv_ratio=0.5,cache=fbc:threshold=10" \
+        --setting "tokencache-i2:method=cache,cache_interval=2,cache_ratio=0.25" \
+        --setting "pab+merge0.5:ratio=0.5,cache=pab:every=2/t_low=0/t_high=1000" 2>&1 | tee "$OUT_DIR/stack.log" \
         || echo "gpu_bench.sh: stack failed or hit its 420s cap; see $OUT_DIR/stack.log" >&2
 fi
 if has_part dits; then
