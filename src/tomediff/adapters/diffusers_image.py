@@ -546,7 +546,7 @@ class RefusedFamilyAdapter(Adapter):
             "JoyImage-Edit (and Plus), NucleusMoE-Image, AuraFlow, Sana, PixArt, DiT, DreamLite, "
             "Wan 2.x (and VACE, ChronoEdit, Wan-Animate), SkyReels-V2, HunyuanVideo 1.0/1.5, CogVideoX, "
             "ConsisID, LTX-Video, LTX-2, Kandinsky 5/6, Mochi, EasyAnimate, MotifVideo, AnyFlow, Allegro, "
-            "Cosmos (see docs/dits.md)."
+            "Cosmos, and the ControlNets of Flux.1, SD3, Qwen-Image, Sana and HunyuanDiT (see docs/dits.md)."
         )
 
 
