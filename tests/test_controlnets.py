@@ -350,3 +350,31 @@ def test_sd3_controlnet_without_pos_embed_is_refused_with_its_reason() -> None:
     with pytest.raises(tomediff.UnsupportedModelError, match=r"SD3ControlNetModel.*without pos_embed"):
         tomediff.apply_tome(model)
     assert tome_hooks(model) == 0
+
+
+def test_flux_union_controlnet_mode_token_joins_the_untouched_text() -> None:
+    torch.manual_seed(0)
+    model = diffusers.FluxControlNetModel(
+        patch_size=1,
+        in_channels=16,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=8,
+        axes_dims_rope=(4, 6, 6),
+        num_mode=3,
+    )
+    model = _randomize_zeros(model).eval()
+    (packed, cond), kwargs = flux_controlnet_inputs(2)
+    inputs = ((packed, cond), {**kwargs, "controlnet_mode": torch.tensor([[1], [2]])})
+    reference = residuals(model, inputs)
+    with tomediff.tome(model, ratio=0.0):
+        assert all(map(torch.equal, residuals(model, inputs), reference))
+    tomediff.apply_tome(model, ratio=RATIO, use_rand=False)
+    spy = SdpaSpy()
+    reduced = residuals(model, inputs, spy)
+    assert [r.shape for r in reduced] == [r.shape for r in reference]
+    # The mode token is one more text token: [mode, text, image], only the image reduced.
+    assert [(q.shape[2], k.shape[2]) for q, k, _ in spy.calls] == [(1 + TEXT + NUM_IMAGE - REMOVED,) * 2] * 2
