@@ -181,20 +181,7 @@ def _tiny_refused() -> dict[str, nn.Module]:
         axes_dims_rope=[2, 2, 4],
     )
     return {
-        "FluxControlNetModel": flux,
         "FluxMultiControlNetModel": diffusers.FluxMultiControlNetModel([flux]),
-        "SD3ControlNetModel": diffusers.SD3ControlNetModel(
-            sample_size=8,
-            in_channels=4,
-            num_layers=1,
-            attention_head_dim=8,
-            num_attention_heads=2,
-            joint_attention_dim=8,
-            caption_projection_dim=16,
-            pooled_projection_dim=8,
-            out_channels=4,
-            pos_embed_max_size=8,
-        ),
         "Kandinsky6SRTransformer3DModel": diffusers.Kandinsky6SRTransformer3DModel(
             in_visual_dim=4,
             out_visual_dim=4,
@@ -231,21 +218,16 @@ REFUSED_REASONS = {
     "SanaWMTransformer3DModel": "gated delta-net",
     "SanaWMLTX2RefinerTransformer3DModel": "chunk-causal",
     **{
-        name: r"patch the main transformer; the ControlNet"
+        name: r"several .* ControlNets .* for net in pipe\.controlnet\.nets"
         for name in (
-            "FluxControlNetModel",
             "FluxMultiControlNetModel",
-            "SD3ControlNetModel",
             "SD3MultiControlNetModel",
-            "QwenImageControlNetModel",
             "QwenImageMultiControlNetModel",
-            "ZImageControlNetModel",
-            "SanaControlNetModel",
-            "CosmosControlNetModel",
-            "HunyuanDiT2DControlNetModel",
             "HunyuanDiT2DMultiControlNetModel",
         )
     },
+    "ZImageControlNetModel": "ZImageControlTransformerBlocks are a block class of their own",
+    "CosmosControlNetModel": "called with the base model's latent tokens",
 }
 
 

@@ -7,6 +7,7 @@ custom :class:`~tomediff.core.Site`s where only image tokens merge) and is decor
 """
 
 from tomediff.adapters import (
+    diffusers_controlnets,
     diffusers_dit,
     diffusers_image,
     diffusers_mmdit,
@@ -27,6 +28,7 @@ from tomediff.adapters.base import (
 __all__ = [
     "Adapter",
     "adapters",
+    "diffusers_controlnets",
     "diffusers_dit",
     "diffusers_image",
     "diffusers_mmdit",

@@ -4,6 +4,8 @@
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 from torch import nn
 
 from tomediff.adapters.base import Adapter, class_name_in, register_adapter
@@ -59,10 +61,11 @@ class SanaAdapter(Adapter):
 
     name = "diffusers-sana"
     priority = 30
+    models: ClassVar[frozenset[str]] = frozenset({"SanaTransformer2DModel"})
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, {"SanaTransformer2DModel"}) and hasattr(model, "transformer_blocks")
+        return class_name_in(model, set(cls.models)) and hasattr(model, "transformer_blocks")
 
     @classmethod
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
@@ -487,29 +490,29 @@ _REFUSED = {
         "the SANA-WM refiner denoises a few latent frames at a time (chunk-causal) while attending to a "
         "cache of earlier frames' keys/values, so a call's keys are not its own video grid"
     ),
-    # DiT ControlNets: their per-block residuals are added token by token to the main transformer's image
-    # tokens, so reducing the ControlNet would hand averaged control residuals to every main block.
+    # Several ControlNets in one wrapper: each is a model of its own, patched with its own handle.
     **{
         name: (
-            f"patch the main transformer; the ControlNet ({label}) adds its residuals to the main "
-            "transformer's image tokens block by block: its tokens carry the control image's detail, which "
-            "merging would average before it reaches every main block (tomediff.apply_tome(pipe) patches "
-            "pipe.transformer and leaves pipe.controlnet whole)"
+            f"it holds several {label} ControlNets (in .nets), each a model of its own with its own patch; "
+            "patch each of them: for net in pipe.controlnet.nets: tomediff.apply_tome(net)"
         )
         for name, label in (
-            ("FluxControlNetModel", "Flux"),
-            ("FluxMultiControlNetModel", "Flux, several"),
-            ("SD3ControlNetModel", "SD3"),
-            ("SD3MultiControlNetModel", "SD3, several"),
-            ("QwenImageControlNetModel", "Qwen-Image"),
-            ("QwenImageMultiControlNetModel", "Qwen-Image, several"),
-            ("ZImageControlNetModel", "Z-Image"),
-            ("SanaControlNetModel", "Sana"),
-            ("CosmosControlNetModel", "Cosmos"),
-            ("HunyuanDiT2DControlNetModel", "HunyuanDiT"),
-            ("HunyuanDiT2DMultiControlNetModel", "HunyuanDiT, several"),
+            ("FluxMultiControlNetModel", "Flux"),
+            ("SD3MultiControlNetModel", "SD3"),
+            ("QwenImageMultiControlNetModel", "Qwen-Image"),
+            ("HunyuanDiT2DMultiControlNetModel", "HunyuanDiT"),
         )
     },
+    "ZImageControlNetModel": (
+        "the Z-Image ControlNet's ZImageControlTransformerBlocks are a block class of their own, called with "
+        "the control stream and the main model's unified token list together and returning stacked "
+        "residuals; the Z-Image adapter does not describe that block yet (patch the main transformer)"
+    ),
+    "CosmosControlNetModel": (
+        "the Cosmos ControlNet's blocks are called with the base model's latent tokens beside their own "
+        "(latents=) and return a control projection apart from their output; the Cosmos adapter does not "
+        "describe that block call yet (patch the main transformer)"
+    ),
     # Audio and other 1-D models: their tokens are a sequence in time, with no image or video grid.
     "StableAudioDiTModel": "Stable Audio is an audio model: its tokens have no image or video grid",
     "StableAudio3DiTModel": "Stable Audio 3 is an audio model: its tokens have no image or video grid",
@@ -543,7 +546,7 @@ class RefusedFamilyAdapter(Adapter):
             "JoyImage-Edit (and Plus), NucleusMoE-Image, AuraFlow, Sana, PixArt, DiT, DreamLite, "
             "Wan 2.x (and VACE, ChronoEdit, Wan-Animate), SkyReels-V2, HunyuanVideo 1.0/1.5, CogVideoX, "
             "ConsisID, LTX-Video, LTX-2, Kandinsky 5/6, Mochi, EasyAnimate, MotifVideo, AnyFlow, Allegro, "
-            "Cosmos (see docs/dits.md)."
+            "Cosmos, and the ControlNets of Flux.1, SD3, Qwen-Image, Sana and HunyuanDiT (see docs/dits.md)."
         )
 
 

@@ -94,10 +94,11 @@ class SD3Adapter(Adapter):
 
     name = "diffusers-sd3"
     priority = 30
+    models: ClassVar[frozenset[str]] = frozenset({"SD3Transformer2DModel"})
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, {"SD3Transformer2DModel"}) and hasattr(model, "transformer_blocks")
+        return class_name_in(model, set(cls.models)) and hasattr(model, "transformer_blocks")
 
     @classmethod
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
@@ -147,14 +148,17 @@ class FluxAdapter(Adapter):
     priority = 30
     timestep_scale = 1.0
     odd_batch_top_left = False
+    models: ClassVar[frozenset[str]] = frozenset({"FluxTransformer2DModel"})
+    # The positional index of img_ids in the model's forward (when not passed by keyword).
+    ids_position: ClassVar[int] = 4
 
     @classmethod
     def matches(cls, model: nn.Module) -> bool:
-        return class_name_in(model, {"FluxTransformer2DModel"}) and hasattr(model, "transformer_blocks")
+        return class_name_in(model, set(cls.models)) and hasattr(model, "transformer_blocks")
 
     @classmethod
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
-        grid = PositionIdsGrid(model, group_axis=0)
+        grid = PositionIdsGrid(model, position=cls.ids_position, group_axis=0)
         specs = []
         for index, block in enumerate(model.transformer_blocks):
             if class_name_in(block, {"FluxTransformerBlock"}):
@@ -240,10 +244,13 @@ class QwenImageAdapter(CallSiteAdapter):
         ),
     )
 
+    # The positional index of img_shapes in the model's forward (when not passed by keyword).
+    shapes_position: ClassVar[int] = 4
+
     @classmethod
     def grid(cls, model: nn.Module) -> GridSource:
         layered = bool(getattr(getattr(model, "config", None), "use_layer3d_rope", False))
-        return ShapeListGrid(model, references=1 if layered else None)
+        return ShapeListGrid(model, position=cls.shapes_position, references=1 if layered else None)
 
 
 @register_adapter
