@@ -15,6 +15,7 @@ from torch import nn
 
 import tomediff
 from conftest import assert_close
+from family_support import call_shapes, cogview_inputs, family_run, tiny_wan_shaped
 from test_attention_site import SdpaSpy, spy_run
 from test_dit_models import flux_inputs, tiny_flux, tome_hooks
 
@@ -24,23 +25,7 @@ WAN_TEXT = 7
 
 
 def tiny_wan(**overrides: Any) -> nn.Module:
-    torch.manual_seed(0)
-    config: dict[str, Any] = dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
-    config.update(overrides)
-    return diffusers.WanTransformer3DModel(**config).eval()
+    return tiny_wan_shaped("WanTransformer3DModel", **overrides)
 
 
 def wan_inputs(
@@ -249,41 +234,11 @@ def chroma_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ..
 
 
 def tiny_skyreels() -> nn.Module:
-    torch.manual_seed(0)
-    return diffusers.SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
+    return tiny_wan_shaped("SkyReelsV2Transformer3DModel")
 
 
 def tiny_wan_vace() -> nn.Module:
-    torch.manual_seed(0)
-    return diffusers.WanVACETransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-        vace_layers=[0],
-        vace_in_channels=4,
-    ).eval()
+    return tiny_wan_shaped("WanVACETransformer3DModel", vace_layers=[0], vace_in_channels=4)
 
 
 def wan_vace_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -306,21 +261,6 @@ def tiny_cogview4() -> nn.Module:
         time_embed_dim=8,
         condition_dim=4,
     ).eval()
-
-
-def cogview4_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    _, height, width = grid
-    gen = torch.Generator().manual_seed(1)
-    size = torch.tensor([[2 * height * 8, 2 * width * 8]] * batch, dtype=torch.float32)
-    return (), {
-        "hidden_states": torch.randn(batch, 4, 2 * height, 2 * width, generator=gen),
-        "encoder_hidden_states": torch.randn(batch, 6, 8, generator=gen),
-        "timestep": torch.full((batch,), 500),
-        "original_size": size,
-        "target_size": size,
-        "crop_coords": torch.zeros(batch, 2),
-        "return_dict": False,
-    }
 
 
 def tiny_auraflow() -> nn.Module:
@@ -495,7 +435,7 @@ FAMILIES = {
         tiny_flux_shaped("OvisImageTransformer2DModel", out_channels=4),
         flux_shaped_inputs("pooled_projections"),
     ),
-    "cogview4": Family(tiny_cogview4, cogview4_inputs),
+    "cogview4": Family(tiny_cogview4, cogview_inputs),
     "auraflow": Family(tiny_auraflow, auraflow_inputs),
     "hunyuanvideo": Family(tiny_hunyuanvideo, hunyuanvideo_inputs, video=True),
     "hunyuanvideo15": Family(tiny_hunyuanvideo15, hunyuanvideo15_inputs, video=True),
@@ -507,17 +447,6 @@ FAMILIES = {
     "skyreels_v2": Family(tiny_skyreels, wan_case_inputs, video=True),
     "wan_vace": Family(tiny_wan_vace, wan_vace_inputs, video=True),
 }
-
-
-def family_run(
-    model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]]
-) -> tuple[torch.Tensor, SdpaSpy]:
-    return spy_run(model, *inputs[0], **inputs[1])
-
-
-def call_shapes(spy: SdpaSpy) -> list[tuple[int, int]]:
-    """(queries, keys) of each attention call, in order."""
-    return [(q.shape[2], k.shape[2]) for q, k, _ in spy.calls]
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))

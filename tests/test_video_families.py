@@ -13,23 +13,13 @@ import torch
 from torch import nn
 
 import tomediff
+from family_support import call_shapes, family_run, randomize_zeros, tiny_wan_shaped
 from test_attention_site import SdpaSpy
-from test_dit_families import Family, call_shapes, family_run
+from test_dit_families import Family
 from test_dit_models import tome_hooks
 from tomediff.adapters import find_adapter
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def _randomize_zero_init(model: nn.Module) -> nn.Module:
-    """Give the zero-initialised parameters (adaLN gates, modulation layers) random values, so every
-    attention output reaches the model output (as in a trained checkpoint)."""
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.numel() > 1 and not parameter.any():
-                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=gen))
-    return model.eval()
 
 
 def tiny_ltx2() -> nn.Module:
@@ -70,22 +60,26 @@ def ltx2_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...]
     }
 
 
+# Kandinsky 5's tiny config; Kandinsky 6 adds its audio stream to it.
+TINY_KANDINSKY_CONFIG: dict[str, Any] = dict(
+    in_visual_dim=4,
+    in_text_dim=16,
+    in_text_dim2=8,
+    time_dim=16,
+    out_visual_dim=4,
+    patch_size=(1, 2, 2),
+    model_dim=32,
+    ff_dim=32,
+    num_text_blocks=1,
+    num_visual_blocks=2,
+    axes_dims=(4, 6, 6),
+)
+
+
 def tiny_kandinsky5() -> nn.Module:
     torch.manual_seed(0)
-    model = diffusers.Kandinsky5Transformer3DModel(
-        in_visual_dim=4,
-        in_text_dim=16,
-        in_text_dim2=8,
-        time_dim=16,
-        out_visual_dim=4,
-        patch_size=(1, 2, 2),
-        model_dim=32,
-        ff_dim=32,
-        num_text_blocks=1,
-        num_visual_blocks=2,
-        axes_dims=(4, 6, 6),
-    )
-    return _randomize_zero_init(model)
+    model = diffusers.Kandinsky5Transformer3DModel(**TINY_KANDINSKY_CONFIG)
+    return randomize_zeros(model, seed=2, skip_scalars=True)
 
 
 def kandinsky5_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -201,21 +195,7 @@ def consisid_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, 
 
 
 def tiny_chronoedit() -> nn.Module:
-    torch.manual_seed(0)
-    return diffusers.ChronoEditTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
+    return tiny_wan_shaped("ChronoEditTransformer3DModel")
 
 
 def chronoedit_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -289,7 +269,7 @@ def tiny_motifvideo() -> nn.Module:
         enable_text_cross_attention_dual=True,
         enable_text_cross_attention_single=True,
     )
-    return _randomize_zero_init(model)
+    return randomize_zeros(model, seed=2, skip_scalars=True)
 
 
 def motifvideo_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -307,19 +287,7 @@ def motifvideo_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any
 
 
 def tiny_anyflow() -> nn.Module:
-    torch.manual_seed(0)
-    return diffusers.AnyFlowTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=32,
-    ).eval()
+    return tiny_wan_shaped("AnyFlowTransformer3DModel")
 
 
 def anyflow_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -337,17 +305,7 @@ def anyflow_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, .
 def tiny_kandinsky6() -> nn.Module:
     torch.manual_seed(0)
     model = diffusers.Kandinsky6Transformer3DModel(
-        in_visual_dim=4,
-        out_visual_dim=4,
-        in_text_dim=16,
-        in_text_dim2=8,
-        time_dim=16,
-        patch_size=(1, 2, 2),
-        model_dim=32,
-        ff_dim=32,
-        num_text_blocks=1,
-        num_visual_blocks=2,
-        axes_dims=(4, 6, 6),
+        **TINY_KANDINSKY_CONFIG,
         visual_cond=False,
         in_audio_dim=4,
         out_audio_dim=4,
@@ -355,7 +313,7 @@ def tiny_kandinsky6() -> nn.Module:
         ff_dim_a=16,
         axes_dims_a=(4, 6, 6),
     )
-    return _randomize_zero_init(model)
+    return randomize_zeros(model, seed=2, skip_scalars=True)
 
 
 def kandinsky6_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
