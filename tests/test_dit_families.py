@@ -15,7 +15,16 @@ from torch import nn
 
 import tomediff
 from conftest import assert_close
-from family_support import call_shapes, cogview_inputs, family_run, tiny_wan_shaped
+from family_support import (
+    TINY_COGVIDEOX_CONFIG,
+    call_shapes,
+    check_pipeline_reduces_and_restores,
+    cogvideox_inputs,
+    cogview_inputs,
+    family_run,
+    flux2_layout_inputs,
+    tiny_wan_shaped,
+)
 from test_attention_site import SdpaSpy, spy_run
 from test_dit_models import flux_inputs, tiny_flux, tome_hooks
 
@@ -62,18 +71,7 @@ def tiny_flux2() -> nn.Module:
 
 
 def flux2_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    _, height, width = grid
-    gen = torch.Generator().manual_seed(1)
-    one = torch.arange(1)
-    return (), {
-        "hidden_states": torch.randn(batch, height * width, 4, generator=gen),
-        "encoder_hidden_states": torch.randn(batch, 4, 32, generator=gen),
-        "timestep": torch.full((batch,), 0.5),
-        "img_ids": torch.cartesian_prod(one, torch.arange(height), torch.arange(width), one),
-        "txt_ids": torch.cartesian_prod(one, one, one, torch.arange(4)),
-        "guidance": torch.full((batch,), 3.5),
-        "return_dict": False,
-    }
+    return flux2_layout_inputs(batch, grid, text_dim=32, guidance=torch.full((batch,), 3.5))
 
 
 def flux1_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -152,32 +150,7 @@ def hunyuanvideo_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[A
 
 def tiny_cogvideox() -> nn.Module:
     torch.manual_seed(0)
-    return diffusers.CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=2,
-        text_embed_dim=8,
-        num_layers=2,
-        sample_width=6,
-        sample_height=10,
-        sample_frames=9,
-        patch_size=2,
-        temporal_compression_ratio=4,
-        max_text_seq_length=8,
-    ).eval()
-
-
-def cogvideox_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    frames, height, width = grid
-    gen = torch.Generator().manual_seed(1)
-    return (), {
-        "hidden_states": torch.randn(batch, frames, 4, 2 * height, 2 * width, generator=gen),
-        "encoder_hidden_states": torch.randn(batch, 8, 8, generator=gen),
-        "timestep": torch.full((batch,), 500),
-        "return_dict": False,
-    }
+    return diffusers.CogVideoXTransformer3DModel(**TINY_COGVIDEOX_CONFIG).eval()
 
 
 def tiny_ltxvideo() -> nn.Module:
@@ -671,11 +644,5 @@ def test_wan_pipeline_generates_end_to_end_and_restores(settings: dict[str, Any]
             generator=torch.Generator().manual_seed(0),
         ).frames
 
-    reference = generate()
-    with tomediff.tome(pipe, **settings) as handle:
-        out = generate()
-        report = handle.report()
-    assert report.calls == 4  # two steps, guidance as two calls each
-    assert all(b.last_call is not None and b.last_call.tokens == 18 for b in report.blocks)
-    assert out.shape == reference.shape and torch.isfinite(out).all() and not torch.equal(out, reference)
-    assert tome_hooks(transformer) == 0 and torch.equal(generate(), reference)
+    # Two steps, guidance as two calls each.
+    check_pipeline_reduces_and_restores(pipe, generate, settings, calls=4, tokens=18)

@@ -14,8 +14,16 @@ import torch
 from torch import nn
 
 import tomediff
-from family_support import Inputs, call_shapes, cogview_inputs, family_run, randomize_zeros
-from test_dit_models import tome_hooks
+from family_support import (
+    Inputs,
+    call_shapes,
+    check_pipeline_reduces_and_restores,
+    cogview_inputs,
+    family_run,
+    flux2_layout_inputs,
+    randomize_zeros,
+)
+from test_dit_models import image_ids, tome_hooks
 from tiny_recent_families import (
     briafibo_inputs,
     ideogram4_inputs,
@@ -238,8 +246,7 @@ def krea2_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
     _, height, width = grid
     gen = torch.Generator().manual_seed(1)
     text = 5
-    ids = torch.zeros(text + height * width, 3)
-    ids[text:, 1:] = torch.cartesian_prod(torch.arange(height), torch.arange(width)).float()
+    ids = torch.cat([torch.zeros(text, 3), image_ids(height, width)])  # text at the origin
     mask = torch.ones(batch, text, dtype=torch.bool)
     mask[0, -2:] = False
     return (), {
@@ -325,17 +332,7 @@ def tiny_flux3() -> nn.Module:
 
 
 def flux3_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
-    _, height, width = grid
-    gen = torch.Generator().manual_seed(1)
-    one = torch.arange(1)
-    return (), {
-        "hidden_states": torch.randn(batch, height * width, 4, generator=gen),
-        "encoder_hidden_states": torch.randn(batch, 4, 8, generator=gen),
-        "timestep": torch.full((batch,), 0.5),
-        "img_ids": torch.cartesian_prod(one, torch.arange(height), torch.arange(width), one),
-        "txt_ids": torch.cartesian_prod(one, one, one, torch.arange(4)),
-        "return_dict": False,
-    }
+    return flux2_layout_inputs(batch, grid, text_dim=8)
 
 
 def tiny_glmimage() -> nn.Module:
@@ -685,14 +682,8 @@ def test_zimage_pipeline_generates_end_to_end_and_restores(settings: dict[str, A
             generator=torch.Generator().manual_seed(0),
         ).images
 
-    reference = generate()
-    with tomediff.tome(pipe, **settings) as handle:
-        out = generate()
-        report = handle.report()
-    assert report.calls == 2  # two steps, guidance as one batch of two
-    assert all(b.last_call is not None and b.last_call.tokens == 15 for b in report.blocks)
-    assert out.shape == reference.shape and torch.isfinite(out).all() and not torch.equal(out, reference)
-    assert tome_hooks(transformer) == 0 and torch.equal(generate(), reference)
+    # Two steps, guidance as one batch of two.
+    check_pipeline_reduces_and_restores(pipe, generate, settings, calls=2, tokens=15)
 
 
 def test_random_partitions_draw_for_three_axis_grids() -> None:

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from family_support import Inputs, randomize_zeros
+from test_dit_models import image_ids
 
 
 def tiny_briafibo() -> nn.Module:
@@ -30,14 +31,12 @@ def tiny_briafibo() -> nn.Module:
 def briafibo_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
     _, height, width = grid
     gen = torch.Generator().manual_seed(1)
-    img_ids = torch.zeros(height * width, 3)
-    img_ids[:, 1:] = torch.cartesian_prod(torch.arange(height), torch.arange(width)).float()
     return (), {
         "hidden_states": torch.randn(batch, height * width, 4, generator=gen),
         "encoder_hidden_states": torch.randn(batch, 5, 8, generator=gen),
         "text_encoder_layers": [torch.randn(batch, 5, 8, generator=gen) for _ in range(3)],
         "timestep": torch.full((batch,), 500.0),
-        "img_ids": img_ids,
+        "img_ids": image_ids(height, width),
         "txt_ids": torch.zeros(5, 3),
         "return_dict": False,
     }
