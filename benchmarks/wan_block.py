@@ -23,22 +23,10 @@ from diffusers import WanTransformer3DModel
 from torch.overrides import TorchFunctionMode
 
 import tomediff
+from tomediff.bench.models import WAN_T2V_13B
 
-WAN21_1_3B = dict(
-    patch_size=(1, 2, 2),
-    num_attention_heads=12,
-    attention_head_dim=128,
-    in_channels=16,
-    out_channels=16,
-    text_dim=4096,
-    freq_dim=256,
-    ffn_dim=8960,
-    num_layers=1,
-    cross_attn_norm=True,
-    qk_norm="rms_norm_across_heads",
-    eps=1e-6,
-    rope_max_seq_len=1024,
-)
+# Wan 2.1 1.3B's published config (the one ``tomediff bench`` builds), cut to its first block.
+WAN21_1_3B = {**WAN_T2V_13B, "num_layers": 1}
 
 
 class IdealAttention(TorchFunctionMode):

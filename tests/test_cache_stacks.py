@@ -388,18 +388,18 @@ def test_text_kv_cache_stacks_as_a_no_op_outside_nucleus_moe() -> None:
     takes ``[image, cached text]`` keys: the image queries and keys are reduced there as without the cache;
     elsewhere it only hooks the model's forward, which composes with tomediff in both orders and is
     removed alone."""
-    from test_image_families import call_shapes, run
+    from family_support import call_shapes, family_run
     from tiny_recent_families import nucleusmoe_image_inputs, tiny_nucleusmoe_image
 
     nucleus = tiny_nucleusmoe_image()
     nucleus.enable_cache(hooks.TextKVCacheConfig())
     inputs = nucleusmoe_image_inputs(2, (1, 3, 4))
-    reference = run(nucleus, inputs)[0]
+    reference = family_run(nucleus, inputs)[0]
     with tomediff.tome(nucleus, ratio=0.5, use_rand=False):
-        out, spy = run(nucleus, inputs)
+        out, spy = family_run(nucleus, inputs)
     assert call_shapes(spy) == [(6, 11)] * 2  # 12 image queries and keys merged to 6; 5 text keys kept
     assert torch.isfinite(out).all() and not torch.equal(out, reference)
-    assert tome_hooks(nucleus) == 0 and torch.equal(run(nucleus, inputs)[0], reference)
+    assert tome_hooks(nucleus) == 0 and torch.equal(family_run(nucleus, inputs)[0], reference)
 
     pipe, generate = flux_pipeline()
     model = pipe.transformer

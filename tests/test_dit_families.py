@@ -15,6 +15,16 @@ from torch import nn
 
 import tomediff
 from conftest import assert_close
+from family_support import (
+    TINY_COGVIDEOX_CONFIG,
+    call_shapes,
+    check_pipeline_reduces_and_restores,
+    cogvideox_inputs,
+    cogview_inputs,
+    family_run,
+    flux2_layout_inputs,
+    tiny_wan_shaped,
+)
 from test_attention_site import SdpaSpy, spy_run
 from test_dit_models import flux_inputs, tiny_flux, tome_hooks
 
@@ -24,23 +34,7 @@ WAN_TEXT = 7
 
 
 def tiny_wan(**overrides: Any) -> nn.Module:
-    torch.manual_seed(0)
-    config: dict[str, Any] = dict(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    )
-    config.update(overrides)
-    return diffusers.WanTransformer3DModel(**config).eval()
+    return tiny_wan_shaped("WanTransformer3DModel", **overrides)
 
 
 def wan_inputs(
@@ -77,18 +71,7 @@ def tiny_flux2() -> nn.Module:
 
 
 def flux2_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    _, height, width = grid
-    gen = torch.Generator().manual_seed(1)
-    one = torch.arange(1)
-    return (), {
-        "hidden_states": torch.randn(batch, height * width, 4, generator=gen),
-        "encoder_hidden_states": torch.randn(batch, 4, 32, generator=gen),
-        "timestep": torch.full((batch,), 0.5),
-        "img_ids": torch.cartesian_prod(one, torch.arange(height), torch.arange(width), one),
-        "txt_ids": torch.cartesian_prod(one, one, one, torch.arange(4)),
-        "guidance": torch.full((batch,), 3.5),
-        "return_dict": False,
-    }
+    return flux2_layout_inputs(batch, grid, text_dim=32, guidance=torch.full((batch,), 3.5))
 
 
 def flux1_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -167,32 +150,7 @@ def hunyuanvideo_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[A
 
 def tiny_cogvideox() -> nn.Module:
     torch.manual_seed(0)
-    return diffusers.CogVideoXTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=8,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=2,
-        text_embed_dim=8,
-        num_layers=2,
-        sample_width=6,
-        sample_height=10,
-        sample_frames=9,
-        patch_size=2,
-        temporal_compression_ratio=4,
-        max_text_seq_length=8,
-    ).eval()
-
-
-def cogvideox_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    frames, height, width = grid
-    gen = torch.Generator().manual_seed(1)
-    return (), {
-        "hidden_states": torch.randn(batch, frames, 4, 2 * height, 2 * width, generator=gen),
-        "encoder_hidden_states": torch.randn(batch, 8, 8, generator=gen),
-        "timestep": torch.full((batch,), 500),
-        "return_dict": False,
-    }
+    return diffusers.CogVideoXTransformer3DModel(**TINY_COGVIDEOX_CONFIG).eval()
 
 
 def tiny_ltxvideo() -> nn.Module:
@@ -249,41 +207,11 @@ def chroma_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ..
 
 
 def tiny_skyreels() -> nn.Module:
-    torch.manual_seed(0)
-    return diffusers.SkyReelsV2Transformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
+    return tiny_wan_shaped("SkyReelsV2Transformer3DModel")
 
 
 def tiny_wan_vace() -> nn.Module:
-    torch.manual_seed(0)
-    return diffusers.WanVACETransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-        vace_layers=[0],
-        vace_in_channels=4,
-    ).eval()
+    return tiny_wan_shaped("WanVACETransformer3DModel", vace_layers=[0], vace_in_channels=4)
 
 
 def wan_vace_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -306,21 +234,6 @@ def tiny_cogview4() -> nn.Module:
         time_embed_dim=8,
         condition_dim=4,
     ).eval()
-
-
-def cogview4_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
-    _, height, width = grid
-    gen = torch.Generator().manual_seed(1)
-    size = torch.tensor([[2 * height * 8, 2 * width * 8]] * batch, dtype=torch.float32)
-    return (), {
-        "hidden_states": torch.randn(batch, 4, 2 * height, 2 * width, generator=gen),
-        "encoder_hidden_states": torch.randn(batch, 6, 8, generator=gen),
-        "timestep": torch.full((batch,), 500),
-        "original_size": size,
-        "target_size": size,
-        "crop_coords": torch.zeros(batch, 2),
-        "return_dict": False,
-    }
 
 
 def tiny_auraflow() -> nn.Module:
@@ -495,7 +408,7 @@ FAMILIES = {
         tiny_flux_shaped("OvisImageTransformer2DModel", out_channels=4),
         flux_shaped_inputs("pooled_projections"),
     ),
-    "cogview4": Family(tiny_cogview4, cogview4_inputs),
+    "cogview4": Family(tiny_cogview4, cogview_inputs),
     "auraflow": Family(tiny_auraflow, auraflow_inputs),
     "hunyuanvideo": Family(tiny_hunyuanvideo, hunyuanvideo_inputs, video=True),
     "hunyuanvideo15": Family(tiny_hunyuanvideo15, hunyuanvideo15_inputs, video=True),
@@ -507,17 +420,6 @@ FAMILIES = {
     "skyreels_v2": Family(tiny_skyreels, wan_case_inputs, video=True),
     "wan_vace": Family(tiny_wan_vace, wan_vace_inputs, video=True),
 }
-
-
-def family_run(
-    model: nn.Module, inputs: tuple[tuple[Any, ...], dict[str, Any]]
-) -> tuple[torch.Tensor, SdpaSpy]:
-    return spy_run(model, *inputs[0], **inputs[1])
-
-
-def call_shapes(spy: SdpaSpy) -> list[tuple[int, int]]:
-    """(queries, keys) of each attention call, in order."""
-    return [(q.shape[2], k.shape[2]) for q, k, _ in spy.calls]
 
 
 @pytest.mark.parametrize("name", sorted(FAMILIES))
@@ -742,11 +644,5 @@ def test_wan_pipeline_generates_end_to_end_and_restores(settings: dict[str, Any]
             generator=torch.Generator().manual_seed(0),
         ).frames
 
-    reference = generate()
-    with tomediff.tome(pipe, **settings) as handle:
-        out = generate()
-        report = handle.report()
-    assert report.calls == 4  # two steps, guidance as two calls each
-    assert all(b.last_call is not None and b.last_call.tokens == 18 for b in report.blocks)
-    assert out.shape == reference.shape and torch.isfinite(out).all() and not torch.equal(out, reference)
-    assert tome_hooks(transformer) == 0 and torch.equal(generate(), reference)
+    # Two steps, guidance as two calls each.
+    check_pipeline_reduces_and_restores(pipe, generate, settings, calls=4, tokens=18)

@@ -14,8 +14,16 @@ import torch
 from torch import nn
 
 import tomediff
-from test_attention_site import SdpaSpy
-from test_dit_models import tome_hooks
+from family_support import (
+    Inputs,
+    call_shapes,
+    check_pipeline_reduces_and_restores,
+    cogview_inputs,
+    family_run,
+    flux2_layout_inputs,
+    randomize_zeros,
+)
+from test_dit_models import image_ids, tome_hooks
 from tiny_recent_families import (
     briafibo_inputs,
     ideogram4_inputs,
@@ -30,19 +38,6 @@ from tiny_recent_families import (
 )
 
 diffusers = pytest.importorskip("diffusers")
-
-Inputs = tuple[tuple[Any, ...], dict[str, Any]]
-
-
-def _randomize_zeros(model: nn.Module) -> nn.Module:
-    """Random values for the parameters a model initialises to zero (output layers, modulation), so the
-    tiny model's output depends on its attention."""
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if not parameter.any():
-                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=gen))
-    return model
 
 
 def tiny_hunyuandit() -> nn.Module:
@@ -131,21 +126,6 @@ def tiny_cogview3plus() -> nn.Module:
         pos_embed_max_size=8,
         sample_size=8,
     ).eval()
-
-
-def cogview3plus_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
-    _, height, width = grid
-    gen = torch.Generator().manual_seed(1)
-    size = torch.tensor([[2 * height * 8, 2 * width * 8]] * batch, dtype=torch.float32)
-    return (), {
-        "hidden_states": torch.randn(batch, 4, 2 * height, 2 * width, generator=gen),
-        "encoder_hidden_states": torch.randn(batch, 6, 8, generator=gen),
-        "timestep": torch.full((batch,), 500),
-        "original_size": size,
-        "target_size": size,
-        "crop_coords": torch.zeros(batch, 2),
-        "return_dict": False,
-    }
 
 
 def tiny_zimage() -> nn.Module:
@@ -266,8 +246,7 @@ def krea2_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
     _, height, width = grid
     gen = torch.Generator().manual_seed(1)
     text = 5
-    ids = torch.zeros(text + height * width, 3)
-    ids[text:, 1:] = torch.cartesian_prod(torch.arange(height), torch.arange(width)).float()
+    ids = torch.cat([torch.zeros(text, 3), image_ids(height, width)])  # text at the origin
     mask = torch.ones(batch, text, dtype=torch.bool)
     mask[0, -2:] = False
     return (), {
@@ -293,7 +272,7 @@ def tiny_ernieimage() -> nn.Module:
         text_in_dim=8,
         rope_axes_dim=(2, 2, 4),
     )
-    return _randomize_zeros(model).eval()
+    return randomize_zeros(model, seed=3)
 
 
 def ernieimage_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
@@ -320,7 +299,7 @@ def tiny_prx() -> nn.Module:
         depth=2,
         axes_dim=[4, 4],
     )
-    return _randomize_zeros(model).eval()
+    return randomize_zeros(model, seed=3)
 
 
 def prx_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
@@ -353,17 +332,7 @@ def tiny_flux3() -> nn.Module:
 
 
 def flux3_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
-    _, height, width = grid
-    gen = torch.Generator().manual_seed(1)
-    one = torch.arange(1)
-    return (), {
-        "hidden_states": torch.randn(batch, height * width, 4, generator=gen),
-        "encoder_hidden_states": torch.randn(batch, 4, 8, generator=gen),
-        "timestep": torch.full((batch,), 0.5),
-        "img_ids": torch.cartesian_prod(one, torch.arange(height), torch.arange(width), one),
-        "txt_ids": torch.cartesian_prod(one, one, one, torch.arange(4)),
-        "return_dict": False,
-    }
+    return flux2_layout_inputs(batch, grid, text_dim=8)
 
 
 def tiny_glmimage() -> nn.Module:
@@ -482,7 +451,7 @@ class ImageFamily:
 IMAGE_FAMILIES = {
     "hunyuandit": ImageFamily("HunyuanDiT2DModel", tiny_hunyuandit, hunyuandit_inputs),
     "hunyuanimage": ImageFamily("HunyuanImageTransformer2DModel", tiny_hunyuanimage, hunyuanimage_inputs),
-    "cogview3plus": ImageFamily("CogView3PlusTransformer2DModel", tiny_cogview3plus, cogview3plus_inputs),
+    "cogview3plus": ImageFamily("CogView3PlusTransformer2DModel", tiny_cogview3plus, cogview_inputs),
     "zimage": ImageFamily("ZImageTransformer2DModel", tiny_zimage, zimage_inputs),
     "lumina2": ImageFamily("Lumina2Transformer2DModel", tiny_lumina2, lumina2_inputs),
     "hidream": ImageFamily("HiDreamImageTransformer2DModel", tiny_hidream, hidream_inputs),
@@ -505,20 +474,6 @@ IMAGE_FAMILIES = {
 }
 
 
-def run(model: nn.Module, inputs: Inputs) -> tuple[torch.Tensor, SdpaSpy]:
-    spy = SdpaSpy()
-    with spy, torch.no_grad():
-        out = model(*inputs[0], **inputs[1])[0]
-    if isinstance(out, list):  # Z-Image: one latent per sample
-        out = torch.stack(out)
-    return out, spy
-
-
-def call_shapes(spy: SdpaSpy) -> list[tuple[int, int]]:
-    """(queries, keys) of each attention call, in order."""
-    return [(q.shape[2], k.shape[2]) for q, k, _ in spy.calls]
-
-
 @pytest.mark.parametrize("name", sorted(IMAGE_FAMILIES))
 @pytest.mark.parametrize("batch", [1, 3])
 def test_image_family_ratio_zero_removal_and_token_counts_inside_attention(name: str, batch: int) -> None:
@@ -527,10 +482,10 @@ def test_image_family_ratio_zero_removal_and_token_counts_inside_attention(name:
     grid = (1, 5, 6)  # non-square, odd side
     num = math.prod(grid)
     inputs = family.inputs(batch, grid)
-    reference, base = run(model, inputs)
+    reference, base = family_run(model, inputs)
     base_calls = call_shapes(base)
     with tomediff.tome(model, ratio=0.0):
-        assert torch.equal(run(model, inputs)[0], reference)
+        assert torch.equal(family_run(model, inputs)[0], reference)
     kept = math.ceil(grid[1] / 2) * math.ceil(grid[2] / 2)
     settings: dict[str, tuple[dict[str, Any], int, int]] = {
         "merge": ({"ratio": 0.5}, num - int(num * 0.5), num - int(num * 0.5)),
@@ -541,7 +496,7 @@ def test_image_family_ratio_zero_removal_and_token_counts_inside_attention(name:
     for label, (options, queries, keys) in settings.items():
         handle = tomediff.apply_tome(model, use_rand=False, **options)
         blocks = len(handle.report().blocks)
-        out, spy = run(model, inputs)
+        out, spy = family_run(model, inputs)
         assert out.shape == reference.shape and torch.isfinite(out).all(), label
         assert not torch.equal(out, reference), label
         # Each patched block's self/joint attention: the image queries/keys as configured, every other
@@ -557,7 +512,7 @@ def test_image_family_ratio_zero_removal_and_token_counts_inside_attention(name:
         assert reduced == expected and len(reduced) == blocks > 0, label
         handle.remove()
         assert tome_hooks(model) == 0
-        assert torch.equal(run(model, inputs)[0], reference), label
+        assert torch.equal(family_run(model, inputs)[0], reference), label
 
 
 def test_every_image_family_is_matched_by_an_adapter_that_reduces_tokens() -> None:
@@ -601,13 +556,13 @@ def test_image_families_not_supported_yet_are_refused_with_their_reason() -> Non
 def test_lumina2_refuses_a_call_whose_captions_differ_in_length() -> None:
     model = tiny_lumina2()
     ragged = lumina2_inputs(2, (1, 3, 4), ragged=True)
-    reference = run(model, ragged)[0]
+    reference = family_run(model, ragged)[0]
     with tomediff.tome(model, ratio=0.5):
         with pytest.raises(tomediff.MergeCallError, match="captions have different lengths"):
-            run(model, ragged)
-        run(model, lumina2_inputs(2, (1, 3, 4)))  # one caption length: reduced
+            family_run(model, ragged)
+        family_run(model, lumina2_inputs(2, (1, 3, 4)))  # one caption length: reduced
         # The refusal leaves nothing behind: the ragged call runs untouched without the patch.
-    assert torch.equal(run(model, ragged)[0], reference)
+    assert torch.equal(family_run(model, ragged)[0], reference)
 
 
 def test_zimage_refuses_latents_of_different_shapes_in_one_call() -> None:
@@ -615,7 +570,7 @@ def test_zimage_refuses_latents_of_different_shapes_in_one_call() -> None:
     (latents, t, captions), kwargs = zimage_inputs(2, (1, 3, 4))
     latents = [latents[0], torch.randn(4, 1, 6, 10)]
     with tomediff.tome(model, ratio=0.5), pytest.raises(tomediff.MergeCallError, match="different shapes"):
-        run(model, ((latents, t, captions), kwargs))
+        family_run(model, ((latents, t, captions), kwargs))
 
 
 def test_flux3_refuses_reference_images_its_ids_do_not_tell_apart() -> None:
@@ -630,7 +585,7 @@ def test_flux3_refuses_reference_images_its_ids_do_not_tell_apart() -> None:
         "image_cond_ids": torch.cartesian_prod(one + 1, torch.arange(2), torch.arange(3), one),
     }
     with tomediff.tome(model, ratio=0.5), pytest.raises(tomediff.MergeCallError, match="token grid"):
-        run(model, (args, kwargs))
+        family_run(model, (args, kwargs))
 
 
 def test_glmimage_reads_its_edit_kv_cache_with_the_cached_keys_whole() -> None:
@@ -640,13 +595,13 @@ def test_glmimage_reads_its_edit_kv_cache_with_the_cached_keys_whole() -> None:
     grid, num = (1, 3, 4), 12
     cache = GlmImageKVCache(num_layers=2)
     cache.set_mode("write")
-    run(model, glmimage_inputs(1, grid, kv_caches=cache))  # the condition image (unpatched)
+    family_run(model, glmimage_inputs(1, grid, kv_caches=cache))  # the condition image (unpatched)
     cache.set_mode("read")
-    reference, base = run(model, glmimage_inputs(1, grid, kv_caches=cache))
+    reference, base = family_run(model, glmimage_inputs(1, grid, kv_caches=cache))
     cached = 6 + num  # the condition call's text and image keys
     assert call_shapes(base) == [(6 + num, cached + 6 + num)] * 2
     with tomediff.tome(model, ratio=0.5, use_rand=False):
-        out, spy = run(model, glmimage_inputs(1, grid, kv_caches=cache))
+        out, spy = family_run(model, glmimage_inputs(1, grid, kv_caches=cache))
     assert not torch.equal(out, reference)
     assert call_shapes(spy) == [(6 + num // 2, cached + 6 + num // 2)] * 2
 
@@ -658,7 +613,7 @@ def test_rising_timesteps_are_turned_back_for_start_and_stop() -> None:
     (latents, _, captions), kwargs = zimage_inputs(1, (1, 3, 4))
     with tomediff.tome(model, ratio=0.5, start=0.5) as handle:
         for progress in (0.1, 0.9):
-            run(model, ((latents, torch.tensor([progress]), captions), kwargs))
+            family_run(model, ((latents, torch.tensor([progress]), captions), kwargs))
             merged = handle.report().blocks[0].last_call
             assert merged is not None
             assert (merged.tokens_after_merge < merged.tokens) == (progress >= 0.5), progress
@@ -672,8 +627,8 @@ def test_positional_calls_are_reduced_like_keyword_calls(name: str) -> None:
     names = list(kwargs)[:4]
     positional = (tuple(kwargs[n] for n in names), {k: v for k, v in kwargs.items() if k not in names})
     with tomediff.tome(model, method="downsample"):
-        by_keyword, spy = run(model, ((), kwargs))
-        by_position, spy_positional = run(model, positional)
+        by_keyword, spy = family_run(model, ((), kwargs))
+        by_position, spy_positional = family_run(model, positional)
     assert torch.equal(by_keyword, by_position)
     assert call_shapes(spy) == call_shapes(spy_positional)
 
@@ -690,17 +645,17 @@ def test_image_feed_forwards_merge_at_block_level(name: str) -> None:
     family = IMAGE_FAMILIES[name]
     model = family.build()
     inputs = family.inputs(2, (1, 3, 4))
-    reference = run(model, inputs)[0]
+    reference = family_run(model, inputs)[0]
     with tomediff.tome(model, ratio=0.0, merge_attn=False, merge_mlp=True):
-        assert torch.equal(run(model, inputs)[0], reference)
+        assert torch.equal(family_run(model, inputs)[0], reference)
     seen: list[int] = []
     with tomediff.tome(model, ratio=0.5, use_rand=False, merge_attn=False, merge_mlp=True):
         ff = FIRST_FEED_FORWARD[name](model)  # its hook runs after tomediff's: it sees the merged tokens
         hook = ff.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
-        out, _ = run(model, inputs)
+        out, _ = family_run(model, inputs)
         hook.remove()
     assert seen == [6] and not torch.equal(out, reference) and torch.isfinite(out).all()
-    assert tome_hooks(model) == 0 and torch.equal(run(model, inputs)[0], reference)
+    assert tome_hooks(model) == 0 and torch.equal(family_run(model, inputs)[0], reference)
 
 
 @pytest.mark.parametrize("settings", [{"ratio": 0.5}, {"method": "downsample"}])
@@ -727,14 +682,8 @@ def test_zimage_pipeline_generates_end_to_end_and_restores(settings: dict[str, A
             generator=torch.Generator().manual_seed(0),
         ).images
 
-    reference = generate()
-    with tomediff.tome(pipe, **settings) as handle:
-        out = generate()
-        report = handle.report()
-    assert report.calls == 2  # two steps, guidance as one batch of two
-    assert all(b.last_call is not None and b.last_call.tokens == 15 for b in report.blocks)
-    assert out.shape == reference.shape and torch.isfinite(out).all() and not torch.equal(out, reference)
-    assert tome_hooks(transformer) == 0 and torch.equal(generate(), reference)
+    # Two steps, guidance as one batch of two.
+    check_pipeline_reduces_and_restores(pipe, generate, settings, calls=2, tokens=15)
 
 
 def test_random_partitions_draw_for_three_axis_grids() -> None:
@@ -747,8 +696,8 @@ def test_random_partitions_draw_for_three_axis_grids() -> None:
         (tiny_wan(), wan_inputs(batch=2)),
         (tiny_zimage(), zimage_inputs(2, (1, 3, 4))),
     ):
-        reference = run(model, inputs)[0]
+        reference = family_run(model, inputs)[0]
         with tomediff.tome(model, ratio=0.5) as handle:
-            out = run(model, inputs)[0]
+            out = family_run(model, inputs)[0]
             assert handle.report().partition == "random"
         assert not torch.equal(out, reference) and torch.isfinite(out).all()

@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 import tomediff
+from family_support import call_shapes, family_run
 from test_dit_models import tome_hooks
-from test_image_families import call_shapes, run
 from tiny_recent_families import (
     ideogram4_inputs,
     joyimage_edit_inputs,
@@ -31,13 +31,13 @@ diffusers = pytest.importorskip("diffusers")
 def _reduced_then_restored(model: nn.Module, inputs: Any, options: dict[str, Any]) -> list[tuple[int, int]]:
     """(queries, keys) of each attention call with tomediff applied; checks ratio 0 and removal are
     bit-exact and the output changes."""
-    reference = run(model, inputs)[0]
+    reference = family_run(model, inputs)[0]
     with tomediff.tome(model, ratio=0.0):
-        assert torch.equal(run(model, inputs)[0], reference)
+        assert torch.equal(family_run(model, inputs)[0], reference)
     with tomediff.tome(model, use_rand=False, **options):
-        out, spy = run(model, inputs)
+        out, spy = family_run(model, inputs)
     assert torch.isfinite(out).all() and not torch.equal(out, reference)
-    assert tome_hooks(model) == 0 and torch.equal(run(model, inputs)[0], reference)
+    assert tome_hooks(model) == 0 and torch.equal(family_run(model, inputs)[0], reference)
     return call_shapes(spy)
 
 
@@ -49,7 +49,7 @@ def test_joyimage_edit_reduces_each_item_on_its_own_grid(options: dict[str, Any]
     model = tiny_joyimage_edit()
     num, text = 5 * 6, 5
     inputs = joyimage_edit_inputs(2, (1, 5, 6), references=2)
-    assert call_shapes(run(model, inputs)[1]) == [(3 * num + text, 3 * num + text)] * 2
+    assert call_shapes(family_run(model, inputs)[1]) == [(3 * num + text, 3 * num + text)] * 2
     shapes = _reduced_then_restored(model, inputs, options)
     if "ratio" in options:
         kept = num - int(num * 0.5)
@@ -64,13 +64,13 @@ def test_joyimage_edit_plus_refuses_samples_with_different_reference_images_in_o
     for the batch, so the call is refused, naming ``shape_list`` and the fix."""
     model = tiny_joyimage_edit_plus()
     inputs = joyimage_edit_plus_inputs(2, (1, 5, 6), references=((4, 3), (2, 2)))
-    reference = run(model, inputs)[0]
+    reference = family_run(model, inputs)[0]
     with (
         tomediff.tome(model, ratio=0.5),
         pytest.raises(tomediff.MergeCallError, match=r"shape_list.*same images' sizes"),
     ):
-        run(model, inputs)
-    assert tome_hooks(model) == 0 and torch.equal(run(model, inputs)[0], reference)
+        family_run(model, inputs)
+    assert tome_hooks(model) == 0 and torch.equal(family_run(model, inputs)[0], reference)
 
 
 def test_joyimage_edit_plus_refuses_generated_images_of_different_shapes_in_one_call() -> None:
@@ -78,7 +78,7 @@ def test_joyimage_edit_plus_refuses_generated_images_of_different_shapes_in_one_
     args, kwargs = joyimage_edit_plus_inputs(2, (1, 2, 3))
     kwargs["shape_list"] = [[(1, 2, 3)], [(1, 3, 2)]]
     with tomediff.tome(model, ratio=0.5), pytest.raises(tomediff.MergeCallError, match="token grid"):
-        run(model, (args, kwargs))
+        family_run(model, (args, kwargs))
     assert tome_hooks(model) == 0
 
 
@@ -104,9 +104,9 @@ def test_ideogram4_refuses_a_row_packing_several_samples() -> None:
         for k, v in kwargs.items()
     }
     packed["segment_ids"] = torch.cat([kwargs["segment_ids"], kwargs["segment_ids"] + 1], dim=1)
-    run(model, ((), packed))  # the model itself takes it
+    family_run(model, ((), packed))  # the model itself takes it
     with tomediff.tome(model, ratio=0.5), pytest.raises(tomediff.MergeCallError, match="packing several"):
-        run(model, ((), packed))
+        family_run(model, ((), packed))
     assert tome_hooks(model) == 0
 
 

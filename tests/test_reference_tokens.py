@@ -15,10 +15,9 @@ import torch
 from torch import nn
 
 import tomediff
+from family_support import call_shapes, family_run
 from test_attention_site import SdpaSpy
 from test_dit_families import (
-    call_shapes,
-    family_run,
     flux_shaped_inputs,
     tiny_flux2,
     tiny_flux_shaped,

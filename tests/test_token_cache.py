@@ -14,6 +14,7 @@ from torch import nn
 
 import tomediff
 from conftest import tiny_pixart
+from family_support import tiny_wan_shaped
 from tomediff.core.hooks import has_hooks
 from tomediff.errors import ConfigError, ConflictingPatchError, MergeCallError
 
@@ -400,19 +401,7 @@ def test_removal_leaves_nothing_and_frees_the_caches() -> None:
 
 
 def test_models_without_a_block_layout_are_refused() -> None:
-    torch.manual_seed(0)
-    wan = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=1,
-        rope_max_seq_len=32,
-    )
+    wan = tiny_wan_shaped("WanTransformer3DModel", num_layers=1)
     with pytest.raises(ConfigError, match=r"declares no block-level layout for block 'blocks\.0'"):
         tomediff.apply_tome(wan, method="cache")
 

@@ -13,23 +13,21 @@ import torch
 from torch import nn
 
 import tomediff
+from family_support import (
+    TINY_COGVIDEOX_CONFIG,
+    call_shapes,
+    check_pipeline_reduces_and_restores,
+    cogvideox_inputs,
+    family_run,
+    randomize_zeros,
+    tiny_wan_shaped,
+)
 from test_attention_site import SdpaSpy
-from test_dit_families import Family, call_shapes, family_run
+from test_dit_families import Family
 from test_dit_models import tome_hooks
 from tomediff.adapters import find_adapter
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def _randomize_zero_init(model: nn.Module) -> nn.Module:
-    """Give the zero-initialised parameters (adaLN gates, modulation layers) random values, so every
-    attention output reaches the model output (as in a trained checkpoint)."""
-    gen = torch.Generator().manual_seed(2)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if parameter.numel() > 1 and not parameter.any():
-                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=gen))
-    return model.eval()
 
 
 def tiny_ltx2() -> nn.Module:
@@ -70,22 +68,26 @@ def ltx2_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...]
     }
 
 
+# Kandinsky 5's tiny config; Kandinsky 6 adds its audio stream to it.
+TINY_KANDINSKY_CONFIG: dict[str, Any] = dict(
+    in_visual_dim=4,
+    in_text_dim=16,
+    in_text_dim2=8,
+    time_dim=16,
+    out_visual_dim=4,
+    patch_size=(1, 2, 2),
+    model_dim=32,
+    ff_dim=32,
+    num_text_blocks=1,
+    num_visual_blocks=2,
+    axes_dims=(4, 6, 6),
+)
+
+
 def tiny_kandinsky5() -> nn.Module:
     torch.manual_seed(0)
-    model = diffusers.Kandinsky5Transformer3DModel(
-        in_visual_dim=4,
-        in_text_dim=16,
-        in_text_dim2=8,
-        time_dim=16,
-        out_visual_dim=4,
-        patch_size=(1, 2, 2),
-        model_dim=32,
-        ff_dim=32,
-        num_text_blocks=1,
-        num_visual_blocks=2,
-        axes_dims=(4, 6, 6),
-    )
-    return _randomize_zero_init(model)
+    model = diffusers.Kandinsky5Transformer3DModel(**TINY_KANDINSKY_CONFIG)
+    return randomize_zeros(model, seed=2, skip_scalars=True)
 
 
 def kandinsky5_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -167,55 +169,22 @@ def easyanimate_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[An
 
 def tiny_consisid() -> nn.Module:
     torch.manual_seed(0)
-    return diffusers.ConsisIDTransformer3DModel(
-        num_attention_heads=2,
-        attention_head_dim=16,
-        in_channels=4,
-        out_channels=4,
-        time_embed_dim=2,
-        text_embed_dim=8,
-        num_layers=2,
-        sample_width=6,
-        sample_height=10,
-        sample_frames=9,
-        patch_size=2,
-        temporal_compression_ratio=4,
-        max_text_seq_length=8,
-        use_rotary_positional_embeddings=True,
-    ).eval()
+    config = {**TINY_COGVIDEOX_CONFIG, "attention_head_dim": 16, "use_rotary_positional_embeddings": True}
+    return diffusers.ConsisIDTransformer3DModel(**config).eval()
 
 
 def consisid_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+    """CogVideoX's call, with the rotary table of the grid (ConsisID's pipeline computes it)."""
     from diffusers.models.embeddings import get_3d_rotary_pos_embed
 
     frames, height, width = grid
-    gen = torch.Generator().manual_seed(1)
+    args, kwargs = cogvideox_inputs(batch, grid)
     rotary = get_3d_rotary_pos_embed(16, ((0, 0), (height, width)), (height, width), frames)
-    return (), {
-        "hidden_states": torch.randn(batch, frames, 4, 2 * height, 2 * width, generator=gen),
-        "encoder_hidden_states": torch.randn(batch, 8, 8, generator=gen),
-        "timestep": torch.full((batch,), 500),
-        "image_rotary_emb": rotary,
-        "return_dict": False,
-    }
+    return args, {**kwargs, "image_rotary_emb": rotary}
 
 
 def tiny_chronoedit() -> nn.Module:
-    torch.manual_seed(0)
-    return diffusers.ChronoEditTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        cross_attn_norm=True,
-        qk_norm="rms_norm_across_heads",
-        rope_max_seq_len=32,
-    ).eval()
+    return tiny_wan_shaped("ChronoEditTransformer3DModel")
 
 
 def chronoedit_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -289,7 +258,7 @@ def tiny_motifvideo() -> nn.Module:
         enable_text_cross_attention_dual=True,
         enable_text_cross_attention_single=True,
     )
-    return _randomize_zero_init(model)
+    return randomize_zeros(model, seed=2, skip_scalars=True)
 
 
 def motifvideo_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -307,19 +276,7 @@ def motifvideo_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any
 
 
 def tiny_anyflow() -> nn.Module:
-    torch.manual_seed(0)
-    return diffusers.AnyFlowTransformer3DModel(
-        patch_size=(1, 2, 2),
-        num_attention_heads=2,
-        attention_head_dim=12,
-        in_channels=4,
-        out_channels=4,
-        text_dim=16,
-        freq_dim=16,
-        ffn_dim=32,
-        num_layers=2,
-        rope_max_seq_len=32,
-    ).eval()
+    return tiny_wan_shaped("AnyFlowTransformer3DModel")
 
 
 def anyflow_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -337,17 +294,7 @@ def anyflow_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, .
 def tiny_kandinsky6() -> nn.Module:
     torch.manual_seed(0)
     model = diffusers.Kandinsky6Transformer3DModel(
-        in_visual_dim=4,
-        out_visual_dim=4,
-        in_text_dim=16,
-        in_text_dim2=8,
-        time_dim=16,
-        patch_size=(1, 2, 2),
-        model_dim=32,
-        ff_dim=32,
-        num_text_blocks=1,
-        num_visual_blocks=2,
-        axes_dims=(4, 6, 6),
+        **TINY_KANDINSKY_CONFIG,
         visual_cond=False,
         in_audio_dim=4,
         out_audio_dim=4,
@@ -355,7 +302,7 @@ def tiny_kandinsky6() -> nn.Module:
         ff_dim_a=16,
         axes_dims_a=(4, 6, 6),
     )
-    return _randomize_zero_init(model)
+    return randomize_zeros(model, seed=2, skip_scalars=True)
 
 
 def kandinsky6_inputs(batch: int, grid: tuple[int, int, int]) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -625,11 +572,5 @@ def test_mochi_pipeline_with_guidance_generates_end_to_end_and_restores(settings
             generator=torch.Generator().manual_seed(0),
         ).frames
 
-    reference = generate()
-    with tomediff.tome(pipe, **settings) as handle:
-        out = generate()
-        report = handle.report()
-    assert report.calls == 2  # two steps, guidance as one batch of 2
-    assert all(b.last_call is not None and b.last_call.tokens == 18 for b in report.blocks)
-    assert out.shape == reference.shape and torch.isfinite(out).all() and not torch.equal(out, reference)
-    assert tome_hooks(transformer) == 0 and torch.equal(generate(), reference)
+    # Two steps, guidance as one batch of 2.
+    check_pipeline_reduces_and_restores(pipe, generate, settings, calls=2, tokens=18)

@@ -10,18 +10,8 @@ import diffusers
 import torch
 from torch import nn
 
-Inputs = tuple[tuple[Any, ...], dict[str, Any]]
-
-
-def _randomize_zeros(model: nn.Module) -> nn.Module:
-    """Random values for the parameters a model initialises to zero (output layers, modulation), so the
-    tiny model's output depends on its attention."""
-    gen = torch.Generator().manual_seed(3)
-    with torch.no_grad():
-        for parameter in model.parameters():
-            if not parameter.any():
-                parameter.copy_(0.2 * torch.randn(parameter.shape, generator=gen))
-    return model
+from family_support import Inputs, randomize_zeros
+from test_dit_models import image_ids
 
 
 def tiny_briafibo() -> nn.Module:
@@ -41,14 +31,12 @@ def tiny_briafibo() -> nn.Module:
 def briafibo_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
     _, height, width = grid
     gen = torch.Generator().manual_seed(1)
-    img_ids = torch.zeros(height * width, 3)
-    img_ids[:, 1:] = torch.cartesian_prod(torch.arange(height), torch.arange(width)).float()
     return (), {
         "hidden_states": torch.randn(batch, height * width, 4, generator=gen),
         "encoder_hidden_states": torch.randn(batch, 5, 8, generator=gen),
         "text_encoder_layers": [torch.randn(batch, 5, 8, generator=gen) for _ in range(3)],
         "timestep": torch.full((batch,), 500.0),
-        "img_ids": img_ids,
+        "img_ids": image_ids(height, width),
         "txt_ids": torch.zeros(5, 3),
         "return_dict": False,
     }
@@ -66,7 +54,7 @@ def tiny_ideogram4() -> nn.Module:
         llm_features_dim=8,
         mrope_section=(4, 2, 2),
     )
-    return _randomize_zeros(model).eval()
+    return randomize_zeros(model, seed=3)
 
 
 def ideogram4_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
@@ -102,18 +90,21 @@ def ideogram4_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
     }
 
 
+# JoyImage-Edit's tiny config, Edit-Plus's too (the same blocks; Plus takes patchified items).
+TINY_JOYIMAGE_CONFIG: dict[str, Any] = dict(
+    patch_size=[1, 2, 2],
+    in_channels=4,
+    hidden_size=16,
+    num_attention_heads=2,
+    text_dim=8,
+    num_layers=2,
+    rope_dim_list=[2, 2, 4],
+)
+
+
 def tiny_joyimage_edit() -> nn.Module:
     torch.manual_seed(0)
-    model = diffusers.JoyImageEditTransformer3DModel(
-        patch_size=[1, 2, 2],
-        in_channels=4,
-        hidden_size=16,
-        num_attention_heads=2,
-        text_dim=8,
-        num_layers=2,
-        rope_dim_list=[2, 2, 4],
-    )
-    return _randomize_zeros(model).eval()
+    return randomize_zeros(diffusers.JoyImageEditTransformer3DModel(**TINY_JOYIMAGE_CONFIG), seed=3)
 
 
 def joyimage_edit_inputs(batch: int, grid: tuple[int, int, int], references: int = 0) -> Inputs:
@@ -134,16 +125,7 @@ def joyimage_edit_inputs(batch: int, grid: tuple[int, int, int], references: int
 
 def tiny_joyimage_edit_plus() -> nn.Module:
     torch.manual_seed(0)
-    model = diffusers.JoyImageEditPlusTransformer3DModel(
-        patch_size=[1, 2, 2],
-        in_channels=4,
-        hidden_size=16,
-        num_attention_heads=2,
-        text_dim=8,
-        num_layers=2,
-        rope_dim_list=[2, 2, 4],
-    )
-    return _randomize_zeros(model).eval()
+    return randomize_zeros(diffusers.JoyImageEditPlusTransformer3DModel(**TINY_JOYIMAGE_CONFIG), seed=3)
 
 
 def joyimage_edit_plus_inputs(
@@ -198,7 +180,7 @@ def tiny_nucleusmoe_image() -> nn.Module:
         for name, parameter in model.named_parameters():
             if ".experts." in name:
                 parameter.copy_(0.2 * torch.randn(parameter.shape, generator=gen))
-    return _randomize_zeros(model).eval()
+    return randomize_zeros(model, seed=3)
 
 
 def nucleusmoe_image_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
