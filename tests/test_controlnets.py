@@ -14,10 +14,11 @@ import torch
 from torch import nn
 
 import tomediff
+from family_support import randomize_zeros
 from test_attention_site import SdpaSpy
 from test_dit_families import qwenimage_inputs
 from test_dit_models import TEXT, flux_inputs, sd3_inputs, tiny_flux, tome_hooks
-from test_image_families import _randomize_zeros, hunyuandit_inputs
+from test_image_families import hunyuandit_inputs
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -41,7 +42,7 @@ def tiny_flux_controlnet() -> nn.Module:
         pooled_projection_dim=8,
         axes_dims_rope=(4, 6, 6),
     )
-    return _randomize_zeros(model).eval()  # its zero-initialised projections would hide every change
+    return randomize_zeros(model, seed=3)  # its zero-initialised projections would hide every change
 
 
 def flux_controlnet_inputs(batch: int) -> Inputs:
@@ -65,7 +66,7 @@ def tiny_sd3_controlnet(**overrides: Any) -> nn.Module:
         "out_channels": 4,
         "pos_embed_max_size": 32,
     }
-    return _randomize_zeros(diffusers.SD3ControlNetModel(**{**config, **overrides})).eval()
+    return randomize_zeros(diffusers.SD3ControlNetModel(**{**config, **overrides}), seed=3)
 
 
 def sd3_controlnet_inputs(batch: int) -> Inputs:
@@ -86,7 +87,7 @@ def tiny_qwenimage_controlnet() -> nn.Module:
         joint_attention_dim=16,
         axes_dims_rope=(8, 4, 4),
     )
-    return _randomize_zeros(model).eval()
+    return randomize_zeros(model, seed=3)
 
 
 def qwenimage_controlnet_inputs(batch: int) -> Inputs:
@@ -110,7 +111,7 @@ def tiny_sana_controlnet() -> nn.Module:
         caption_channels=8,
         sample_size=32,
     )
-    return _randomize_zeros(model).eval()
+    return randomize_zeros(model, seed=3)
 
 
 def sana_controlnet_inputs(batch: int) -> Inputs:
@@ -139,7 +140,7 @@ def tiny_hunyuandit_controlnet() -> nn.Module:
         text_len=4,
         text_len_t5=4,
     )
-    return _randomize_zeros(model).eval()
+    return randomize_zeros(model, seed=3)
 
 
 def hunyuandit_controlnet_inputs(batch: int) -> Inputs:
@@ -366,7 +367,7 @@ def test_flux_union_controlnet_mode_token_joins_the_untouched_text() -> None:
         axes_dims_rope=(4, 6, 6),
         num_mode=3,
     )
-    model = _randomize_zeros(model).eval()
+    model = randomize_zeros(model, seed=3)
     (packed, cond), kwargs = flux_controlnet_inputs(2)
     inputs = ((packed, cond), {**kwargs, "controlnet_mode": torch.tensor([[1], [2]])})
     reference = residuals(model, inputs)
