@@ -539,7 +539,7 @@ class RefusedFamilyAdapter(Adapter):
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
         name = next(k.__name__ for k in type(model).__mro__ if k.__name__ in _REFUSED)
         raise UnsupportedModelError(
-            f"tomediff does not reduce tokens in {name} yet: {_REFUSED[name]}. Supported diffusion "
+            f"tomediff does not reduce tokens in {name}: {_REFUSED[name]}. Supported diffusion "
             "transformers: SD3, Flux.1, Flux.2, Flux 3, Chroma, Bria, Bria FIBO, LongCat-Image, Ovis-Image, "
             "Qwen-Image, Z-Image, HiDream, HunyuanDiT, HunyuanImage 2.1, Lumina2, Lumina-Next, "
             "CogView3-Plus, CogView4, GLM-Image, Krea 2, ERNIE-Image, PRX, OmniGen, Ideogram 4, "
