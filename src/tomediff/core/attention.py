@@ -27,14 +27,14 @@ from torch.overrides import TorchFunctionMode
 from tomediff.core.actions import SiteAction
 from tomediff.core.calls import Args, Kwargs
 from tomediff.core.parallel import ulysses_group
-from tomediff.core.reducers import PlanRequest, Reducer
+from tomediff.core.reducers import PlanRequest, Reducer, WrappingReducer
 from tomediff.core.selection import LevelSetting
 from tomediff.core.spec import Site
 from tomediff.errors import MergeCallError
 from tomediff.ops import AttentionPlan, paired_plan, reduced_attention
 
 if TYPE_CHECKING:
-    from tomediff.core.state import CallState, ToMeState
+    from tomediff.core.state import ToMeState
 
 __all__ = ["AttentionCallAction", "AttentionReducer", "PendingPlan", "attention_plan"]
 
@@ -202,22 +202,13 @@ class AttentionCallAction(SiteAction):
         return None
 
 
-class AttentionReducer(Reducer):
+class AttentionReducer(WrappingReducer):
     """Two plans of one block call from ``inner``: the queries' at ``ratio`` and the keys/values' at
     ``kv_ratio`` (one plan when equal), as an :class:`AttentionPlan` (asymmetric reduction, AsymRnR)."""
 
     def __init__(self, inner: Reducer, kv_ratio: float) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.kv_ratio = kv_ratio
-
-    def draws_per_call(self) -> bool:
-        return self.inner.draws_per_call()
-
-    def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
-        self.inner.begin_call(state, call, sample)
-
-    def grids_read(self, state: ToMeState, call: CallState) -> None:
-        self.inner.grids_read(state, call)
 
     def plan(self, state: ToMeState, request: PlanRequest) -> AttentionPlan | None:
         def plan_at(ratio: float) -> Any:

@@ -48,6 +48,7 @@ __all__ = [
     "PlanRequest",
     "Reducer",
     "ReusingReducer",
+    "WrappingReducer",
     "cached",
 ]
 
@@ -332,7 +333,40 @@ class DownsampleReducer(Reducer):
 _MISSING = object()
 
 
-class ReusingReducer(Reducer):
+class WrappingReducer(Reducer):
+    """A reducer around another one (``inner``: plan reuse, one plan per image, separate key/value plans):
+    everything it is not told otherwise it asks ``inner``; subclasses change :meth:`plan` and what else
+    their wrapping changes."""
+
+    def __init__(self, inner: Reducer) -> None:
+        self.inner = inner
+
+    def draws_per_call(self) -> bool:
+        return self.inner.draws_per_call()
+
+    def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
+        self.inner.begin_call(state, call, sample)
+
+    def grids_read(self, state: ToMeState, call: CallState) -> None:
+        self.inner.grids_read(state, call)
+
+    def keeps_between_calls(self) -> bool:
+        return self.inner.keeps_between_calls()
+
+    def plans_groups(self) -> bool:
+        return self.inner.plans_groups()
+
+    def report_lines(self) -> list[str]:
+        return self.inner.report_lines()
+
+    def nothing_reason(self, request: PlanRequest) -> str | None:
+        return self.inner.nothing_reason(request)
+
+    def plan(self, state: ToMeState, request: PlanRequest) -> Any:
+        return self.inner.plan(state, request)
+
+
+class ReusingReducer(WrappingReducer):
     """Reuses the plans of another reducer: within a call across the blocks of a level (``level``),
     and across calls, recomputing a block's plan only every ``steps``-th call.
 
@@ -342,27 +376,12 @@ class ReusingReducer(Reducer):
     :class:`tomediff.core.state.ThreadMemory`). Its age is counted in denoising steps."""
 
     def __init__(self, inner: Reducer, level: bool, steps: int) -> None:
-        self.inner = inner
+        super().__init__(inner)
         self.level = level
         self.steps = steps
 
-    def draws_per_call(self) -> bool:
-        return self.inner.draws_per_call()
-
     def keeps_between_calls(self) -> bool:
         return self.steps > 1 or self.inner.keeps_between_calls()
-
-    def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
-        self.inner.begin_call(state, call, sample)
-
-    def plans_groups(self) -> bool:
-        return self.inner.plans_groups()
-
-    def grids_read(self, state: ToMeState, call: CallState) -> None:
-        self.inner.grids_read(state, call)
-
-    def nothing_reason(self, request: PlanRequest) -> str | None:
-        return self.inner.nothing_reason(request)
 
     def plan(self, state: ToMeState, request: PlanRequest) -> Any:
         batch, device = request.metric.shape[0], str(request.metric.device)
@@ -391,7 +410,7 @@ class ReusingReducer(Reducer):
         return plan
 
 
-class GroupedReducer(Reducer):
+class GroupedReducer(WrappingReducer):
     """Plans a call whose image tokens are several images (:attr:`PlanRequest.groups`: an edit model's
     output image then its reference images) one image at a time, each on its own grid, and combines
     the plans (:class:`~tomediff.ops.GroupedPlan`, :class:`~tomediff.ops.GroupedDownsample`), so no
@@ -405,27 +424,12 @@ class GroupedReducer(Reducer):
     ) -> None:
         if (reference is None) != (reference_ratio is None):
             raise ValueError("GroupedReducer takes a reference reducer and its reference_ratio together.")
-        self.inner = inner
+        super().__init__(inner)
         self.reference = reference
         self.reference_ratio = reference_ratio
 
-    def draws_per_call(self) -> bool:
-        return self.inner.draws_per_call()
-
-    def begin_call(self, state: ToMeState, call: CallState, sample: object) -> None:
-        self.inner.begin_call(state, call, sample)
-
-    def grids_read(self, state: ToMeState, call: CallState) -> None:
-        self.inner.grids_read(state, call)
-
-    def keeps_between_calls(self) -> bool:
-        return self.inner.keeps_between_calls()
-
     def plans_groups(self) -> bool:
         return True
-
-    def report_lines(self) -> list[str]:
-        return self.inner.report_lines()
 
     def nothing_reason(self, request: PlanRequest) -> str | None:
         groups = request.groups

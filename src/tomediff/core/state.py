@@ -14,7 +14,7 @@ import torch
 
 from tomediff.config import ToMeConfig
 from tomediff.core.methods import Method
-from tomediff.core.reducers import GroupedReducer, PlanRequest, Reducer, ReusingReducer
+from tomediff.core.reducers import PlanRequest, Reducer, WrappingReducer
 from tomediff.core.selection import Selection
 from tomediff.core.spec import Caller, TokenGroups
 from tomediff.errors import MergeCallError
@@ -441,8 +441,9 @@ class ToMeState:
 
 
 def _given(reducer: Reducer) -> Reducer:
-    """The reducer inside the wrappers every method gets (plan reuse, one plan per image), for messages."""
-    while isinstance(reducer, (GroupedReducer, ReusingReducer)):
+    """The reducer inside the wrappers every method gets (plan reuse, one plan per image, key/value
+    plans), for messages."""
+    while isinstance(reducer, WrappingReducer):
         reducer = reducer.inner
     return reducer
 
