@@ -18,6 +18,7 @@ from comfyui_env import (
     conditioning,
     flux_unet_config,
     ksample,
+    qwen_image_unet_config,
     sd3_unet_config,
     sd15_unet_config,
     sdxl_unet_config,
@@ -301,6 +302,7 @@ DIT_FAMILIES = {
     "flux": ("Flux", flux_unet_config, (1, 16, 16, 16), 8, 64),
     "sd3": ("SD3", sd3_unet_config, (1, 16, 16, 16), 8, 64),
     "wan": ("WAN21_T2V", wan_unet_config, (1, 16, 2, 16, 16), 0, 128),
+    "qwen_image": ("QwenImage", qwen_image_unet_config, (1, 16, 1, 16, 16), 0, 64),
 }
 
 
@@ -524,7 +526,9 @@ def test_dit_kv_ratio_merges_keys_apart_from_queries(
     expected = (image_tokens - image_tokens // 4, image_tokens // 2)
     assert (report.queries_after, report.keys_after) == expected
     assert expected in attention_calls
-    with pytest.raises(tomediff.ConfigError, match=r"kv_ratio=0\.5 applies to ComfyUI's Flux, SD3 and Wan"):
+    with pytest.raises(
+        tomediff.ConfigError, match=r"kv_ratio=0\.5 applies to ComfyUI's Flux, SD3, Wan and Qwen"
+    ):
         advanced(comfy, build_model(comfy, "SD15", sd15_unet_config(), seed=0), kv_ratio=0.5)
 
 
@@ -545,7 +549,7 @@ def test_dit_merge_is_the_same_in_both_of_comfys_attention_layouts(comfy: Comfy)
     dit_attention = sys.modules[comfy.pack.__name__ + ".dit_attention"]
     config = tomediff.ToMeConfig(ratio=0.5, kv_ratio=0.25)
     owner = dit_attention.DitAttention(config, "flux", types.SimpleNamespace(patch_size=2))
-    override = dit_attention._Override(owner, (1, 8, 8), 4)
+    override = dit_attention._Override(owner, ((1, 8, 8),), 4)
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 4 + 64, 8, generator=generator) for _ in range(3))
     function = attention.optimized_attention.__wrapped__  # the attention function itself, unwrapped
