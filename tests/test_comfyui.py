@@ -465,8 +465,8 @@ def attention_calls(comfy: Comfy, monkeypatch: pytest.MonkeyPatch) -> list[tuple
 def test_dit_tokens_merged_at_the_attention_call(
     comfy: Comfy, dits: dict[str, Any], family: str, attention_calls: list[tuple[int, int]]
 ) -> None:
-    """q+kv merging on ComfyUI's Flux, SD3 and Wan: half the image queries and keys/values merged in every
-    self/joint attention, text tokens kept, output copied back to every position."""
+    """q+kv merging on ComfyUI's Flux, SD3, Wan and Qwen-Image: half the image queries and keys/values
+    merged in every self/joint attention, text tokens kept, output copied back to every position."""
     model = dits[family]
     image_tokens = DIT_FAMILIES[family][4]
     reference = dit_sample(comfy, family, model)

@@ -196,8 +196,9 @@ class ToMeAdvanced:
                         "min": -1.0,
                         "max": 1.0,
                         "step": 0.01,
-                        "tooltip": "merge on Flux, SD3 and Wan: fraction of the image keys/values merged, "
-                        "apart from the queries (merged at ratio; 0 keeps them all); -1 = with the queries",
+                        "tooltip": "merge on Flux, SD3, Wan and Qwen-Image: fraction of the image "
+                        "keys/values merged, apart from the queries (merged at ratio; 0 keeps them all); "
+                        "-1 = with the queries",
                     },
                 ),
                 "reference_ratio": (
