@@ -733,6 +733,8 @@ def test_unreadable_reference_latents_are_an_error(comfy: Comfy) -> None:
         tomediff.MergeCallError, match=r"expected a list of 4-D latents .* got \[\(16, 8, 8\)\]"
     ):
         call("flux", [torch.zeros(16, 8, 8)])
+    with pytest.raises(tomediff.MergeCallError, match=r"expected a list of 4-D latents"):
+        call("flux", torch.zeros(1, 16, 8, 8))  # one tensor, not ComfyUI's list
     with pytest.raises(
         tomediff.MergeCallError, match=r"reference latents \[\(1, 16, 2, 8, 8\)\] .*\(one frame\)"
     ):

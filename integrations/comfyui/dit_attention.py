@@ -183,7 +183,8 @@ def _reference_grids(
             f"does not know how to place them among the image tokens (only {sorted(REFERENCE_FAMILIES)} "
             "are read); bypass the tomediff node for this workflow."
         )
-    shapes = [tuple(ref.shape) if isinstance(ref, torch.Tensor) else type(ref).__name__ for ref in references]
+    listed = references if isinstance(references, (list, tuple)) else [references]
+    shapes = [tuple(ref.shape) if isinstance(ref, torch.Tensor) else type(ref).__name__ for ref in listed]
     if not isinstance(references, (list, tuple)) or not all(
         isinstance(ref, torch.Tensor) and ref.dim() == latent.dim() for ref in references
     ):
