@@ -320,3 +320,18 @@ def wan_unet_config() -> dict[str, Any]:
         "num_heads": 2,
         "num_layers": 1,
     }
+
+
+def qwen_image_unet_config() -> dict[str, Any]:
+    """Qwen-Image (and -Edit: the same model, given reference latents) at toy width, one block."""
+    return {
+        "image_model": "qwen_image",
+        "patch_size": 2,
+        "in_channels": 64,
+        "out_channels": 16,
+        "num_layers": 1,
+        "attention_head_dim": 16,
+        "num_attention_heads": 2,
+        "joint_attention_dim": 16,
+        "axes_dims_rope": (4, 6, 6),
+    }

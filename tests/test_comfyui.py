@@ -18,6 +18,7 @@ from comfyui_env import (
     conditioning,
     flux_unet_config,
     ksample,
+    qwen_image_unet_config,
     sd3_unet_config,
     sd15_unet_config,
     sdxl_unet_config,
@@ -301,6 +302,7 @@ DIT_FAMILIES = {
     "flux": ("Flux", flux_unet_config, (1, 16, 16, 16), 8, 64),
     "sd3": ("SD3", sd3_unet_config, (1, 16, 16, 16), 8, 64),
     "wan": ("WAN21_T2V", wan_unet_config, (1, 16, 2, 16, 16), 0, 128),
+    "qwen_image": ("QwenImage", qwen_image_unet_config, (1, 16, 1, 16, 16), 0, 64),
 }
 
 
@@ -463,8 +465,8 @@ def attention_calls(comfy: Comfy, monkeypatch: pytest.MonkeyPatch) -> list[tuple
 def test_dit_tokens_merged_at_the_attention_call(
     comfy: Comfy, dits: dict[str, Any], family: str, attention_calls: list[tuple[int, int]]
 ) -> None:
-    """q+kv merging on ComfyUI's Flux, SD3 and Wan: half the image queries and keys/values merged in every
-    self/joint attention, text tokens kept, output copied back to every position."""
+    """q+kv merging on ComfyUI's Flux, SD3, Wan and Qwen-Image: half the image queries and keys/values
+    merged in every self/joint attention, text tokens kept, output copied back to every position."""
     model = dits[family]
     image_tokens = DIT_FAMILIES[family][4]
     reference = dit_sample(comfy, family, model)
@@ -524,7 +526,9 @@ def test_dit_kv_ratio_merges_keys_apart_from_queries(
     expected = (image_tokens - image_tokens // 4, image_tokens // 2)
     assert (report.queries_after, report.keys_after) == expected
     assert expected in attention_calls
-    with pytest.raises(tomediff.ConfigError, match=r"kv_ratio=0\.5 applies to ComfyUI's Flux, SD3 and Wan"):
+    with pytest.raises(
+        tomediff.ConfigError, match=r"kv_ratio=0\.5 applies to ComfyUI's Flux, SD3, Wan and Qwen"
+    ):
         advanced(comfy, build_model(comfy, "SD15", sd15_unet_config(), seed=0), kv_ratio=0.5)
 
 
@@ -545,7 +549,7 @@ def test_dit_merge_is_the_same_in_both_of_comfys_attention_layouts(comfy: Comfy)
     dit_attention = sys.modules[comfy.pack.__name__ + ".dit_attention"]
     config = tomediff.ToMeConfig(ratio=0.5, kv_ratio=0.25)
     owner = dit_attention.DitAttention(config, "flux", types.SimpleNamespace(patch_size=2))
-    override = dit_attention._Override(owner, (1, 8, 8), 4)
+    override = dit_attention._Override(owner, ((1, 8, 8),), 4)
     generator = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(2, 3, 4 + 64, 8, generator=generator) for _ in range(3))
     function = attention.optimized_attention.__wrapped__  # the attention function itself, unwrapped
@@ -561,3 +565,181 @@ def test_dit_merge_is_the_same_in_both_of_comfys_attention_layouts(comfy: Comfy)
     report = owner.report
     assert (report.queries_after, report.keys_after) == (4 + 32, 4 + 48)
     assert not torch.equal(by_heads, function(q, k, v, 3, skip_reshape=True, skip_output_reshape=True))
+
+
+# Edit models: two reference latents, a 12x8 and an 8x8 latent (6x4 and 4x4 tokens), after the 8x8
+# tokens of the sampled 16x16 latent and 4 text tokens.
+EDIT_FAMILIES = ("flux", "qwen_image")
+REFERENCE_GRIDS = ((1, 6, 4), (1, 4, 4))
+EDIT_TEXT, EDIT_IMAGE, EDIT_REFERENCES = 4, 64, (24, 16)
+EDIT_FULL = EDIT_TEXT + EDIT_IMAGE + sum(EDIT_REFERENCES)
+
+
+def reference_latents(family: str) -> list[torch.Tensor]:
+    generator = torch.Generator().manual_seed(21)
+    frames = (1,) if family == "qwen_image" else ()  # Qwen-Image's latents are [B, C, T, H, W]
+    return [torch.randn(1, 16, *frames, 2 * h, 2 * w, generator=generator) for _, h, w in REFERENCE_GRIDS]
+
+
+def edit_sample(comfy: Comfy, family: str, model: Any, method: str | None = None) -> torch.Tensor:
+    """One step of ``model`` with the reference latents in both conditionings (as ComfyUI's
+    ReferenceLatent node puts them), ``method``: ComfyUI's ref_latents_method, None = its default."""
+    _, _, latent_shape, pooled, _ = DIT_FAMILIES[family]
+    references = reference_latents(family)
+
+    def conds(seed: int) -> list[list[Any]]:
+        generator = torch.Generator().manual_seed(seed + 100)
+        extra: dict[str, Any] = {"reference_latents": references}
+        if pooled:
+            extra["pooled_output"] = torch.randn(1, pooled, generator=generator)
+        if method is not None:
+            extra["reference_latents_method"] = method
+        return cond(seed, **extra)
+
+    return ksample(comfy, model, conds(1), conds(2), torch.zeros(latent_shape))
+
+
+@pytest.fixture
+def grouped_plans(comfy: Comfy, monkeypatch: pytest.MonkeyPatch) -> list[tuple[list[Any], list[Any]]]:
+    """(grids, ratios) of every grouped merge plan the override asks tomediff.ops for."""
+    dit_attention = sys.modules[comfy.pack.__name__ + ".dit_attention"]
+    calls: list[tuple[list[Any], list[Any]]] = []
+    original = dit_attention.grouped_attention_merge_plan
+
+    def recording(metric: torch.Tensor, grids: Any, ratios: Any, **options: Any) -> Any:
+        calls.append((list(grids), list(ratios)))
+        return original(metric, grids, ratios, **options)
+
+    monkeypatch.setattr(dit_attention, "grouped_attention_merge_plan", recording)
+    return calls
+
+
+@pytest.mark.parametrize("family", EDIT_FAMILIES)
+def test_edit_references_merged_each_on_its_own_grid(
+    comfy: Comfy,
+    dits: dict[str, Any],
+    family: str,
+    attention_calls: list[tuple[int, int]],
+    grouped_plans: list[tuple[list[Any], list[Any]]],
+) -> None:
+    """Flux Kontext / Qwen-Image-Edit: the latent merged at ratio (and kv_ratio), each reference latent
+    at reference_ratio on its own grid, the text kept; removal and ratio 0 bit-exact."""
+    model = dits[family]
+    reference = edit_sample(comfy, family, model)
+    assert torch.isfinite(reference).all()
+
+    def merged(expected: tuple[int, int], **options: Any) -> Any:
+        attention_calls.clear()
+        grouped_plans.clear()
+        patched = advanced(comfy, model, seed=1, **options)
+        out = edit_sample(comfy, family, patched)
+        assert not torch.equal(out, reference) and torch.isfinite(out).all()
+        report = sampling_patch(comfy, patched).last_report
+        assert report.reference_grids == REFERENCE_GRIDS, str(report)
+        assert (report.queries_before, report.keys_before) == (EDIT_FULL, EDIT_FULL), str(report)
+        assert (report.queries_after, report.keys_after) == expected, str(report)
+        assert attention_calls.count(expected) == report.reduced_calls > 0
+        assert (EDIT_FULL, EDIT_FULL) not in attention_calls  # no joint attention ran unreduced
+        assert all(grids == [(8, 8), (6, 4), (4, 4)] for grids, _ in grouped_plans)
+        return grouped_plans[0][1]
+
+    # Latent 64 -> 32 tokens; references 24 -> 18 and 16 -> 12 at 0.25; text 4.
+    ratios = merged((4 + 32 + 18 + 12,) * 2, ratio=0.5, reference_ratio=0.25)
+    assert ratios == [(0.5, None), (0.25, None), (0.25, None)]
+    # reference_ratio -1 (None): the references like the latent.
+    assert merged((4 + 32 + 12 + 8,) * 2, ratio=0.5)[1:] == [(0.5, None)] * 2
+    # kv_ratio applies to the latent only; reference_ratio to the references' queries and keys alike.
+    merged((4 + 32 + 18 + 12, 4 + 16 + 18 + 12), ratio=0.5, kv_ratio=0.75, reference_ratio=0.25)
+    # Only the references merged; the latent kept whole.
+    merged((4 + 64 + 12 + 8,) * 2, ratio=0.0, reference_ratio=0.5)
+    # Nothing merged: bit-exact, and nothing stays behind on the model.
+    assert torch.equal(
+        edit_sample(comfy, family, advanced(comfy, model, ratio=0.0, reference_ratio=0.0)), reference
+    )
+    assert hook_count(model) == 0
+    assert torch.equal(edit_sample(comfy, family, model), reference)
+
+
+def test_flux_reference_methods_are_read_alike(
+    comfy: Comfy, dits: dict[str, Any], attention_calls: list[tuple[int, int]]
+) -> None:
+    """ComfyUI's ref_latents_method (offset, index, uxo) moves the references' rotary ids, not their
+    tokens: every variant is reduced on the same grids, and each gives its own image."""
+    model = dits["flux"]
+    images = []
+    for method in ("offset", "index", "uxo"):
+        attention_calls.clear()
+        patched = advanced(comfy, model, ratio=0.5, reference_ratio=0.25)
+        images.append(edit_sample(comfy, "flux", patched, method))
+        report = sampling_patch(comfy, patched).last_report
+        assert report.reference_grids == REFERENCE_GRIDS and report.reduced_calls == 2, str(report)
+        assert (report.queries_after, report.keys_after) == (4 + 32 + 18 + 12,) * 2
+    assert not torch.equal(images[0], images[1]) and not torch.equal(images[1], images[2])
+
+
+@pytest.mark.parametrize("family", EDIT_FAMILIES)
+def test_edit_references_downsampled_each_on_its_own_grid(
+    comfy: Comfy, dits: dict[str, Any], family: str, attention_calls: list[tuple[int, int]]
+) -> None:
+    """method="downsample": every query kept; the keys/values of the latent (8x8 -> 4x4) and of each
+    reference (6x4 -> 3x2, 4x4 -> 2x2) from its own downsampled grid; text kept; factor 1 bit-exact."""
+    model = dits[family]
+    reference = edit_sample(comfy, family, model)
+    patched = simple(comfy, model, method="downsample")
+    assert not torch.equal(edit_sample(comfy, family, patched), reference)
+    report = sampling_patch(comfy, patched).last_report
+    expected = (EDIT_FULL, 4 + 16 + 6 + 4)
+    assert (report.queries_after, report.keys_after) == expected, str(report)
+    assert attention_calls.count(expected) == report.reduced_calls > 0
+    assert torch.equal(
+        edit_sample(comfy, family, simple(comfy, model, method="downsample", ratio=0.0)), reference
+    )
+    assert torch.equal(edit_sample(comfy, family, model), reference)
+
+
+def test_reference_ratio_refused_where_it_cannot_apply(comfy: Comfy, dits: dict[str, Any], sd15: Any) -> None:
+    with pytest.raises(
+        tomediff.ConfigError, match=r"^reference_ratio=0\.5 applies to ComfyUI's Flux \(Kontext\)"
+    ):
+        advanced(comfy, sd15, reference_ratio=0.5)
+    with pytest.raises(
+        tomediff.ConfigError, match=r"ComfyUI's wan model takes none. Set reference_ratio to -1"
+    ):
+        advanced(comfy, dits["wan"], reference_ratio=0.5)
+    with pytest.raises(tomediff.ConfigError, match=r"reference_ratio applies to method='merge'"):
+        advanced(comfy, dits["flux"], method="downsample", reference_ratio=0.5)
+    node_class = comfy.nodes.NODE_CLASS_MAPPINGS["TomediffToMeAdvanced"]
+    refused = node_class.VALIDATE_INPUTS(**{**advanced_defaults(comfy), "reference_ratio": 0.9})
+    assert isinstance(refused, str) and refused.startswith("reference_ratio=0.9 is outside [0, 0.75]")
+
+
+def test_unreadable_reference_latents_are_an_error(comfy: Comfy) -> None:
+    """Reference latents the node cannot place among the image tokens stop the run with the reason."""
+    import types
+
+    dit_attention = sys.modules[comfy.pack.__name__ + ".dit_attention"]
+    model = types.SimpleNamespace(patch_size=2)
+    config = tomediff.ToMeConfig(ratio=0.5)
+    x, t, context = torch.zeros(1, 16, 8, 8), torch.ones(1), torch.zeros(1, 4, 16)
+
+    def never(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("the model ran")
+
+    def call(family: str, references: Any, latent: torch.Tensor = x) -> None:
+        owner = dit_attention.DitAttention(config, family, model)
+        owner(never, latent, t, None, context, None, {}, ref_latents=references)
+
+    with pytest.raises(
+        tomediff.MergeCallError, match=r"expected a list of 4-D latents .* got \[\(16, 8, 8\)\]"
+    ):
+        call("flux", [torch.zeros(16, 8, 8)])
+    with pytest.raises(tomediff.MergeCallError, match=r"expected a list of 4-D latents"):
+        call("flux", torch.zeros(1, 16, 8, 8))  # one tensor, not ComfyUI's list
+    with pytest.raises(
+        tomediff.MergeCallError, match=r"reference latents \[\(1, 16, 2, 8, 8\)\] .*\(one frame\)"
+    ):
+        call("qwen_image", [torch.zeros(1, 16, 2, 8, 8)], torch.zeros(1, 16, 1, 8, 8))
+    with pytest.raises(
+        tomediff.MergeCallError, match="to its wan model, whose forward tomediff does not know"
+    ):
+        call("wan", [torch.zeros(1, 16, 8, 8)])

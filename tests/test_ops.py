@@ -12,6 +12,7 @@ from tomediff.ops import (
     best_dst_for_src,
     draw_dst_offsets,
     grid_partition,
+    grouped_attention_merge_plan,
     plan_merge,
     reduced_attention,
 )
@@ -188,3 +189,36 @@ def test_attention_merge_plan_merges_queries_and_keys_at_their_ratios() -> None:
     assert out.shape == q.shape and seen == [(4 + 48, 4 + 32)]
     with pytest.raises(ValueError, match="not the 4x8 grid's 32"):
         attention_merge_plan(metric, 4, 8, 0.5)
+
+
+def test_grouped_attention_merge_plan_merges_each_image_on_its_own_grid() -> None:
+    """An 8x8 image then a 6x4 reference: each merged on its own grid at its own ratios, the same plans
+    as attention_merge_plan on each slice with the generator drawn in span order."""
+    generator = torch.Generator().manual_seed(0)
+    metric = torch.randn(2, 64 + 24, 8, generator=generator)
+    grids, ratios = [(8, 8), (6, 4)], [(0.5, 0.75), (0.25, None)]
+    plan = grouped_attention_merge_plan(metric, grids, ratios, generator=torch.Generator().manual_seed(3))
+    assert plan is not None and (plan.num_queries, plan.num_merged) == (32 + 18, 16 + 18)
+    drawn = torch.Generator().manual_seed(3)
+    image = attention_merge_plan(metric[:, :64], 8, 8, 0.5, 0.75, generator=drawn)
+    reference = attention_merge_plan(metric[:, 64:], 6, 4, 0.25, None, generator=drawn)
+    assert image is not None and reference is not None
+    assert torch.equal(plan.queries.plans[0].local_slot, image.queries.local_slot)
+    assert torch.equal(plan.keys.plans[0].local_slot, image.keys.local_slot)
+    assert torch.equal(plan.keys.plans[1].local_slot, reference.keys.local_slot)
+    # No slot holds tokens of both images: the reference's slots come after the image's.
+    slots = plan.keys.local_slot
+    assert slots[:, :64].max() < 16 and slots[:, 64:].min() >= 16
+    # Equal sides share one plan; a reference kept whole (0) and an image at 0 reduce nothing.
+    shared = grouped_attention_merge_plan(metric, grids, [(0.5, None), (0.5, None)])
+    assert shared is not None and shared.queries is shared.keys
+    kept = grouped_attention_merge_plan(metric, grids, [(0.5, None), (0.0, None)])
+    assert kept is not None and kept.queries.plans[1] is None and kept.num_queries == 32 + 24
+    assert grouped_attention_merge_plan(metric, grids, [(0.0, None), (0.0, 0.0)]) is None
+    q, k, v = (torch.randn(2, 2, 4 + 88, 4, generator=generator) for _ in range(3))
+    out = reduced_attention(torch.nn.functional.scaled_dot_product_attention, plan, 4, q, k, v)
+    assert out.shape == q.shape and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match=r"not \[B, N, C\] with the N=80 tokens"):
+        grouped_attention_merge_plan(metric, [(8, 8), (4, 4)], ratios)
+    with pytest.raises(ValueError, match="one \\(ratio, kv_ratio\\) per image grid"):
+        grouped_attention_merge_plan(metric, grids, ratios[:1])

@@ -193,8 +193,14 @@ def attach(model: Any, config: tomediff.ToMeConfig) -> Any:
         _refuse_dit_options(config, family)
     elif config.kv_ratio is not None:
         raise tomediff.ConfigError(
-            f"kv_ratio={config.kv_ratio} applies to ComfyUI's Flux, SD3 and Wan models (merged at their "
-            f"attention calls), not to this {type(model.model).__name__} model; set kv_ratio to -1."
+            f"kv_ratio={config.kv_ratio} applies to ComfyUI's Flux, SD3, Wan and Qwen-Image models (merged "
+            f"at their attention calls), not to this {type(model.model).__name__} model; set kv_ratio to -1."
+        )
+    elif config.reference_ratio is not None:
+        raise tomediff.ConfigError(
+            f"reference_ratio={config.reference_ratio} applies to ComfyUI's Flux (Kontext) and Qwen-Image "
+            f"(Edit) models, which take reference latents, not to this {type(model.model).__name__} model; "
+            "set reference_ratio to -1."
         )
     patched = model.clone()
     patched.remove_wrappers_with_key(patcher_extension.WrappersMP.OUTER_SAMPLE, PATCH_KEY)

@@ -61,8 +61,9 @@ def build_config(**options: Any) -> tomediff.ToMeConfig:
         if level not in LEVELS:
             raise tomediff.ConfigError(f"max_downsample must be one of {', '.join(LEVELS)}, got {level!r}.")
         options["max_downsample"] = None if level == "auto" else int(level)
-    if "kv_ratio" in options and options["kv_ratio"] < 0:
-        options["kv_ratio"] = None  # the widget's "same as ratio"
+    for name in ("kv_ratio", "reference_ratio"):
+        if name in options and options[name] < 0:
+            options[name] = None  # the widget's "same as ratio"
     if "level_ratios" in options:
         options["level_ratios"] = parse_level_ratios(options["level_ratios"])
     if "skip_first" in options or "skip_last" in options:
@@ -149,6 +150,7 @@ class ToMeAdvanced:
         "method",
         "ratio",
         "kv_ratio",
+        "reference_ratio",
         "max_downsample",
         "level_ratios",
         "sx",
@@ -194,8 +196,21 @@ class ToMeAdvanced:
                         "min": -1.0,
                         "max": 1.0,
                         "step": 0.01,
-                        "tooltip": "merge on Flux, SD3 and Wan: fraction of the image keys/values merged, "
-                        "apart from the queries (merged at ratio; 0 keeps them all); -1 = with the queries",
+                        "tooltip": "merge on Flux, SD3, Wan and Qwen-Image: fraction of the image "
+                        "keys/values merged, apart from the queries (merged at ratio; 0 keeps them all); "
+                        "-1 = with the queries",
+                    },
+                ),
+                "reference_ratio": (
+                    "FLOAT",
+                    {
+                        "default": -1.0,
+                        "min": -1.0,
+                        "max": 1.0,
+                        "step": 0.01,
+                        "tooltip": "merge on Flux Kontext and Qwen-Image-Edit: fraction of each reference "
+                        "latent's tokens merged (queries and keys/values, each image on its own grid; 0 "
+                        "keeps them all); -1 = like the sampled latent (ratio, kv_ratio)",
                     },
                 ),
                 "max_downsample": (

@@ -15,7 +15,7 @@ from tomediff.ops.downsample import (
     downsample_grid,
     downsampled_grid,
 )
-from tomediff.ops.groups import GroupedDownsample, GroupedPlan, group_starts
+from tomediff.ops.groups import GroupedDownsample, GroupedPlan, group_starts, grouped_attention_merge_plan
 from tomediff.ops.kernels import triton_enabled
 from tomediff.ops.matching import (
     Backend,
@@ -63,6 +63,7 @@ __all__ = [
     "gather_tokens",
     "grid_partition",
     "group_starts",
+    "grouped_attention_merge_plan",
     "merge_trailing",
     "num_windows",
     "paired_plan",

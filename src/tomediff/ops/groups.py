@@ -9,12 +9,15 @@ order, so no token is ever merged with a token of another group.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-__all__ = ["GroupedDownsample", "GroupedPlan", "group_starts"]
+from tomediff.ops.attention import AttentionPlan, attention_merge_plan
+
+__all__ = ["GroupedDownsample", "GroupedPlan", "group_starts", "grouped_attention_merge_plan"]
 
 
 def group_starts(sizes: tuple[int, ...]) -> tuple[int, ...]:
@@ -192,3 +195,62 @@ class GroupedDownsample:
     def sample(self, index: int) -> GroupedDownsample:
         """The plan of batch element ``index`` alone (batch 1)."""
         return GroupedDownsample(tuple(_sample(p, index) for p in self.plans), self.sizes, 1)
+
+
+def grouped_attention_merge_plan(
+    metric: torch.Tensor,
+    grids: Sequence[tuple[int, int]],
+    ratios: Sequence[tuple[float, float | None]],
+    *,
+    sx: int = 2,
+    sy: int = 2,
+    generator: torch.Generator | None = None,
+) -> AttentionPlan | None:
+    """ToMe's q+kv merge plan for one attention call whose image span holds several images (an edit
+    model's predicted image then its reference images), each merged on its own grid.
+
+    Args:
+        metric: ``[B, N, C]`` features of the image tokens, the images one after another, each
+            row-major: ``N = sum(height * width for height, width in grids)``.
+        grids: ``(height, width)`` of each image's token grid, in span order (video: frames stacked in
+            ``height``).
+        ratios: ``(ratio, kv_ratio)`` of each image, as for :func:`~tomediff.ops.attention_merge_plan`
+            (``kv_ratio`` None: the queries' ratio; 0 keeps that side whole).
+        sx, sy, generator: as for :func:`~tomediff.ops.attention_merge_plan`; the images draw their dst
+            tokens from ``generator`` in span order.
+
+    Returns:
+        An :class:`~tomediff.ops.AttentionPlan` whose sides are :class:`GroupedPlan` (``[B, N, C] <->
+        [B, M, C]``; no token is merged with another image's), for
+        :func:`~tomediff.ops.reduced_attention`; None when no image is merged.
+    """
+    if len(grids) != len(ratios) or not grids:
+        raise ValueError(
+            f"one (ratio, kv_ratio) per image grid is needed, got {len(ratios)} for {len(grids)} grids."
+        )
+    sizes = tuple(height * width for height, width in grids)
+    if metric.dim() != 3 or metric.shape[1] != sum(sizes):
+        raise ValueError(
+            f"metric of shape {tuple(metric.shape)} is not [B, N, C] with the N={sum(sizes)} tokens of the "
+            f"grids {list(grids)}."
+        )
+    plans = [
+        attention_merge_plan(
+            metric.narrow(1, start, size), height, width, ratio, kv_ratio, sx=sx, sy=sy, generator=generator
+        )
+        for (height, width), (ratio, kv_ratio), size, start in zip(
+            grids, ratios, sizes, group_starts(sizes), strict=True
+        )
+    ]
+    if all(plan is None for plan in plans):
+        return None
+    batch = int(metric.shape[0])
+    queries = [None if plan is None else plan.queries for plan in plans]
+    keys = [None if plan is None else plan.keys for plan in plans]
+    grouped_queries = (
+        None if all(q is None for q in queries) else GroupedPlan.build(tuple(queries), sizes, batch)
+    )
+    if all(k is q for k, q in zip(keys, queries, strict=True)):
+        return AttentionPlan(grouped_queries, grouped_queries)  # one plan serves both sides
+    grouped_keys = None if all(k is None for k in keys) else GroupedPlan.build(tuple(keys), sizes, batch)
+    return AttentionPlan(grouped_queries, grouped_keys)
