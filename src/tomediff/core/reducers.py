@@ -21,14 +21,12 @@ from tomediff.config import ToMeConfig
 from tomediff.core.selection import LevelSetting
 from tomediff.core.spec import TokenGroups
 from tomediff.ops import (
-    AttentionPlan,
     GridDownsample,
-    GroupedDownsample,
-    GroupedPlan,
     Partition,
     PlanConstants,
     SharedMergePlan,
     TokenPlan,
+    combine_group_plans,
     grid_partition,
     group_starts,
     num_windows,
@@ -473,35 +471,6 @@ class GroupedReducer(WrappingReducer):
             if groups.is_reference(index) and self.reference is not None:
                 reducer = self.reference
             plans.append(reducer.plan(state, group_request))
-        return combine_group_plans(plans, groups.sizes, int(request.metric.shape[0]), request.block_name)
-
-
-def combine_group_plans(plans: list[Any], sizes: tuple[int, ...], batch: int, block_name: str) -> Any:
-    """One plan over the concatenated groups from each group's plan (None: the group is kept whole):
-    a :class:`GroupedPlan` of merge plans, a :class:`GroupedDownsample` of downsampled grids, or, when a
-    group's plan reduces queries and keys/values apart (:class:`AttentionPlan`), an AttentionPlan of the
-    two grouped sides. None when no group is reduced."""
-    if all(plan is None for plan in plans):
-        return None
-    if any(isinstance(plan, AttentionPlan) for plan in plans):
-        sides = [
-            (None, None)
-            if plan is None
-            else (plan.queries, plan.keys)
-            if isinstance(plan, AttentionPlan)
-            else (plan, plan)
-            for plan in plans
-        ]
-        queries = combine_group_plans([q for q, _ in sides], sizes, batch, block_name)
-        keys = combine_group_plans([k for _, k in sides], sizes, batch, block_name)
-        return AttentionPlan(queries, keys)
-    given = [plan for plan in plans if plan is not None]
-    if all(hasattr(plan, "reduce") for plan in given):
-        return GroupedDownsample(tuple(plans), sizes, batch)
-    if all(hasattr(plan, "merge") and not hasattr(plan, "reduce") for plan in given):
-        return GroupedPlan.build(tuple(plans), sizes, batch)
-    kinds = sorted({type(plan).__name__ for plan in given})
-    raise TypeError(
-        f"the images of block '{block_name}' got plans of different kinds ({', '.join(kinds)}); a reducer "
-        "must give every image of a call a merge plan, or every one a downsampled grid."
-    )
+        return combine_group_plans(
+            plans, groups.sizes, int(request.metric.shape[0]), f"block '{request.block_name}'"
+        )

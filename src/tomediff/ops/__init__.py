@@ -15,7 +15,13 @@ from tomediff.ops.downsample import (
     downsample_grid,
     downsampled_grid,
 )
-from tomediff.ops.groups import GroupedDownsample, GroupedPlan, group_starts, grouped_attention_merge_plan
+from tomediff.ops.groups import (
+    GroupedDownsample,
+    GroupedPlan,
+    combine_group_plans,
+    group_starts,
+    grouped_attention_merge_plan,
+)
 from tomediff.ops.kernels import triton_enabled
 from tomediff.ops.matching import (
     Backend,
@@ -54,6 +60,7 @@ __all__ = [
     "attention_merge_plan",
     "best_dst_for_src",
     "changed_tokens",
+    "combine_group_plans",
     "downsample_grid",
     "downsample_video",
     "downsampled_grid",

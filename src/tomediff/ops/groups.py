@@ -17,7 +17,13 @@ import torch
 
 from tomediff.ops.attention import AttentionPlan, attention_merge_plan
 
-__all__ = ["GroupedDownsample", "GroupedPlan", "group_starts", "grouped_attention_merge_plan"]
+__all__ = [
+    "GroupedDownsample",
+    "GroupedPlan",
+    "combine_group_plans",
+    "group_starts",
+    "grouped_attention_merge_plan",
+]
 
 
 def group_starts(sizes: tuple[int, ...]) -> tuple[int, ...]:
@@ -242,15 +248,51 @@ def grouped_attention_merge_plan(
             grids, ratios, sizes, group_starts(sizes), strict=True
         )
     ]
+    return combine_group_plans(plans, sizes, int(metric.shape[0]))
+
+
+def combine_group_plans(
+    plans: Sequence[Any], sizes: Sequence[int], batch: int, where: str = "this attention call"
+) -> Any:
+    """One plan over the concatenated images of a call from each image's plan (None: that image is kept
+    whole).
+
+    Args:
+        plans: per image, in span order: a merge plan (``[B, n, C] <-> [B, m, C]``), a downsampled grid
+            (``reduce``), an :class:`~tomediff.ops.AttentionPlan` (queries and keys/values apart), or None.
+        sizes: each image's token count ``n``.
+        batch: ``B``.
+        where: what the plans are for, in the error message.
+
+    Returns:
+        A :class:`GroupedPlan` of merge plans, a :class:`GroupedDownsample` of downsampled grids, or,
+        when an image's plan reduces queries and keys/values apart, an AttentionPlan of the two grouped
+        sides (one grouped plan serving both where every image's sides are one plan). None when no image
+        is reduced.
+    """
     if all(plan is None for plan in plans):
         return None
-    batch = int(metric.shape[0])
-    queries = [None if plan is None else plan.queries for plan in plans]
-    keys = [None if plan is None else plan.keys for plan in plans]
-    grouped_queries = (
-        None if all(q is None for q in queries) else GroupedPlan.build(tuple(queries), sizes, batch)
+    sizes = tuple(sizes)
+    if any(isinstance(plan, AttentionPlan) for plan in plans):
+        sides = [
+            (None, None)
+            if plan is None
+            else (plan.queries, plan.keys)
+            if isinstance(plan, AttentionPlan)
+            else (plan, plan)
+            for plan in plans
+        ]
+        queries = combine_group_plans([q for q, _ in sides], sizes, batch, where)
+        if all(q is k for q, k in sides):
+            return AttentionPlan(queries, queries)
+        return AttentionPlan(queries, combine_group_plans([k for _, k in sides], sizes, batch, where))
+    given = [plan for plan in plans if plan is not None]
+    if all(hasattr(plan, "reduce") for plan in given):
+        return GroupedDownsample(tuple(plans), sizes, batch)
+    if all(hasattr(plan, "merge") and not hasattr(plan, "reduce") for plan in given):
+        return GroupedPlan.build(tuple(plans), sizes, batch)
+    kinds = sorted({type(plan).__name__ for plan in given})
+    raise TypeError(
+        f"the images of {where} got plans of different kinds ({', '.join(kinds)}); a reducer must give "
+        "every image of a call a merge plan, or every one a downsampled grid."
     )
-    if all(k is q for k, q in zip(keys, queries, strict=True)):
-        return AttentionPlan(grouped_queries, grouped_queries)  # one plan serves both sides
-    grouped_keys = None if all(k is None for k in keys) else GroupedPlan.build(tuple(keys), sizes, batch)
-    return AttentionPlan(grouped_queries, grouped_keys)
