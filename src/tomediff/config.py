@@ -249,17 +249,23 @@ class ToMeConfig:
         self._check_cache_fields()
         self._check_reference_ratio()
 
+    def _check_fraction(self, name: str, meaning: str) -> float:
+        """Field ``name``, a merge ratio set apart from ``ratio``, as a float in ``[0, max_ratio]`` (stored
+        back so); ``meaning`` says what it is in the error."""
+        value = _as_float(name, getattr(self, name))
+        object.__setattr__(self, name, value)
+        if not 0.0 <= value <= self.max_ratio + 1e-12:  # also refuses NaN
+            raise ConfigError(
+                f"{name}={value!r} is outside [0, {self.max_ratio:g}] (sx={self.sx}, sy={self.sy}); "
+                f"it is {meaning}."
+            )
+        return value
+
     def _check_reference_ratio(self) -> None:
         """``reference_ratio``: the merge ratio of edit models' reference-image tokens."""
         if self.reference_ratio is None:
             return
-        ratio = _as_float("reference_ratio", self.reference_ratio)
-        object.__setattr__(self, "reference_ratio", ratio)
-        if not 0.0 <= ratio <= self.max_ratio + 1e-12:  # also refuses NaN
-            raise ConfigError(
-                f"reference_ratio={ratio!r} is outside [0, {self.max_ratio:g}] (sx={self.sx}, sy={self.sy}); "
-                "it is the fraction of each reference image's tokens merged away."
-            )
+        self._check_fraction("reference_ratio", "the fraction of each reference image's tokens merged away")
         if self.method != "merge":
             raise ConfigError(
                 f"reference_ratio applies to method='merge' (got method={self.method!r}): "
@@ -336,13 +342,7 @@ class ToMeConfig:
             )
         if self.kv_ratio is None:
             return
-        kv_ratio = _as_float("kv_ratio", self.kv_ratio)
-        object.__setattr__(self, "kv_ratio", kv_ratio)
-        if not 0.0 <= kv_ratio <= self.max_ratio + 1e-12:  # also refuses NaN
-            raise ConfigError(
-                f"kv_ratio={kv_ratio!r} is outside [0, {self.max_ratio:g}] (sx={self.sx}, sy={self.sy}); "
-                "it is the fraction of image keys/values merged."
-            )
+        kv_ratio = self._check_fraction("kv_ratio", "the fraction of image keys/values merged")
         if self.method != "merge":
             raise ConfigError(
                 "kv_ratio applies to method='merge' (keys/values merged apart from the queries); "
