@@ -16,8 +16,8 @@ from torch import nn
 import tomediff
 from family_support import randomize_zeros
 from test_attention_site import SdpaSpy
-from test_dit_families import qwenimage_inputs
-from test_dit_models import TEXT, flux_inputs, sd3_inputs, tiny_flux, tome_hooks
+from test_dit_families import TINY_SANA_CONFIG, qwenimage_inputs
+from test_dit_models import TEXT, TINY_FLUX_CONFIG, flux_inputs, sd3_inputs, tiny_flux, tome_hooks
 from test_image_families import hunyuandit_inputs
 
 diffusers = pytest.importorskip("diffusers")
@@ -31,17 +31,7 @@ REMOVED = int(NUM_IMAGE * RATIO)
 
 def tiny_flux_controlnet() -> nn.Module:
     torch.manual_seed(0)
-    model = diffusers.FluxControlNetModel(  # tiny_flux's shape, so its residuals fit that transformer
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=8,
-        axes_dims_rope=(4, 6, 6),
-    )
+    model = diffusers.FluxControlNetModel(**TINY_FLUX_CONFIG)  # residuals that fit tiny_flux
     return randomize_zeros(model, seed=3)  # its zero-initialised projections would hide every change
 
 
@@ -98,19 +88,7 @@ def qwenimage_controlnet_inputs(batch: int) -> Inputs:
 
 def tiny_sana_controlnet() -> nn.Module:
     torch.manual_seed(0)
-    model = diffusers.SanaControlNetModel(
-        patch_size=1,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=4,
-        num_attention_heads=2,
-        num_cross_attention_heads=2,
-        cross_attention_head_dim=4,
-        cross_attention_dim=8,
-        caption_channels=8,
-        sample_size=32,
-    )
+    model = diffusers.SanaControlNetModel(**TINY_SANA_CONFIG)
     return randomize_zeros(model, seed=3)
 
 

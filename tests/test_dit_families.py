@@ -565,21 +565,25 @@ def test_wan_compiled_matches_eager() -> None:
 # Sana: linear attention, reduced at block level --------------------------------------------------------
 
 
+# The tiny Sana shape, shared by its ControlNet.
+TINY_SANA_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 4,
+    "out_channels": 4,
+    "num_layers": 2,
+    "attention_head_dim": 4,
+    "num_attention_heads": 2,
+    "num_cross_attention_heads": 2,
+    "cross_attention_head_dim": 4,
+    "cross_attention_dim": 8,
+    "caption_channels": 8,
+    "sample_size": 32,
+}
+
+
 def tiny_sana() -> nn.Module:
     torch.manual_seed(0)
-    return diffusers.SanaTransformer2DModel(
-        patch_size=1,
-        in_channels=4,
-        out_channels=4,
-        num_layers=2,
-        attention_head_dim=4,
-        num_attention_heads=2,
-        num_cross_attention_heads=2,
-        cross_attention_head_dim=4,
-        cross_attention_dim=8,
-        caption_channels=8,
-        sample_size=32,
-    ).eval()
+    return diffusers.SanaTransformer2DModel(**TINY_SANA_CONFIG).eval()
 
 
 @pytest.mark.parametrize("batch", [1, 3])

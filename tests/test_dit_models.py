@@ -49,19 +49,23 @@ def tiny_sd3(dual: bool = False) -> nn.Module:
     ).eval()
 
 
+# The tiny Flux shape, shared by its ControlNet (whose residuals must fit this transformer).
+TINY_FLUX_CONFIG: dict[str, Any] = {
+    "patch_size": 1,
+    "in_channels": 16,
+    "num_layers": 2,
+    "num_single_layers": 2,
+    "attention_head_dim": 16,
+    "num_attention_heads": 2,
+    "joint_attention_dim": 32,
+    "pooled_projection_dim": 8,
+    "axes_dims_rope": (4, 6, 6),
+}
+
+
 def tiny_flux() -> nn.Module:
     torch.manual_seed(0)
-    return diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=2,
-        num_single_layers=2,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=8,
-        axes_dims_rope=(4, 6, 6),
-    ).eval()
+    return diffusers.FluxTransformer2DModel(**TINY_FLUX_CONFIG).eval()
 
 
 def sd3_inputs(batch: int = 2, height: int = 16, width: int = 12) -> tuple[torch.Tensor, dict[str, Any]]:
