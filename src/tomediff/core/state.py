@@ -338,7 +338,7 @@ class ToMeState:
                 call.cfg_layout = "auto" if guided is None else "uncond_cond" if guided else None
             self.method.reducer.begin_call(self, call, sample)
 
-    def record_grid(self, index: int, grid: tuple[int, ...] | None, num_sources: int) -> None:
+    def record_grid(self, index: int, grid: tuple[int, ...] | TokenGroups | None, num_sources: int) -> None:
         """Record the grid that grid source ``index`` read in the calling thread's call; once all
         ``num_sources`` have read theirs, the reducer may prepare the call (its random draw)."""
         call = self.call
