@@ -218,3 +218,60 @@ def test_quality_eval_refuses_tomesd_unet_samplers_and_unknown_models_for_the_di
         ConfigError, match=r"model='vit' is not a bundled model; use one of \['dit', 'unet'\]"
     ):
         run_quality_eval(QualityOptions(model="vit"))
+
+
+def test_high_resolution_latents_are_upsampled_images_and_decode_back_to_32() -> None:
+    from torch.nn import functional as F
+
+    from tomediff.eval.model import images_to_latents, latents_to_images
+
+    images = torch.rand(2, 1, 32, 32) * 2 - 1
+    assert torch.equal(latents_to_images(images_to_latents(images)), images)  # 32: lossless as before
+    latents = images_to_latents(images, 64)
+    assert latents.shape == (2, 4, 32, 32)
+    upsampled = F.interpolate(images, size=(64, 64), mode="bilinear", align_corners=False)
+    assert torch.equal(F.pixel_shuffle(latents, 2), upsampled)
+    # Decoding averages each 2×2 block of the 64×64 image: back on the classifier's 32×32 grid.
+    torch.testing.assert_close(latents_to_images(latents), F.avg_pool2d(upsampled, 2))
+
+
+def test_high_resolution_dit_fine_tunes_from_the_32_model_and_merges_its_1024_tokens(
+    tmp_path: Path, tiny_dit_assets: Path
+) -> None:
+    from safetensors.torch import load_file
+
+    from tomediff.eval.pipeline import DIT_HIRES_FILES
+
+    data = write_fake_fashion_mnist(tmp_path)
+    checkpoint = train_dit(
+        tmp_path / "run",
+        steps=2,
+        batch_size=4,
+        lr=1e-12,  # too small to move the weights: what is exported is what was loaded
+        warmup=1,
+        data_dir=str(data),
+        dit_overrides=TINY_DIT_OVERRIDES,
+        image_size=64,
+        init_from=tiny_dit_assets,
+    )
+    export_dit_weights(
+        checkpoint, tmp_path / "assets", TINY_DIT_OVERRIDES, image_size=64, init_from=tiny_dit_assets
+    )
+    assert all((tmp_path / "assets" / name).is_file() for name in DIT_HIRES_FILES)
+    with pytest.raises(FileNotFoundError, match=r"demo_dit_hires\.json.*--image-size 64"):
+        load_demo_dit(tiny_dit_assets, image_size=64)
+    pipe = load_demo_dit(tmp_path / "assets", image_size=64)
+    assert pipe.image_size == 64
+    torch.testing.assert_close(
+        pipe.transformer.state_dict(), load_file(tiny_dit_assets / DIT_FILES[0]), rtol=0, atol=1e-6
+    )
+    first = pipe([3, 8], [0, 1], num_inference_steps=2)
+    assert first.shape == (2, 28, 28)
+    with tomediff.tome(pipe, ratio=0.5) as handle:
+        merged = pipe([3, 8], [0, 1], num_inference_steps=2)
+        counts = {(b.last_call.tokens, b.last_call.tokens_after_merge) for b in handle.report().blocks}
+    assert counts == {(1024, 512)}  # 32×32 latent positions, one token each
+    assert not np.array_equal(merged, first)
+    np.testing.assert_array_equal(pipe([3, 8], [0, 1], num_inference_steps=2), first)
+    with pytest.raises(ValueError, match=r"image_size=48; use one of \[32, 64\]"):
+        load_demo_dit(tmp_path / "assets", image_size=48)

@@ -146,6 +146,31 @@ def test_run_writes_every_setting_with_speed_and_paired_metrics(tmp_path: Path) 
     assert "| unaccelerated | – | – |" in table and "cache=" not in table.split("\n")[2]
 
 
+def test_run_on_the_high_resolution_dit_samples_its_1024_tokens(tmp_path: Path) -> None:
+    from tomediff.eval.pareto import _dit_raw_vision
+
+    assets = make_tiny_dit_assets(make_tiny_assets(tmp_path / "assets"), image_size=64)
+    options = ParetoOptions(
+        settings=[parse_pareto_setting("merge:ratio=0.5")],
+        out_dir=tmp_path / "out",
+        samples_per_class=1,
+        batch_size=10,
+        steps=2,
+        bootstrap=10,
+        progress=False,
+        assets_dir=assets,
+        image_size=64,
+    )
+    rows = run_pareto(options, say=lambda _: None)
+    assert [r["num_images"] for r in rows] == [10, 10] and rows[1]["psnr"]["value"] < 100
+    meta = json.loads((tmp_path / "out" / "results.json").read_text())["meta"]
+    assert meta["image_tokens"] == 1024 and "image_size=64" in meta["model"]
+    tokens = torch.randn(2, 1024, 4)
+    latents = _dit_raw_vision(None, (tokens,), {})  # SeaCache's per-sample view, (C, T, H, W)
+    assert [tuple(x.shape) for x in latents] == [(4, 1, 32, 32)] * 2
+    assert torch.equal(latents[1][:, 0, 1, 2], tokens[1, 34])
+
+
 def test_command_line_refuses_bad_settings_and_counts(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["--setting", "x:cache=nope"])

@@ -197,14 +197,24 @@ class ClassPromptEncoder(nn.Module):
         }
 
 
-def images_to_latents(images: torch.Tensor) -> torch.Tensor:
-    """Padded images ``(B, 1, 32, 32)`` in [-1, 1] → "latents" ``(B, 4, 16, 16)`` (pixel unshuffle)."""
+def images_to_latents(images: torch.Tensor, image_size: int = IMAGE_SIZE) -> torch.Tensor:
+    """Padded images ``(B, 1, 32, 32)`` in [-1, 1] → "latents" ``(B, 4, image_size/2, image_size/2)``.
+
+    Pixel unshuffle; with ``image_size`` above 32 the images are first upsampled bilinearly (the
+    high-resolution DiT's data: the same garments on a finer grid, like a larger render of one scene).
+    """
+    if image_size != images.shape[-1]:
+        images = F.interpolate(images, size=(image_size, image_size), mode="bilinear", align_corners=False)
     return F.pixel_unshuffle(images, 2)
 
 
 def latents_to_images(latents: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`images_to_latents`: ``(B, 4, 16, 16)`` → ``(B, 1, 32, 32)``."""
-    return F.pixel_shuffle(latents, 2)
+    """Inverse of :func:`images_to_latents`: ``(B, 4, 16, 16)`` → ``(B, 1, 32, 32)``; larger latents are
+    area-downsampled back to 32×32, the size the classifier and the real test images have."""
+    images = F.pixel_shuffle(latents, 2)
+    if images.shape[-1] != IMAGE_SIZE:
+        images = F.adaptive_avg_pool2d(images, IMAGE_SIZE)
+    return images
 
 
 def save_json(path: Path, payload: dict[str, Any]) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
@@ -177,10 +178,11 @@ class CacheSpec:
 def _dit_raw_vision(module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> list[Any]:
     """SeaCache's view of the bundled DiT's input: per sample the latent ``(C, T=1, H, W)`` its image
     tokens ``(B, H*W, C)`` hold (the model has no built-in SeaCache adapter)."""
-    from tomediff.eval.model import LATENT_SIZE, tokens_to_latents
+    from tomediff.eval.model import tokens_to_latents
 
     tokens = args[0] if args else kwargs["hidden_states"]
-    latents = tokens_to_latents(tokens, LATENT_SIZE, LATENT_SIZE)
+    side = math.isqrt(tokens.shape[1])  # the demo DiTs' grids are square
+    latents = tokens_to_latents(tokens, side, side)
     return [latent.unsqueeze(1) for latent in latents]
 
 
@@ -394,6 +396,7 @@ class ParetoOptions:
     guidance: float = 3.0
     base_seed: int = 0
     bootstrap: int = 1000
+    image_size: int = 32  # 64: the high-resolution DiT (1,024 image tokens)
     progress: bool = True
     assets_dir: Path | None = None  # other DiT/classifier weights in the shipped layout (tests: tiny ones)
     command: str = field(default_factory=lambda: " ".join(sys.argv))
@@ -417,7 +420,7 @@ def run_pareto(options: ParetoOptions, say: Callable[[str], None] = print) -> li
         raise ConfigError(f"setting names must be unique and not 'unaccelerated', got {', '.join(names)}")
     rows_in = [ParetoSetting("unaccelerated"), *options.settings]
     assets = options.assets_dir or ASSETS_DIR
-    pipe = load_demo_dit(assets)
+    pipe = load_demo_dit(assets, image_size=options.image_size)
     batches = plan_batches(
         options.samples_per_class, len(pipe.class_names), options.batch_size, options.base_seed
     )
@@ -499,7 +502,8 @@ def run_pareto(options: ParetoOptions, say: Callable[[str], None] = print) -> li
         row["pareto"] = row["name"] in front
     meta = {
         "command": options.command,
-        "model": "bundled DiT (tomediff.eval.load_demo_dit)",
+        "model": f"bundled DiT (tomediff.eval.load_demo_dit(image_size={options.image_size}))",
+        "image_tokens": (options.image_size // 2) ** 2,
         "samples_per_class": options.samples_per_class,
         "images_per_setting": len(base_images),
         "batch_size": options.batch_size,
@@ -586,6 +590,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--steps", type=int, default=20, help="sampling steps (all settings). Default: 20")
     p.add_argument("--guidance", type=float, default=3.0, help="CFG scale. Default: 3.0")
     p.add_argument("--seed", type=int, default=0, help="seed of the first image. Default: 0")
+    p.add_argument(
+        "--image-size",
+        type=int,
+        default=32,
+        choices=(32, 64),
+        help="which bundled DiT: 32 (256 image tokens) or 64 (the high-resolution one, 1,024 image "
+        "tokens). Default: 32",
+    )
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads. Default: 1")
     p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples. Default: 1000")
     p.add_argument("--no-progress", action="store_true", help="no progress lines")
@@ -614,6 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             guidance=args.guidance,
             base_seed=args.seed,
             bootstrap=args.bootstrap,
+            image_size=args.image_size,
             progress=not args.no_progress,
         ),
         say=lambda text: print(text, flush=True),

@@ -24,6 +24,7 @@ from torch import nn
 
 from tomediff.eval.data import CLASS_NAMES, to_uint8
 from tomediff.eval.model import (
+    IMAGE_SIZE,
     LATENT_CHANNELS,
     LATENT_SIZE,
     ClassPromptEncoder,
@@ -40,8 +41,11 @@ from tomediff.eval.model import (
 __all__ = [
     "ASSETS_DIR",
     "DIT_FILES",
+    "DIT_HIRES_FILES",
+    "HIRES_IMAGE_SIZE",
     "DemoDiTPipeline",
     "DemoPipeline",
+    "dit_files",
     "initial_noise",
     "load_demo_dit",
     "load_demo_model",
@@ -52,6 +56,21 @@ _PipelineT = TypeVar("_PipelineT", bound="_ClassConditionalPipeline")
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 # The bundled DiT's files: transformer weights, prompt-encoder weights, configs.
 DIT_FILES = ("demo_dit_transformer.safetensors", "demo_dit_text_encoder.safetensors", "demo_dit.json")
+# The high-resolution DiT: the same architecture fine-tuned on 64×64 images (1,024 image tokens).
+HIRES_IMAGE_SIZE = 64
+DIT_HIRES_FILES = (
+    "demo_dit_hires_transformer.safetensors",
+    "demo_dit_hires_text_encoder.safetensors",
+    "demo_dit_hires.json",
+)
+
+
+def dit_files(image_size: int) -> tuple[str, str, str]:
+    """The bundled DiT files of the model trained at ``image_size`` (32 or :data:`HIRES_IMAGE_SIZE`)."""
+    files = {IMAGE_SIZE: DIT_FILES, HIRES_IMAGE_SIZE: DIT_HIRES_FILES}
+    if image_size not in files:
+        raise ValueError(f"no bundled DiT at image_size={image_size}; use one of {sorted(files)}.")
+    return files[image_size]
 
 
 def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
@@ -238,6 +257,8 @@ class DemoDiTPipeline(_ClassConditionalPipeline):
         text_encoder: :class:`ClassPromptEncoder`; its hidden states are the joint-attention text tokens
             and their masked mean the pooled projection.
         class_names: the prompts it knows, index = Fashion-MNIST label.
+        image_size: the side its images are generated at: 32 (16×16 = 256 image tokens) or 64 for the
+            high-resolution DiT (1,024 tokens), whose images are area-downsampled to 32 at the end.
         scheduler, do_classifier_free_guidance: the latest call's, as for :class:`DemoPipeline`.
         current_timestep: the timestep of the model call running (or last run), which diffusers' Pyramid
             Attention Broadcast and FasterCache read through their ``current_timestep_callback``.
@@ -250,8 +271,12 @@ class DemoDiTPipeline(_ClassConditionalPipeline):
         transformer: nn.Module,
         text_encoder: ClassPromptEncoder,
         scheduler_config: dict[str, Any] | None = None,
+        image_size: int = IMAGE_SIZE,
     ) -> None:
+        if image_size % 2 or image_size < IMAGE_SIZE:
+            raise ValueError(f"image_size={image_size}: use an even size of at least {IMAGE_SIZE}.")
         self.transformer = transformer.eval()
+        self.image_size = image_size
         self.current_timestep: torch.Tensor | None = None
         super().__init__(text_encoder, scheduler_config or build_flow_scheduler_config())
 
@@ -276,14 +301,15 @@ class DemoDiTPipeline(_ClassConditionalPipeline):
         self, class_ids: Sequence[int], seeds: Sequence[int], sched: Any, use_cfg: bool
     ) -> tuple[torch.Tensor, Callable[[torch.Tensor, torch.Tensor], torch.Tensor]]:
         device, dtype = self.device, self.dtype
-        noise = initial_noise(seeds, (LATENT_CHANNELS, LATENT_SIZE, LATENT_SIZE))
+        side = self.image_size // 2
+        noise = initial_noise(seeds, (LATENT_CHANNELS, side, side))
         latents = latents_to_tokens(noise).to(device, dtype)  # flow matching starts at sigma = 1: pure noise
         cond_ids = self.text_encoder.tokenize_classes(class_ids).to(device)
         uncond_ids = self.text_encoder.tokenize([""] * len(class_ids)).to(device)
         token_ids = torch.cat([uncond_ids, cond_ids]) if use_cfg else cond_ids
         context = self.text_encoder(token_ids).to(dtype)
         pooled = self.text_encoder.pool(context, token_ids)
-        img_ids, txt_ids = dit_position_ids(LATENT_SIZE, LATENT_SIZE, token_ids.shape[1])
+        img_ids, txt_ids = dit_position_ids(side, side, token_ids.shape[1])
         img_ids, txt_ids = img_ids.to(device, dtype), txt_ids.to(device, dtype)
         # diffusers' caches (transformer.enable_cache): each generation starts from an empty cache, and
         # each call says where the loop is, as diffusers' own pipelines do (SeaCache needs the step).
@@ -320,7 +346,7 @@ class DemoDiTPipeline(_ClassConditionalPipeline):
         return latents, predict
 
     def _finish(self, latents: torch.Tensor) -> torch.Tensor:
-        return tokens_to_latents(latents, LATENT_SIZE, LATENT_SIZE)
+        return tokens_to_latents(latents, self.image_size // 2, self.image_size // 2)
 
 
 def _resolve_assets_dir(assets_dir: str | Path | None) -> Path:
@@ -374,20 +400,28 @@ def load_demo_dit(
     assets_dir: str | Path | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    image_size: int = IMAGE_SIZE,
 ) -> DemoDiTPipeline:
-    """The bundled trained Fashion-MNIST DiT as a ready :class:`DemoDiTPipeline` (offline)."""
+    """The bundled trained Fashion-MNIST DiT as a ready :class:`DemoDiTPipeline` (offline).
+
+    ``image_size=64`` loads the high-resolution DiT instead (:data:`DIT_HIRES_FILES`: the same
+    architecture fine-tuned on 64×64 images, 1,024 image tokens).
+    """
     from safetensors.torch import load_file
 
     directory = _resolve_assets_dir(assets_dir)
-    transformer_file, encoder_file, meta_file = DIT_FILES
-    missing = [name for name in DIT_FILES if not (directory / name).is_file()]
+    files = dit_files(image_size)
+    transformer_file, encoder_file, meta_file = files
+    missing = [name for name in files if not (directory / name).is_file()]
     if missing:
+        size_flag = "" if image_size == IMAGE_SIZE else f" --image-size {image_size}"
         raise FileNotFoundError(
             f"demo DiT not found in {directory} (missing {', '.join(missing)}); train and export it with "
-            "`python -m tomediff.eval.train_dit --out runs/dit --export DIR`."
+            f"`python -m tomediff.eval.train_dit --out runs/dit{size_flag} --export DIR`."
         )
     meta = json.loads((directory / meta_file).read_text())
     transformer = build_demo_dit(**_model_config(meta["transformer"]))
     transformer.load_state_dict(load_file(directory / transformer_file))
     encoder = _load_text_encoder(meta, directory / encoder_file)
-    return _placed(DemoDiTPipeline(transformer, encoder, meta.get("scheduler")), device, dtype)
+    pipe = DemoDiTPipeline(transformer, encoder, meta.get("scheduler"), meta.get("image_size", IMAGE_SIZE))
+    return _placed(pipe, device, dtype)

@@ -47,18 +47,19 @@ TINY_DIT_OVERRIDES = {
 }
 
 
-def make_tiny_dit_assets(directory: Path, seed: int = 0) -> Path:
-    """Write a random-weight demo DiT in the shipped layout (``DIT_FILES``)."""
+def make_tiny_dit_assets(directory: Path, seed: int = 0, image_size: int = 32) -> Path:
+    """Write a random-weight demo DiT in the shipped layout (``DIT_FILES``; with ``image_size`` 64 the
+    high-resolution DiT's files)."""
     from safetensors.torch import save_file
 
-    from tomediff.eval.pipeline import DIT_FILES
+    from tomediff.eval.pipeline import dit_files
 
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(seed)
     transformer = build_demo_dit(**TINY_DIT_OVERRIDES)
     encoder = ClassPromptEncoder(dim=TINY_DIT_OVERRIDES["joint_attention_dim"])
-    transformer_file, encoder_file, meta_file = DIT_FILES
+    transformer_file, encoder_file, meta_file = dit_files(image_size)
     save_file({k: v.contiguous() for k, v in transformer.state_dict().items()}, directory / transformer_file)
     save_file({k: v.contiguous() for k, v in encoder.state_dict().items()}, directory / encoder_file)
     meta = {
@@ -66,6 +67,7 @@ def make_tiny_dit_assets(directory: Path, seed: int = 0) -> Path:
         "text_encoder": encoder.config(),
         "scheduler": build_flow_scheduler_config(),
         "trained_steps": 0,
+        "image_size": image_size,
     }
     (directory / meta_file).write_text(json.dumps(meta, default=list) + "\n")
     return directory

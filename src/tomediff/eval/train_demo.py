@@ -80,18 +80,20 @@ def run_training(
     data_dir: str | None,
     device: str,
     max_images: int | None,
+    image_size: int = 32,
 ) -> Path:
     """The training loop both bundled models share: seeded Fashion-MNIST batches of "latents" and
     class-name prompts (dropped to ``""`` with probability ``cfg_dropout`` for classifier-free
     guidance), AdamW with warm-up and cosine decay, gradient clipping, an EMA copy, and an atomic
     checkpoint a rerun resumes from. ``model`` has a ``text_encoder`` (:class:`ClassPromptEncoder`);
-    ``loss_fn`` does the rest. Returns the checkpoint path."""
+    ``loss_fn`` does the rest. ``image_size`` above 32 upsamples the images first
+    (:func:`~tomediff.eval.model.images_to_latents`). Returns the checkpoint path."""
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = out_dir / "checkpoint.pt"
     images, labels = load_fashion_mnist("train", data_dir)
     if max_images is not None:
         images, labels = images[:max_images], labels[:max_images]
-    latents_all = images_to_latents(to_model_space(images))  # (60000, 4, 16, 16)
+    latents_all = images_to_latents(to_model_space(images), image_size)  # (60000, 4, 16, 16) at 32
     labels_all = torch.from_numpy(labels)
 
     model = model.to(device)
@@ -123,6 +125,7 @@ def run_training(
         "seed": seed,
         "threads": torch.get_num_threads(),
         "device": device,
+        "image_size": image_size,
     }
     (out_dir / "train_config.json").write_text(json.dumps(meta, indent=2) + "\n")
     log = (out_dir / "log.jsonl").open("a")
@@ -265,6 +268,7 @@ def export_ema(
     encoder_file: str,
     meta_file: str,
     scheduler_config: dict[str, Any],
+    extra_meta: dict[str, Any] | None = None,
 ) -> None:
     """Write a checkpoint's EMA weights and the configs into ``assets_dir``.
 
@@ -281,6 +285,7 @@ def export_ema(
         "text_encoder": model.text_encoder.config(),
         "scheduler": scheduler_config,
         "trained_steps": trained_steps,
+        **(extra_meta or {}),
     }
     (assets_dir / meta_file).write_text(json.dumps(meta, indent=2, default=list) + "\n")
 
@@ -305,11 +310,14 @@ def training_main(
     argv: list[str] | None,
     description: str | None,
     train_fn: Callable[..., Path],
-    export_fn: Callable[[Path, Path], None],
+    export_fn: Callable[..., None],
     default_out: Path,
+    extra_arguments: dict[str, dict[str, Any]] | None = None,
 ) -> int:
     """The command line both demo trainers share; the defaults of ``--steps``, ``--batch-size``,
-    ``--lr`` and ``--checkpoint-every`` are ``train_fn``'s own."""
+    ``--lr`` and ``--checkpoint-every`` are ``train_fn``'s own. ``extra_arguments`` maps more
+    ``train_fn`` keywords to ``argparse`` options (``--image-size`` for ``image_size``); their values go
+    to ``train_fn`` and to ``export_fn``."""
     defaults = {name: p.default for name, p in inspect.signature(train_fn).parameters.items()}
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -328,7 +336,10 @@ def training_main(
     parser.add_argument(
         "--export", type=Path, default=None, help="after training, write the EMA weights to this directory"
     )
+    for keyword, options in (extra_arguments or {}).items():
+        parser.add_argument("--" + keyword.replace("_", "-"), dest=keyword, **options)
     args = parser.parse_args(argv)
+    extra = {keyword: getattr(args, keyword) for keyword in extra_arguments or {}}
     torch.set_num_threads(args.threads)
     ckpt = train_fn(
         args.out,
@@ -339,9 +350,10 @@ def training_main(
         checkpoint_every=args.checkpoint_every,
         data_dir=args.data_dir,
         device=args.device,
+        **extra,
     )
     if args.export is not None:
-        export_fn(ckpt, args.export)
+        export_fn(ckpt, args.export, **extra)
         print(f"exported EMA weights to {args.export}", flush=True)
     return 0
 

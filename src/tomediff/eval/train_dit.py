@@ -2,6 +2,13 @@
 
     python -m tomediff.eval.train_dit --out runs/dit --threads 1            # the shipped model
     python -m tomediff.eval.train_dit --out runs/dit --export src/tomediff/eval/assets   # ship EMA weights
+    python -m tomediff.eval.train_dit --out runs/dit-hires --image-size 64 \
+        --init-from src/tomediff/eval/assets --steps 300 --lr 3e-4 --threads 2 \
+        --export src/tomediff/eval/assets                                    # the high-resolution DiT
+
+``--image-size 64`` trains on the images upsampled to 64×64: 32×32 "latents", 1,024 image tokens, the
+same architecture (patch 1, rotary positions, so any grid fits). ``--init-from DIR`` starts from the DiT
+bundled in ``DIR`` (the 32×32 one) and fine-tunes it, rather than training from scratch.
 
 The objective is flow matching, as Flux is trained: ``x_t = (1 - sigma) x0 + sigma noise`` with
 ``sigma`` drawn logit-normal (SD3's schedule), and the transformer predicts the velocity
@@ -20,14 +27,14 @@ from torch.nn import functional as F
 
 from tomediff.eval.model import (
     DEMO_DIT_CONFIG,
-    LATENT_SIZE,
+    IMAGE_SIZE,
     ClassPromptEncoder,
     build_demo_dit,
     build_flow_scheduler_config,
     dit_position_ids,
     latents_to_tokens,
 )
-from tomediff.eval.pipeline import DIT_FILES
+from tomediff.eval.pipeline import DIT_FILES, dit_files
 from tomediff.eval.train_demo import export_ema, run_training, training_main
 
 __all__ = ["export_dit_weights", "main", "train_dit"]
@@ -46,7 +53,7 @@ class _DiTDenoiser(torch.nn.Module):
 def flow_matching_loss(
     model: torch.nn.Module, x0: torch.Tensor, tokens: torch.Tensor, rng: torch.Generator
 ) -> torch.Tensor:
-    """Velocity loss of ``model.transformer`` on latents ``x0 (B, 4, 16, 16)``."""
+    """Velocity loss of ``model.transformer`` on latents ``x0 (B, 4, H, W)`` (16×16 at image size 32)."""
     batch = x0.shape[0]
     noise = torch.randn(x0.shape, generator=rng).to(x0.device)
     # Logit-normal sigmas (mean 0, std 1) weight the middle of the trajectory, where the velocity is
@@ -54,7 +61,7 @@ def flow_matching_loss(
     sigmas = torch.sigmoid(torch.randn(batch, generator=rng)).to(x0.device)
     sigma = sigmas.view(batch, 1, 1, 1)
     noisy = (1 - sigma) * x0 + sigma * noise
-    img_ids, txt_ids = dit_position_ids(LATENT_SIZE, LATENT_SIZE, tokens.shape[1])
+    img_ids, txt_ids = dit_position_ids(x0.shape[-2], x0.shape[-1], tokens.shape[1])
     context = model.text_encoder(tokens)
     prediction = model.transformer(
         latents_to_tokens(noisy),
@@ -82,15 +89,22 @@ def train_dit(
     device: str = "cpu",
     dit_overrides: dict[str, Any] | None = None,
     max_images: int | None = None,
+    image_size: int = IMAGE_SIZE,
+    init_from: str | Path | None = None,
 ) -> Path:
     """Train (or resume) the demo DiT and return the checkpoint path.
 
-    ``dit_overrides`` and ``max_images`` (a prefix of the training split) exist for fast tests.
+    ``image_size`` 64 trains on upsampled images (1,024 image tokens); ``init_from`` is an assets
+    directory whose 32×32 DiT the run starts from. ``dit_overrides`` and ``max_images`` (a prefix of
+    the training split) exist for fast tests.
     """
     torch.manual_seed(seed)
+    model = _DiTDenoiser(dit_overrides)
+    if init_from is not None:
+        _load_bundled(model, Path(init_from), dit_files(IMAGE_SIZE))
     return run_training(
         out_dir,
-        _DiTDenoiser(dit_overrides),
+        model,
         flow_matching_loss,
         steps=steps,
         batch_size=batch_size,
@@ -104,14 +118,34 @@ def train_dit(
         data_dir=data_dir,
         device=device,
         max_images=max_images,
+        image_size=image_size,
     )
 
 
+def _load_bundled(model: _DiTDenoiser, directory: Path, files: tuple[str, str, str]) -> None:
+    from safetensors.torch import load_file
+
+    transformer_file, encoder_file, _ = files
+    missing = [name for name in files if not (directory / name).is_file()]
+    if missing:
+        raise FileNotFoundError(f"--init-from {directory}: missing {', '.join(missing)}.")
+    model.transformer.load_state_dict(load_file(directory / transformer_file))
+    model.text_encoder.load_state_dict(load_file(directory / encoder_file))
+
+
 def export_dit_weights(
-    checkpoint: Path, assets_dir: Path, dit_overrides: dict[str, Any] | None = None
+    checkpoint: Path,
+    assets_dir: Path,
+    dit_overrides: dict[str, Any] | None = None,
+    image_size: int = IMAGE_SIZE,
+    init_from: str | Path | None = None,
 ) -> None:
-    """Write the EMA weights of a checkpoint and the configs into ``assets_dir`` (:data:`DIT_FILES`)."""
-    transformer_file, encoder_file, meta_file = DIT_FILES
+    """Write the EMA weights of a checkpoint and the configs into ``assets_dir`` (:data:`DIT_FILES`, or
+    the high-resolution DiT's files for ``image_size`` 64)."""
+    transformer_file, encoder_file, meta_file = dit_files(image_size)
+    extra_meta: dict[str, Any] = {"image_size": image_size}
+    if init_from is not None:
+        extra_meta["fine_tuned_from"] = DIT_FILES[0]
     export_ema(
         checkpoint,
         _DiTDenoiser(dit_overrides),
@@ -120,11 +154,16 @@ def export_dit_weights(
         encoder_file=encoder_file,
         meta_file=meta_file,
         scheduler_config=build_flow_scheduler_config(),
+        extra_meta=extra_meta,
     )
 
 
 def main(argv: list[str] | None = None) -> int:
-    return training_main(argv, __doc__, train_dit, export_dit_weights, Path("runs/dit"))
+    extra = {
+        "image_size": {"type": int, "default": IMAGE_SIZE, "choices": (IMAGE_SIZE, 64)},
+        "init_from": {"default": None, "help": "assets directory whose 32×32 DiT to fine-tune"},
+    }
+    return training_main(argv, __doc__, train_dit, export_dit_weights, Path("runs/dit"), extra)
 
 
 if __name__ == "__main__":
