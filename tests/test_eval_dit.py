@@ -19,7 +19,7 @@ from tomediff.eval.model import (
     latents_to_tokens,
     tokens_to_latents,
 )
-from tomediff.eval.pipeline import ASSETS_DIR, DIT_FILES, DemoDiTPipeline, load_demo_dit
+from tomediff.eval.pipeline import ASSETS_DIR, DIT_FILES, DIT_HIRES_FILES, DemoDiTPipeline, load_demo_dit
 from tomediff.eval.testing import TINY_DIT_OVERRIDES, make_tiny_dit_assets, write_fake_fashion_mnist
 from tomediff.eval.train_dit import export_dit_weights, flow_matching_loss, train_dit
 
@@ -240,8 +240,6 @@ def test_high_resolution_dit_fine_tunes_from_the_32_model_and_merges_its_1024_to
 ) -> None:
     from safetensors.torch import load_file
 
-    from tomediff.eval.pipeline import DIT_HIRES_FILES
-
     data = write_fake_fashion_mnist(tmp_path)
     checkpoint = train_dit(
         tmp_path / "run",
@@ -275,3 +273,16 @@ def test_high_resolution_dit_fine_tunes_from_the_32_model_and_merges_its_1024_to
     np.testing.assert_array_equal(pipe([3, 8], [0, 1], num_inference_steps=2), first)
     with pytest.raises(ValueError, match=r"image_size=48; use one of \[32, 64\]"):
         load_demo_dit(tmp_path / "assets", image_size=48)
+
+
+@pytest.mark.skipif(
+    not all((ASSETS_DIR / name).is_file() for name in DIT_HIRES_FILES),
+    reason="the high-resolution demo DiT is not bundled in this checkout",
+)
+def test_bundled_high_resolution_dit_is_the_same_architecture_over_1024_tokens() -> None:
+    small, large = load_demo_dit(), load_demo_dit(image_size=64)
+    assert large.image_size == 64 and large.transformer.config == small.transformer.config
+    with tomediff.tome(large, ratio=0.5) as handle:
+        images = large([0, 7], [1, 2], num_inference_steps=2)
+        counts = {(b.last_call.tokens, b.last_call.tokens_after_merge) for b in handle.report().blocks}
+    assert images.shape == (2, 28, 28) and counts == {(1024, 512)}

@@ -370,7 +370,7 @@ def glmimage_inputs(batch: int, grid: tuple[int, int, int], **extra: Any) -> Inp
 
 def tiny_luminanext() -> nn.Module:
     torch.manual_seed(0)
-    return diffusers.LuminaNextDiT2DModel(
+    model = diffusers.LuminaNextDiT2DModel(
         sample_size=16,
         patch_size=2,
         in_channels=4,
@@ -382,6 +382,10 @@ def tiny_luminanext() -> nn.Module:
         learn_sigma=False,
         cross_attention_dim=8,
     ).eval()
+    # diffusers leaves pad_token as torch.empty: give it values so the model is the same in every process.
+    with torch.no_grad():
+        model.pad_token.normal_(std=0.02)
+    return model
 
 
 def luminanext_inputs(batch: int, grid: tuple[int, int, int]) -> Inputs:
