@@ -258,6 +258,10 @@ def test_eval_model_dit_is_the_bundled_protocol_on_the_dit_into_its_own_folder(
     assert "variants none" in err
     options, _, _ = _eval_options(["--model", "dit", "--variants", "no_rand"], monkeypatch, capsys)
     assert list(options.variants) == ["no_rand"]
+    options, _, _ = _eval_options(["--model", "dit-hires"], monkeypatch, capsys)
+    assert (options.model, options.out_dir) == ("dit-hires", Path("out/eval-dit-hires"))
+    assert list(options.variants) == ["no_rand", "all_sites"]
+    assert "tomediff eval --model dit-hires --quick" in options.long_run_hint
     options, _, _ = _eval_options(["--model", "unet"], monkeypatch, capsys)  # the default, said explicitly
     assert (options.model, options.out_dir, len(options.variants)) == ("unet", Path("out/eval"), 3)
 

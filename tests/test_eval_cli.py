@@ -201,6 +201,28 @@ def test_eval_model_dit_runs_the_bundled_protocol_on_the_dit(tiny_dit_assets: Pa
         assert (tmp_path / name).is_file()
 
 
+def test_eval_and_demo_model_dit_hires_sample_the_64_dit(tmp_path: Path) -> None:
+    from tomediff.eval.testing import make_tiny_assets, make_tiny_dit_assets
+
+    assets = make_tiny_dit_assets(make_tiny_assets(tmp_path / "assets"), image_size=64)
+    argv = ["eval", "--model", "dit-hires", "--assets", str(assets), "--out", str(tmp_path / "eval"),
+            "--samples-per-class", "1", "--batch-size", "10", "--steps", "2", "--ratios", "0,0.5",
+            "--variants", "none", "--no-different-seed", "--threads", "1", "--bootstrap", "20",
+            "--no-progress"]  # fmt: skip
+    assert _exit_code(argv) == 0
+    result = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert result["meta"]["model"] == "dit-hires"
+    rows = {r["name"]: r for r in result["rows"] if r["library"] != "real"}
+    assert list(rows) == ["unmerged", "tomediff r=0.5"] and rows["unmerged"]["num_images"] == 10
+    assert _exit_code(["eval", "--model", "dit-hires", "--assets", str(tmp_path / "assets" / "none")]) == 2
+    argv = ["demo", "--model", "dit-hires", "--assets", str(assets), "--out", str(tmp_path / "demo"),
+            "--steps", "2", "--ratios", "0.5", "--repeats", "1", "--threads", "1", "--speed-model", "none",
+            "--no-progress"]  # fmt: skip
+    assert _exit_code(argv) == 0
+    demo = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert demo["model"] == "dit-hires" and demo["rows"][1]["psnr"] < 100
+
+
 def _exit_code(argv: list[str]) -> int:
     from tomediff.cli import main
 
@@ -298,11 +320,13 @@ def test_eval_variant_names_match_the_settings() -> None:
 
 def test_cli_names_the_bundled_models_and_their_files_as_the_library_does() -> None:
     from tomediff.eval.classifier import CLASSIFIER_FILE, REFERENCE_STATS_FILE
-    from tomediff.eval.pipeline import DIT_FILES
-    from tomediff.eval.quality import BUNDLED_MODELS, _model_files
+    from tomediff.eval.pipeline import DIT_FILES, DIT_HIRES_FILES
+    from tomediff.eval.quality import BUNDLED_MODELS, DIT_IMAGE_SIZES, _model_files
 
     assert set(eval_cmd.BUNDLED_MODEL_FILES) == set(BUNDLED_MODELS) == set(demo_cmd.QUALITY_MODELS)
     assert eval_cmd.BUNDLED_MODEL_FILES["dit"] == DIT_FILES
+    assert eval_cmd.BUNDLED_MODEL_FILES["dit-hires"] == DIT_HIRES_FILES
+    assert DIT_IMAGE_SIZES == demo_cmd.DIT_IMAGE_SIZES and set(DIT_IMAGE_SIZES) == set(eval_cmd.BUNDLED_DITS)
     for model, files in eval_cmd.BUNDLED_MODEL_FILES.items():
         assert files == _model_files(model)
     assert eval_cmd.CLASSIFIER_FILES == (CLASSIFIER_FILE, REFERENCE_STATS_FILE)

@@ -49,7 +49,9 @@ HELP = "see what token merging does to images and how much faster it makes SD 1.
 
 DIFF_GAIN = 8  # |merged - unmerged| is multiplied by this in the grid so small changes are visible
 SPEED_MODELS = ("sd15-block", "sd15", "sd21", "sdxl", "pixart")  # tomediff bench model names, test-checked
-QUALITY_MODELS = {"unet": "UNet", "dit": "DiT"}  # the bundled models, keys as in BUNDLED_MODEL_FILES
+# The bundled models, keys as in BUNDLED_MODEL_FILES, with the image size of each DiT.
+QUALITY_MODELS = {"unet": "UNet", "dit": "DiT", "dit-hires": "DiT 64x64"}
+DIT_IMAGE_SIZES = {"dit": 32, "dit-hires": 64}
 
 
 def run_demo(
@@ -65,7 +67,8 @@ def run_demo(
     assets_dir: Path | None = None,
     model: str = "unet",
 ) -> list[dict[str, Any]]:
-    """Run the quality part on the bundled ``model`` ("unet" or "dit", each with its own sampler) with
+    """Run the quality part on the bundled ``model`` ("unet", "dit" or "dit-hires", each with its own
+    sampler) with
     ``threads`` torch threads (None: torch's choice; restored after); returns one row per ratio
     (``ratio``, ``seconds_per_step``, ``psnr``, ``ssim``, ``accuracy``) and writes ``grid.png`` and
     ``results.json`` to ``out_dir``. No speedup: at the bundled models' 256 tokens the timings of one
@@ -100,7 +103,10 @@ def _run_quality(
     from tomediff.eval.report import save_grid, write_json
     from tomediff.progress import ProgressBar
 
-    pipe = (load_demo_dit if model == "dit" else load_demo_model)(assets_dir)
+    if model in DIT_IMAGE_SIZES:
+        pipe = load_demo_dit(assets_dir, image_size=DIT_IMAGE_SIZES[model])
+    else:
+        pipe = load_demo_model(assets_dir)
     classifier = load_classifier(assets_dir) if assets_dir else load_classifier()
     num_classes = len(pipe.class_names)
     class_ids = [c for _ in range(per_class) for c in range(num_classes)]
@@ -429,8 +435,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         "--model",
         choices=tuple(QUALITY_MODELS),
         default="unet",
-        help="quality: the bundled model to show: unet (SD-style UNet, DPM-Solver++) or dit (Flux-style "
-        "transformer, flow-matching Euler; docs/quality.md section 6). The speed part stays on "
+        help="quality: the bundled model to show: unet (SD-style UNet, DPM-Solver++), dit (Flux-style "
+        "transformer, flow-matching Euler; docs/quality.md section 6) or dit-hires (the same transformer at "
+        "64x64, 1,024 image tokens; section 7). The speed part stays on "
         "--speed-model. Default: unet",
     )
     parser.add_argument(

@@ -40,7 +40,13 @@ VARIANT_NAMES = ("no_rand", "max_downsample_2", "all_sites")  # tomediff.eval.se
 BUNDLED_MODEL_FILES: dict[str, tuple[str, ...]] = {
     "unet": ("demo_unet.safetensors", "demo_text_encoder.safetensors", "demo_model.json"),
     "dit": ("demo_dit_transformer.safetensors", "demo_dit_text_encoder.safetensors", "demo_dit.json"),
+    "dit-hires": (
+        "demo_dit_hires_transformer.safetensors",
+        "demo_dit_hires_text_encoder.safetensors",
+        "demo_dit_hires.json",
+    ),
 }
+BUNDLED_DITS = ("dit", "dit-hires")
 CLASSIFIER_FILES = ("classifier.safetensors", "fashion_mnist_test_features.npz")
 # The DiT has one token grid and no levels, so max_downsample_2 merges exactly the blocks the plain row
 # does (the same images): its default variants are the two that change something.
@@ -82,13 +88,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         choices=("bundled", "paper"),
         default=None,
         help="'bundled': a shipped Fashion-MNIST model with classifier metrics; 'paper': SD 1.5, 512², "
-        "ImageNet prompts, FID/CLIP. Default: bundled for --model unet/dit or no --model, else paper",
+        "ImageNet prompts, FID/CLIP. Default: bundled for a bundled --model (unet, dit, dit-hires) or no "
+        "--model, else paper",
     )
     parser.add_argument(
         "--model",
         default=None,
-        help="which model, per protocol. Bundled: 'unet' (the SD-style UNet) or 'dit' (the Flux-style "
-        "transformer, docs/quality.md section 6; no tomesd, variants no_rand,all_sites). Paper: a local "
+        help="which model, per protocol. Bundled: 'unet' (the SD-style UNet), 'dit' (the Flux-style "
+        "transformer, docs/quality.md section 6; no tomesd, variants no_rand,all_sites) or 'dit-hires' (the "
+        "same transformer at 64x64, 1,024 image tokens; section 7). Paper: a local "
         "diffusers folder or Hub id (a folder named unet or dit: write ./dit). Default: unet (bundled), "
         "stable-diffusion-v1-5/stable-diffusion-v1-5 (paper)",
     )
@@ -256,7 +264,7 @@ def validate(args: argparse.Namespace) -> str:
     if args.variants is not None:
         check_choices([v for v in args.variants if v != "none"], VARIANT_NAMES, "--variants")
     check_choices(args.compare, ("tomesd",), "--compare")
-    if args.bundled_model == "dit":
+    if args.bundled_model in BUNDLED_DITS:
         _check_dit(args)
     if "tomesd" in args.compare:
         from tomediff.bench.variants import tomesd_version
@@ -284,9 +292,10 @@ def validate(args: argparse.Namespace) -> str:
         },
     )
     tomesd_settings = [s.name for s in args.named if s.library == "tomesd"]
-    if args.bundled_model == "dit" and tomesd_settings:
+    if args.bundled_model in BUNDLED_DITS and tomesd_settings:
         raise CLIUsageError(
-            f"--setting {', '.join(tomesd_settings)}: tomesd patches only UNets, not --model dit; drop it"
+            f"--setting {', '.join(tomesd_settings)}: tomesd patches only UNets, not --model "
+            f"{args.bundled_model}; drop it"
         )
     args.tome_options = method_options(args)
     if args.tome_options.get("level_ratios") is not None:
@@ -320,8 +329,8 @@ def validate(args: argparse.Namespace) -> str:
         raise CLIUsageError(f"{flags}: {error}") from None
     if args.out is None:
         args.out = Path("out/eval-paper" if protocol == "paper" else QUICK_OUT if args.quick else "out/eval")
-        if protocol == "bundled" and args.bundled_model == "dit":  # the UNet's results would refuse a resume
-            args.out = args.out.with_name(args.out.name + "-dit")
+        if protocol == "bundled" and args.bundled_model in BUNDLED_DITS:  # the UNet's would refuse a resume
+            args.out = args.out.with_name(f"{args.out.name}-{args.bundled_model}")
     check_out_dir(args.out)
     return protocol
 
@@ -331,11 +340,13 @@ def _check_dit(args: argparse.Namespace) -> None:
     from tomediff.errors import CLIUsageError
 
     if args.compare:
-        raise CLIUsageError("--compare tomesd: tomesd patches only UNets, not --model dit; drop --compare")
+        raise CLIUsageError(
+            f"--compare tomesd: tomesd patches only UNets, not --model {args.bundled_model}; drop --compare"
+        )
     if args.variants is not None and "max_downsample_2" in args.variants:
         raise CLIUsageError(
-            "--variants max_downsample_2 gives --model dit the plain row's images again (one token grid, no "
-            f"levels); choose from {', '.join(DIT_VARIANTS)} or none"
+            f"--variants max_downsample_2 gives --model {args.bundled_model} the plain row's images again "
+            f"(one token grid, no levels); choose from {', '.join(DIT_VARIANTS)} or none"
         )
 
 
@@ -396,9 +407,9 @@ def _run_valid(args: argparse.Namespace, protocol: str) -> int:
         return 0
     from tomediff.eval.quality import QualityOptions, run_quality_eval
 
-    default_variants = DIT_VARIANTS if args.bundled_model == "dit" else QualityOptions.variants
+    default_variants = DIT_VARIANTS if args.bundled_model in BUNDLED_DITS else QualityOptions.variants
     variants = args.variants if args.variants is not None else list(default_variants)
-    dit = " --model dit" if args.bundled_model == "dit" else ""
+    dit = f" --model {args.bundled_model}" if args.bundled_model in BUNDLED_DITS else ""
     options = QualityOptions(
         model=args.bundled_model,
         out_dir=args.out,

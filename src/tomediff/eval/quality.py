@@ -30,10 +30,12 @@ from tomediff.eval.report import markdown_table, plot_metrics, save_grid, write_
 from tomediff.eval.settings import NamedSetting, Setting, build_settings
 from tomediff.eval.sharding import DistContext, Samples, check_resume, generate_settings, plan_batches
 
-__all__ = ["BUNDLED_MODELS", "QualityOptions", "evaluate_samples", "run_quality_eval"]
+__all__ = ["BUNDLED_MODELS", "DIT_IMAGE_SIZES", "QualityOptions", "evaluate_samples", "run_quality_eval"]
 
 # The bundled models ``QualityOptions.model`` names, each with its default sampler.
-BUNDLED_MODELS: dict[str, str] = {"unet": "dpm", "dit": "euler"}
+BUNDLED_MODELS: dict[str, str] = {"unet": "dpm", "dit": "euler", "dit-hires": "euler"}
+# The bundled DiTs and the image size each was trained at (256 and 1,024 image tokens).
+DIT_IMAGE_SIZES: dict[str, int] = {"dit": 32, "dit-hires": 64}
 
 METRIC_COLUMNS = [
     ("accuracy", "class accuracy (%)", 1),
@@ -54,7 +56,9 @@ class QualityOptions:
     guidance: float = 3.0
     # None: the model's own sampler (BUNDLED_MODELS), "dpm" for the UNet and "euler" for the DiT.
     scheduler: str | None = None
-    model: str = "unet"  # which bundled model: "unet" (SD-style) or "dit" (Flux-style transformer)
+    # which bundled model: "unet" (SD-style), "dit" (Flux-style transformer) or "dit-hires" (the same
+    # transformer at 64×64, 1,024 image tokens)
+    model: str = "unet"
     base_seed: int = 0
     ratios: Sequence[float] = (0.0, 0.3, 0.5, 0.6, 0.7)
     variants: Sequence[str] = ("no_rand", "max_downsample_2", "all_sites")
@@ -169,23 +173,23 @@ def _check_model(options: QualityOptions) -> None:
         raise ConfigError(
             f"model={options.model!r} is not a bundled model; use one of {sorted(BUNDLED_MODELS)}."
         )
-    if options.model == "dit" and options.scheduler not in (None, "euler"):
+    if options.model in DIT_IMAGE_SIZES and options.scheduler not in (None, "euler"):
         raise ConfigError(
             f"scheduler={options.scheduler!r} cannot sample the flow-matching DiT; use 'euler' (or None)."
         )
     uses_tomesd = bool(options.compare) or any(s.library == "tomesd" for s in options.named)
-    if options.model == "dit" and uses_tomesd:
+    if options.model in DIT_IMAGE_SIZES and uses_tomesd:
         raise ConfigError(
             "tomesd patches only UNets; drop the tomesd comparison (compare=(), no library=tomesd setting) "
-            "for model='dit'."
+            f"for model={options.model!r}."
         )
 
 
 def _model_files(model: str) -> tuple[str, ...]:
-    from tomediff.eval.pipeline import DIT_FILES
+    from tomediff.eval.pipeline import dit_files
 
-    if model == "dit":
-        return DIT_FILES
+    if model in DIT_IMAGE_SIZES:
+        return dit_files(DIT_IMAGE_SIZES[model])
     return ("demo_unet.safetensors", "demo_text_encoder.safetensors", "demo_model.json")
 
 
@@ -238,8 +242,10 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
     )
     key = run_key(options, dist.device)
     check_resume(options.out_dir, settings, key)  # before loading anything
-    loader = load_demo_dit if options.model == "dit" else load_demo_model
-    pipe = loader(assets, device=dist.device)
+    if options.model in DIT_IMAGE_SIZES:
+        pipe = load_demo_dit(assets, device=dist.device, image_size=DIT_IMAGE_SIZES[options.model])
+    else:
+        pipe = load_demo_model(assets, device=dist.device)
     scheduler = _scheduler(options)
     batches = plan_batches(
         options.samples_per_class, len(pipe.class_names), options.batch_size, options.base_seed
