@@ -214,8 +214,10 @@ def test_quality_eval_refuses_tomesd_unet_samplers_and_unknown_models_for_the_di
 
     with pytest.raises(ConfigError, match="tomesd patches only UNets"):
         run_quality_eval(QualityOptions(model="dit", compare=("tomesd",)))
+    with pytest.raises(ConfigError, match="for model='dit-hires'"):
+        run_quality_eval(QualityOptions(model="dit-hires", compare=("tomesd",)))
     with pytest.raises(
-        ConfigError, match=r"model='vit' is not a bundled model; use one of \['dit', 'unet'\]"
+        ConfigError, match=r"model='vit' is not a bundled model; use one of \['dit', 'dit-hires', 'unet'\]"
     ):
         run_quality_eval(QualityOptions(model="vit"))
 

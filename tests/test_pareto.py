@@ -76,6 +76,9 @@ def test_settings_combine_tomediff_options_presets_and_a_cache() -> None:
     assert stack.tome is not None and stack.cache is not None
     config = stack.tome.config()
     assert (config.ratio, config.kv_ratio) == (0.0, 0.5)
+    stack = parse_pareto_setting("dit-hires-mag-merge")  # a preset of tomediff options and a cache
+    assert stack.tome is not None and stack.cache == parse_cache("mag:threshold=1.0/max_skip=10")
+    assert (stack.tome.config().ratio, stack.tome.config().skip_blocks) == (0.3, (1, 1))
     fastest = parse_pareto_setting("dit-mag")  # a harness preset: a measured Pareto-best point
     assert fastest.tome is None and fastest.cache == parse_cache("mag:threshold=0.4/max_skip=8")
     preset = parse_pareto_setting("downsample")
