@@ -34,7 +34,7 @@ from tomediff.eval.model import (
     dit_position_ids,
     latents_to_tokens,
 )
-from tomediff.eval.pipeline import DIT_FILES, dit_files
+from tomediff.eval.pipeline import DIT_FILES, dit_files, load_demo_dit
 from tomediff.eval.train_demo import export_ema, run_training, training_main
 
 __all__ = ["export_dit_weights", "main", "train_dit"]
@@ -100,8 +100,10 @@ def train_dit(
     """
     torch.manual_seed(seed)
     model = _DiTDenoiser(dit_overrides)
-    if init_from is not None:
-        _load_bundled(model, Path(init_from), dit_files(IMAGE_SIZE))
+    if init_from is not None:  # the 32×32 DiT: the same architecture runs on any grid
+        start = load_demo_dit(init_from)
+        model.transformer.load_state_dict(start.transformer.state_dict())
+        model.text_encoder.load_state_dict(start.text_encoder.state_dict())
     return run_training(
         out_dir,
         model,
@@ -120,17 +122,6 @@ def train_dit(
         max_images=max_images,
         image_size=image_size,
     )
-
-
-def _load_bundled(model: _DiTDenoiser, directory: Path, files: tuple[str, str, str]) -> None:
-    from safetensors.torch import load_file
-
-    transformer_file, encoder_file, _ = files
-    missing = [name for name in files if not (directory / name).is_file()]
-    if missing:
-        raise FileNotFoundError(f"--init-from {directory}: missing {', '.join(missing)}.")
-    model.transformer.load_state_dict(load_file(directory / transformer_file))
-    model.text_encoder.load_state_dict(load_file(directory / encoder_file))
 
 
 def export_dit_weights(
