@@ -334,16 +334,7 @@ def test_sd3_controlnet_without_pos_embed_is_refused_with_its_reason() -> None:
 def test_flux_union_controlnet_mode_token_joins_the_untouched_text() -> None:
     torch.manual_seed(0)
     model = diffusers.FluxControlNetModel(
-        patch_size=1,
-        in_channels=16,
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=8,
-        axes_dims_rope=(4, 6, 6),
-        num_mode=3,
+        **{**TINY_FLUX_CONFIG, "num_layers": 1, "num_single_layers": 1, "num_mode": 3}
     )
     model = randomize_zeros(model, seed=3)
     (packed, cond), kwargs = flux_controlnet_inputs(2)

@@ -23,7 +23,7 @@ from test_dit_families import (
     tiny_flux_shaped,
     tiny_qwenimage,
 )
-from test_dit_models import TEXT, flux_inputs, image_ids, tiny_flux, tome_hooks
+from test_dit_models import TEXT, TINY_FLUX_CONFIG, flux_inputs, image_ids, tiny_flux, tome_hooks
 from test_image_families import flux3_inputs, tiny_flux3
 from tiny_recent_families import (
     briafibo_inputs,
@@ -550,15 +550,8 @@ def test_reference_ratio_is_validated_reported_and_a_setting() -> None:
 def test_flux_kontext_pipeline_end_to_end() -> None:
     torch.manual_seed(0)
     transformer = diffusers.FluxTransformer2DModel(
-        patch_size=1,
-        in_channels=64,  # 16 latent channels packed 2x2: the latent size the pipeline assumes without a VAE
-        num_layers=1,
-        num_single_layers=1,
-        attention_head_dim=16,
-        num_attention_heads=2,
-        joint_attention_dim=32,
-        pooled_projection_dim=8,
-        axes_dims_rope=(4, 6, 6),
+        # 16 latent channels packed 2x2: the latent size the pipeline assumes without a VAE
+        **{**TINY_FLUX_CONFIG, "in_channels": 64, "num_layers": 1, "num_single_layers": 1}
     ).eval()
     pipe = diffusers.FluxKontextPipeline(
         scheduler=diffusers.FlowMatchEulerDiscreteScheduler(),
