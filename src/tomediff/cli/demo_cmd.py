@@ -49,9 +49,7 @@ HELP = "see what token merging does to images and how much faster it makes SD 1.
 
 DIFF_GAIN = 8  # |merged - unmerged| is multiplied by this in the grid so small changes are visible
 SPEED_MODELS = ("sd15-block", "sd15", "sd21", "sdxl", "pixart")  # tomediff bench model names, test-checked
-# The bundled models, keys as in BUNDLED_MODEL_FILES, with the image size of each DiT.
-QUALITY_MODELS = {"unet": "UNet", "dit": "DiT", "dit-hires": "DiT 64x64"}
-DIT_IMAGE_SIZES = {"dit": 32, "dit-hires": 64}
+QUALITY_MODELS = {"unet": "UNet", "dit": "DiT", "dit-hires": "DiT 64x64"}  # keys as in BUNDLED_MODEL_FILES
 
 
 def run_demo(
@@ -100,6 +98,7 @@ def _run_quality(
     from tomediff.eval.classifier import classify, load_classifier
     from tomediff.eval.metrics import psnr, ssim
     from tomediff.eval.pipeline import load_demo_dit, load_demo_model
+    from tomediff.eval.quality import DIT_IMAGE_SIZES
     from tomediff.eval.report import save_grid, write_json
     from tomediff.progress import ProgressBar
 

@@ -83,7 +83,8 @@ def initial_noise(seeds: Sequence[int], shape: tuple[int, ...]) -> torch.Tensor:
 
 
 def _to_images(latents: torch.Tensor) -> np.ndarray:
-    """Latents ``(B, 4, 16, 16)`` → uint8 images ``(B, 28, 28)`` (the padding cropped back off)."""
+    """Latents ``(B, 4, 16, 16)`` (or larger, area-downsampled to 32×32 first) → uint8 images
+    ``(B, 28, 28)`` (the padding cropped back off)."""
     return to_uint8(latents_to_images(latents.float())[:, :, 2:30, 2:30])
 
 
