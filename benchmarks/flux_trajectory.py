@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from diffusers.hooks.mag_cache import FLUX_MAG_RATIOS
 
 from tomediff.bench.models import get_model_spec, make_inputs
 from tomediff.eval.pareto import ParetoSetting, parse_pareto_setting
@@ -114,9 +115,11 @@ def apply(setting: ParetoSetting, model: torch.nn.Module, clock: _Timestep, step
 
     handle = tomediff.apply_tome(model, setting.tome.config()) if setting.tome is not None else None
     if setting.cache is not None:
-        if setting.cache.kind == "mag":
-            raise SystemExit("mag: MagCache needs calibrated ratios, meaningless on random weights; drop it")
-        model.enable_cache(setting.cache.config(clock, steps=steps))
+        # MagCache decides from its calibrated ratios alone, never from the outputs: with the ratios
+        # MagCache's authors calibrated on FLUX.1-dev (diffusers ships them; interpolated to ``steps``),
+        # it skips here exactly the steps it skips on the real model, random weights or not.
+        mag_ratios = FLUX_MAG_RATIOS.tolist() if setting.cache.kind == "mag" else None
+        model.enable_cache(setting.cache.config(clock, mag_ratios=mag_ratios, steps=steps))
 
     def remove() -> None:
         if getattr(model, "is_cache_enabled", False):
@@ -131,7 +134,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--setting", action="append", default=None, metavar="NAME:OPTIONS")
     parser.add_argument("--resolution", type=int, default=1024)
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=None, help="Euler steps (default 4; 2 in a dry run)")
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--device", default="cpu", help="cpu (the bench's fewer blocks) or cuda (all blocks)")
@@ -144,10 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         metavar="DOUBLE,SINGLE",
         help="double- and single-stream blocks. Default: published 19,38 on CUDA, the bench's 1,2 on CPU",
     )
-    parser.add_argument("--dry-run", action="store_true", help="tiny Flux at 256², 2 steps, one round")
+    parser.add_argument("--dry-run", action="store_true", help="tiny Flux at 256², one round")
     args = parser.parse_args(argv)
     if args.dry_run:
-        args.resolution, args.steps, args.rounds = 256, 2, 1
+        args.resolution, args.rounds = 256, 1
+    args.steps = args.steps or (2 if args.dry_run else 4)
     torch.set_num_threads(args.threads)
     settings = [ParetoSetting("unaccelerated")]
     settings += [parse_pareto_setting(text) for text in args.setting or DEFAULT_SETTINGS]
