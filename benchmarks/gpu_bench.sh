@@ -35,10 +35,12 @@
 #             1024/2048: baseline vs tomediff vs ideal at ratio 0.5 (not timed yet)
 #   stack     issue 16: FLUX.1-dev (published config, random weights), bf16, batch 1, 1024², a whole
 #             28-step trajectory (benchmarks/flux_trajectory.py, 2 interleaved rounds): unaccelerated vs
-#             kv_ratio 0.5, FirstBlockCache at 0.1 and at a threshold that skips every step it can,
-#             TaylorSeer (interval 3), token caching (refresh every 2nd step, a quarter of the image
-#             tokens between), and the stacks FirstBlockCache + kv_ratio 0.5, PAB + merge 0.5; each row also
-#             counts the steps whose last block computed attention (not timed yet; the target is >= 2.5x)
+#             merge 0.3 outside the first and last block, token caching (refresh every 2nd step, a quarter
+#             of the image tokens between), FirstBlockCache 0.1, TaylorSeer (interval 3), MagCache with
+#             the ratios its authors calibrated on FLUX.1-dev at diffusers' default (0.06/3/0.2) and at
+#             the authors' Flux setting (E024K5R01), each alone and with merge 0.3 outside the first and
+#             last block (the recommended stack), and PAB + merge 0.5; each row also counts the steps
+#             whose last block computed attention (not timed yet; the target is >= 2.5x)
 # Every part has its own time cap, so one that overruns leaves the others' results. All parts together
 # take longer than one session's device time (15 min, machine start included): pick them, e.g.
 # PARTS="tests methods dits" or PARTS="tests compiled".
@@ -177,12 +179,14 @@ fi
 if has_part stack; then
     echo "== stack (at $((SECONDS - start)) s)"
     timeout 420 "$PY" benchmarks/flux_trajectory.py --device cuda --dtype bfloat16 --resolution 1024 \
-        --steps 28 --rounds 2 --out "$OUT_DIR/stack" --setting "kv0.5:ratio=0,kv_ratio=0.5" \
-        --setting "fbc0.1:cache=fbc:threshold=0.1" --setting "fbc-all:cache=fbc:threshold=10" \
-        --setting "taylorseer3:cache=taylorseer:interval=3/warmup=3/order=1" \
-        --setting "fbc0.1+kv0.5:ratio=0,kv_ratio=0.5,cache=fbc:threshold=0.1" \
-        --setting "fbc-all+kv0.5:ratio=0,kv_ratio=0.5,cache=fbc:threshold=10" \
+        --steps 28 --rounds 2 --out "$OUT_DIR/stack" --setting "merge0.3-skip1:ratio=0.3,skip_blocks=1/1" \
         --setting "tokencache-i2:method=cache,cache_interval=2,cache_ratio=0.25" \
+        --setting "fbc0.1:cache=fbc:threshold=0.1" \
+        --setting "taylorseer3:cache=taylorseer:interval=3/warmup=3/order=1" \
+        --setting "mag-default:cache=mag:threshold=0.06/max_skip=3/retention=0.2" \
+        --setting "mag-default+merge0.3-skip1:ratio=0.3,skip_blocks=1/1,cache=mag:threshold=0.06/max_skip=3/retention=0.2" \
+        --setting "mag-e024k5r01:cache=mag:threshold=0.24/max_skip=5/retention=0.1" \
+        --setting "mag-e024k5r01+merge0.3-skip1:ratio=0.3,skip_blocks=1/1,cache=mag:threshold=0.24/max_skip=5/retention=0.1" \
         --setting "pab+merge0.5:ratio=0.5,cache=pab:every=2/t_low=0/t_high=1000" 2>&1 | tee "$OUT_DIR/stack.log" \
         || echo "gpu_bench.sh: stack failed or hit its 420s cap; see $OUT_DIR/stack.log" >&2
 fi
