@@ -264,6 +264,31 @@ def test_refresh_steps_equal_unpatched_and_partial_steps_compute_the_ratio(selec
     assert "refresh 3, partial 4 per block" in text
 
 
+def test_a_start_delays_caching_and_its_first_active_step_refreshes() -> None:
+    """``start`` gives token caching a warm-up: before it every step is the unpatched model's, the first
+    step after it refreshes (computes every token), and the interval counts from there."""
+    model = tiny_flux()
+    case = flux_case()
+    x, kwargs = case
+    inputs, outputs = [], []
+    for t, t_next in zip(TIMESTEPS, [*TIMESTEPS[1:], 0.0], strict=True):
+        out = flux_step(model, x, kwargs, t)
+        inputs.append(x)
+        outputs.append(out)
+        x = x + (t_next - t) * out
+    ff_tokens, stop_ff = count_tokens(model.transformer_blocks[0].ff)
+    # Progress 1 - t: 0, 0.1, 0.2 before the start; 0.3 (step 3) is the first active step.
+    with tomediff.apply_tome(model, method="cache", cache_interval=3, cache_ratio=0.25, start=0.25) as handle:
+        steps = [flux_step(model, inputs[step], kwargs, t) for step, t in enumerate(TIMESTEPS)]
+        text = str(handle.report())
+    stop_ff()
+    refreshed = [0, 1, 2, 3, 6]
+    for step, (ours, theirs) in enumerate(zip(steps, outputs, strict=True)):
+        assert torch.equal(ours, theirs) == (step in refreshed), f"step {step}"
+    assert ff_tokens == [48, 48, 48, 48, 12, 12, 48]
+    assert "refresh 2, partial 2 per block" in text
+
+
 def test_partial_steps_stay_close_to_unpatched() -> None:
     model = tiny_flux()
     reference = trajectory(model, flux_case())
