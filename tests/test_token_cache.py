@@ -289,6 +289,61 @@ def test_a_start_delays_caching_and_its_first_active_step_refreshes() -> None:
     assert "refresh 2, partial 2 per block" in text
 
 
+@torch.no_grad()
+def repeated_step(family: str, model: nn.Module) -> Callable[[float], torch.Tensor]:
+    """A function calling ``model`` on one input of ``family`` at a timestep (as a fraction of 1)."""
+    if family == "flux":
+        x, kwargs = flux_case()
+        return lambda t: flux_step(model, x, kwargs, t)
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 4, 12, 16, generator=gen)
+    width = 16 if family == "sd3" else 24
+    kwargs: dict[str, Any] = {"encoder_hidden_states": torch.randn(2, TEXT, width, generator=gen)}
+    if family == "sd3":
+        kwargs["pooled_projections"] = torch.randn(2, 8, generator=gen)
+    else:
+        kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    return lambda t: model(x, timestep=torch.full((2,), 1000.0 * t), return_dict=False, **kwargs)[0]
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "pixart"])
+def test_computed_tokens_attend_to_every_token_through_kept_keys(family: str) -> None:
+    """The same input at two all but equal timesteps, a refresh then a partial step: with
+    cache_context="all" the computed tokens see the keys and values kept at the refresh for the others,
+    all but the unpatched model's, so the partial step gives all but the unpatched output; attending to
+    the computed tokens alone does not."""
+    model = {"flux": tiny_flux, "sd3": tiny_sd3, "pixart": tiny_pixart}[family]()
+    step = repeated_step(family, model)
+    reference = step(0.7 - 1e-6)
+    errors = {}
+    for context in ("all", "computed"):
+        with tomediff.apply_tome(
+            model, method="cache", cache_interval=2, cache_ratio=0.25, cache_context=context
+        ) as handle:
+            step(0.7)  # the refresh
+            partial = step(0.7 - 1e-6)
+            assert "partial 1 per block" in str(handle.report())
+        errors[context] = ((partial - reference).norm() / reference.norm()).item()
+    assert errors["all"] < 1e-4  # 4e-6 measured for each family
+    assert errors["computed"] > 1e-3  # 1e-2 to 2e-2
+
+
+def test_kept_keys_need_an_attention_call_the_mode_sees(monkeypatch: pytest.MonkeyPatch) -> None:
+    def attention_by_hand(
+        query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, **_: Any
+    ) -> torch.Tensor:
+        weights = (query @ key.transpose(-1, -2) / query.shape[-1] ** 0.5).softmax(dim=-1)
+        return weights @ value
+
+    # An attention backend computing attention another way: no F.scaled_dot_product_attention call.
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", attention_by_hand)
+    model = tiny_flux()
+    step = repeated_step("flux", model)
+    with tomediff.apply_tome(model, method="cache", cache_interval=2, cache_ratio=0.25):
+        with pytest.raises(MergeCallError, match="saw no attention call"):
+            step(0.7)
+
+
 def test_partial_steps_stay_close_to_unpatched() -> None:
     model = tiny_flux()
     reference = trajectory(model, flux_case())

@@ -15,6 +15,7 @@ if TYPE_CHECKING:  # torch is imported where a generator is checked: the CLI's f
     import torch
 
 __all__ = [
+    "CACHE_CONTEXTS",
     "CACHE_SELECTS",
     "CFG_LAYOUTS",
     "DOWNSAMPLE_MODES",
@@ -45,6 +46,7 @@ TOMESD_FIELDS = (
 METHODS = ("merge", "downsample", "cache")
 # How method="cache" picks the tokens it recomputes between refresh steps.
 CACHE_SELECTS = ("change", "stride")
+CACHE_CONTEXTS = ("all", "computed")
 DOWNSAMPLE_MODES = ("nearest", "avg", "bilinear")
 # How a classifier-free-guidance batch is stacked (``reuse_cfg``): asked of the patched pipeline, diffusers'
 # and ComfyUI's [unconditional, conditional], or the reverse for a host that stacks them the other way.
@@ -147,6 +149,10 @@ class ToMeConfig:
         cache_select: ``method="cache"``: which tokens are computed between refreshes: ``"change"``
             (default) those whose block input changed most, relative to its norm, since they were last
             computed; ``"stride"`` an evenly spread set that shifts every step.
+        cache_context: ``method="cache"``: what the computed tokens attend to between refreshes.
+            ``"all"`` (default): every image token, the others through the keys and values they had when
+            last computed (kept per attention module); ``"computed"``: only the computed tokens (and the
+            text), which is cheaper but changes the computed tokens' outputs much more.
         downsample_factor: ``method="downsample"``: the grid downsampling factor at the
             highest-resolution level patched (1 = off).
         downsample_factor_next: ``method="downsample"``: the factor at the deeper levels; above 1 it
@@ -239,6 +245,7 @@ class ToMeConfig:
     cache_interval: int = 3
     cache_ratio: float = 0.25
     cache_select: str = "change"
+    cache_context: str = "all"
     st: int = 1
     reference_ratio: float | None = None
 
@@ -274,7 +281,8 @@ class ToMeConfig:
             )
 
     def _check_cache_fields(self) -> None:
-        """``cache_interval``, ``cache_ratio`` and ``cache_select``: settings of ``method="cache"``."""
+        """``cache_interval``, ``cache_ratio``, ``cache_select`` and ``cache_context``: settings of
+        ``method="cache"``."""
         object.__setattr__(self, "cache_interval", _as_int("cache_interval", self.cache_interval))
         object.__setattr__(self, "cache_ratio", _as_float("cache_ratio", self.cache_ratio))
         if self.cache_interval < 2:
@@ -290,11 +298,14 @@ class ToMeConfig:
         if self.cache_select not in CACHE_SELECTS:
             selects = ", ".join(map(repr, CACHE_SELECTS))
             raise ConfigError(f"cache_select must be one of {selects}, got {self.cache_select!r}.")
+        if self.cache_context not in CACHE_CONTEXTS:
+            contexts = ", ".join(map(repr, CACHE_CONTEXTS))
+            raise ConfigError(f"cache_context must be one of {contexts}, got {self.cache_context!r}.")
         if self.method != "cache":
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
             changed = [
                 n
-                for n in ("cache_interval", "cache_ratio", "cache_select")
+                for n in ("cache_interval", "cache_ratio", "cache_select", "cache_context")
                 if getattr(self, n) != defaults[n]
             ]
             if changed:

@@ -9,7 +9,8 @@
   its input and unmerge its output (:class:`MergeAction`), or keep the queries and pass reduced keys
   and values (:class:`KeyValueAction`); a method may also act around the whole block (its
   ``block_action``, on the block site an adapter declares), as token caching does
-  (:class:`tomediff.core.token_cache.BlockCacheAction` with a :class:`TokenCacheReducer`).
+  (:class:`tomediff.core.token_cache.BlockCacheAction` with a :class:`TokenCacheReducer`, and
+  :class:`~tomediff.core.token_cache.CachedKeysAction` on its attention modules).
 
 The hooks call these through the :class:`Method` a config builds (:func:`build_method`) and know
 neither by name. Reducers live in :mod:`tomediff.core.reducers`, actions in
@@ -40,7 +41,7 @@ from tomediff.core.reducers import (
     cached,
 )
 from tomediff.core.spec import BlockSpec, Site, SiteKind
-from tomediff.core.token_cache import BlockCacheAction, TokenCacheReducer
+from tomediff.core.token_cache import BlockCacheAction, CachedKeysAction, TokenCacheReducer
 from tomediff.errors import ConfigError, NothingToPatchError
 
 __all__ = [
@@ -141,7 +142,9 @@ def build_method(config: ToMeConfig, enabled: set[SiteKind], reducer: Reducer | 
                 "method='cache' plans with its own reducer (the tokens to recompute, from its cache); "
                 "apply_reducer takes method='merge' or 'downsample'."
             )
-        return Method(TokenCacheReducer(config), {}, BlockCacheAction())
+        # cache_context="all": the block's attention modules add the kept keys/values of the others.
+        keys = {"attn": CachedKeysAction()} if config.cache_context == "all" else {}
+        return Method(TokenCacheReducer(config), keys, BlockCacheAction())
     if config.method == "downsample":
         # Each image of a call (an edit model's references) is downsampled on its own grid.
         base: Reducer = GroupedReducer(reducer or DownsampleReducer(config))

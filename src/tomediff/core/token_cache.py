@@ -4,18 +4,24 @@ a block-level site action that runs the block on those tokens and fills in the o
 At a refresh step every token goes through the block, and the block keeps each image token's residual
 (output minus input). At the steps between, only the chosen tokens go through it (text tokens always
 do); every other token's output is its current input plus its kept residual, and the computed tokens
-renew their entries. The cache follows the rules of kept plans (:class:`ReusingReducer`): it lives in
-the calling thread's memory of the current generation, under the block, batch size, grid, device,
-dtype and which call of the timestep this is, so nothing crosses generations, batches or threads.
+renew their entries. With ``cache_context="all"`` the computed tokens still attend to every image token:
+each self- or joint-attention module of the block (:class:`CachedKeysAction`, at its
+``F.scaled_dot_product_attention`` call) keeps every image token's key and value at a refresh, and at the
+steps between adds the kept keys and values of the tokens not computed to those of the computed ones.
+The cache follows the rules of kept plans (:class:`ReusingReducer`): it lives in the calling thread's
+memory of the current generation, under the block, batch size, grid, device, dtype and which call of the
+timestep this is, so nothing crosses generations, batches or threads.
 """
 
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
 
 from tomediff.config import ToMeConfig
 from tomediff.core.actions import SiteAction
@@ -27,6 +33,7 @@ from tomediff.ops import (
     changed_tokens,
     fill_from_cache,
     gather_tokens,
+    other_tokens,
     reduce_rotary,
     scatter_tokens,
     strided_tokens,
@@ -35,7 +42,7 @@ from tomediff.ops import (
 if TYPE_CHECKING:
     from tomediff.core.state import ToMeState
 
-__all__ = ["BlockCacheAction", "CacheEntry", "CachePlan", "TokenCacheReducer"]
+__all__ = ["BlockCacheAction", "CacheEntry", "CachePlan", "CachedKeysAction", "TokenCacheReducer"]
 
 
 @dataclass
@@ -47,10 +54,13 @@ class CacheEntry:
         reference: ``[B, N, C]`` each image token's input when it was last computed (``"change"`` only).
         refreshed_at: the thread's step count at the last refresh.
         partial_steps: steps since that refresh.
+        keys_values: per attention module of the block (by ``id``), ``[B, heads, N, D]`` keys and values
+            of every image token when it was last computed (``cache_context="all"`` only).
     """
 
     residual: torch.Tensor | None = None
     reference: torch.Tensor | None = None
+    keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     refreshed_at: int = 0
     partial_steps: int = 0
 
@@ -70,6 +80,7 @@ class CachePlan:
     index: torch.Tensor | None
     positions: torch.Tensor | None
     keeps_reference: bool
+    _others: torch.Tensor | None = None
 
     @property
     def batch(self) -> int:
@@ -87,6 +98,13 @@ class CachePlan:
     @property
     def refresh(self) -> bool:
         return self.index is None
+
+    def others(self) -> torch.Tensor:
+        """``[B, N - M]``: the image tokens not computed in this call (made once per call)."""
+        assert self.index is not None
+        if self._others is None:
+            self._others = other_tokens(self.index, self.num_tokens)
+        return self._others
 
 
 class TokenCacheReducer(Reducer):
@@ -155,11 +173,13 @@ class TokenCacheReducer(Reducer):
         cfg = self.config
         if not self.counts:
             return []
+        context = "every image token" if cfg.cache_context == "all" else "the computed ones"
         refresh = sorted({c[0] for c in self.counts.values()})
         partial = sorted({c[1] for c in self.counts.values()})
         return [
             f"token cache: refresh every {cfg.cache_interval} steps, {cfg.cache_ratio:g} of the image "
-            f"tokens computed between (chosen by '{cfg.cache_select}'); block calls so far: "
+            f"tokens computed between (chosen by '{cfg.cache_select}', attending to {context}); block "
+            "calls so far: "
             f"refresh {_spread(refresh)}, partial {_spread(partial)} per block ('reduced' counts the "
             "image tokens filled from the cache in the last call)"
         ]
@@ -234,3 +254,110 @@ class BlockCacheAction(SiteAction):
         if isinstance(output, tuple):
             return (*output[:position], full, *output[position + 1 :])
         return full
+
+
+class _CachedKeysMode(TorchFunctionMode):
+    """On the stack while one attention module of a block runs: keeps the image tokens' keys and values
+    of its attention call at a refresh; at a partial step renews those of the computed tokens and gives
+    the call the kept ones of the others as extra keys and values."""
+
+    def __init__(self, plan: CachePlan, site: Site, block_name: str) -> None:
+        super().__init__()
+        self.plan = plan
+        self.site = site
+        self.block_name = block_name
+        self.calls = 0
+
+    def __torch_function__(self, func: Any, types: Any, args: Args = (), kwargs: Kwargs | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func is not F.scaled_dot_product_attention:
+            return func(*args, **kwargs)
+        self.calls += 1
+        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+        options = {**kwargs, **dict(zip(names, args, strict=False))}
+        query, key, value = options.pop("query"), options.pop("key"), options.pop("value")
+        plan, num = self.plan, self.plan.num_merged
+        text = self.site.text_first or self.site.image_first
+        seq = int(key.shape[-2])
+        if (
+            self.calls > 1
+            or key.dim() != 4
+            or key.shape[0] != plan.batch
+            or int(query.shape[-2]) != seq
+            or seq < num
+            or (not text and seq != num)
+        ):
+            raise MergeCallError(
+                f"method='cache' (cache_context='all') expected one self-attention call over the "
+                f"{num} image tokens{' and the text' if text else ''} "
+                f"in the attention of block '{self.block_name}', got keys {tuple(key.shape)} for queries "
+                f"{tuple(query.shape)} (call {self.calls}); use cache_context='computed'."
+            )
+        start = 0 if self.site.image_first else seq - num
+        image = slice(start, start + num)
+        entry, module = plan.entry, id(self.site.module)
+        if plan.index is None:
+            entry.keys_values[module] = tuple(t[:, :, image].detach().clone() for t in (key, value))
+            return func(query, key, value, **options)
+        if options.get("attn_mask") is not None:
+            raise MergeCallError(
+                f"method='cache' (cache_context='all') cannot add kept keys to the masked attention call of "
+                f"block '{self.block_name}'; use cache_context='computed'."
+            )
+        kept = entry.keys_values.get(module)
+        if kept is None or kept[0].shape[2] != plan.num_tokens:
+            raise MergeCallError(
+                f"method='cache' found no keys kept at the last refresh for the attention of block "
+                f"'{self.block_name}'; its attention call must be the same at every step."
+            )
+        computed = plan.index[:, None, :, None]
+        others = plan.others()[:, None, :, None]
+        extra = []
+        for cached, fresh in zip(kept, (key, value), strict=True):
+            heads, dim = cached.shape[1], cached.shape[3]
+            cached.scatter_(2, computed.expand(-1, heads, -1, dim), fresh[:, :, image])
+            extra.append(cached.gather(2, others.expand(-1, heads, -1, dim)))
+        key = torch.cat([key, extra[0].to(key.dtype)], dim=2)
+        value = torch.cat([value, extra[1].to(value.dtype)], dim=2)
+        return func(query, key, value, **options)
+
+
+class CachedKeysAction(SiteAction):
+    """Around a block's self- or joint-attention module (``cache_context="all"``): the computed tokens of
+    a partial step attend to every image token, the others through their kept keys and values
+    (:class:`_CachedKeysMode`). Acts on the attention sites whose :attr:`Site.inside` call site says
+    where the image tokens sit in the attention sequence."""
+
+    uses_output: ClassVar[bool] = True
+    after_on_error: ClassVar[bool] = True
+
+    def __init__(self, call_site: Site | None = None) -> None:
+        self.call_site = call_site
+
+    def for_site(self, site: Site, block_name: str) -> SiteAction | None:
+        inside = site.inside
+        if site.role == "call" or inside is None or inside.role != "call":
+            return None
+        return CachedKeysAction(inside)
+
+    def before(self, plan: CachePlan, site: Site, block_name: str, args: Args, kwargs: Kwargs) -> None:
+        assert self.call_site is not None
+        torch._C._push_on_torch_function_stack(_CachedKeysMode(plan, self.call_site, block_name))
+        return None
+
+    def after(self, plan: CachePlan, output: Any) -> Any:
+        mode = torch._C._pop_torch_function_stack()
+        if not isinstance(mode, _CachedKeysMode):  # someone else's mode on top: put it back
+            torch._C._push_on_torch_function_stack(mode)
+            raise MergeCallError(
+                f"tomediff found a torch function mode ({type(mode).__name__}) left on the stack by an "
+                "attention module it keeps keys for; modes pushed inside the module must be popped inside it."
+            )
+        if mode.calls == 0:
+            raise MergeCallError(
+                f"method='cache' (cache_context='all') saw no attention call "
+                f"(torch.nn.functional.scaled_dot_product_attention) in the attention of block "
+                f"'{mode.block_name}': its attention backend computes attention another way. Use diffusers' "
+                "native backend (model.reset_attention_backend()), or cache_context='computed'."
+            )
+        return None

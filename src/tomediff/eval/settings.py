@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from tomediff.config import (
+    CACHE_CONTEXTS,
     CACHE_SELECTS,
     DOWNSAMPLE_MODES,
     METHODS,
@@ -71,6 +72,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "method": METHODS,
     "downsample_mode": DOWNSAMPLE_MODES,
     "cache_select": CACHE_SELECTS,
+    "cache_context": CACHE_CONTEXTS,
 }
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
