@@ -104,6 +104,7 @@ def count_tokens(module: nn.Module) -> tuple[list[int], Callable[[], None]]:
         ({"cache_ratio": 1.5}, "cache_ratio=1.5 is outside (0, 1]"),
         ({"cache_ratio": float("nan")}, "cache_ratio=nan is outside (0, 1]"),
         ({"cache_select": "random"}, "cache_select must be one of 'change', 'stride', got 'random'"),
+        ({"cache_context": "some"}, "cache_context must be one of 'all', 'computed', got 'some'"),
         ({"merge_mlp": True}, "method='cache' acts on whole blocks"),
         ({"reuse_steps": 2}, "reuse_steps apply to method='merge' only"),
     ],
@@ -123,8 +124,11 @@ def test_cache_fields_need_method_cache() -> None:
 def test_setting_string_parses() -> None:
     from tomediff.eval.settings import parse_setting
 
-    config = parse_setting("c:method=cache,cache_interval=3,cache_ratio=0.25,cache_select=stride").config()
+    config = parse_setting(
+        "c:method=cache,cache_interval=3,cache_ratio=0.25,cache_select=stride,cache_context=computed"
+    ).config()
     assert (config.method, config.cache_interval, config.cache_ratio) == ("cache", 3, 0.25)
+    assert config.cache_context == "computed"
     assert parse_setting("cache").config().method == "cache"
     with pytest.raises(ConfigError, match="cache_ratio=2"):
         parse_setting("c:method=cache,cache_ratio=2")
@@ -339,9 +343,11 @@ def test_kept_keys_need_an_attention_call_the_mode_sees(monkeypatch: pytest.Monk
     monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", attention_by_hand)
     model = tiny_flux()
     step = repeated_step("flux", model)
-    with tomediff.apply_tome(model, method="cache", cache_interval=2, cache_ratio=0.25):
-        with pytest.raises(MergeCallError, match="saw no attention call"):
-            step(0.7)
+    with (
+        tomediff.apply_tome(model, method="cache", cache_interval=2, cache_ratio=0.25),
+        pytest.raises(MergeCallError, match="saw no attention call"),
+    ):
+        step(0.7)
 
 
 def test_partial_steps_stay_close_to_unpatched() -> None:

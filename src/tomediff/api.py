@@ -109,6 +109,7 @@ def _describe_method(cfg: ToMeConfig, partition: str | None = None) -> str:
             f"cache_interval={cfg.cache_interval}",
             f"cache_ratio={cfg.cache_ratio}",
             f"cache_select={cfg.cache_select}",
+            f"cache_context={cfg.cache_context}",
         ]
     elif cfg.method == "downsample":
         parts = [
