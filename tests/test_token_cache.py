@@ -232,18 +232,23 @@ def test_image_models_cache_between_refreshes(family: str) -> None:
     assert "refresh 2, partial 2 per block" in report
 
 
-@pytest.mark.parametrize("select", ["change", "stride"])
-def test_refresh_steps_equal_unpatched_and_partial_steps_compute_the_ratio(select: str) -> None:
-    model = tiny_flux()
-    case = flux_case()
-    x, kwargs = case
-    # The unpatched trajectory's inputs, given to both models step by step.
+def unpatched_steps(model: nn.Module) -> tuple[dict[str, Any], list[torch.Tensor], list[torch.Tensor]]:
+    """The conditioning, and the inputs and outputs of every step of the unpatched trajectory (to give a
+    patched model the same inputs step by step)."""
+    x, kwargs = flux_case()
     inputs, outputs = [], []
     for t, t_next in zip(TIMESTEPS, [*TIMESTEPS[1:], 0.0], strict=True):
         out = flux_step(model, x, kwargs, t)
         inputs.append(x)
         outputs.append(out)
         x = x + (t_next - t) * out
+    return kwargs, inputs, outputs
+
+
+@pytest.mark.parametrize("select", ["change", "stride"])
+def test_refresh_steps_equal_unpatched_and_partial_steps_compute_the_ratio(select: str) -> None:
+    model = tiny_flux()
+    kwargs, inputs, outputs = unpatched_steps(model)
     double, single = model.transformer_blocks[0], model.single_transformer_blocks[0]
     ff_tokens, stop_ff = count_tokens(double.ff)  # image tokens only
     single_tokens, stop_single = count_tokens(single.norm)  # [text, image]
@@ -272,14 +277,7 @@ def test_a_start_delays_caching_and_its_first_active_step_refreshes() -> None:
     """``start`` gives token caching a warm-up: before it every step is the unpatched model's, the first
     step after it refreshes (computes every token), and the interval counts from there."""
     model = tiny_flux()
-    case = flux_case()
-    x, kwargs = case
-    inputs, outputs = [], []
-    for t, t_next in zip(TIMESTEPS, [*TIMESTEPS[1:], 0.0], strict=True):
-        out = flux_step(model, x, kwargs, t)
-        inputs.append(x)
-        outputs.append(out)
-        x = x + (t_next - t) * out
+    kwargs, inputs, outputs = unpatched_steps(model)
     ff_tokens, stop_ff = count_tokens(model.transformer_blocks[0].ff)
     # Progress 1 - t: 0, 0.1, 0.2 before the start; 0.3 (step 3) is the first active step.
     with tomediff.apply_tome(model, method="cache", cache_interval=3, cache_ratio=0.25, start=0.25) as handle:

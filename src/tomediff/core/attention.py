@@ -18,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import types
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -36,7 +36,7 @@ from tomediff.ops import AttentionPlan, paired_plan, reduced_attention
 if TYPE_CHECKING:
     from tomediff.core.state import ToMeState
 
-__all__ = ["AttentionCallAction", "AttentionReducer", "PendingPlan", "attention_plan"]
+__all__ = ["AttentionCallAction", "AttentionReducer", "PendingPlan", "attention_plan", "pop_own_mode"]
 
 # F.scaled_dot_product_attention's parameters in order; the first four are the tensors reduced.
 _SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
@@ -161,6 +161,22 @@ class _AttentionCallMode(TorchFunctionMode):
         return 0 if site.image_first else seq - num
 
 
+_Mode = TypeVar("_Mode", bound=TorchFunctionMode)
+
+
+def pop_own_mode(kind: type[_Mode], doing: str) -> _Mode:
+    """Pop the torch function mode a site action pushed around its module (of type ``kind``); raise
+    :class:`MergeCallError`, leaving the stack as it was, when another mode is on top of it."""
+    mode = torch._C._pop_torch_function_stack()
+    if not isinstance(mode, kind):  # someone else's mode on top: put it back
+        torch._C._push_on_torch_function_stack(mode)
+        raise MergeCallError(
+            f"tomediff found a torch function mode ({type(mode).__name__}) left on the stack by an "
+            f"attention module it {doing}; modes pushed inside the module must be popped inside it."
+        )
+    return mode
+
+
 class AttentionCallAction(SiteAction):
     """Reduce the image tokens at the attention call(s) of an attention module: fewer keys/values, and
     with ``reduce_queries`` fewer queries (merged, outputs copied back). See the module docstring."""
@@ -180,13 +196,7 @@ class AttentionCallAction(SiteAction):
         return None
 
     def after(self, plan: Any, output: Any) -> Any:
-        mode = torch._C._pop_torch_function_stack()
-        if not isinstance(mode, _AttentionCallMode):  # someone else's mode on top: put it back
-            torch._C._push_on_torch_function_stack(mode)
-            raise MergeCallError(
-                f"tomediff found a torch function mode ({type(mode).__name__}) left on the stack by an "
-                "attention module it reduces; modes pushed inside the module must be popped inside it."
-            )
+        mode = pop_own_mode(_AttentionCallMode, "reduces")
         # No attention call and no projection: the module did not compute (a cache such as Pyramid
         # Attention Broadcast returned a kept or forecast output for it), so there was nothing to reduce.
         # A module that computed without an SDPA call uses another attention backend: refused.

@@ -25,6 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from tomediff.config import ToMeConfig
 from tomediff.core.actions import SiteAction
+from tomediff.core.attention import pop_own_mode
 from tomediff.core.calls import Args, Kwargs, find_input, replace_input
 from tomediff.core.reducers import PlanRequest, Reducer
 from tomediff.core.spec import Site
@@ -346,13 +347,7 @@ class CachedKeysAction(SiteAction):
         return None
 
     def after(self, plan: CachePlan, output: Any) -> Any:
-        mode = torch._C._pop_torch_function_stack()
-        if not isinstance(mode, _CachedKeysMode):  # someone else's mode on top: put it back
-            torch._C._push_on_torch_function_stack(mode)
-            raise MergeCallError(
-                f"tomediff found a torch function mode ({type(mode).__name__}) left on the stack by an "
-                "attention module it keeps keys for; modes pushed inside the module must be popped inside it."
-            )
+        mode = pop_own_mode(_CachedKeysMode, "keeps keys for")
         if mode.calls == 0:
             raise MergeCallError(
                 f"method='cache' (cache_context='all') saw no attention call "
