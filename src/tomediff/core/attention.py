@@ -36,10 +36,17 @@ from tomediff.ops import AttentionPlan, paired_plan, reduced_attention
 if TYPE_CHECKING:
     from tomediff.core.state import ToMeState
 
-__all__ = ["AttentionCallAction", "AttentionReducer", "PendingPlan", "attention_plan", "pop_own_mode"]
+__all__ = [
+    "SDPA_PARAMETERS",
+    "AttentionCallAction",
+    "AttentionReducer",
+    "PendingPlan",
+    "attention_plan",
+    "pop_own_mode",
+]
 
 # F.scaled_dot_product_attention's parameters in order; the first four are the tensors reduced.
-_SDPA_NAMES = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
+SDPA_PARAMETERS = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
 
 
 def attention_plan(plan: Any, reduce_queries: bool) -> AttentionPlan:
@@ -96,8 +103,8 @@ class _AttentionCallMode(TorchFunctionMode):
             if method is not None and args and isinstance(args[0], torch.Tensor):
                 return getattr(args[0], method)(*args[1:], **kwargs)
             return func(*args, **kwargs)
-        options = {**kwargs, **dict(zip(_SDPA_NAMES, args, strict=False))}
-        values = {name: options.pop(name, None) for name in _SDPA_NAMES[:4]}
+        options = {**kwargs, **dict(zip(SDPA_PARAMETERS, args, strict=False))}
+        values = {name: options.pop(name, None) for name in SDPA_PARAMETERS[:4]}
         query, key, value = values["query"], values["key"], values["value"]
         queries = int(query.shape[-2])
         extra = key.shape[-2] != queries

@@ -25,7 +25,7 @@ from torch.overrides import TorchFunctionMode
 
 from tomediff.config import ToMeConfig
 from tomediff.core.actions import SiteAction
-from tomediff.core.attention import pop_own_mode
+from tomediff.core.attention import SDPA_PARAMETERS, pop_own_mode
 from tomediff.core.calls import Args, Kwargs, find_input, replace_input
 from tomediff.core.reducers import PlanRequest, Reducer
 from tomediff.core.spec import Site
@@ -274,8 +274,7 @@ class _CachedKeysMode(TorchFunctionMode):
         if func is not F.scaled_dot_product_attention:
             return func(*args, **kwargs)
         self.calls += 1
-        names = ("query", "key", "value", "attn_mask", "dropout_p", "is_causal", "scale", "enable_gqa")
-        options = {**kwargs, **dict(zip(names, args, strict=False))}
+        options = {**kwargs, **dict(zip(SDPA_PARAMETERS, args, strict=False))}
         query, key, value = options.pop("query"), options.pop("key"), options.pop("value")
         plan, num = self.plan, self.plan.num_merged
         text = self.site.text_first or self.site.image_first
