@@ -182,9 +182,8 @@ def tiny_sd3() -> nn.Module:
     ).eval()
 
 
-@torch.no_grad()
-def image_model_trajectory(name: str, model: nn.Module) -> list[torch.Tensor]:
-    """SD3 / PixArt over a short trajectory (timesteps in [0, 1000]), each output fed back."""
+def image_model_case(name: str) -> tuple[torch.Tensor, dict[str, Any]]:
+    """A start latent and the conditioning of SD3 (``name == "sd3"``) or PixArt."""
     gen = torch.Generator().manual_seed(3)
     x = torch.randn(2, 4, 12, 16, generator=gen)
     if name == "sd3":
@@ -197,6 +196,13 @@ def image_model_trajectory(name: str, model: nn.Module) -> list[torch.Tensor]:
             "encoder_hidden_states": torch.randn(2, TEXT, 24, generator=gen),
             "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
         }
+    return x, kwargs
+
+
+@torch.no_grad()
+def image_model_trajectory(name: str, model: nn.Module) -> list[torch.Tensor]:
+    """SD3 / PixArt over a short trajectory (timesteps in [0, 1000]), each output fed back."""
+    x, kwargs = image_model_case(name)
     outputs = []
     for t in (900, 700, 500, 300):
         out = model(x, timestep=torch.full((2,), t), return_dict=False, **kwargs)[0][:, :4]
@@ -297,14 +303,7 @@ def repeated_step(family: str, model: nn.Module) -> Callable[[float], torch.Tens
     if family == "flux":
         x, kwargs = flux_case()
         return lambda t: flux_step(model, x, kwargs, t)
-    gen = torch.Generator().manual_seed(3)
-    x = torch.randn(2, 4, 12, 16, generator=gen)
-    width = 16 if family == "sd3" else 24
-    kwargs: dict[str, Any] = {"encoder_hidden_states": torch.randn(2, TEXT, width, generator=gen)}
-    if family == "sd3":
-        kwargs["pooled_projections"] = torch.randn(2, 8, generator=gen)
-    else:
-        kwargs["added_cond_kwargs"] = {"resolution": None, "aspect_ratio": None}
+    x, kwargs = image_model_case(family)
     return lambda t: model(x, timestep=torch.full((2,), 1000.0 * t), return_dict=False, **kwargs)[0]
 
 
