@@ -25,13 +25,13 @@ HEIGHT, WIDTH = 6, 8  # 48 image tokens
 TIMESTEPS = [1.0, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4]  # Flux takes sigma (t / 1000)
 
 
-def tiny_flux() -> nn.Module:
+def tiny_flux(num_layers: int = 1, num_single_layers: int = 1) -> nn.Module:
     torch.manual_seed(0)
     return diffusers.FluxTransformer2DModel(
         patch_size=1,
         in_channels=8,
-        num_layers=1,
-        num_single_layers=1,
+        num_layers=num_layers,
+        num_single_layers=num_single_layers,
         attention_head_dim=8,
         num_attention_heads=2,
         joint_attention_dim=16,
@@ -504,20 +504,133 @@ def test_block_attention_mask_is_refused_at_partial_steps() -> None:
             model(x, timestep=torch.tensor([400]), **kwargs)
 
 
-def test_diffusers_block_caches_are_refused_in_either_order() -> None:
-    from diffusers import FirstBlockCacheConfig
+def test_attention_caches_are_refused_on_token_cached_blocks_in_either_order() -> None:
+    from diffusers import PyramidAttentionBroadcastConfig
+
+    def broadcast() -> PyramidAttentionBroadcastConfig:
+        return PyramidAttentionBroadcastConfig(
+            spatial_attention_block_skip_range=2, current_timestep_callback=lambda: 500
+        )
 
     model = tiny_flux()
-    model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
-    with pytest.raises(ConflictingPatchError, match="FirstBlockCache skips or replays the computation of"):
+    model.enable_cache(broadcast())
+    with pytest.raises(
+        ConflictingPatchError, match="Pyramid Attention Broadcast skips or replays the computation"
+    ):
         tomediff.apply_tome(model, method="cache")
     model.disable_cache()
     with tomediff.apply_tome(model, method="cache"):
-        model.enable_cache(FirstBlockCacheConfig(threshold=0.2))
+        model.enable_cache(broadcast())
         with pytest.raises(MergeCallError, match="method='cache' runs that block on a different part"):
             trajectory(model, flux_case(), TIMESTEPS[:1])
         model.disable_cache()
         trajectory(model, flux_case(), TIMESTEPS[:2])  # without it, the patch runs again
+
+
+def stack_cache(kind: str) -> Any:
+    """FirstBlockCache, or MagCache computing every other step of TIMESTEPS (ratios of 1: no error
+    accumulates, so only max_skip_steps=1 makes it compute)."""
+    from diffusers import FirstBlockCacheConfig, MagCacheConfig
+
+    if kind == "first_block_cache":
+        return FirstBlockCacheConfig(threshold=0.3)
+    steps = len(TIMESTEPS)
+    return MagCacheConfig(
+        mag_ratios=[1.0] * steps, num_inference_steps=steps, retention_ratio=0.0, max_skip_steps=1
+    )
+
+
+def cached_trajectory(model: nn.Module) -> list[torch.Tensor]:
+    """A generation as a pipeline runs it under a diffusers cache: in a cache context, from a reset."""
+    model._reset_stateful_cache()
+    with model.cache_context("cond"):
+        return trajectory(model, flux_case())
+
+
+@pytest.mark.parametrize("tome_first", [True, False])
+@pytest.mark.parametrize("kind", ["first_block_cache", "mag_cache"])
+def test_stack_caches_refuse_token_caching_in_their_head_and_tail(kind: str, tome_first: bool) -> None:
+    model = tiny_flux(num_layers=2, num_single_layers=2)
+    name = "FirstBlockCache" if kind == "first_block_cache" else "MagCache"
+    for skip, role in (
+        ((0, 1), "transformer_blocks.0' is its head"),
+        ((1, 0), "single_transformer_blocks.1' is its tail"),
+    ):
+        message = f"{name} measures the residual .* '{re.escape(role)}.*skip_blocks=\\(1, 1\\)"
+        if tome_first:
+            handle = tomediff.apply_tome(model, method="cache", skip_blocks=skip)
+            model.enable_cache(stack_cache(kind))
+            with pytest.raises(MergeCallError, match=message):
+                cached_trajectory(model)
+            handle.remove()
+        else:
+            model.enable_cache(stack_cache(kind))
+            with pytest.raises(ConflictingPatchError, match=message):
+                tomediff.apply_tome(model, method="cache", skip_blocks=skip)
+            assert not has_hooks(model)
+        model.disable_cache()
+
+
+@pytest.mark.parametrize("removed_first", ["tome", "cache"])
+@pytest.mark.parametrize("kind", ["first_block_cache", "mag_cache"])
+def test_token_caching_runs_in_the_steps_a_stack_cache_computes(kind: str, removed_first: str) -> None:
+    """Between the cache's head and tail, a block the cache passes through makes no plan, and the token
+    cache counts only the steps the block computes: refresh, partial, refresh, ... over those."""
+    model = tiny_flux(num_layers=2, num_single_layers=2)
+    # (an inner block's attention, the text tokens its input holds besides the image's)
+    inner = [(model.transformer_blocks[1].attn, 0), (model.single_transformer_blocks[0].attn, TEXT)]
+
+    def patch() -> tomediff.ToMeHandle:
+        return tomediff.apply_tome(
+            model, method="cache", cache_interval=2, cache_ratio=0.25, skip_blocks=(1, 1)
+        )
+
+    plain = trajectory(model, flux_case())
+    model.enable_cache(stack_cache(kind))
+    cached = cached_trajectory(model)
+    model.disable_cache()
+    with patch():
+        token_cached = trajectory(model, flux_case())
+    stacked = []
+    for tome_first in (True, False):
+        if tome_first:
+            handle = patch()
+            model.enable_cache(stack_cache(kind))
+        else:
+            model.enable_cache(stack_cache(kind))
+            handle = patch()
+        seen = [(count_tokens(attn), text) for attn, text in inner]
+        stacked.append(cached_trajectory(model))
+        for (counts, remove), text in seen:
+            remove()
+            # The attention runs only at the steps the cache computes, on every token, then a quarter.
+            assert 2 <= len(counts) < len(TIMESTEPS)
+            image = [HEIGHT * WIDTH if i % 2 == 0 else HEIGHT * WIDTH // 4 for i in range(len(counts))]
+            assert counts == [text + n for n in image]
+        refresh, partial = (len(seen[0][0][0]) + 1) // 2, len(seen[0][0][0]) // 2
+        assert f"refresh {refresh}, partial {partial} per block" in str(handle.report())
+        if removed_first == "tome":
+            handle.remove()
+            assert all(torch.equal(a, b) for a, b in zip(cached_trajectory(model), cached, strict=True))
+            model.disable_cache()
+        else:
+            model.disable_cache()
+            assert all(
+                torch.equal(a, b) for a, b in zip(trajectory(model, flux_case()), token_cached, strict=True)
+            )
+            handle.remove()
+        assert all(torch.equal(a, b) for a, b in zip(trajectory(model, flux_case()), plain, strict=True))
+    assert all(torch.equal(a, b) for a, b in zip(*stacked, strict=True))
+    assert not all(torch.equal(a, b) for a, b in zip(stacked[0], cached, strict=True))
+
+
+def test_token_caching_of_every_token_under_mag_cache_equals_mag_cache_alone() -> None:
+    model = tiny_flux(num_layers=2, num_single_layers=2)
+    model.enable_cache(stack_cache("mag_cache"))
+    cached = cached_trajectory(model)
+    with tomediff.apply_tome(model, method="cache", cache_ratio=1.0, skip_blocks=(1, 1)):
+        stacked = cached_trajectory(model)
+    assert all(torch.equal(a, b) for a, b in zip(stacked, cached, strict=True))
 
 
 def test_bench_times_cache_over_a_trajectory() -> None:

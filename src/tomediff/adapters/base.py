@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from tomediff.adapters.diffusers_caches import BlockCacheCheck, ReplayedOutputCheck
+from tomediff.adapters.diffusers_caches import BlockCacheCheck, BlockSkipCheck, ReplayedOutputCheck
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import Caller
 from tomediff.errors import UnsupportedModelError
@@ -244,6 +244,7 @@ def transformer_block_spec(
         mask_names=("attention_mask",),
         unsupported=tomesd,
         conflict=BlockCacheCheck(block, name),
+        skipped=BlockSkipCheck(block),
     )
     return BlockSpec(
         name=name, block=block, downsample=downsample, grid=grid, sites=tuple(sites), block_site=whole

@@ -34,15 +34,29 @@ What diffusers 0.42 keeps, and where (default settings; custom identifiers can m
 ``tests/test_cache_stacks.py`` stacks each with tomediff in both orders and removes each alone.
 
 ``method="cache"`` runs a whole block on a different subset of its image tokens from step to step and
-keeps its own residuals, so every cache that skips or replays a block or anything inside it (all of the
-above but TextKVCache) is refused on the blocks it patches (:class:`BlockCacheCheck`).
+keeps its own residuals (:class:`BlockCacheCheck`):
+
+* FirstBlockCache and MagCache stack with it on the blocks between their head and tail. Those blocks
+  either run whole or return their input untouched (the cache adds the stack's kept residual at the
+  head); :class:`BlockSkipCheck` tells tomediff which, so a passed-through block makes no plan and its
+  token cache waits for the next step it computes. The head and the tail are refused: the cache
+  measures its residual from the head's input to the tail's output, inside their forwards, where
+  tomediff would have handed them part of the tokens (leave them unpatched: ``skip_blocks=(1, 1)``).
+* Every other cache that skips or replays a block or anything inside it (the attention caches, and
+  SeaCache, which also gates on the stack's inner outputs) is refused on the blocks it patches.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-__all__ = ["BLOCK_SKIPPING_CACHES", "OUTPUT_REPLAYING_CACHES", "BlockCacheCheck", "ReplayedOutputCheck"]
+__all__ = [
+    "BLOCK_SKIPPING_CACHES",
+    "OUTPUT_REPLAYING_CACHES",
+    "BlockCacheCheck",
+    "BlockSkipCheck",
+    "ReplayedOutputCheck",
+]
 
 # diffusers' hook name -> the cache's name for messages: the caches that keep a module's output.
 OUTPUT_REPLAYING_CACHES = {
@@ -63,6 +77,19 @@ BLOCK_SKIPPING_CACHES = {
     "sea_cache_block": "SeaCache",
 }
 
+# Whole-stack caches whose inner blocks run whole or pass their input through, as the shared state their
+# head block sets says (``should_compute``): cache name -> (head block's hook, every other block's hook).
+PASS_THROUGH_CACHES = {
+    "FirstBlockCache": ("fbc_leader_block_hook", "fbc_block_hook"),
+    "MagCache": ("mag_cache_leader_block_hook", "mag_cache_block_hook"),
+}
+
+
+def _diffusers_hooks(module: nn.Module) -> dict[str, object]:
+    """The named diffusers hooks on ``module`` (empty when none)."""
+    hooks = getattr(getattr(module, "_diffusers_hook", None), "hooks", None)
+    return hooks if isinstance(hooks, dict) else {}
+
 
 class ReplayedOutputCheck:
     """A :attr:`~tomediff.core.Site.conflict` check: a message when a diffusers cache returns outputs kept
@@ -79,9 +106,7 @@ class ReplayedOutputCheck:
 
     def __call__(self) -> str | None:
         for where, module in self.modules:
-            hooks = getattr(getattr(module, "_diffusers_hook", None), "hooks", None)
-            if not hooks:
-                continue
+            hooks = _diffusers_hooks(module)
             for hook_name, cache in OUTPUT_REPLAYING_CACHES.items():
                 if hook_name in hooks:
                     return _message(cache, where)
@@ -99,27 +124,70 @@ def _message(cache: str, where: str) -> str:
     )
 
 
+def _pass_through_hook(block: nn.Module) -> tuple[str, object, str] | None:
+    """(cache, its hook, the block's role in it: ``"head"``, ``"tail"`` or ``"inner"``) when a
+    pass-through cache sits on ``block``, else None."""
+    hooks = _diffusers_hooks(block)
+    for cache, (head, inner) in PASS_THROUGH_CACHES.items():
+        if head in hooks:
+            return cache, hooks[head], "head"
+        if inner in hooks:
+            return cache, hooks[inner], "tail" if getattr(hooks[inner], "is_tail", False) else "inner"
+    return None
+
+
 class BlockCacheCheck:
     """The :attr:`~tomediff.core.Site.conflict` check of a block site (``method="cache"``): the message
-    refusing a block at which (or inside which) a diffusers cache skips or replays computation, else
-    None."""
+    refusing a block at which (or inside which) a diffusers cache skips or replays computation in a way
+    token caching cannot follow, else None. The inner blocks of a pass-through cache
+    (:data:`PASS_THROUGH_CACHES`) are accepted: :class:`BlockSkipCheck` follows them."""
 
     def __init__(self, block: nn.Module, name: str) -> None:
+        self.block = block
+        self.name = name
         self.modules = tuple(
             (f"{name}.{inner}" if inner else name, sub) for inner, sub in block.named_modules()
         )
 
     def __call__(self) -> str | None:
+        stack = _pass_through_hook(self.block)
+        if stack is not None and stack[2] != "inner":
+            return (
+                f"diffusers' {stack[0]} measures the residual of the whole block stack from the input of "
+                f"its head block to the output of its tail block, inside their forwards, and '{self.name}' "
+                f"is its {stack[2]}: method='cache' would hand that block part of its tokens. Leave the head "
+                "and tail blocks unpatched (e.g. skip_blocks=(1, 1)); token caching then runs in the blocks "
+                "between, at the steps the cache computes."
+            )
         for where, module in self.modules:
-            hooks = getattr(getattr(module, "_diffusers_hook", None), "hooks", None)
-            if not hooks:
-                continue
+            hooks = _diffusers_hooks(module)
+            if stack is not None and module is self.block:
+                hooks = {k: v for k, v in hooks.items() if k not in PASS_THROUGH_CACHES[stack[0]]}
             for hook_name, cache in BLOCK_SKIPPING_CACHES.items():
                 if hook_name in hooks:
                     return (
                         f"diffusers' {cache} skips or replays the computation of '{where}' on some steps, "
                         "but method='cache' runs that block on a different part of its tokens each step "
                         "and keeps its own residuals, so the two would mix token sets. Use one or the "
-                        "other: model.disable_cache(), or tomediff.remove_tome(model)."
+                        "other (model.disable_cache(), or tomediff.remove_tome(model)); FirstBlockCache and "
+                        "MagCache stack with it."
                     )
         return None
+
+
+class BlockSkipCheck:
+    """The :attr:`~tomediff.core.Site.skipped` check of a block site: True when a pass-through cache
+    (:data:`PASS_THROUGH_CACHES`) returns the block's input at this call without running it, as its
+    head block decided for this step."""
+
+    def __init__(self, block: nn.Module) -> None:
+        self.block = block
+
+    def __call__(self) -> bool:
+        stack = _pass_through_hook(self.block)
+        if stack is None or stack[2] != "inner":
+            return False
+        manager = getattr(stack[1], "state_manager", None)
+        if manager is None or getattr(manager, "_context", None) is None:
+            return False  # no step started yet: the head block sets the context first
+        return getattr(manager.get_state(), "should_compute", True) is False

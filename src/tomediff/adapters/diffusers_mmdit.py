@@ -15,7 +15,7 @@ from torch import nn
 
 from tomediff.adapters.base import Adapter, ForwardChunkingCheck, class_name_in, register_adapter
 from tomediff.adapters.call_sites import BlockStack, CallSiteAdapter
-from tomediff.adapters.diffusers_caches import BlockCacheCheck, ReplayedOutputCheck
+from tomediff.adapters.diffusers_caches import BlockCacheCheck, BlockSkipCheck, ReplayedOutputCheck
 from tomediff.core import BlockSpec, GridSource, Site
 from tomediff.core.spec import PositionIdsGrid, ShapeListGrid
 
@@ -73,7 +73,16 @@ def _block_site(block: nn.Module, name: str, **fields: Any) -> Site:
     """The whole block (``method="cache"``): image tokens in ``hidden_states``, text apart, and
     ``(text, image)`` returned."""
     conflict = BlockCacheCheck(block, name)
-    return Site(block, "attn", role="block", mask_names=(), output_index=1, conflict=conflict, **fields)
+    return Site(
+        block,
+        "attn",
+        role="block",
+        mask_names=(),
+        output_index=1,
+        conflict=conflict,
+        skipped=BlockSkipCheck(block),
+        **fields,
+    )
 
 
 def _key_value_sites(attn: nn.Module, name: str) -> list[Site]:

@@ -323,6 +323,8 @@ class SitePreHook(ToMeHook):
         state_call = block.state.call
         if call.inside is not None and block.has_work(state_call) and _kept_by_cache(site):
             return self._reduce_inside(call.inside, args, kwargs)
+        if site.skipped is not None and site.skipped():
+            return None  # not run in this call: no plan (BlockPostHook drops the request)
         plan = block.plan_for_site(state_call)
         if plan is None:
             return None

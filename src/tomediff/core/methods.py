@@ -117,7 +117,8 @@ class Method:
         inside instead (:attr:`Site.inside`), and whose :attr:`Site.conflict` check refuses it now (e.g.
         a cache replaying its output), else None."""
         for spec in specs:
-            for site in (*spec.sites, spec.block_site):
+            # The block site first: it runs first, and its message speaks for the whole block.
+            for site in (spec.block_site, *spec.sites):
                 if site is None or site.conflict is None:
                     continue
                 if site.role == "block":

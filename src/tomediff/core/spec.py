@@ -490,6 +490,9 @@ class Site:
             cannot do: key/value reduction (``method="downsample"``, ``kv_ratio``).
         output_index: (``"block"`` sites) where the block's output tuple holds its image tokens (Flux
             and SD3 blocks return ``(text, image)``: 1); a block returning one tensor ignores it.
+        skipped: (``"block"`` sites) called when the block is entered, before it is planned: True when
+            something attached to the block (a cache passing the block's input through at the steps it
+            skips) will not run it in this call; the block then makes no plan.
         inside: the ``"call"`` site of this module's own attention call, for a site whose output is
             unmerged. While a cache keeps this module's output across steps (:attr:`conflict`), this
             site stands down and ``inside`` reduces the tokens inside the module instead: its output
@@ -505,6 +508,7 @@ class Site:
     context_names: tuple[str, ...] = ("encoder_hidden_states", "context")
     unsupported: Callable[[], str | None] | None = None
     conflict: Callable[[], str | None] | None = None
+    skipped: Callable[[], bool] | None = None
     role: SiteRole = "tokens"
     text_first: bool = False
     rotary_names: tuple[str, ...] = ()
