@@ -528,15 +528,16 @@ def test_attention_caches_are_refused_on_token_cached_blocks_in_either_order() -
 
 
 def stack_cache(kind: str) -> Any:
-    """FirstBlockCache, or MagCache computing every other step of TIMESTEPS (ratios of 1: no error
-    accumulates, so only max_skip_steps=1 makes it compute)."""
+    """A cache computing some steps in a row and skipping others: FirstBlockCache, or MagCache computing
+    steps 0-3 (its retention), then every other step (ratios of 1 accumulate no error, so only
+    max_skip_steps=1 makes it compute): 0, 1, 2, 3, 5."""
     from diffusers import FirstBlockCacheConfig, MagCacheConfig
 
     if kind == "first_block_cache":
-        return FirstBlockCacheConfig(threshold=0.3)
+        return FirstBlockCacheConfig(threshold=0.2)  # computes steps 0-3 and 6 here
     steps = len(TIMESTEPS)
     return MagCacheConfig(
-        mag_ratios=[1.0] * steps, num_inference_steps=steps, retention_ratio=0.0, max_skip_steps=1
+        mag_ratios=[1.0] * steps, num_inference_steps=steps, retention_ratio=0.5, max_skip_steps=1
     )
 
 
@@ -571,14 +572,32 @@ def test_stack_caches_refuse_token_caching_in_their_head_and_tail(kind: str, tom
         model.disable_cache()
 
 
+def record_block_steps(model: nn.Module, attn: nn.Module) -> tuple[list[tuple[int, int]], Callable[[], None]]:
+    """(step of the generation, tokens) of every call of ``attn``: a model pre-hook counts the steps."""
+    step, seen = [-1], []
+
+    def count_step(*_: Any) -> None:
+        step[0] += 1
+
+    def record(_: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        seen.append((step[0], int((args[0] if args else kwargs["hidden_states"]).shape[1])))
+
+    handles = [
+        model.register_forward_pre_hook(count_step),
+        attn.register_forward_pre_hook(record, with_kwargs=True),
+    ]
+    return seen, lambda: [h.remove() for h in handles]
+
+
 @pytest.mark.parametrize("removed_first", ["tome", "cache"])
 @pytest.mark.parametrize("kind", ["first_block_cache", "mag_cache"])
 def test_token_caching_runs_in_the_steps_a_stack_cache_computes(kind: str, removed_first: str) -> None:
-    """Between the cache's head and tail, a block the cache passes through makes no plan, and the token
-    cache counts only the steps the block computes: refresh, partial, refresh, ... over those."""
+    """Between the cache's head and tail, a block the cache passes through makes no plan; the steps it
+    skips still count towards the refresh interval, so the block's first step after a gap refreshes."""
     model = tiny_flux(num_layers=2, num_single_layers=2)
     # (an inner block's attention, the text tokens its input holds besides the image's)
     inner = [(model.transformer_blocks[1].attn, 0), (model.single_transformer_blocks[0].attn, TEXT)]
+    image, partial_image = HEIGHT * WIDTH, HEIGHT * WIDTH // 4
 
     def patch() -> tomediff.ToMeHandle:
         return tomediff.apply_tome(
@@ -599,16 +618,23 @@ def test_token_caching_runs_in_the_steps_a_stack_cache_computes(kind: str, remov
         else:
             model.enable_cache(stack_cache(kind))
             handle = patch()
-        seen = [(count_tokens(attn), text) for attn, text in inner]
+        seen = [(record_block_steps(model, attn), text) for attn, text in inner]
         stacked.append(cached_trajectory(model))
-        for (counts, remove), text in seen:
+        expected_partial = 0
+        for (calls, remove), text in seen:
             remove()
-            # The attention runs only at the steps the cache computes, on every token, then a quarter.
-            assert 2 <= len(counts) < len(TIMESTEPS)
-            image = [HEIGHT * WIDTH if i % 2 == 0 else HEIGHT * WIDTH // 4 for i in range(len(counts))]
-            assert counts == [text + n for n in image]
-        refresh, partial = (len(seen[0][0][0]) + 1) // 2, len(seen[0][0][0]) // 2
-        assert f"refresh {refresh}, partial {partial} per block" in str(handle.report())
+            steps = [step for step, _ in calls]
+            assert 2 <= len(steps) < len(TIMESTEPS)  # the cache skipped some steps
+            expected, refreshed = [], None
+            for step in steps:  # a refresh unless the last one was a step before (interval 2)
+                partial = refreshed is not None and step - refreshed < 2
+                refreshed = refreshed if partial else step
+                expected.append(text + (partial_image if partial else image))
+            assert [tokens for _, tokens in calls] == expected
+            expected_partial = sum(n == text + partial_image for n in expected)
+        assert expected_partial > 0
+        refresh = len(seen[0][0][0]) - expected_partial
+        assert f"refresh {refresh}, partial {expected_partial} per block" in str(handle.report())
         if removed_first == "tome":
             handle.remove()
             assert all(torch.equal(a, b) for a, b in zip(cached_trajectory(model), cached, strict=True))

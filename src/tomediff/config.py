@@ -142,9 +142,11 @@ class ToMeConfig:
             output is their input plus their kept residual. The blocks of Flux.1 and SD3 and every
             ``BasicTransformerBlock`` (PixArt, DiT, UNets); only ``merge_attn`` applies to it (``ratio``
             is not used).
-        cache_interval: ``method="cache"``: every ``cache_interval``-th denoising step a block
-            computes is a refresh step (the first of a generation always is); at least 2. A step at
-            which a diffusers cache (FirstBlockCache, MagCache) passes the block through is not counted.
+        cache_interval: ``method="cache"``: every ``cache_interval``-th denoising step is a refresh
+            step (the first of a generation always is); at least 2. Steps at which a diffusers cache
+            (FirstBlockCache, MagCache) passes the block through count too, so a partial step never
+            uses residuals more than ``cache_interval - 1`` steps old: the block's first step after a
+            longer gap refreshes.
         cache_ratio: ``method="cache"``: fraction of a block's image tokens computed at the steps
             between refreshes, in (0, 1] (1 computes them all: outputs equal the unpatched model's).
         cache_select: ``method="cache"``: which tokens are computed between refreshes: ``"change"``

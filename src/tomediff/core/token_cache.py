@@ -53,7 +53,8 @@ class CacheEntry:
     Attributes:
         residual: ``[B, N, C]`` each image token's output minus input when it was last computed.
         reference: ``[B, N, C]`` each image token's input when it was last computed (``"change"`` only).
-        partial_steps: the block's calls since the last refresh.
+        refreshed_at: the thread's step count at the last refresh.
+        partial_steps: steps since that refresh.
         keys_values: per attention module of the block (by ``id``), ``[B, heads, N, D]`` keys and values
             of every image token when it was last computed (``cache_context="all"`` only).
     """
@@ -61,6 +62,7 @@ class CacheEntry:
     residual: torch.Tensor | None = None
     reference: torch.Tensor | None = None
     keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    refreshed_at: int = 0
     partial_steps: int = 0
 
 
@@ -107,8 +109,8 @@ class CachePlan:
 
 
 class TokenCacheReducer(Reducer):
-    """Plans of ``method="cache"``: a refresh at every ``cache_interval``-th call of a block in the calling
-    thread's generation (and whenever the block has no cache for this batch, grid, device and dtype), else the
+    """Plans of ``method="cache"``: a refresh every ``cache_interval``-th step of the calling thread's
+    generation (and whenever the block has no cache for this batch, grid, device and dtype), else the
     ``cache_ratio`` of image tokens ``cache_select`` picks. Counts refresh and partial steps per block
     for the report."""
 
@@ -146,11 +148,12 @@ class TokenCacheReducer(Reducer):
         if entry is None:
             entry = CacheEntry()
             memory.plans[key] = (entry, memory.steps, memory.generation)
-        # Counted in the block's own calls: a step at which a cache passes the block through is not one.
-        stale = entry.partial_steps + 1 >= cfg.cache_interval
+        # Counted in the thread's steps, not the block's calls: after steps a cache passed the block
+        # through, kept residuals that old would cost more fidelity than the partial step saves time.
+        stale = memory.steps - entry.refreshed_at >= cfg.cache_interval
         # No residual yet: a new entry, or one whose refresh call raised before the block returned.
         if entry.residual is None or stale or num >= x.shape[1]:
-            entry.partial_steps = 0
+            entry.refreshed_at, entry.partial_steps = memory.steps, 0
             self._count(request.block_name, 0)
             return CachePlan(entry, x, None, None, keeps_reference)
         entry.partial_steps += 1
