@@ -383,24 +383,57 @@ def test_layerwise_casting_and_tome_stack_in_both_orders() -> None:
     assert torch.isfinite(stacked[0]).all() and not torch.equal(stacked[0], cast_alone)
 
 
-def test_text_kv_cache_stacks_as_a_no_op_outside_nucleus_moe() -> None:
-    """TextKVCache caches text keys/values only in NucleusMoE-Image blocks, whose attention call then
-    takes ``[image, cached text]`` keys: the image queries and keys are reduced there as without the cache;
-    elsewhere it only hooks the model's forward, which composes with tomediff in both orders and is
-    removed alone."""
+@pytest.mark.parametrize("removed_first", ["tome", "cache"])
+def test_text_kv_cache_and_tome_stack_on_nucleus_moe(removed_first: str) -> None:
+    """TextKVCache computes NucleusMoE-Image's text keys/values once per prompt (exactly: its outputs equal
+    the unpatched model's), and the attention call then takes ``[image, cached text]`` keys: the image
+    queries and keys are reduced there as without the cache. Both orders, each removed alone."""
     from family_support import call_shapes, family_run
     from tiny_recent_families import nucleusmoe_image_inputs, tiny_nucleusmoe_image
 
     nucleus = tiny_nucleusmoe_image()
-    nucleus.enable_cache(hooks.TextKVCacheConfig())
     inputs = nucleusmoe_image_inputs(2, (1, 3, 4))
-    reference = family_run(nucleus, inputs)[0]
-    with tomediff.tome(nucleus, ratio=0.5, use_rand=False):
-        out, spy = family_run(nucleus, inputs)
-    assert call_shapes(spy) == [(6, 11)] * 2  # 12 image queries and keys merged to 6; 5 text keys kept
-    assert torch.isfinite(out).all() and not torch.equal(out, reference)
-    assert tome_hooks(nucleus) == 0 and torch.equal(family_run(nucleus, inputs)[0], reference)
 
+    def run() -> torch.Tensor:
+        return family_run(nucleus, inputs)[0]
+
+    def patch() -> tomediff.ToMeHandle:
+        return tomediff.apply_tome(nucleus, ratio=0.5, use_rand=False)
+
+    plain = run()
+    nucleus.enable_cache(hooks.TextKVCacheConfig())
+    cached = run()
+    nucleus.disable_cache()
+    handle = patch()
+    merged = run()
+    handle.remove()
+    assert torch.equal(cached, plain) and not torch.equal(merged, plain)
+    for tome_first in (True, False):
+        if tome_first:
+            handle = patch()
+            nucleus.enable_cache(hooks.TextKVCacheConfig())
+        else:
+            nucleus.enable_cache(hooks.TextKVCacheConfig())
+            handle = patch()
+        for _ in range(2):  # the first call fills the text cache, the second uses it
+            out, spy = family_run(nucleus, inputs)
+            assert call_shapes(spy) == [(6, 11)] * 2  # 12 image queries and keys merged to 6; 5 text keys
+            assert torch.equal(out, merged)
+        if removed_first == "tome":
+            handle.remove()
+            assert torch.equal(run(), cached)
+            nucleus.disable_cache()
+        else:
+            nucleus.disable_cache()
+            assert torch.equal(run(), merged)
+            handle.remove()
+        assert torch.equal(run(), plain)
+        assert tome_hooks(nucleus) == 0 and diffusers_hooks(nucleus) == 0
+
+
+def test_text_kv_cache_stacks_as_a_no_op_outside_nucleus_moe() -> None:
+    """Outside NucleusMoE-Image the cache only hooks the model's forward, which composes with tomediff in
+    both orders and is removed alone."""
     pipe, generate = flux_pipeline()
     model = pipe.transformer
     with torch.no_grad():

@@ -29,7 +29,9 @@ What diffusers 0.42 keeps, and where (default settings; custom identifiers can m
   forecast of the model's ``proj_out``, neither of which tomediff reduces.
 * FirstBlockCache, MagCache, SeaCache: the residual of the whole block stack, taken from block
   inputs and outputs, which are never merged: they compose as they are (a skipped block runs no site).
-* TextKVCache: text keys and values of NucleusMoE-Image blocks, a model tomediff has no adapter for.
+* TextKVCache: text keys and values of NucleusMoE-Image blocks, computed once per prompt; tomediff
+  reduces the image tokens at those blocks' attention calls, where the cached text keys only join the
+  keys, so the two compose as they are.
 
 ``tests/test_cache_stacks.py`` stacks each with tomediff in both orders and removes each alone.
 
