@@ -16,6 +16,7 @@ if TYPE_CHECKING:  # torch is imported where a generator is checked: the CLI's f
 
 __all__ = [
     "CACHE_CONTEXTS",
+    "CACHE_FORECASTS",
     "CACHE_SELECTS",
     "CFG_LAYOUTS",
     "DOWNSAMPLE_MODES",
@@ -47,6 +48,8 @@ METHODS = ("merge", "downsample", "cache")
 # How method="cache" picks the tokens it recomputes between refresh steps.
 CACHE_SELECTS = ("change", "stride")
 CACHE_CONTEXTS = ("all", "computed")
+# How method="cache" fills the tokens it does not compute: kept residual, or extrapolated in time.
+CACHE_FORECASTS = ("none", "linear")
 DOWNSAMPLE_MODES = ("nearest", "avg", "bilinear")
 # How a classifier-free-guidance batch is stacked (``reuse_cfg``): asked of the patched pipeline, diffusers'
 # and ComfyUI's [unconditional, conditional], or the reverse for a host that stacks them the other way.
@@ -249,6 +252,7 @@ class ToMeConfig:
     cache_ratio: float = 0.25
     cache_select: str = "change"
     cache_context: str = "all"
+    cache_forecast: str = "none"
     st: int = 1
     reference_ratio: float | None = None
 
@@ -304,11 +308,14 @@ class ToMeConfig:
         if self.cache_context not in CACHE_CONTEXTS:
             contexts = ", ".join(map(repr, CACHE_CONTEXTS))
             raise ConfigError(f"cache_context must be one of {contexts}, got {self.cache_context!r}.")
+        if self.cache_forecast not in CACHE_FORECASTS:
+            forecasts = ", ".join(map(repr, CACHE_FORECASTS))
+            raise ConfigError(f"cache_forecast must be one of {forecasts}, got {self.cache_forecast!r}.")
         if self.method != "cache":
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
             changed = [
                 n
-                for n in ("cache_interval", "cache_ratio", "cache_select", "cache_context")
+                for n in ("cache_interval", "cache_ratio", "cache_select", "cache_context", "cache_forecast")
                 if getattr(self, n) != defaults[n]
             ]
             if changed:

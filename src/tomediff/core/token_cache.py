@@ -57,11 +57,20 @@ class CacheEntry:
         partial_steps: steps since that refresh.
         keys_values: per attention module of the block (by ``id``), ``[B, heads, N, D]`` keys and values
             of every image token when it was last computed (``cache_context="all"`` only).
+        slope: ``[B, N, C]`` each image token's residual change per unit of time between its last two
+            computations (``cache_forecast="linear"`` only).
+        computed_at: ``[B, N]`` the time (timestep) each image token was last computed at
+            (``cache_forecast="linear"`` only).
+        key_value_slopes: per attention module, ``[B, heads, N, D]`` the keys' and values' change per
+            unit of time, as ``slope`` (``cache_forecast="linear"`` with ``cache_context="all"``).
     """
 
     residual: torch.Tensor | None = None
     reference: torch.Tensor | None = None
     keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    slope: torch.Tensor | None = None
+    computed_at: torch.Tensor | None = None
+    key_value_slopes: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     refreshed_at: int = 0
     partial_steps: int = 0
 
@@ -81,6 +90,7 @@ class CachePlan:
     index: torch.Tensor | None
     positions: torch.Tensor | None
     keeps_reference: bool
+    time: float | None = None  # the call's time, when kept residuals are extrapolated to it
     _others: torch.Tensor | None = None
 
     @property
@@ -152,10 +162,13 @@ class TokenCacheReducer(Reducer):
         # through, kept residuals that old would cost more fidelity than the partial step saves time.
         stale = memory.steps - entry.refreshed_at >= cfg.cache_interval
         # No residual yet: a new entry, or one whose refresh call raised before the block returned.
+        time = None
+        if cfg.cache_forecast == "linear":
+            time = memory.last_timestep if memory.last_timestep is not None else -float(memory.steps)
         if entry.residual is None or stale or num >= x.shape[1]:
             entry.refreshed_at, entry.partial_steps = memory.steps, 0
             self._count(request.block_name, 0)
-            return CachePlan(entry, x, None, None, keeps_reference)
+            return CachePlan(entry, x, None, None, keeps_reference, time)
         entry.partial_steps += 1
         self._count(request.block_name, 1)
         batch, num_tokens = int(x.shape[0]), int(x.shape[1])
@@ -166,7 +179,7 @@ class TokenCacheReducer(Reducer):
         else:
             index = strided_tokens(batch, num_tokens, num, entry.partial_steps, x.device)
         positions = index[0] if shared else None
-        return CachePlan(entry, x, index, positions, keeps_reference)
+        return CachePlan(entry, x, index, positions, keeps_reference, time)
 
     def _count(self, block: str, which: int) -> None:
         with self._lock:
@@ -243,20 +256,55 @@ class BlockCacheAction(SiteAction):
         image = output[position] if isinstance(output, tuple) else output
         entry, x = plan.entry, plan.x
         if plan.index is None:
-            entry.residual = (image.detach() - x).to(x.dtype)
+            residual = (image.detach() - x).to(x.dtype)
+            if plan.time is not None:
+                _renew_slope(entry, residual, None, plan.time)
+            entry.residual = residual
             # A copy: the block's caller may reuse its input tensor in place.
             entry.reference = x.clone() if plan.keeps_reference else None
             return None
         assert entry.residual is not None
         computed = image.detach()
-        scatter_tokens(entry.residual, plan.index, computed - gather_tokens(x, plan.index))
+        fresh = computed - gather_tokens(x, plan.index)
+        if plan.time is not None:
+            _renew_slope(entry, fresh, plan.index, plan.time)
+        scatter_tokens(entry.residual, plan.index, fresh)
         if plan.keeps_reference:
             assert entry.reference is not None
             scatter_tokens(entry.reference, plan.index, gather_tokens(x, plan.index))
-        full = fill_from_cache(x, entry.residual, plan.index, image)
+        residual = entry.residual
+        if plan.time is not None and entry.slope is not None and entry.computed_at is not None:
+            # Each kept residual moved on along its last slope to this call's time (computed tokens are
+            # overwritten by fill_from_cache).
+            residual = residual + entry.slope * (plan.time - entry.computed_at)[..., None].to(residual.dtype)
+        full = fill_from_cache(x, residual, plan.index, image)
         if isinstance(output, tuple):
             return (*output[:position], full, *output[position + 1 :])
         return full
+
+
+def _renew_slope(entry: CacheEntry, fresh: torch.Tensor, index: torch.Tensor | None, time: float) -> None:
+    """Before ``fresh`` residuals (``[B, N, C]`` at a refresh, ``index``'s ``[B, M, C]`` else) replace the
+    kept ones: each such token's slope becomes its residual's change per unit of time since it was last
+    computed, and its time this call's."""
+    old, at = entry.residual, entry.computed_at
+    if index is None:
+        if old is None or at is None or old.shape != fresh.shape:
+            entry.slope = torch.zeros_like(fresh)
+        else:
+            entry.slope = _per_time(fresh - old, (time - at)[..., None])
+        entry.computed_at = torch.full(fresh.shape[:2], time, dtype=torch.float64, device=fresh.device)
+        return
+    assert old is not None and at is not None and entry.slope is not None
+    elapsed = time - at.gather(1, index)
+    scatter_tokens(entry.slope, index, _per_time(fresh - gather_tokens(old, index), elapsed[..., None]))
+    at.scatter_(1, index, torch.full_like(elapsed, time))
+
+
+def _per_time(change: torch.Tensor, elapsed: torch.Tensor) -> torch.Tensor:
+    """``change`` over ``elapsed`` (broadcast to it; 0 where no time passed)."""
+    safe = torch.where(elapsed == 0, torch.ones_like(elapsed), elapsed)
+    return torch.where(elapsed == 0, torch.zeros_like(change), change / safe.to(change.dtype))
 
 
 class _CachedKeysMode(TorchFunctionMode):
@@ -298,8 +346,22 @@ class _CachedKeysMode(TorchFunctionMode):
         start = 0 if self.site.image_first else seq - num
         image = slice(start, start + num)
         entry, module = plan.entry, id(self.site.module)
+        # [B, 1, N, 1]: the time since each image token was last computed (BlockCacheAction renews the
+        # times after the block, so here they are still the last computation's).
+        elapsed = None
+        if plan.time is not None and entry.computed_at is not None:
+            elapsed = (plan.time - entry.computed_at)[:, None, :, None]
         if plan.index is None:
-            entry.keys_values[module] = tuple(t[:, :, image].detach().clone() for t in (key, value))
+            key_image, value_image = (t[:, :, image].detach().clone() for t in (key, value))
+            old = entry.keys_values.get(module)
+            if plan.time is not None:
+                if elapsed is None or old is None or old[0].shape != key_image.shape:
+                    slopes = (torch.zeros_like(key_image), torch.zeros_like(value_image))
+                else:
+                    since = elapsed.to(key_image.dtype)
+                    slopes = (_per_time(key_image - old[0], since), _per_time(value_image - old[1], since))
+                entry.key_value_slopes[module] = slopes
+            entry.keys_values[module] = (key_image, value_image)
             return func(query, key, value, **options)
         if options.get("attn_mask") is not None:
             raise MergeCallError(
@@ -314,11 +376,23 @@ class _CachedKeysMode(TorchFunctionMode):
             )
         computed = plan.index[:, None, :, None]
         others = plan.others()[:, None, :, None]
+        slopes = entry.key_value_slopes.get(module) if elapsed is not None else None
         extra = []
-        for cached, fresh in zip(kept, (key, value), strict=True):
+        for which, (cached, fresh) in enumerate(zip(kept, (key, value), strict=True)):
             heads, dim = cached.shape[1], cached.shape[3]
-            cached.scatter_(2, computed.expand(-1, heads, -1, dim), fresh[:, :, image])
-            extra.append(cached.gather(2, others.expand(-1, heads, -1, dim)))
+            rows, other_rows = computed.expand(-1, heads, -1, dim), others.expand(-1, heads, -1, dim)
+            new = fresh[:, :, image]
+            if slopes is not None and elapsed is not None:
+                # As the residuals: renew the computed tokens' slopes, move the others' along theirs.
+                since = elapsed.to(new.dtype)
+                change = new - cached.gather(2, rows)
+                slopes[which].scatter_(2, rows, _per_time(change, since.gather(2, computed)))
+                cached.scatter_(2, rows, new)
+                moved = slopes[which].gather(2, other_rows) * since.gather(2, others)
+                extra.append(cached.gather(2, other_rows) + moved)
+                continue
+            cached.scatter_(2, rows, new)
+            extra.append(cached.gather(2, other_rows))
         key = torch.cat([key, extra[0].to(key.dtype)], dim=2)
         value = torch.cat([value, extra[1].to(value.dtype)], dim=2)
         return func(query, key, value, **options)

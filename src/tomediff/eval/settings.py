@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from tomediff.config import (
     CACHE_CONTEXTS,
+    CACHE_FORECASTS,
     CACHE_SELECTS,
     DOWNSAMPLE_MODES,
     METHODS,
@@ -73,6 +74,7 @@ _CHOICES: dict[str, tuple[str, ...]] = {
     "downsample_mode": DOWNSAMPLE_MODES,
     "cache_select": CACHE_SELECTS,
     "cache_context": CACHE_CONTEXTS,
+    "cache_forecast": CACHE_FORECASTS,
 }
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
