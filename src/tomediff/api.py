@@ -6,7 +6,7 @@ import numbers
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 from torch.utils.hooks import RemovableHandle
@@ -76,7 +76,7 @@ class ToMeReport:
         ]
         for block in self.blocks:
             stats = block.last_call
-            level = block.downsample
+            level: int | str | None = block.downsample
             if level is None:  # told at call time (the generic adapter)
                 level = stats.downsample if stats is not None and stats.downsample is not None else "?"
             if stats is None:
@@ -430,11 +430,9 @@ def apply_patch(
 def _tomesd_level(max_downsample: Any) -> Any:
     """tomesd patches the levels whose downsampling (1, 2, 4, 8) is ``<= max_downsample``: the same
     blocks as the largest power of two not above it. Other values go on to ToMeConfig's own checks."""
-    if (
-        isinstance(max_downsample, numbers.Real)
-        and not isinstance(max_downsample, bool)
-        and max_downsample >= 1
-    ):
+    # Not narrowed by isinstance: numbers.Real's stub declares neither comparisons nor int().
+    real = isinstance(max_downsample, numbers.Real) and not isinstance(max_downsample, bool)
+    if real and max_downsample >= 1:
         return 1 << (int(max_downsample).bit_length() - 1)
     return max_downsample
 
@@ -466,4 +464,4 @@ def _remove_tomesd_patch(target: nn.Module) -> None:
                 hook.remove()
             del module._tome_info
         if patched_by_tomesd(module):
-            module.__class__ = type(module)._parent
+            module.__class__ = cast(Any, type(module))._parent  # set by tomesd on its ToMeBlock classes

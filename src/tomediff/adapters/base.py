@@ -223,19 +223,19 @@ def transformer_block_spec(
     """Spec of a diffusers or LDM ``BasicTransformerBlock`` (``attn1``, ``attn2``, ``ff``)."""
     sites: list[Site] = []
     tomesd = TomesdPatchCheck(block, name)  # the only blocks tomesd patches
-    if isinstance(getattr(block, "attn1", None), nn.Module):
-        conflict = ReplayedOutputCheck(block.attn1, f"{name}.attn1")
+    if isinstance(attn1 := getattr(block, "attn1", None), nn.Module):
+        conflict = ReplayedOutputCheck(attn1, f"{name}.attn1")
         # Its attention call sees the image tokens alone: while a cache keeps attn1's output the
         # tokens are reduced there instead (diffusers_caches); attn2 and ff have no such call.
-        inside = Site(block.attn1, "attn", role="call")
-        sites.append(Site(block.attn1, "attn", unsupported=tomesd, conflict=conflict, inside=inside))
-    if isinstance(getattr(block, "attn2", None), nn.Module):
-        conflict = ReplayedOutputCheck(block.attn2, f"{name}.attn2")
-        sites.append(Site(block.attn2, "crossattn", unsupported=tomesd, conflict=conflict))
-    if isinstance(getattr(block, "ff", None), nn.Module):
+        inside = Site(attn1, "attn", role="call")
+        sites.append(Site(attn1, "attn", unsupported=tomesd, conflict=conflict, inside=inside))
+    if isinstance(attn2 := getattr(block, "attn2", None), nn.Module):
+        conflict = ReplayedOutputCheck(attn2, f"{name}.attn2")
+        sites.append(Site(attn2, "crossattn", unsupported=tomesd, conflict=conflict))
+    if isinstance(ff := getattr(block, "ff", None), nn.Module):
         unsupported = FirstReason(tomesd, ForwardChunkingCheck(block, name))
-        conflict = ReplayedOutputCheck(block.ff, f"{name}.ff")
-        sites.append(Site(block.ff, "mlp", unsupported=unsupported, conflict=conflict))
+        conflict = ReplayedOutputCheck(ff, f"{name}.ff")
+        sites.append(Site(ff, "mlp", unsupported=unsupported, conflict=conflict))
     # The whole block (method="cache"): its input is the image tokens, the text comes as its context.
     whole = Site(
         block,

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 from torch import nn
 
@@ -123,8 +123,9 @@ class BlockStack:
     per_sample: bool = False
 
     def specs(self, model: nn.Module, grid: GridSource) -> list[BlockSpec]:
+        blocks: Iterable[nn.Module]
         try:
-            blocks = model.get_submodule(self.attr)
+            blocks = cast(nn.ModuleList, model.get_submodule(self.attr))
         except AttributeError:
             if not self.optional:
                 raise

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from tomediff.adapters.base import Adapter, class_name_in, register_adapter, transformer_block_spec
@@ -30,6 +32,6 @@ class DiffusersDiTAdapter(Adapter):
         # All blocks see the same (patchified) grid: that grid is the full resolution, level 1.
         return [
             transformer_block_spec(f"transformer_blocks.{index}", block, 1, grid)
-            for index, block in enumerate(model.transformer_blocks)
+            for index, block in enumerate(cast(nn.ModuleList, model.transformer_blocks))
             if class_name_in(block, {"BasicTransformerBlock"})
         ]

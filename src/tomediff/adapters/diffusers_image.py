@@ -4,7 +4,8 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Iterable
+from typing import Any, ClassVar, cast
 
 from torch import nn
 
@@ -69,10 +70,10 @@ class SanaAdapter(Adapter):
 
     @classmethod
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
-        patch_size = int(getattr(model.config, "patch_size", 1) or 1)  # type: ignore[attr-defined]
+        patch_size = int(getattr(model.config, "patch_size", 1) or 1)
         grid = GridSource(model, patch_size=patch_size)
         specs = []
-        for index, block in enumerate(model.transformer_blocks):
+        for index, block in enumerate(cast(Iterable[Any], model.transformer_blocks)):
             if not class_name_in(block, {"SanaTransformerBlock"}):
                 continue
             # Merged at block level (linear attention: no attention call to reduce inside), so refused
@@ -87,7 +88,7 @@ class SanaAdapter(Adapter):
 
 
 def _patch_grid(model: nn.Module) -> GridSource:
-    return GridSource(model, patch_size=int(model.config.patch_size))  # type: ignore[attr-defined]
+    return GridSource(model, patch_size=int(cast(Any, model.config).patch_size))
 
 
 @register_adapter
@@ -189,7 +190,7 @@ class HunyuanImageAdapter(CallSiteAdapter):
 
     @classmethod
     def grid(cls, model: nn.Module) -> GridSource:
-        patch = tuple(int(p) for p in model.config.patch_size)  # type: ignore[attr-defined]
+        patch = tuple(int(p) for p in cast(Any, model.config).patch_size)
         pt, ph, pw = patch if len(patch) == 3 else (1, *patch)
         return VideoGrid(model, video_patch=(pt, ph, pw))
 
@@ -250,7 +251,7 @@ class Lumina2Adapter(CallSiteAdapter):
 
     @classmethod
     def grid(cls, model: nn.Module) -> GridSource:
-        return EqualLengthsGrid(model, patch_size=int(model.config.patch_size))  # type: ignore[attr-defined]
+        return EqualLengthsGrid(model, patch_size=int(cast(Any, model.config).patch_size))
 
 
 @register_adapter
@@ -596,7 +597,7 @@ class JoyImageEditAdapter(CallSiteAdapter):
 
     @classmethod
     def grid(cls, model: nn.Module) -> GridSource:
-        patch = tuple(int(p) for p in model.config.patch_size)  # type: ignore[attr-defined]
+        patch = tuple(int(p) for p in cast(Any, model.config).patch_size)
         return ItemsVideoGrid(model, video_patch=(patch[0], patch[1], patch[2]))
 
 

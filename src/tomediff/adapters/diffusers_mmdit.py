@@ -9,7 +9,8 @@ from the ``img_ids`` of its packed latent. Which blocks merge is chosen with ``s
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from collections.abc import Iterable
+from typing import Any, ClassVar, cast
 
 from torch import nn
 
@@ -114,7 +115,7 @@ class SD3Adapter(Adapter):
         patch_size = int(getattr(getattr(model, "config", None), "patch_size", None) or 1)
         grid = GridSource(model, patch_size=patch_size)
         specs = []
-        for index, block in enumerate(model.transformer_blocks):
+        for index, block in enumerate(cast(Iterable[Any], model.transformer_blocks)):
             if not class_name_in(block, {"JointTransformerBlock"}):
                 continue
             name = f"transformer_blocks.{index}"
@@ -169,7 +170,7 @@ class FluxAdapter(Adapter):
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
         grid = PositionIdsGrid(model, position=cls.ids_position, group_axis=0)
         specs = []
-        for index, block in enumerate(model.transformer_blocks):
+        for index, block in enumerate(cast(Iterable[Any], model.transformer_blocks)):
             if class_name_in(block, {"FluxTransformerBlock"}):
                 name = f"transformer_blocks.{index}"
                 inside = Site(block.attn, "attn", role="call", text_first=True)

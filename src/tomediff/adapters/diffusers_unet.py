@@ -3,6 +3,8 @@ of the down, mid and up blocks; a block's level follows from the down/upsamplers
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from tomediff.adapters.base import Adapter, class_name_in, register_adapter, transformer_block_spec
@@ -41,7 +43,7 @@ class DiffusersUNetAdapter(Adapter):
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
         specs: list[BlockSpec] = []
         downsample = 1
-        for index, block in enumerate(model.down_blocks):
+        for index, block in enumerate(cast(nn.ModuleList, model.down_blocks)):
             specs += _container_specs(f"down_blocks.{index}", block, downsample)
             if _has_sampler(block, "downsamplers"):
                 downsample *= 2
@@ -75,5 +77,5 @@ class DreamLiteTransformerAdapter(Adapter):
         grid = GridSource(model)
         return [
             transformer_block_spec(f"transformer_blocks.{index}", block, 1, grid)
-            for index, block in enumerate(model.transformer_blocks)
+            for index, block in enumerate(cast(nn.ModuleList, model.transformer_blocks))
         ]

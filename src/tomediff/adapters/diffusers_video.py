@@ -14,7 +14,7 @@ rotary embedding): with merging, queries and keys/values merged (or, with ``kv_r
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 from torch import nn
 
@@ -64,10 +64,11 @@ _WAN_BLOCKS = {"WanTransformerBlock", "SkyReelsV2TransformerBlock"}
 def _wan_sites(block: nn.Module, name: str) -> tuple[Site, ...]:
     """A Wan block's sites: the self-attention (video tokens only) at its call, the cross-attention's
     queries and the feed-forward at block level (refused where a diffusers cache keeps their output)."""
+    attn1, attn2, ffn = (cast(nn.Module, getattr(block, attr)) for attr in ("attn1", "attn2", "ffn"))
     return (
-        Site(block.attn1, "attn", role="call"),
-        Site(block.attn2, "crossattn", conflict=ReplayedOutputCheck(block.attn2, f"{name}.attn2")),
-        Site(block.ffn, "mlp", conflict=ReplayedOutputCheck(block.ffn, f"{name}.ffn")),
+        Site(attn1, "attn", role="call"),
+        Site(attn2, "crossattn", conflict=ReplayedOutputCheck(attn2, f"{name}.attn2")),
+        Site(ffn, "mlp", conflict=ReplayedOutputCheck(ffn, f"{name}.ffn")),
     )
 
 
@@ -92,7 +93,7 @@ class WanAdapter(Adapter):
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
         grid = VideoGrid(model, video_patch=_patch_size(model))
         specs = []
-        for index, block in enumerate(model.blocks):
+        for index, block in enumerate(cast(nn.ModuleList, model.blocks)):
             if not class_name_in(block, _WAN_BLOCKS):
                 continue
             specs.append(BlockSpec(f"blocks.{index}", block, 1, grid, _wan_sites(block, f"blocks.{index}")))
@@ -107,7 +108,7 @@ class WanAdapter(Adapter):
 
 def _config_video_grid(model: nn.Module) -> VideoGrid:
     """The grid of a model whose config gives ``patch_size`` (space) and ``patch_size_t`` (time)."""
-    config = model.config  # type: ignore[attr-defined]
+    config: Any = model.config
     p, pt = int(config.patch_size), int(config.patch_size_t)
     return VideoGrid(model, video_patch=(pt, p, p))
 
@@ -182,7 +183,7 @@ class CogVideoXAdapter(CallSiteAdapter):
 
     @classmethod
     def grid(cls, model: nn.Module) -> GridSource:
-        config = model.config  # type: ignore[attr-defined]
+        config: Any = model.config
         p, pt = int(config.patch_size), int(config.patch_size_t or 1)
         return VideoGrid(model, video_patch=(pt, p, p), frames_axis=1)
 
@@ -254,7 +255,7 @@ class ConsisIDAdapter(CallSiteAdapter):
 
     @classmethod
     def grid(cls, model: nn.Module) -> GridSource:
-        p = int(model.config.patch_size)  # type: ignore[attr-defined]
+        p = int(cast(Any, model.config).patch_size)
         return VideoGrid(model, video_patch=(1, p, p), frames_axis=1)
 
 
@@ -271,7 +272,7 @@ class EasyAnimateAdapter(CallSiteAdapter):
 
     @classmethod
     def grid(cls, model: nn.Module) -> GridSource:
-        p = int(model.config.patch_size)  # type: ignore[attr-defined]
+        p = int(cast(Any, model.config).patch_size)
         return VideoGrid(model, video_patch=(1, p, p))
 
 
@@ -353,7 +354,7 @@ class MochiAdapter(CallSiteAdapter):
 
     @classmethod
     def grid(cls, model: nn.Module) -> GridSource:
-        p = int(model.config.patch_size)  # type: ignore[attr-defined]
+        p = int(cast(Any, model.config).patch_size)
         return VideoGrid(model, video_patch=(1, p, p))
 
 

@@ -3,6 +3,8 @@ and output blocks, found by class name so the LDM code base need not be importab
 
 from __future__ import annotations
 
+from typing import cast
+
 from torch import nn
 
 from tomediff.adapters.base import Adapter, class_name_in, register_adapter, transformer_block_spec
@@ -40,13 +42,13 @@ class LDMUNetAdapter(Adapter):
     def block_specs(cls, model: nn.Module) -> list[BlockSpec]:
         specs: list[BlockSpec] = []
         downsample = 1
-        for index, block in enumerate(model.input_blocks):
+        for index, block in enumerate(cast(nn.ModuleList, model.input_blocks)):
             if _contains(block, "Downsample"):
                 # A downsampling input block holds only the downsampler; later blocks run below it.
                 downsample *= 2
             specs += _spatial_specs(f"input_blocks.{index}", block, downsample)
-        specs += _spatial_specs("middle_block", model.middle_block, downsample)
-        for index, block in enumerate(model.output_blocks):
+        specs += _spatial_specs("middle_block", cast(nn.Module, model.middle_block), downsample)
+        for index, block in enumerate(cast(nn.ModuleList, model.output_blocks)):
             specs += _spatial_specs(f"output_blocks.{index}", block, downsample)
             if _contains(block, "Upsample"):
                 downsample //= 2

@@ -12,7 +12,7 @@ import statistics
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 
@@ -317,7 +317,8 @@ def compiled(model: torch.nn.Module, mode: str) -> torch.nn.Module:
     ):
         if hasattr(config, name):
             setattr(config, name, max(256, getattr(config, name)))
-    return torch.compile(model, mode=None if mode == "default" else mode)
+    # On a module torch.compile returns an OptimizedModule (an nn.Module); its stub says only Callable.
+    return cast(torch.nn.Module, torch.compile(model, mode=None if mode == "default" else mode))
 
 
 def _error_text(error: BaseException) -> str:
@@ -634,7 +635,9 @@ def _trajectory_note(settings: MergeSettings, calls: int) -> str:
 def _derive(records: list[Record]) -> None:
     """Speedup, saving realised and ratios to the baseline of the same (model, resolution)."""
     by_key = {(r.model, r.resolution, r.variant, r.ratio): r for r in records if r.setting is None}
-    by_name = {(r.model, r.resolution, r.key): r for r in records if r.key is not None}
+    by_name: dict[tuple[str, int, str | None], Record] = {
+        (r.model, r.resolution, r.key): r for r in records if r.key is not None
+    }
     for record in records:
         base = by_key.get((record.model, record.resolution, "baseline", None))
         if record.key is not None:  # rows made by the runner name their ideal (or have none)

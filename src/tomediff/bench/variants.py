@@ -12,7 +12,7 @@ import dataclasses
 import importlib.metadata
 import importlib.util
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -87,8 +87,9 @@ class MergeSettings(_MergeFields):  # type: ignore[misc, valid-type]
         level = self.max_downsample
         if level is None and self.level_ratios is None:
             level = default_level
+        # Any: the fields come from make_dataclass, which mypy cannot see.
         return dataclasses.replace(
-            self,
+            cast(Any, self),
             max_downsample=level,
             use_rand=False,
             seed=0,

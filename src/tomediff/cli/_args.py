@@ -44,8 +44,8 @@ class OnelineParser(argparse.ArgumentParser):
         sys.exit(2)
 
 
-def fail(command: str, error: Exception) -> int:
-    """Print a validation error as one line; returns the exit code 2."""
+def fail(command: str, error: Exception | str) -> int:
+    """Print a validation error (or its message) as one line; returns the exit code 2."""
     print(f"tomediff {command}: error: {error}", file=sys.stderr)
     return 2
 

@@ -23,7 +23,7 @@ import argparse
 import os
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tomediff.cli._args import (
     BUNDLED_MODEL_THREADS,
@@ -41,6 +41,9 @@ from tomediff.cli._args import (
 )
 from tomediff.cli.eval_cmd import BUNDLED_MODEL_FILES, CLASSIFIER_FILES, check_assets
 from tomediff.errors import CLIUsageError, ConfigError, TomediffError
+
+if TYPE_CHECKING:
+    from tomediff.eval.pipeline import DemoDiTPipeline, DemoPipeline
 
 __all__ = ["HELP", "NAME", "register", "run", "run_demo", "run_speed"]
 
@@ -102,6 +105,7 @@ def _run_quality(
     from tomediff.eval.report import save_grid, write_json
     from tomediff.progress import ProgressBar
 
+    pipe: DemoPipeline | DemoDiTPipeline
     if model in DIT_IMAGE_SIZES:
         pipe = load_demo_dit(assets_dir, image_size=DIT_IMAGE_SIZES[model])
     else:
@@ -111,7 +115,8 @@ def _run_quality(
     class_ids = [c for _ in range(per_class) for c in range(num_classes)]
     seeds = [seed + i for i in range(len(class_ids))]
     ratios = sorted({0.0, *ratios})
-    rows, images_by_ratio = [], {}
+    rows: list[dict[str, Any]] = []
+    images_by_ratio = {}
     with ProgressBar(len(ratios) * (repeats + 1) * steps, "denoising steps", enabled=progress) as bar:
         for ratio in ratios:
             handle = tomediff.apply_tome(pipe, ratio=ratio) if ratio > 0 else None
@@ -122,15 +127,20 @@ def _run_quality(
                 for attempt in range(repeats + 1):
                     if handle is not None:
                         handle.reseed(0)
+
+                    # A def, not a lambda: mypy cannot type a lambda with default arguments.
+                    def advance(_i: int, r: float = ratio, a: int = attempt) -> None:
+                        bar.advance(
+                            f"quality: ratio {r:g}, " + (f"timed pass {a}/{repeats}" if a else "warm-up pass")
+                        )
+
                     started = time.perf_counter()
                     images = pipe(
                         class_ids,
                         seeds,
                         num_inference_steps=steps,
                         guidance_scale=guidance,
-                        step_callback=lambda _i, r=ratio, a=attempt: bar.advance(
-                            f"quality: ratio {r:g}, " + (f"timed pass {a}/{repeats}" if a else "warm-up pass")
-                        ),
+                        step_callback=advance,
                     )
                     if attempt > 0:
                         timings.append((time.perf_counter() - started) / steps)

@@ -372,7 +372,7 @@ def _run_valid(args: argparse.Namespace, protocol: str) -> int:
     if protocol == "paper":
         from tomediff.eval.paper import PaperOptions, run_paper_eval
 
-        options = PaperOptions(
+        paper_options = PaperOptions(
             model=args.model or PaperOptions.model,
             out_dir=args.out,
             ratios=args.ratios or (0.0, 0.5),
@@ -396,9 +396,9 @@ def _run_valid(args: argparse.Namespace, protocol: str) -> int:
             ("guidance", args.guidance),
         ):
             if value is not None:
-                setattr(options, name, value)
+                setattr(paper_options, name, value)
         try:
-            run_paper_eval(options)
+            run_paper_eval(paper_options)
         except TomediffError as error:
             return fail("eval", error)
         except RuntimeError as error:

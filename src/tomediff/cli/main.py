@@ -16,7 +16,7 @@ import argparse
 import importlib
 import sys
 from collections.abc import Collection, Sequence
-from typing import Any
+from typing import Any, cast
 
 from tomediff.cli._args import OnelineParser
 
@@ -97,7 +97,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             parser.print_help()
             return 2
         if unknown:  # reported by the subcommand, whose --help lists the flags it takes
-            subparsers = parser._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+            # argparse keeps the subcommand parsers in private attributes its stub types loosely.
+            subparsers = cast(Any, parser)._subparsers._group_actions[0].choices
             subparsers[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     except KeyboardInterrupt:  # while torch was being imported for a subcommand's flags
         _say_interrupted("tomediff", "interrupted")

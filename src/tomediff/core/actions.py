@@ -202,7 +202,8 @@ class ImageTokensMergeAction(SiteAction):
         where, x = find_input(args, kwargs, site.input_names)
         num = plan.num_tokens
         if not isinstance(x, torch.Tensor) or x.dim() != 3 or (x.shape[1] != num and not site.text_first):
-            return _token_input(plan, site, block_name, args, kwargs)  # raises with the shapes
+            _token_input(plan, site, block_name, args, kwargs)  # raises with the shapes
+            raise AssertionError("unreachable: _token_input accepts only [batch, N, channels] inputs")
         prefix = int(x.shape[1]) - num
         if prefix < 0:
             raise MergeCallError(

@@ -252,8 +252,8 @@ class BlockPreHook(ToMeHook):
             x = x[:, :num_tokens]
         grid = block.token_grid(call, num_tokens)
         groups = grid if isinstance(grid, TokenGroups) else None
-        if groups is not None:  # several images: the first one's grid names the block call
-            grid = groups.grids[0]
+        if isinstance(grid, TokenGroups):  # several images: the first one's grid names the block call
+            grid = grid.grids[0]
         frames = grid[0] if len(grid) == 3 else 1
         height, width = frames * grid[-2], grid[-1]  # a video's frames stacked: one 2-D grid per call
         level = spec.downsample if spec.downsample is not None else state.infer_level(height, width)

@@ -144,7 +144,9 @@ def build_method(config: ToMeConfig, enabled: set[SiteKind], reducer: Reducer | 
                 "apply_reducer takes method='merge' or 'downsample'."
             )
         # cache_context="all": the block's attention modules add the kept keys/values of the others.
-        keys = {"attn": CachedKeysAction()} if config.cache_context == "all" else {}
+        keys: dict[SiteKind, SiteAction] = (
+            {"attn": CachedKeysAction()} if config.cache_context == "all" else {}
+        )
         return Method(TokenCacheReducer(config), keys, BlockCacheAction())
     if config.method == "downsample":
         # Each image of a call (an edit model's references) is downsampled on its own grid.

@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 import torch
 
@@ -38,6 +38,7 @@ from tomediff.ops import (
 
 if TYPE_CHECKING:
     from tomediff.core.state import CallState, ToMeState
+    from tomediff.ops.downsample import DownsampleMode
 
 __all__ = [
     "DownsampleReducer",
@@ -315,11 +316,12 @@ class DownsampleReducer(Reducer):
         if factor <= 1:
             return None
         batch = request.metric.shape[0]
-        mode = self.config.downsample_mode
+        # ToMeConfig validates downsample_mode against DOWNSAMPLE_MODES.
+        mode = cast("DownsampleMode", self.config.downsample_mode)
         time_factor = self.config.downsample_factor_time if request.frames > 1 else 1
         plan = GridDownsample.build(
             batch, request.height, request.width, factor, mode, request.frames, time_factor
-        )  # type: ignore[arg-type]
+        )
         return plan if plan.num_merged < plan.num_tokens else None
 
     def nothing_reason(self, request: PlanRequest) -> str | None:

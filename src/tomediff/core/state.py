@@ -286,8 +286,9 @@ class ToMeState:
     def start_call(self, sample: object, timestep: object = None) -> None:
         """Begin a model call whose main input is ``sample`` (a ``[B, C, H, W]`` map for UNets/DiTs)
         at ``timestep`` (read only when a schedule or ``reuse_steps`` needs it)."""
-        is_map = isinstance(sample, torch.Tensor) and sample.dim() == 4
-        input_size = (int(sample.shape[-2]), int(sample.shape[-1])) if is_map else None
+        input_size: tuple[int, int] | None = None
+        if isinstance(sample, torch.Tensor) and sample.dim() == 4:
+            input_size = (int(sample.shape[-2]), int(sample.shape[-1]))
         call = self._local.call = CallState(input_size)
         call.batch, call.device = _batch_and_device(sample)
         self._latest_call = call
@@ -363,7 +364,7 @@ class ToMeState:
         of a guidance pair (both halves get its plan); None when the call holds no pair."""
         if not self.config.reuse_cfg or batch % 2:
             return None
-        layout = self.config.cfg_layout
+        layout: str | None = self.config.cfg_layout
         if layout == "auto":
             layout = self.call.cfg_layout
         if layout == "uncond_cond":

@@ -522,13 +522,13 @@ def run_pareto(options: ParetoOptions, say: Callable[[str], None] = print) -> li
         "environment": environment(DistContext(cpu=True)),
         "torch_threads": torch.get_num_threads(),
     }
-    out = options.out_dir
-    write_json(out / "results.json", {"meta": meta, "rows": rows})
-    write_csv(out / "results.csv", [{k: v for k, v in r.items() if k != "batch_seconds"} for r in rows])
+    out_dir = options.out_dir
+    write_json(out_dir / "results.json", {"meta": meta, "rows": rows})
+    write_csv(out_dir / "results.csv", [{k: v for k, v in r.items() if k != "batch_seconds"} for r in rows])
     table = markdown(rows)
-    (out / "results.md").write_text(table + "\n")
+    (out_dir / "results.md").write_text(table + "\n")
     say(table)
-    say(f"wrote {out}/results.json, results.csv, results.md")
+    say(f"wrote {out_dir}/results.json, results.csv, results.md")
     return rows
 
 

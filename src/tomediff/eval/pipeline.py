@@ -118,7 +118,7 @@ class _ClassConditionalPipeline:
     def to(
         self: _PipelineT, device: str | torch.device | None = None, dtype: torch.dtype | None = None
     ) -> _PipelineT:
-        kwargs = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
+        kwargs: dict[str, Any] = {k: v for k, v in (("device", device), ("dtype", dtype)) if v is not None}
         self.denoiser.to(**kwargs)
         self.text_encoder.to(**kwargs)
         return self
@@ -315,8 +315,9 @@ class DemoDiTPipeline(_ClassConditionalPipeline):
         # diffusers' caches (transformer.enable_cache): each generation starts from an empty cache, and
         # each call says where the loop is, as diffusers' own pipelines do (SeaCache needs the step).
         cached = bool(getattr(self.transformer, "is_cache_enabled", False))
+        cache_api: Any = self.transformer  # diffusers' CacheMixin methods, which nn.Module does not declare
         if cached:
-            self.transformer._reset_stateful_cache()
+            cache_api._reset_stateful_cache()
         steps = len(sched.timesteps)
         calls = iter(range(steps))
 
@@ -324,7 +325,7 @@ class DemoDiTPipeline(_ClassConditionalPipeline):
             timestep = (t / 1000).expand(model_in.shape[0]).to(device, dtype)  # Flux takes sigma
             self.current_timestep = t  # what diffusers' PAB/FasterCache callbacks read
             scope = (
-                self.transformer.cache_context(
+                cache_api.cache_context(
                     "cond",
                     step_index=next(calls),
                     num_inference_steps=steps,

@@ -19,7 +19,7 @@ import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -29,6 +29,10 @@ from tomediff.eval.metrics import frechet_with_ci, mean_with_ci, psnr, ssim
 from tomediff.eval.report import markdown_table, plot_metrics, save_grid, write_csv, write_json
 from tomediff.eval.settings import NamedSetting, Setting, build_settings
 from tomediff.eval.sharding import DistContext, Samples, check_resume, generate_settings, plan_batches
+
+if TYPE_CHECKING:
+    from tomediff.eval.classifier import FashionClassifier
+    from tomediff.eval.pipeline import DemoDiTPipeline, DemoPipeline
 
 __all__ = ["BUNDLED_MODELS", "DIT_IMAGE_SIZES", "QualityOptions", "evaluate_samples", "run_quality_eval"]
 
@@ -79,7 +83,7 @@ class QualityOptions:
 def evaluate_samples(
     settings: Sequence[Setting],
     samples: dict[str, Samples],
-    classifier: torch.nn.Module,
+    classifier: FashionClassifier,
     ref_mu: np.ndarray,
     ref_sigma: np.ndarray,
     bootstrap: int = 1000,
@@ -115,7 +119,7 @@ def evaluate_samples(
 
 def real_images_row(
     samples_per_class: int,
-    classifier: torch.nn.Module,
+    classifier: FashionClassifier,
     ref_mu: np.ndarray,
     ref_sigma: np.ndarray,
     bootstrap: int = 1000,
@@ -242,6 +246,7 @@ def run_quality_eval(options: QualityOptions) -> list[dict[str, Any]] | None:
     )
     key = run_key(options, dist.device)
     check_resume(options.out_dir, settings, key)  # before loading anything
+    pipe: DemoPipeline | DemoDiTPipeline
     if options.model in DIT_IMAGE_SIZES:
         pipe = load_demo_dit(assets, device=dist.device, image_size=DIT_IMAGE_SIZES[options.model])
     else:

@@ -35,7 +35,7 @@ def save_grid(
         y = header_h + r * (cell_h + pad)
         draw.text((4, y + cell_h // 2 - 6), label, fill="black")
         for c, image in enumerate(np.asarray(images)):
-            tile = Image.fromarray(image).convert("RGB").resize((cell_w, cell_h), Image.NEAREST)
+            tile = Image.fromarray(image).convert("RGB").resize((cell_w, cell_h), Image.Resampling.NEAREST)
             canvas.paste(tile, (label_w + c * (cell_w + pad), y))
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)

@@ -14,7 +14,7 @@ import math
 import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 from tomediff.config import (
     CACHE_CONTEXTS,
@@ -131,8 +131,8 @@ def parse_level_ratios(text: str) -> tuple[tuple[int, float], ...]:
                 f"level_ratios must be LEVEL:RATIO pairs such as 1:0.6,2:0.3 (1:0.6/2:0.3 inside --setting), "
                 f"got {text!r}"
             )
-    value = ToMeConfig(level_ratios=pairs).level_ratios
-    assert value is not None
+    value = ToMeConfig(level_ratios=tuple(pairs)).level_ratios
+    assert isinstance(value, tuple)  # ToMeConfig stores level_ratios as sorted (level, ratio) pairs
     return value
 
 
@@ -175,7 +175,7 @@ def parse_value(name: str, text: str) -> Any:
             raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {text!r}")
     if name != "level_ratios":  # level_ratios was checked with its own message
         # Alone, but beside the method a field only applies to; the caller checks the whole setting.
-        context = {"method": "downsample"} if name == "downsample_factor_time" else {}
+        context: dict[str, Any] = {"method": "downsample"} if name == "downsample_factor_time" else {}
         context = {"method": "cache"} if name.startswith("cache_") else context
         try:
             ToMeConfig(**context, **{name: value})
@@ -431,16 +431,18 @@ class Patch:
         """Restart the partition RNG so a batch's merges depend only on (setting, batch index), not on
         which process ran it or what ran before — sharded and single-process runs then agree."""
         if self.setting.library == "tomediff":
+            assert self._handle is not None  # __init__ applied tomediff for this library
             self._handle.reseed(seed)
         elif self.setting.library == "tomesd":
             # tomesd keeps its generator in the patched model's _tome_info; replace it with a seeded one.
             import torch
 
             device = next(self.unet.parameters()).device
-            self.unet._tome_info["args"]["generator"] = torch.Generator(device).manual_seed(seed)
+            cast(Any, self.unet)._tome_info["args"]["generator"] = torch.Generator(device).manual_seed(seed)
 
     def remove(self) -> None:
         if self.setting.library == "tomediff":
+            assert self._handle is not None  # __init__ applied tomediff for this library
             self._handle.remove()
         elif self.setting.library == "tomesd":
             import tomesd

@@ -23,7 +23,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -140,7 +140,8 @@ def _read_batch(path: Path, seeds: Sequence[int]) -> dict[str, np.ndarray] | Non
 def _write_batch(path: Path, payload: dict[str, np.ndarray]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.stem + ".tmp.npz")
-    np.savez(tmp, **payload)
+    # Any: numpy's stub would take a "allow_pickle" key of **payload for its bool keyword.
+    np.savez(tmp, **cast(dict[str, Any], payload))
     tmp.replace(path)  # atomic, so an interrupted run never leaves a truncated batch behind
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import gzip
 import json
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 # Same block types and 16×16 = 256-token top transformer level as the real model, far fewer channels.
-TINY_UNET_OVERRIDES = {
+TINY_UNET_OVERRIDES: dict[str, Any] = {
     "block_out_channels": (8, 16, 16),
     "cross_attention_dim": 16,
     "attention_head_dim": 1,
@@ -36,7 +37,7 @@ TINY_UNET_OVERRIDES = {
 }
 
 # Same block kinds (double- then single-stream) and 256 image tokens as the real DiT, far fewer weights.
-TINY_DIT_OVERRIDES = {
+TINY_DIT_OVERRIDES: dict[str, Any] = {
     "num_layers": 1,
     "num_single_layers": 1,
     "attention_head_dim": 8,

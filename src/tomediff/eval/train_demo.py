@@ -18,7 +18,7 @@ import math
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.nn import functional as F
@@ -101,8 +101,9 @@ def run_training(
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
     # Every random draw of training comes from this generator, so a resumed run is identical.
     rng = torch.Generator().manual_seed(seed)
-    tokens_per_class = model.text_encoder.tokenize_classes(range(len(model.text_encoder.class_names)))
-    uncond_tokens = model.text_encoder.tokenize([""])[0]
+    text_encoder = cast(ClassPromptEncoder, model.text_encoder)
+    tokens_per_class = text_encoder.tokenize_classes(range(len(text_encoder.class_names)))
+    uncond_tokens = text_encoder.tokenize([""])[0]
     step, order, cursor = 0, torch.randperm(len(labels_all), generator=rng), 0
     if ckpt_path.exists():
         state = torch.load(ckpt_path, map_location=device, weights_only=False)
@@ -236,8 +237,9 @@ def train(
         timesteps = timesteps.to(x0.device)
         noisy = scheduler.add_noise(x0, noise, timesteps)
         target = scheduler.get_velocity(x0, noise, timesteps)
-        context = model.text_encoder(tokens)
-        prediction = model.unet(noisy, timesteps, encoder_hidden_states=context).sample
+        denoiser = cast(_Denoiser, model)
+        context = denoiser.text_encoder(tokens)
+        prediction = denoiser.unet(noisy, timesteps, encoder_hidden_states=context).sample
         return F.mse_loss(prediction, target)
 
     return run_training(
@@ -278,11 +280,12 @@ def export_ema(
     """
     name, config, weights_file = denoiser
     trained_steps = load_ema(checkpoint, model)
+    text_encoder = cast(ClassPromptEncoder, model.text_encoder)
     save_module(getattr(model, name), assets_dir / weights_file)
-    save_module(model.text_encoder, assets_dir / encoder_file)
+    save_module(text_encoder, assets_dir / encoder_file)
     meta = {
         name: config,
-        "text_encoder": model.text_encoder.config(),
+        "text_encoder": text_encoder.config(),
         "scheduler": scheduler_config,
         "trained_steps": trained_steps,
         **(extra_meta or {}),

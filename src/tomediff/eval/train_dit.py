@@ -20,7 +20,7 @@ have seen) are the demo UNet's: :func:`tomediff.eval.train_demo.run_training`.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch.nn import functional as F
@@ -62,11 +62,12 @@ def flow_matching_loss(
     sigma = sigmas.view(batch, 1, 1, 1)
     noisy = (1 - sigma) * x0 + sigma * noise
     img_ids, txt_ids = dit_position_ids(x0.shape[-2], x0.shape[-1], tokens.shape[1])
-    context = model.text_encoder(tokens)
-    prediction = model.transformer(
+    denoiser = cast(_DiTDenoiser, model)
+    context = denoiser.text_encoder(tokens)
+    prediction = denoiser.transformer(
         latents_to_tokens(noisy),
         encoder_hidden_states=context,
-        pooled_projections=model.text_encoder.pool(context, tokens),
+        pooled_projections=denoiser.text_encoder.pool(context, tokens),
         timestep=sigmas,  # diffusers' Flux scales by 1000 itself
         img_ids=img_ids.to(x0.device),
         txt_ids=txt_ids.to(x0.device),
@@ -150,7 +151,7 @@ def export_dit_weights(
 
 
 def main(argv: list[str] | None = None) -> int:
-    extra = {
+    extra: dict[str, dict[str, Any]] = {
         "image_size": {"type": int, "default": IMAGE_SIZE, "choices": (IMAGE_SIZE, 64)},
         "init_from": {"default": None, "help": "assets directory whose 32×32 DiT to fine-tune"},
     }

@@ -355,7 +355,7 @@ def check_steps(steps: Sequence[int], num_steps: int) -> tuple[int, ...]:
     """Validate 0-based denoising steps against ``num_steps``; ConfigError naming the valid range."""
     if num_steps < 1:
         raise ConfigError(f"num_steps must be a positive integer, got {num_steps!r}.")
-    bad = [s for s in steps if isinstance(s, bool) or not isinstance(s, (int, np.integer))]
+    bad: list[object] = [s for s in steps if isinstance(s, bool) or not isinstance(s, (int, np.integer))]
     bad += [s for s in steps if s not in bad and not 0 <= s < num_steps]
     if bad or not steps:
         what = ", ".join(map(repr, bad)) if bad else "none"

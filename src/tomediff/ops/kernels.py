@@ -402,7 +402,7 @@ def _plan_slots_impl(
         block, block_q = (128, 256) if count_ranks else (1024, 1)
     with torch.profiler.record_function(PLAN_SLOTS_LABEL):
         plan_slots_kernel[(triton.cdiv(num_tokens, block), batch)](
-            score.contiguous(), choice if count_ranks else order.contiguous(), choice.contiguous(),
+            score.contiguous(), choice if order is None else order.contiguous(), choice.contiguous(),
             src_idx, dst_idx, slot, counts, num_src, num_dst, num_remove,
             COUNT_RANKS=count_ranks, BLOCK=block, BLOCK_Q=block_q,
         )  # fmt: skip

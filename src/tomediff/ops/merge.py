@@ -21,9 +21,15 @@ __all__ = ["KeepPlan", "MergePlan", "TokenPlan"]
 class TokenPlan(Protocol):
     """What the hooks need from a plan: ``[B, N, C] -> [B, M, C]`` and back."""
 
-    batch: int
-    num_tokens: int
-    num_merged: int
+    # Read-only, so frozen dataclasses and properties (SharedMergePlan) satisfy the protocol.
+    @property
+    def batch(self) -> int: ...
+
+    @property
+    def num_tokens(self) -> int: ...
+
+    @property
+    def num_merged(self) -> int: ...
 
     def merge(self, x: torch.Tensor) -> torch.Tensor: ...
 
