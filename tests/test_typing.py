@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import mypy.api as mypy_api
 import pytest
-
-mypy_api = pytest.importorskip("mypy.api")
 
 ROOT = Path(__file__).resolve().parents[1]
 

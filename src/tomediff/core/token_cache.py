@@ -376,19 +376,19 @@ class _CachedKeysMode(TorchFunctionMode):
             )
         computed = plan.index[:, None, :, None]
         others = plan.others()[:, None, :, None]
-        slopes = entry.key_value_slopes.get(module) if elapsed is not None else None
+        kept_slopes = entry.key_value_slopes.get(module) if elapsed is not None else None
         extra = []
         for which, (cached, fresh) in enumerate(zip(kept, (key, value), strict=True)):
             heads, dim = cached.shape[1], cached.shape[3]
             rows, other_rows = computed.expand(-1, heads, -1, dim), others.expand(-1, heads, -1, dim)
             new = fresh[:, :, image]
-            if slopes is not None and elapsed is not None:
+            if kept_slopes is not None and elapsed is not None:
                 # As the residuals: renew the computed tokens' slopes, move the others' along theirs.
                 since = elapsed.to(new.dtype)
                 change = new - cached.gather(2, rows)
-                slopes[which].scatter_(2, rows, _per_time(change, since.gather(2, computed)))
+                kept_slopes[which].scatter_(2, rows, _per_time(change, since.gather(2, computed)))
                 cached.scatter_(2, rows, new)
-                moved = slopes[which].gather(2, other_rows) * since.gather(2, others)
+                moved = kept_slopes[which].gather(2, other_rows) * since.gather(2, others)
                 extra.append(cached.gather(2, other_rows) + moved)
                 continue
             cached.scatter_(2, rows, new)
