@@ -105,6 +105,7 @@ def count_tokens(module: nn.Module) -> tuple[list[int], Callable[[], None]]:
         ({"cache_ratio": float("nan")}, "cache_ratio=nan is outside (0, 1]"),
         ({"cache_select": "random"}, "cache_select must be one of 'change', 'stride', got 'random'"),
         ({"cache_context": "some"}, "cache_context must be one of 'all', 'computed', got 'some'"),
+        ({"cache_forecast": "quadratic"}, "cache_forecast must be one of 'none', 'linear', got 'quadratic'"),
         ({"merge_mlp": True}, "method='cache' acts on whole blocks"),
         ({"reuse_steps": 2}, "reuse_steps apply to method='merge' only"),
     ],
@@ -125,10 +126,11 @@ def test_setting_string_parses() -> None:
     from tomediff.eval.settings import parse_setting
 
     config = parse_setting(
-        "c:method=cache,cache_interval=3,cache_ratio=0.25,cache_select=stride,cache_context=computed"
+        "c:method=cache,cache_interval=3,cache_ratio=0.25,cache_select=stride,cache_context=computed,"
+        "cache_forecast=linear"
     ).config()
     assert (config.method, config.cache_interval, config.cache_ratio) == ("cache", 3, 0.25)
-    assert config.cache_context == "computed"
+    assert (config.cache_context, config.cache_forecast) == ("computed", "linear")
     assert parse_setting("cache").config().method == "cache"
     with pytest.raises(ConfigError, match="cache_ratio=2"):
         parse_setting("c:method=cache,cache_ratio=2")
@@ -251,14 +253,20 @@ def unpatched_steps(model: nn.Module) -> tuple[dict[str, Any], list[torch.Tensor
     return kwargs, inputs, outputs
 
 
-@pytest.mark.parametrize("select", ["change", "stride"])
-def test_refresh_steps_equal_unpatched_and_partial_steps_compute_the_ratio(select: str) -> None:
+@pytest.mark.parametrize(
+    ("select", "forecast"), [("change", "none"), ("stride", "none"), ("change", "linear")]
+)
+def test_refresh_steps_equal_unpatched_and_partial_steps_compute_the_ratio(
+    select: str, forecast: str
+) -> None:
     model = tiny_flux()
     kwargs, inputs, outputs = unpatched_steps(model)
     double, single = model.transformer_blocks[0], model.single_transformer_blocks[0]
     ff_tokens, stop_ff = count_tokens(double.ff)  # image tokens only
     single_tokens, stop_single = count_tokens(single.norm)  # [text, image]
-    config = tomediff.ToMeConfig(method="cache", cache_interval=3, cache_ratio=0.25, cache_select=select)
+    config = tomediff.ToMeConfig(
+        method="cache", cache_interval=3, cache_ratio=0.25, cache_select=select, cache_forecast=forecast
+    )
     with tomediff.apply_tome(model, config) as handle:
         for step, t in enumerate(TIMESTEPS):
             out = flux_step(model, inputs[step], kwargs, t)
@@ -275,7 +283,7 @@ def test_refresh_steps_equal_unpatched_and_partial_steps_compute_the_ratio(selec
     assert single_tokens == [TEXT + n for n in expected]
     assert [(b.last_call.tokens, b.last_call.tokens_after_merge) for b in report.blocks] == [(48, 48)] * 2
     text = str(report)
-    assert "cache_interval=3, cache_ratio=0.25" in text
+    assert "cache_interval=3, cache_ratio=0.25" in text and f"cache_forecast={forecast}" in text
     assert "refresh 3, partial 4 per block" in text
 
 
@@ -327,6 +335,69 @@ def test_computed_tokens_attend_to_every_token_through_kept_keys(family: str) ->
         errors[context] = ((partial - reference).norm() / reference.norm()).item()
     assert errors["all"] < 1e-4  # 4e-6 measured for each family
     assert errors["computed"] > 1e-3  # 1e-2 to 2e-2
+
+
+def test_linear_forecast_moves_kept_residuals_and_keys_along_their_slopes() -> None:
+    """cache_forecast="linear", on made-up tensors (one block, image tokens only, float64): refreshes at
+    t=1.0 and 0.8, then partial steps at 0.7 (tokens 0, 1 computed) and 0.6 (tokens 2, 3). A token not
+    computed gets its residual, key and value from its last computation moved along their slope between
+    its last two computations (per unit of t) to the call's t; a computed token renews its slope."""
+    from tomediff.core.spec import Site
+    from tomediff.core.token_cache import BlockCacheAction, CacheEntry, CachePlan, _CachedKeysMode
+
+    gen = torch.Generator().manual_seed(0)
+    batch, heads, num, dim = 1, 2, 6, 4
+    channels = heads * dim
+    site = Site(nn.Identity(), "attn", role="call")
+    action, entry = BlockCacheAction(), CacheEntry()
+
+    def randn(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=gen, dtype=torch.float64)
+
+    def step(time: float, index: list[int] | None, keys: torch.Tensor, values: torch.Tensor) -> tuple:
+        """One block call: its attention call (queries = the computed tokens' keys), then its output."""
+        x = randn(batch, num, channels)
+        rows = None if index is None else torch.tensor([index])
+        plan = CachePlan(entry, x, rows, None if rows is None else rows[0], False, time)
+        chosen = slice(None) if index is None else index
+        with _CachedKeysMode(plan, site, "block"):
+            attention = torch.nn.functional.scaled_dot_product_attention(
+                keys[:, :, chosen], keys[:, :, chosen], values[:, :, chosen]
+            )
+        computed = randn(batch, num if index is None else len(index), channels)
+        full = action.after(plan, computed)
+        return x, computed, full, attention
+
+    keys = [randn(batch, heads, num, dim) for _ in range(4)]
+    values = [randn(batch, heads, num, dim) for _ in range(4)]
+    x1, out1, _, _ = step(1.0, None, keys[0], values[0])
+    x2, out2, _, _ = step(0.8, None, keys[1], values[1])
+    r1, r2 = out1 - x1, out2 - x2
+    x3, out3, full3, attention3 = step(0.7, [0, 1], keys[2], values[2])
+    # Tokens 2-5 were computed at 0.8 and 1.0: moved on by (0.7 - 0.8) / (0.8 - 1.0) = half their change.
+    others = [2, 3, 4, 5]
+    expected = x3 + r2 + 0.5 * (r2 - r1)
+    torch.testing.assert_close(full3[:, others], expected[:, others], rtol=0, atol=1e-12)
+    assert torch.equal(full3[:, [0, 1]], out3)
+    moved_keys, moved_values = (t[1] + 0.5 * (t[1] - t[0]) for t in (keys, values))
+    torch.testing.assert_close(
+        attention3,
+        torch.nn.functional.scaled_dot_product_attention(
+            keys[2][:, :, [0, 1]],
+            torch.cat([keys[2][:, :, [0, 1]], moved_keys[:, :, others]], dim=2),
+            torch.cat([values[2][:, :, [0, 1]], moved_values[:, :, others]], dim=2),
+        ),
+        rtol=0,
+        atol=1e-12,
+    )
+    x4, _, full4, _ = step(0.6, [2, 3], keys[3], values[3])
+    # Tokens 0, 1: computed at 0.7 and 0.8, moved on by (0.6 - 0.7) / (0.7 - 0.8) = once their change.
+    r3 = out3 - x3[:, [0, 1]]
+    torch.testing.assert_close(
+        full4[:, [0, 1]], (x4[:, [0, 1]] + r3 + (r3 - r2[:, [0, 1]])), rtol=0, atol=1e-12
+    )
+    # Tokens 4, 5: still their refresh slope, now (0.6 - 0.8) / (0.8 - 1.0) = once their change.
+    torch.testing.assert_close(full4[:, [4, 5]], (x4 + r2 + (r2 - r1))[:, [4, 5]], rtol=0, atol=1e-12)
 
 
 def test_kept_keys_need_an_attention_call_the_mode_sees(monkeypatch: pytest.MonkeyPatch) -> None:

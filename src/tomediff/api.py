@@ -110,6 +110,7 @@ def _describe_method(cfg: ToMeConfig, partition: str | None = None) -> str:
             f"cache_ratio={cfg.cache_ratio}",
             f"cache_select={cfg.cache_select}",
             f"cache_context={cfg.cache_context}",
+            f"cache_forecast={cfg.cache_forecast}",
         ]
     elif cfg.method == "downsample":
         parts = [

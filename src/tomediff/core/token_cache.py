@@ -190,12 +190,15 @@ class TokenCacheReducer(Reducer):
         if not self.counts:
             return []
         context = "every image token" if cfg.cache_context == "all" else "the computed ones"
+        filled = (
+            "extrapolated along their last slope" if cfg.cache_forecast == "linear" else "kept as computed"
+        )
         refresh = sorted({c[0] for c in self.counts.values()})
         partial = sorted({c[1] for c in self.counts.values()})
         return [
             f"token cache: refresh every {cfg.cache_interval} steps, {cfg.cache_ratio:g} of the image "
-            f"tokens computed between (chosen by '{cfg.cache_select}', attending to {context}); block "
-            "calls so far: "
+            f"tokens computed between (chosen by '{cfg.cache_select}', attending to {context}), the "
+            f"others {filled}; block calls so far: "
             f"refresh {_spread(refresh)}, partial {_spread(partial)} per block ('reduced' counts the "
             "image tokens filled from the cache in the last call)"
         ]
