@@ -159,6 +159,11 @@ class ToMeConfig:
             ``"all"`` (default): every image token, the others through the keys and values they had when
             last computed (kept per attention module); ``"computed"``: only the computed tokens (and the
             text), which is cheaper but changes the computed tokens' outputs much more.
+        cache_forecast: ``method="cache"``: how the tokens not computed are filled between refreshes.
+            ``"none"`` (default): their residual (and, with ``cache_context="all"``, key and value) as
+            last computed; ``"linear"``: each moved on to the call's timestep along its change between
+            its last two computations (a first-order forecast, as TaylorSeer's for whole modules, per
+            token); two more residual-sized tensors per block, and two key/value-sized ones per attention.
         downsample_factor: ``method="downsample"``: the grid downsampling factor at the
             highest-resolution level patched (1 = off).
         downsample_factor_next: ``method="downsample"``: the factor at the deeper levels; above 1 it
