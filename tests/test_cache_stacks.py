@@ -101,6 +101,26 @@ CACHES = {
 }
 
 
+def remove_alone(
+    removed_first: str,
+    handle: tomediff.ToMeHandle,
+    disable: Callable[[], None],
+    run: Callable[[], torch.Tensor],
+    cached: torch.Tensor,
+    merged: torch.Tensor,
+) -> None:
+    """Removes tomediff (``removed_first="tome"``) or the cache first, checks that what is left gives its
+    own outputs (``cached`` or ``merged``) bit-exactly, then removes the other."""
+    if removed_first == "tome":
+        handle.remove()
+        assert torch.equal(run(), cached)  # the cache's own outputs
+        disable()
+    else:
+        disable()
+        assert torch.equal(run(), merged)  # tomediff's own outputs
+        handle.remove()
+
+
 def stack_both_ways(
     pipe: Any,
     generate: Callable[[], torch.Tensor],
@@ -139,14 +159,7 @@ def stack_both_ways(
             assert 0 < ran[0] < calls  # the cache skipped some steps' computation
             report = handle.report()
             assert report.calls == calls and report.effective_ratio == 0.5  # tomediff reduced every call
-            if removed_first == "tome":
-                handle.remove()
-                assert torch.equal(generate(), cached)  # the cache's own outputs
-                disable()
-            else:
-                disable()
-                assert torch.equal(generate(), merged)  # tomediff's own outputs
-                handle.remove()
+            remove_alone(removed_first, handle, disable, generate, cached, merged)
             assert torch.equal(generate(), plain)
             assert tome_hooks(model) == 0 and diffusers_hooks(model) == 0
     both = stacked[0]
@@ -337,14 +350,10 @@ def test_group_offloading_and_tome_stack_in_both_orders_and_remove_alone(offload
                 offload()
                 handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
             assert torch.equal(generate(), merged)
-            if removed_first == "tome":
-                handle.remove()
-                assert torch.equal(generate(), plain)  # offloading alone
-                _remove_group_offloading(model)
-            else:
-                _remove_group_offloading(model)
-                assert torch.equal(generate(), merged)
-                handle.remove()
+            # Offloading alone gives the plain outputs.
+            remove_alone(
+                removed_first, handle, lambda: _remove_group_offloading(model), generate, plain, merged
+            )
             assert torch.equal(generate(), plain)
             assert tome_hooks(model) == 0 and diffusers_hooks(model) == 0
 
@@ -419,14 +428,7 @@ def test_text_kv_cache_and_tome_stack_on_nucleus_moe(removed_first: str) -> None
             out, spy = family_run(nucleus, inputs)
             assert call_shapes(spy) == [(6, 11)] * 2  # 12 image queries and keys merged to 6; 5 text keys
             assert torch.equal(out, merged)
-        if removed_first == "tome":
-            handle.remove()
-            assert torch.equal(run(), cached)
-            nucleus.disable_cache()
-        else:
-            nucleus.disable_cache()
-            assert torch.equal(run(), merged)
-            handle.remove()
+        remove_alone(removed_first, handle, nucleus.disable_cache, run, cached, merged)
         assert torch.equal(run(), plain)
         assert tome_hooks(nucleus) == 0 and diffusers_hooks(nucleus) == 0
 
@@ -449,14 +451,9 @@ def test_text_kv_cache_stacks_as_a_no_op_outside_nucleus_moe() -> None:
                 model.enable_cache(hooks.TextKVCacheConfig())
                 handle = tomediff.apply_tome(pipe, ratio=0.5, use_rand=False)
             assert torch.equal(generate(), merged)
-            if tome_first:
-                handle.remove()
-                assert torch.equal(generate(), plain)
-                model.disable_cache()
-            else:
-                model.disable_cache()
-                assert torch.equal(generate(), merged)
-                handle.remove()
+            remove_alone(
+                "tome" if tome_first else "cache", handle, model.disable_cache, generate, plain, merged
+            )
             assert torch.equal(generate(), plain) and tome_hooks(model) == 0
 
 
