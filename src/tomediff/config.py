@@ -571,7 +571,7 @@ def config_from(source: object, **overrides: object) -> ToMeConfig:
         f.name: getattr(source, f.name) for f in dataclasses.fields(ToMeConfig) if hasattr(source, f.name)
     }
     values.update(overrides)
-    return ToMeConfig(**values)  # type: ignore[arg-type]
+    return ToMeConfig(**values)
 
 
 def tomesd_arguments(config: ToMeConfig) -> dict[str, object]:

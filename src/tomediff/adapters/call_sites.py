@@ -60,7 +60,7 @@ def call_site_specs(
             module = _submodule(block, sites.get(kind))
             if module is not None:  # merged at block level: refused where a cache keeps its output
                 conflict = ReplayedOutputCheck(module, f"{name}.{sites[kind]}")
-                found.append(Site(module, kind, conflict=conflict))  # type: ignore[arg-type]
+                found.append(Site(module, kind, conflict=conflict))
         specs.append(
             BlockSpec(
                 name,

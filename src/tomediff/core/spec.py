@@ -136,7 +136,7 @@ class PositionIdsGrid(GridSource):
             raise ValueError("PositionIdsGrid reads appended_ids as further images: give it a group_axis.")
 
     @torch.compiler.disable  # reads a few values: small host copies, outside any compiled graph
-    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | TokenGroups | None:  # type: ignore[override]
+    def read(self, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[int, int] | TokenGroups | None:
         ids = args[self.position] if len(args) > self.position else None
         if ids is None:
             ids = next((kwargs[n] for n in self.input_names if kwargs.get(n) is not None), None)
