@@ -161,10 +161,10 @@ class TokenCacheReducer(Reducer):
         # Counted in the thread's steps, not the block's calls: after steps a cache passed the block
         # through, kept residuals that old would cost more fidelity than the partial step saves time.
         stale = memory.steps - entry.refreshed_at >= cfg.cache_interval
-        # No residual yet: a new entry, or one whose refresh call raised before the block returned.
         time = None
         if cfg.cache_forecast == "linear":
             time = memory.last_timestep if memory.last_timestep is not None else -float(memory.steps)
+        # No residual yet: a new entry, or one whose refresh call raised before the block returned.
         if entry.residual is None or stale or num >= x.shape[1]:
             entry.refreshed_at, entry.partial_steps = memory.steps, 0
             self._count(request.block_name, 0)
@@ -292,16 +292,38 @@ def _renew_slope(entry: CacheEntry, fresh: torch.Tensor, index: torch.Tensor | N
     computed, and its time this call's."""
     old, at = entry.residual, entry.computed_at
     if index is None:
-        if old is None or at is None or old.shape != fresh.shape:
-            entry.slope = torch.zeros_like(fresh)
-        else:
-            entry.slope = _per_time(fresh - old, (time - at)[..., None])
+        elapsed = None if at is None else (time - at)[..., None]
+        entry.slope = _refresh_slope(old, fresh, elapsed)
         entry.computed_at = torch.full(fresh.shape[:2], time, dtype=torch.float64, device=fresh.device)
         return
     assert old is not None and at is not None and entry.slope is not None
     elapsed = time - at.gather(1, index)
-    scatter_tokens(entry.slope, index, _per_time(fresh - gather_tokens(old, index), elapsed[..., None]))
+    rows = index[..., None].expand(-1, -1, fresh.shape[-1])
+    _renew_slope_rows(entry.slope, old, 1, rows, fresh, elapsed[..., None])
     at.scatter_(1, index, torch.full_like(elapsed, time))
+
+
+def _refresh_slope(
+    old: torch.Tensor | None, fresh: torch.Tensor, elapsed: torch.Tensor | None
+) -> torch.Tensor:
+    """The slope of every token at a refresh: ``fresh - old`` over ``elapsed`` (broadcast to them), or
+    zeros when there is nothing to compare with yet."""
+    if old is None or elapsed is None or old.shape != fresh.shape:
+        return torch.zeros_like(fresh)
+    return _per_time(fresh - old, elapsed.to(fresh.dtype))
+
+
+def _renew_slope_rows(
+    slope: torch.Tensor,
+    kept: torch.Tensor,
+    dim: int,
+    rows: torch.Tensor,
+    fresh: torch.Tensor,
+    elapsed: torch.Tensor,
+) -> None:
+    """At a partial step, before ``fresh`` (the computed tokens' rows ``rows`` along ``dim``) replaces
+    them in ``kept``: their ``slope`` rows become the change over ``elapsed``, in place."""
+    slope.scatter_(dim, rows, _per_time(fresh - kept.gather(dim, rows), elapsed.to(fresh.dtype)))
 
 
 def _per_time(change: torch.Tensor, elapsed: torch.Tensor) -> torch.Tensor:
@@ -358,12 +380,11 @@ class _CachedKeysMode(TorchFunctionMode):
             key_image, value_image = (t[:, :, image].detach().clone() for t in (key, value))
             old = entry.keys_values.get(module)
             if plan.time is not None:
-                if elapsed is None or old is None or old[0].shape != key_image.shape:
-                    slopes = (torch.zeros_like(key_image), torch.zeros_like(value_image))
-                else:
-                    since = elapsed.to(key_image.dtype)
-                    slopes = (_per_time(key_image - old[0], since), _per_time(value_image - old[1], since))
-                entry.key_value_slopes[module] = slopes
+                old_key, old_value = old if old is not None else (None, None)
+                entry.key_value_slopes[module] = (
+                    _refresh_slope(old_key, key_image, elapsed),
+                    _refresh_slope(old_value, value_image, elapsed),
+                )
             entry.keys_values[module] = (key_image, value_image)
             return func(query, key, value, **options)
         if options.get("attn_mask") is not None:
@@ -387,11 +408,9 @@ class _CachedKeysMode(TorchFunctionMode):
             new = fresh[:, :, image]
             if kept_slopes is not None and elapsed is not None:
                 # As the residuals: renew the computed tokens' slopes, move the others' along theirs.
-                since = elapsed.to(new.dtype)
-                change = new - cached.gather(2, rows)
-                kept_slopes[which].scatter_(2, rows, _per_time(change, since.gather(2, computed)))
+                _renew_slope_rows(kept_slopes[which], cached, 2, rows, new, elapsed.gather(2, computed))
                 cached.scatter_(2, rows, new)
-                moved = kept_slopes[which].gather(2, other_rows) * since.gather(2, others)
+                moved = kept_slopes[which].gather(2, other_rows) * elapsed.gather(2, others).to(new.dtype)
                 extra.append(cached.gather(2, other_rows) + moved)
                 continue
             cached.scatter_(2, rows, new)
