@@ -5,7 +5,6 @@ from tomediff.ops.caching import (
     changed_tokens,
     fill_from_cache,
     gather_tokens,
-    other_tokens,
     scatter_tokens,
     strided_tokens,
 )
@@ -74,7 +73,6 @@ __all__ = [
     "grouped_attention_merge_plan",
     "merge_trailing",
     "num_windows",
-    "other_tokens",
     "paired_plan",
     "plan_constants",
     "plan_merge",

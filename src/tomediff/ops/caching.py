@@ -9,7 +9,6 @@ __all__ = [
     "changed_tokens",
     "fill_from_cache",
     "gather_tokens",
-    "other_tokens",
     "scatter_tokens",
     "strided_tokens",
 ]
@@ -58,11 +57,3 @@ def fill_from_cache(
     """A block's full output from its ``computed`` tokens ``[B, M, C]`` (rows ``index`` ``[B, M]``):
     those as computed, every other token its input ``x`` plus its cached ``residual`` (``[B, N, C]``)."""
     return scatter_tokens(x + residual.to(x.dtype), index, computed)
-
-
-def other_tokens(index: torch.Tensor, num_tokens: int) -> torch.Tensor:
-    """The tokens not in ``index``: ``[B, M]`` (distinct per row) -> ``[B, num_tokens - M]``, ascending."""
-    batch, num = index.shape
-    kept = torch.ones(batch, num_tokens, dtype=torch.bool, device=index.device)
-    kept.scatter_(1, index, False)
-    return kept.nonzero()[:, 1].view(batch, num_tokens - num)
