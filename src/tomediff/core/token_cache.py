@@ -109,6 +109,7 @@ class CachePlan:
     def refresh(self) -> bool:
         return self.index is None
 
+
 class TokenCacheReducer(Reducer):
     """Plans of ``method="cache"``: a refresh every ``cache_interval``-th step of the calling thread's
     generation (and whenever the block has no cache for this batch, grid, device and dtype), else the
