@@ -738,3 +738,24 @@ def test_bench_times_cache_over_a_trajectory() -> None:
     assert settings.varies_over_steps
     assert settings.ideal(1) is None
     assert "every token computed in 2" in _trajectory_note(settings, 6)
+
+
+def test_call_timing_benchmark_tells_partial_steps_from_full_ones() -> None:
+    """benchmarks/token_cache_calls.py reads each call's kind from the patch's report: every 2nd call
+    of a 6-step trajectory refreshing every 2nd step is partial."""
+    import importlib.util
+    from pathlib import Path
+
+    from tomediff.eval import load_demo_dit
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "token_cache_calls.py"
+    spec = importlib.util.spec_from_file_location("token_cache_calls", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    pipe = load_demo_dit()
+    with tomediff.apply_tome(pipe.transformer, method="cache", cache_interval=2, cache_ratio=0.25) as handle:
+        seconds, kinds = module._timed_calls(pipe, handle, 2, 6)
+    assert kinds == [False, True] * 3
+    assert len(seconds) == 6 and all(s > 0 for s in seconds)
+    assert module._timed_calls(pipe, None, 2, 2)[1] == [None, None]
