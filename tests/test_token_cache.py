@@ -106,6 +106,15 @@ def count_tokens(module: nn.Module) -> tuple[list[int], Callable[[], None]]:
         ({"cache_select": "random"}, "cache_select must be one of 'change', 'stride', got 'random'"),
         ({"cache_context": "some"}, "cache_context must be one of 'all', 'computed', got 'some'"),
         ({"cache_forecast": "quadratic"}, "cache_forecast must be one of 'none', 'linear', got 'quadratic'"),
+        (
+            {"cache_intervals": {0.4: 1}},
+            "cache_intervals[0.4]=1: an interval must be an integer of at least 2",
+        ),
+        ({"cache_intervals": {1.5: 3}}, "cache_intervals progress 1.5 is outside [0, 1]"),
+        ({"cache_intervals": {0.4: 2.5}}, "cache_intervals[0.4] must be an integer, got 2.5"),
+        ({"cache_intervals": {}}, "cache_intervals must map progress points to refresh intervals"),
+        ({"cache_intervals": ((0.4, 3), (0.4, 4))}, "cache_intervals lists progress 0.4 twice"),
+        ({"cache_intervals": "0.4:3"}, "cache_intervals must map progress points to refresh intervals"),
         ({"merge_mlp": True}, "method='cache' acts on whole blocks"),
         ({"reuse_steps": 2}, "reuse_steps apply to method='merge' only"),
     ],
@@ -122,6 +131,17 @@ def test_cache_fields_need_method_cache() -> None:
     assert (config.cache_interval, config.cache_ratio, config.cache_select) == (4, 0.5, "stride")
 
 
+def test_cache_intervals_are_stored_sorted_and_give_the_interval_by_progress() -> None:
+    config = tomediff.ToMeConfig(method="cache", cache_interval=2, cache_intervals={0.7: 4, 0.4: 3})
+    assert config.cache_intervals == ((0.4, 3), (0.7, 4))
+    assert [config.interval_at(p) for p in (None, 0.0, 0.39, 0.4, 0.69, 0.7, 1.0)] == [2, 2, 2, 3, 3, 4, 4]
+    assert hash(config) == hash(
+        tomediff.ToMeConfig(method="cache", cache_interval=2, cache_intervals=config.cache_intervals)
+    )
+    with pytest.raises(ConfigError, match=r"cache_intervals apply to method='cache' only"):
+        tomediff.ToMeConfig(cache_intervals={0.4: 3})
+
+
 def test_setting_string_parses() -> None:
     from tomediff.eval.settings import parse_setting
 
@@ -132,6 +152,13 @@ def test_setting_string_parses() -> None:
     assert (config.method, config.cache_interval, config.cache_ratio) == ("cache", 3, 0.25)
     assert (config.cache_context, config.cache_forecast) == ("computed", "linear")
     assert parse_setting("cache").config().method == "cache"
+    setting = parse_setting("c:method=cache,cache_interval=2,cache_intervals=0.7:4/0.4:3")
+    assert setting.config().cache_intervals == ((0.4, 3), (0.7, 4))
+    assert "cache_intervals=0.4:3/0.7:4" in setting.text
+    with pytest.raises(ConfigError, match=r"cache_intervals must be PROGRESS:INTERVAL pairs .*got '0.4'"):
+        parse_setting("c:method=cache,cache_intervals=0.4")
+    with pytest.raises(ConfigError, match=r"cache_intervals\[0.4\]=1: an interval must be"):
+        parse_setting("c:method=cache,cache_intervals=0.4:1")
     with pytest.raises(ConfigError, match="cache_ratio=2"):
         parse_setting("c:method=cache,cache_ratio=2")
 
@@ -305,6 +332,49 @@ def test_a_start_delays_caching_and_its_first_active_step_refreshes() -> None:
     assert "refresh 2, partial 2 per block" in text
 
 
+def test_cache_intervals_lengthen_the_interval_from_their_progress_on() -> None:
+    """``cache_interval=2`` with ``cache_intervals={0.35: 3}``: refreshes at progress 0 and 0.2 every 2nd
+    step, then from 0.35 on every 3rd step counted from the last refresh (0.5); the refresh steps give
+    the unpatched outputs, the others compute a quarter of the image tokens."""
+    model = tiny_flux()
+    kwargs, inputs, outputs = unpatched_steps(model)
+    ff_tokens, stop_ff = count_tokens(model.transformer_blocks[0].ff)
+    config = tomediff.ToMeConfig(
+        method="cache", cache_interval=2, cache_intervals={0.35: 3}, cache_ratio=0.25
+    )
+    with tomediff.apply_tome(model, config) as handle:
+        steps = [flux_step(model, inputs[step], kwargs, t) for step, t in enumerate(TIMESTEPS)]
+        text = str(handle.report())
+    stop_ff()
+    refreshed = [0, 2, 5]
+    for step, (ours, theirs) in enumerate(zip(steps, outputs, strict=True)):
+        assert torch.equal(ours, theirs) == (step in refreshed), f"step {step}"
+    assert ff_tokens == [48 if step in refreshed else 12 for step in range(len(TIMESTEPS))]
+    assert "refresh every 2 steps, from progress 0.35 every 3" in text
+    assert "refresh 3, partial 4 per block" in text
+
+
+def test_cache_intervals_need_the_timestep() -> None:
+    """A call whose timestep the patch could not read (a model called without one) has no progress to
+    choose the interval by: refused, not run at ``cache_interval``."""
+    from types import SimpleNamespace
+
+    from tomediff.core.reducers import PlanRequest
+    from tomediff.core.state import ThreadMemory
+    from tomediff.core.token_cache import TokenCacheReducer
+
+    config = tomediff.ToMeConfig(method="cache", cache_interval=2, cache_intervals={0.5: 3})
+    memory = ThreadMemory()
+    memory.advance(None)
+    state = SimpleNamespace(thread_memory=lambda: memory, timestep_scale=1000.0)
+    request = PlanRequest(torch.zeros(1, 4, 8), 2, 2, None, None, 0, "block")  # type: ignore[arg-type]
+    with pytest.raises(MergeCallError, match="cache_intervals changes the refresh interval"):
+        TokenCacheReducer(config).plan(state, request)  # type: ignore[arg-type]
+    memory.advance(500.0)
+    plan = TokenCacheReducer(config).plan(state, request)  # type: ignore[arg-type]
+    assert plan.refresh
+
+
 @torch.no_grad()
 def repeated_step(family: str, model: nn.Module) -> Callable[[float], torch.Tensor]:
     """A function calling ``model`` on one input of ``family`` at a timestep (as a fraction of 1)."""
@@ -337,11 +407,11 @@ def test_computed_tokens_attend_to_every_token_through_kept_keys(family: str) ->
     assert errors["computed"] > 1e-3  # 1e-2 to 2e-2
 
 
-def test_linear_forecast_moves_kept_residuals_and_keys_along_their_slopes() -> None:
+def test_linear_forecast_moves_the_refresh_residuals_and_keys_along_their_slopes() -> None:
     """cache_forecast="linear", on made-up tensors (one block, image tokens only, float64): refreshes at
     t=1.0 and 0.8, then partial steps at 0.7 (tokens 0, 1 computed) and 0.6 (tokens 2, 3). A token not
-    computed gets its residual, key and value from its last computation moved along their slope between
-    its last two computations (per unit of t) to the call's t; a computed token renews its slope."""
+    computed gets its residual, key and value of the last refresh moved along their change between the
+    two refreshes (per unit of t) to the call's t; what a partial step computes serves that call only."""
     from tomediff.core.spec import Site
     from tomediff.core.token_cache import BlockCacheAction, CacheEntry, CachePlan, _CachedKeysMode
 
@@ -373,13 +443,15 @@ def test_linear_forecast_moves_kept_residuals_and_keys_along_their_slopes() -> N
     x1, out1, _, _ = step(1.0, None, keys[0], values[0])
     x2, out2, _, _ = step(0.8, None, keys[1], values[1])
     r1, r2 = out1 - x1, out2 - x2
+
+    def moved(at_refresh: torch.Tensor, before: torch.Tensor, time: float) -> torch.Tensor:
+        return at_refresh + (at_refresh - before) * (time - 0.8) / (0.8 - 1.0)
+
     x3, out3, full3, attention3 = step(0.7, [0, 1], keys[2], values[2])
-    # Tokens 2-5 were computed at 0.8 and 1.0: moved on by (0.7 - 0.8) / (0.8 - 1.0) = half their change.
     others = [2, 3, 4, 5]
-    expected = x3 + r2 + 0.5 * (r2 - r1)
-    torch.testing.assert_close(full3[:, others], expected[:, others], rtol=0, atol=1e-12)
+    torch.testing.assert_close(full3[:, others], (x3 + moved(r2, r1, 0.7))[:, others], rtol=0, atol=1e-12)
     assert torch.equal(full3[:, [0, 1]], out3)
-    moved_keys, moved_values = (t[1] + 0.5 * (t[1] - t[0]) for t in (keys, values))
+    moved_keys, moved_values = (moved(t[1], t[0], 0.7) for t in (keys, values))
     torch.testing.assert_close(
         attention3,
         torch.nn.functional.scaled_dot_product_attention(
@@ -390,14 +462,20 @@ def test_linear_forecast_moves_kept_residuals_and_keys_along_their_slopes() -> N
         rtol=0,
         atol=1e-12,
     )
-    x4, _, full4, _ = step(0.6, [2, 3], keys[3], values[3])
-    # Tokens 0, 1: computed at 0.7 and 0.8, moved on by (0.6 - 0.7) / (0.7 - 0.8) = once their change.
-    r3 = out3 - x3[:, [0, 1]]
+    # At 0.6 tokens 0 and 1, computed at 0.7, are again the refresh's forecast: twice its change.
+    x4, out4, full4, attention4 = step(0.6, [2, 3], keys[3], values[3])
+    others = [0, 1, 4, 5]
+    torch.testing.assert_close(full4[:, others], (x4 + r2 + (r2 - r1))[:, others], rtol=0, atol=1e-12)
+    assert torch.equal(full4[:, [2, 3]], out4)
+    moved_keys, moved_values = (moved(t[1], t[0], 0.6) for t in (keys, values))
+    full_keys, full_values = moved_keys.clone(), moved_values.clone()
+    full_keys[:, :, [2, 3]], full_values[:, :, [2, 3]] = keys[3][:, :, [2, 3]], values[3][:, :, [2, 3]]
     torch.testing.assert_close(
-        full4[:, [0, 1]], (x4[:, [0, 1]] + r3 + (r3 - r2[:, [0, 1]])), rtol=0, atol=1e-12
+        attention4,
+        torch.nn.functional.scaled_dot_product_attention(keys[3][:, :, [2, 3]], full_keys, full_values),
+        rtol=0,
+        atol=1e-12,
     )
-    # Tokens 4, 5: still their refresh slope, now (0.6 - 0.8) / (0.8 - 1.0) = once their change.
-    torch.testing.assert_close(full4[:, [4, 5]], (x4 + r2 + (r2 - r1))[:, [4, 5]], rtol=0, atol=1e-12)
 
 
 def test_kept_keys_need_an_attention_call_the_mode_sees(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -150,6 +150,11 @@ class ToMeConfig:
             (FirstBlockCache, MagCache) passes the block through count too, so a partial step never
             uses residuals more than ``cache_interval - 1`` steps old: the block's first step after a
             longer gap refreshes.
+        cache_intervals: ``method="cache"``: other refresh intervals for later parts of denoising,
+            ``{0.4: 3}``: from progress ``p = 1 - t / T`` 0.4 on (as ``start``), every 3rd step is a refresh;
+            before the first listed progress, ``cache_interval``. Early steps change fastest and their
+            errors carry through the rest of the trajectory, so they need refreshes most. Stored as
+            sorted ``(progress, interval)`` pairs; None (default): ``cache_interval`` throughout.
         cache_ratio: ``method="cache"``: fraction of a block's image tokens computed at the steps
             between refreshes, in (0, 1] (1 computes them all: outputs equal the unpatched model's).
         cache_select: ``method="cache"``: which tokens are computed between refreshes: ``"change"``
@@ -161,9 +166,12 @@ class ToMeConfig:
             text), which is cheaper but changes the computed tokens' outputs much more.
         cache_forecast: ``method="cache"``: how the tokens not computed are filled between refreshes.
             ``"none"`` (default): their residual (and, with ``cache_context="all"``, key and value) as
-            last computed; ``"linear"``: each moved on to the call's timestep along its change between
-            its last two computations (a first-order forecast, as TaylorSeer's for whole modules, per
-            token); two more residual-sized tensors per block, and two key/value-sized ones per attention.
+            last computed; ``"linear"``: as at the last refresh, moved on to the call's timestep along
+            their change between the last two refreshes (a first-order forecast, as TaylorSeer's for whole
+            modules, per token). The tokens a partial step computes then serve that step's output only:
+            forecasts from whole refreshes were as good at a refresh every 2nd step and better at longer
+            intervals, and cost less. One more residual-sized tensor per block, and two key/value-sized
+            ones per attention.
         downsample_factor: ``method="downsample"``: the grid downsampling factor at the
             highest-resolution level patched (1 = off).
         downsample_factor_next: ``method="downsample"``: the factor at the deeper levels; above 1 it
@@ -254,6 +262,7 @@ class ToMeConfig:
     kv_ratio: float | None = None
     downsample_factor_time: int = 1
     cache_interval: int = 3
+    cache_intervals: Mapping[float, int] | tuple[tuple[float, int], ...] | None = None
     cache_ratio: float = 0.25
     cache_select: str = "change"
     cache_context: str = "all"
@@ -307,6 +316,7 @@ class ToMeConfig:
                 f"cache_ratio={self.cache_ratio!r} is outside (0, 1]: it is the fraction of image tokens "
                 "computed between refresh steps; use e.g. 0.25 (1 computes them all)."
             )
+        object.__setattr__(self, "cache_intervals", self._checked_cache_intervals())
         if self.cache_select not in CACHE_SELECTS:
             selects = ", ".join(map(repr, CACHE_SELECTS))
             raise ConfigError(f"cache_select must be one of {selects}, got {self.cache_select!r}.")
@@ -320,7 +330,14 @@ class ToMeConfig:
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
             changed = [
                 n
-                for n in ("cache_interval", "cache_ratio", "cache_select", "cache_context", "cache_forecast")
+                for n in (
+                    "cache_interval",
+                    "cache_intervals",
+                    "cache_ratio",
+                    "cache_select",
+                    "cache_context",
+                    "cache_forecast",
+                )
                 if getattr(self, n) != defaults[n]
             ]
             if changed:
@@ -495,6 +512,51 @@ class ToMeConfig:
                     f"{names} apply to method='merge' only: method='downsample' makes no matching plan to "
                     "reuse and takes downsample_factor / downsample_factor_next instead of ratios."
                 )
+
+    def _checked_cache_intervals(self) -> tuple[tuple[float, int], ...] | None:
+        value = self.cache_intervals
+        if value is None:
+            return None
+        example = "e.g. {0.4: 3} (from progress 0.4 on, a refresh every 3rd step)"
+        try:
+            pairs = list(value.items()) if isinstance(value, Mapping) else [tuple(p) for p in value]
+        except TypeError:
+            pairs = None
+        if pairs is None or not pairs or any(len(p) != 2 for p in pairs):
+            raise ConfigError(
+                f"cache_intervals must map progress points to refresh intervals, {example}; got {value!r}."
+            )
+        checked: dict[float, int] = {}
+        for at, interval in pairs:
+            at = _as_float("a cache_intervals progress", at)
+            interval = _as_int(f"cache_intervals[{at:g}]", interval)
+            if not 0.0 <= at <= 1.0:  # also refuses NaN
+                raise ConfigError(
+                    f"cache_intervals progress {at!r} is outside [0, 1] (it is 1 - t / T, as start); "
+                    f"{example}."
+                )
+            if interval < 2:
+                raise ConfigError(
+                    f"cache_intervals[{at:g}]={interval!r}: an interval must be an integer of at least 2, "
+                    f"as cache_interval; {example}."
+                )
+            if at in checked:
+                raise ConfigError(f"cache_intervals lists progress {at:g} twice; {example}.")
+            checked[at] = interval
+        return tuple(sorted(checked.items()))
+
+    def interval_at(self, progress: float | None) -> int:
+        """``method="cache"``: the refresh interval at denoising ``progress`` (``cache_interval`` before
+        the first of ``cache_intervals``, and when the progress is unknown)."""
+        interval = self.cache_interval
+        if progress is None:
+            return interval
+        intervals = self.cache_intervals or ()
+        assert isinstance(intervals, tuple)  # stored as sorted (progress, interval) pairs
+        for at, value in intervals:
+            if progress >= at:
+                interval = value
+        return interval
 
     def _checked_level_ratios(self) -> tuple[tuple[int, float], ...] | None:
         value = self.level_ratios

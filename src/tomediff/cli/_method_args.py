@@ -34,7 +34,7 @@ __all__ = [
 ]
 
 _DEFAULTS = {f.name: f.default for f in SETTING_FIELDS}
-_METAVARS = {"level_ratios": "L:R,...", "skip_blocks": "FIRST,LAST"}
+_METAVARS = {"level_ratios": "L:R,...", "cache_intervals": "P:K,...", "skip_blocks": "FIRST,LAST"}
 
 
 def flag(name: str) -> str:

@@ -8,7 +8,8 @@ renew their entries. With ``cache_context="all"`` the computed tokens still atte
 each self- or joint-attention module of the block (:class:`CachedKeysAction`, at its
 ``F.scaled_dot_product_attention`` call) keeps every image token's key and value at a refresh, and at the
 steps between gives the computed queries the kept keys and values of the tokens not computed beside
-the computed tokens' own.
+the computed tokens' own. With ``cache_forecast="linear"`` the kept residuals, keys and values are those
+of the last refresh, moved along their change between the last two refreshes to the call's time.
 The cache follows the rules of kept plans (:class:`ReusingReducer`): it lives in the calling thread's
 memory of the current generation, under the block, batch size, grid, device, dtype and which call of the
 timestep this is, so nothing crosses generations, batches or threads.
@@ -57,10 +58,9 @@ class CacheEntry:
         partial_steps: steps since that refresh.
         keys_values: per attention module of the block (by ``id``), ``[B, heads, N, D]`` keys and values
             of every image token when it was last computed (``cache_context="all"`` only).
-        slope: ``[B, N, C]`` each image token's residual change per unit of time between its last two
-            computations (``cache_forecast="linear"`` only).
-        computed_at: ``[B, N]`` the time (timestep) each image token was last computed at
-            (``cache_forecast="linear"`` only).
+        slope: ``[B, N, C]`` each image token's residual change per unit of time between the last two
+            refreshes (``cache_forecast="linear"`` only).
+        refresh_time: the time (timestep) of the last refresh (``cache_forecast="linear"`` only).
         key_value_slopes: per attention module, ``[B, heads, N, D]`` the keys' and values' change per
             unit of time, as ``slope`` (``cache_forecast="linear"`` with ``cache_context="all"``).
     """
@@ -69,7 +69,7 @@ class CacheEntry:
     reference: torch.Tensor | None = None
     keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     slope: torch.Tensor | None = None
-    computed_at: torch.Tensor | None = None
+    refresh_time: float | None = None
     key_value_slopes: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     refreshed_at: int = 0
     partial_steps: int = 0
@@ -91,6 +91,13 @@ class CachePlan:
     positions: torch.Tensor | None
     keeps_reference: bool
     time: float | None = None  # the call's time, when kept residuals are extrapolated to it
+
+    @property
+    def elapsed(self) -> float | None:
+        """Time since the entry's last refresh, when the kept residuals are extrapolated."""
+        if self.time is None or self.entry.refresh_time is None:
+            return None
+        return self.time - self.entry.refresh_time
 
     @property
     def batch(self) -> int:
@@ -152,10 +159,18 @@ class TokenCacheReducer(Reducer):
             memory.plans[key] = (entry, memory.steps, memory.generation)
         # Counted in the thread's steps, not the block's calls: after steps a cache passed the block
         # through, kept residuals that old would cost more fidelity than the partial step saves time.
-        stale = memory.steps - entry.refreshed_at >= cfg.cache_interval
+        timestep = memory.last_timestep
+        if timestep is None and cfg.cache_intervals is not None:
+            raise MergeCallError(
+                "cache_intervals changes the refresh interval with the denoising progress, which needs the "
+                "timestep of each model call, but this call passed none; call the model with its timestep "
+                "(as timestep=, or positionally where its forward takes it), or use cache_interval alone."
+            )
+        progress = None if timestep is None else min(max(1.0 - timestep / state.timestep_scale, 0.0), 1.0)
+        stale = memory.steps - entry.refreshed_at >= cfg.interval_at(progress)
         time = None
         if cfg.cache_forecast == "linear":
-            time = memory.last_timestep if memory.last_timestep is not None else -float(memory.steps)
+            time = timestep if timestep is not None else -float(memory.steps)
         # No residual yet: a new entry, or one whose refresh call raised before the block returned.
         if entry.residual is None or stale or num >= x.shape[1]:
             entry.refreshed_at, entry.partial_steps = memory.steps, 0
@@ -183,12 +198,17 @@ class TokenCacheReducer(Reducer):
             return []
         context = "every image token" if cfg.cache_context == "all" else "the computed ones"
         filled = (
-            "extrapolated along their last slope" if cfg.cache_forecast == "linear" else "kept as computed"
+            "extrapolated from the last two refreshes"
+            if cfg.cache_forecast == "linear"
+            else "kept as last computed"
         )
+        intervals = cfg.cache_intervals or ()
+        assert isinstance(intervals, tuple)  # ToMeConfig stores them as sorted pairs
+        later = "".join(f", from progress {at:g} every {k}" for at, k in intervals)
         refresh = sorted({c[0] for c in self.counts.values()})
         partial = sorted({c[1] for c in self.counts.values()})
         return [
-            f"token cache: refresh every {cfg.cache_interval} steps, {cfg.cache_ratio:g} of the image "
+            f"token cache: refresh every {cfg.cache_interval} steps{later}, {cfg.cache_ratio:g} of the image "
             f"tokens computed between (chosen by '{cfg.cache_select}', attending to {context}), the "
             f"others {filled}; block calls so far: "
             f"refresh {_spread(refresh)}, partial {_spread(partial)} per block ('reduced' counts the "
@@ -253,75 +273,37 @@ class BlockCacheAction(SiteAction):
         if plan.index is None:
             residual = (image.detach() - x).to(x.dtype)
             if plan.time is not None:
-                _renew_slope(entry, residual, None, plan.time)
+                entry.slope = _slope(entry.residual, residual, plan.elapsed)
+                entry.refresh_time = plan.time
             entry.residual = residual
             # A copy: the block's caller may reuse its input tensor in place.
             entry.reference = x.clone() if plan.keeps_reference else None
             return None
         assert entry.residual is not None
-        computed = image.detach()
-        fresh = computed - gather_tokens(x, plan.index)
-        if plan.time is not None:
-            _renew_slope(entry, fresh, plan.index, plan.time)
-        scatter_tokens(entry.residual, plan.index, fresh)
-        if plan.keeps_reference:
-            assert entry.reference is not None
-            scatter_tokens(entry.reference, plan.index, gather_tokens(x, plan.index))
-        residual = entry.residual
-        if plan.time is not None and entry.slope is not None and entry.computed_at is not None:
-            # Each kept residual moved on along its last slope to this call's time (computed tokens are
-            # overwritten by fill_from_cache).
-            residual = residual + entry.slope * (plan.time - entry.computed_at)[..., None].to(residual.dtype)
+        elapsed = plan.elapsed
+        if elapsed is not None and entry.slope is not None:
+            # The refresh's residuals moved on to this call's time; the computed tokens serve this call
+            # only (fill_from_cache puts them in), so every forecast starts from a whole refresh.
+            residual = torch.add(entry.residual, entry.slope, alpha=elapsed)
+        else:
+            fresh = image.detach() - gather_tokens(x, plan.index)
+            scatter_tokens(entry.residual, plan.index, fresh)
+            if plan.keeps_reference:
+                assert entry.reference is not None
+                scatter_tokens(entry.reference, plan.index, gather_tokens(x, plan.index))
+            residual = entry.residual
         full = fill_from_cache(x, residual, plan.index, image)
         if isinstance(output, tuple):
             return (*output[:position], full, *output[position + 1 :])
         return full
 
 
-def _renew_slope(entry: CacheEntry, fresh: torch.Tensor, index: torch.Tensor | None, time: float) -> None:
-    """Before ``fresh`` residuals (``[B, N, C]`` at a refresh, ``index``'s ``[B, M, C]`` else) replace the
-    kept ones: each such token's slope becomes its residual's change per unit of time since it was last
-    computed, and its time this call's."""
-    old, at = entry.residual, entry.computed_at
-    if index is None:
-        elapsed = None if at is None else (time - at)[..., None]
-        entry.slope = _refresh_slope(old, fresh, elapsed)
-        entry.computed_at = torch.full(fresh.shape[:2], time, dtype=torch.float64, device=fresh.device)
-        return
-    assert old is not None and at is not None and entry.slope is not None
-    elapsed = time - at.gather(1, index)
-    rows = index[..., None].expand(-1, -1, fresh.shape[-1])
-    _renew_slope_rows(entry.slope, old, 1, rows, fresh, elapsed[..., None])
-    at.scatter_(1, index, torch.full_like(elapsed, time))
-
-
-def _refresh_slope(
-    old: torch.Tensor | None, fresh: torch.Tensor, elapsed: torch.Tensor | None
-) -> torch.Tensor:
-    """The slope of every token at a refresh: ``fresh - old`` over ``elapsed`` (broadcast to them), or
-    zeros when there is nothing to compare with yet."""
-    if old is None or elapsed is None or old.shape != fresh.shape:
+def _slope(old: torch.Tensor | None, fresh: torch.Tensor, elapsed: float | None) -> torch.Tensor:
+    """Each token's change from its ``old`` to its ``fresh`` refresh value per unit of time, ``elapsed``
+    between them; zeros when there is nothing to compare with (a first refresh, another shape, no time)."""
+    if old is None or elapsed is None or elapsed == 0 or old.shape != fresh.shape:
         return torch.zeros_like(fresh)
-    return _per_time(fresh - old, elapsed.to(fresh.dtype))
-
-
-def _renew_slope_rows(
-    slope: torch.Tensor,
-    kept: torch.Tensor,
-    dim: int,
-    rows: torch.Tensor,
-    fresh: torch.Tensor,
-    elapsed: torch.Tensor,
-) -> None:
-    """At a partial step, before ``fresh`` (the computed tokens' rows ``rows`` along ``dim``) replaces
-    them in ``kept``: their ``slope`` rows become the change over ``elapsed``, in place."""
-    slope.scatter_(dim, rows, _per_time(fresh - kept.gather(dim, rows), elapsed.to(fresh.dtype)))
-
-
-def _per_time(change: torch.Tensor, elapsed: torch.Tensor) -> torch.Tensor:
-    """``change`` over ``elapsed`` (broadcast to it; 0 where no time passed)."""
-    safe = torch.where(elapsed == 0, torch.ones_like(elapsed), elapsed)
-    return torch.where(elapsed == 0, torch.zeros_like(change), change / safe.to(change.dtype))
+    return (fresh - old) / elapsed
 
 
 class _CachedKeysMode(TorchFunctionMode):
@@ -363,19 +345,16 @@ class _CachedKeysMode(TorchFunctionMode):
         start = 0 if self.site.image_first else seq - num
         image = slice(start, start + num)
         entry, module = plan.entry, id(self.site.module)
-        # [B, 1, N, 1]: the time since each image token was last computed (BlockCacheAction renews the
-        # times after the block, so here they are still the last computation's).
-        elapsed = None
-        if plan.time is not None and entry.computed_at is not None:
-            elapsed = (plan.time - entry.computed_at)[:, None, :, None]
+        # The time since the last refresh (BlockCacheAction renews it after the block).
+        elapsed = plan.elapsed
         if plan.index is None:
             key_image, value_image = (t[:, :, image].detach().clone() for t in (key, value))
             old = entry.keys_values.get(module)
             if plan.time is not None:
                 old_key, old_value = old if old is not None else (None, None)
                 entry.key_value_slopes[module] = (
-                    _refresh_slope(old_key, key_image, elapsed),
-                    _refresh_slope(old_value, value_image, elapsed),
+                    _slope(old_key, key_image, elapsed),
+                    _slope(old_value, value_image, elapsed),
                 )
             entry.keys_values[module] = (key_image, value_image)
             return func(query, key, value, **options)
@@ -397,12 +376,10 @@ class _CachedKeysMode(TorchFunctionMode):
             rows = computed.expand(-1, cached.shape[1], -1, cached.shape[3])
             new = fresh[:, :, image]
             if kept_slopes is not None and elapsed is not None:
-                # As the residuals: renew the computed tokens' slopes, move the others' along theirs.
-                _renew_slope_rows(kept_slopes[which], cached, 2, rows, new, elapsed.gather(2, computed))
-                cached.scatter_(2, rows, new)
-                # Every token moved at once, then the computed ones put back: elementwise work over all
-                # the tokens costs less than gathering the others' rows (measured on the CPU).
-                moved = torch.addcmul(cached, kept_slopes[which], elapsed.to(new.dtype))
+                # As the residuals: the refresh's keys and values moved on to this call's time, the
+                # computed tokens' own put in for this call only. Every token moved at once: elementwise
+                # work over all of them costs less than gathering the others' rows (measured on the CPU).
+                moved = torch.add(cached, kept_slopes[which], alpha=elapsed)
                 image_keys_values.append(moved.scatter_(2, rows, new))
                 continue
             cached.scatter_(2, rows, new)

@@ -117,23 +117,39 @@ def field_help(name: str) -> str:
 
 def parse_level_ratios(text: str) -> tuple[tuple[int, float], ...]:
     """``"1:0.6,2:0.3"`` (or with ``/`` between pairs) as validated ``((1, 0.6), (2, 0.3))``."""
+    pairs = _parse_pairs("level_ratios", text, int, float, "LEVEL:RATIO pairs such as 1:0.6,2:0.3")
+    value = ToMeConfig(level_ratios=pairs).level_ratios
+    assert isinstance(value, tuple)  # ToMeConfig stores level_ratios as sorted (level, ratio) pairs
+    return value
+
+
+def parse_cache_intervals(text: str) -> tuple[tuple[float, int], ...]:
+    """``"0.4:3,0.7:4"`` (or with ``/`` between pairs) as validated ``((0.4, 3), (0.7, 4))``."""
+    pairs = _parse_pairs("cache_intervals", text, float, int, "PROGRESS:INTERVAL pairs such as 0.4:3,0.7:4")
+    value = ToMeConfig(method="cache", cache_intervals=pairs).cache_intervals
+    assert isinstance(value, tuple)  # ToMeConfig stores cache_intervals as sorted pairs
+    return value
+
+
+def _parse_pairs(
+    name: str, text: str, key: Callable[[str], Any], value: Callable[[str], Any], what: str
+) -> tuple[tuple[Any, Any], ...]:
+    """``text``'s ``KEY:VALUE`` pairs, separated by ``,`` or ``/``; ConfigError naming ``name`` else."""
     pairs = []
     for part in re.split(r"[,/]", text):
         if not part.strip():
             continue
-        level, sep, ratio = part.partition(":")
+        first, sep, second = part.partition(":")
         try:
-            pairs.append((int(level), float(ratio)))
+            pairs.append((key(first), value(second)))
         except ValueError:
             sep = ""
         if not sep:
+            example = what.split("such as ")[-1]
             raise ConfigError(
-                f"level_ratios must be LEVEL:RATIO pairs such as 1:0.6,2:0.3 (1:0.6/2:0.3 inside --setting), "
-                f"got {text!r}"
+                f"{name} must be {what} ({example.replace(',', '/')} inside --setting), got {text!r}"
             )
-    value = ToMeConfig(level_ratios=tuple(pairs)).level_ratios
-    assert isinstance(value, tuple)  # ToMeConfig stores level_ratios as sorted (level, ratio) pairs
-    return value
+    return tuple(pairs)
 
 
 def parse_value(name: str, text: str) -> Any:
@@ -147,6 +163,8 @@ def parse_value(name: str, text: str) -> Any:
         value: Any = None
     elif name == "level_ratios":
         value = parse_level_ratios(word)
+    elif name == "cache_intervals":
+        value = parse_cache_intervals(word)
     elif kind.startswith("tuple[int"):  # e.g. skip_blocks: "1/1" (or "1,1" as a flag)
         try:
             value = tuple(int(part) for part in re.split(r"[,/]", word) if part.strip())
@@ -173,7 +191,7 @@ def parse_value(name: str, text: str) -> Any:
         choices = _CHOICES.get(name)
         if choices is not None and value not in choices:
             raise ConfigError(f"{name} must be one of {', '.join(choices)}, got {text!r}")
-    if name != "level_ratios":  # level_ratios was checked with its own message
+    if name not in ("level_ratios", "cache_intervals"):  # checked with their own messages
         # Alone, but beside the method a field only applies to; the caller checks the whole setting.
         context: dict[str, Any] = {"method": "downsample"} if name == "downsample_factor_time" else {}
         context = {"method": "cache"} if name.startswith("cache_") else context
