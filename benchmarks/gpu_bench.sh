@@ -182,8 +182,9 @@ if has_part stack; then
     timeout 420 "$PY" benchmarks/flux_trajectory.py --device cuda --dtype bfloat16 --resolution 1024 \
         --steps 28 --rounds 2 --out "$OUT_DIR/stack" --setting "merge0.3-skip1:ratio=0.3,skip_blocks=1/1" \
         --setting "tokencache-i2:method=cache,cache_interval=2,cache_ratio=0.25" \
-        --setting "tokencache-i2s-lin-from0.2:method=cache,cache_interval=2,cache_ratio=0.0625,start=0.2,cache_forecast=linear" \
-        --setting "tokencache-i3s-lin-from0.3:method=cache,cache_interval=3,cache_ratio=0.0625,start=0.3,cache_forecast=linear" \
+        --setting "tokencache-i2-from0.2:method=cache,cache_interval=2,cache_ratio=0.00390625,start=0.2,cache_forecast=linear" \
+        --setting "tokencache-i3at0.45:method=cache,cache_interval=2,cache_intervals=0.45:3,cache_ratio=0.00390625,start=0.2,cache_forecast=linear" \
+        --setting "tokencache-i4at0.45:method=cache,cache_interval=2,cache_intervals=0.45:4,cache_ratio=0.00390625,start=0.2,cache_forecast=linear" \
         --setting "fbc0.1:cache=fbc:threshold=0.1" \
         --setting "taylorseer3:cache=taylorseer:interval=3/warmup=3/order=1" \
         --setting "mag-default:cache=mag:threshold=0.06/max_skip=3/retention=0.2" \

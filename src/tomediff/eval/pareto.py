@@ -244,14 +244,21 @@ PARETO_PRESETS: dict[str, str] = {
     "dit-mag": "cache=mag:threshold=0.4/max_skip=8",  # recommended: 2.79x inside the quality bar, 27.8 dB
     "dit-mag-fidelity": "cache=mag:threshold=0.15/max_skip=5",  # 1.97x, 32.4 dB
     "dit-faster": "cache=faster:every=2",  # 1.16x, 43.8 dB: closest to unaccelerated
-    # tomediff's token caching at the high-fidelity end (every token's keys, a warm-up, the linear
-    # forecast): 1.23x at 46.9 dB here, 1.45x at 47.7 dB on the 1,024-token DiT, at FasterCache's speed
-    # and above its PSNR (1.23x at 43.8 dB, 1.48x at 45.6 dB in the same runs).
-    "dit-tokencache": "method=cache,cache_interval=2,cache_ratio=0.0625,start=0.2,cache_forecast=linear",
-    # Its faster point: a refresh every 3rd step after a 30% warm-up: 1.65x at 43.6 dB on the 1,024-token
-    # DiT (FasterCache 1.51x at 45.6 dB, MagCache 0.06 1.43x at 42.0 dB in the same run), 1.38x at 40.1 dB
-    # here (MagCache 0.04: 1.26x at 40.2 dB).
-    "dit-tokencache-fast": "method=cache,cache_interval=3,cache_ratio=0.0625,start=0.3,cache_forecast=linear",
+    # tomediff's token caching (docs/methods.md "Forecasts from whole refreshes"; 1,024-token DiT, 100
+    # images, one run with the caches): at the high-fidelity end a refresh every 2nd step after a 20%
+    # warm-up, 1.38x at 47.9 dB, above every cache's PSNR (FasterCache: 1.48x at 45.6 dB).
+    "dit-tokencache": "method=cache,cache_interval=2,cache_ratio=0.00390625,start=0.2,cache_forecast=linear",
+    # Every 3rd step from progress 0.45: 1.72x at 44.8 dB (1.16x FasterCache's speed, at 0.8 dB less).
+    "dit-tokencache-fast": (
+        "method=cache,cache_interval=2,cache_intervals=0.45:3,cache_ratio=0.00390625,start=0.2,"
+        "cache_forecast=linear"
+    ),
+    # Every 4th step from progress 0.45: 1.89x at 39.6 dB, 1.28x the fastest cache at or above that PSNR
+    # (FasterCache); MagCache 0.07 was 1.62x at 37.9 dB.
+    "dit-tokencache-faster": (
+        "method=cache,cache_interval=2,cache_intervals=0.45:4,cache_ratio=0.00390625,start=0.2,"
+        "cache_forecast=linear"
+    ),
     # The high-resolution DiT (--image-size 64): fastest inside the accuracy/Frechet bar, 3.84x at +3.7%
     # Frechet and 18.7 dB (MagCache 1.0 alone: 3.51x, +14.7%). Not for the 256-token DiT (-5.5 points).
     "dit-hires-mag-merge": "ratio=0.3,skip_blocks=1/1,cache=mag:threshold=1.0/max_skip=10",
