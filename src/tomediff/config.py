@@ -328,18 +328,7 @@ class ToMeConfig:
             raise ConfigError(f"cache_forecast must be one of {forecasts}, got {self.cache_forecast!r}.")
         if self.method != "cache":
             defaults = {f.name: f.default for f in dataclasses.fields(self)}
-            changed = [
-                n
-                for n in (
-                    "cache_interval",
-                    "cache_intervals",
-                    "cache_ratio",
-                    "cache_select",
-                    "cache_context",
-                    "cache_forecast",
-                )
-                if getattr(self, n) != defaults[n]
-            ]
+            changed = [n for n in defaults if n.startswith("cache_") and getattr(self, n) != defaults[n]]
             if changed:
                 raise ConfigError(
                     f"{', '.join(changed)} apply to method='cache' only (got method={self.method!r}); "

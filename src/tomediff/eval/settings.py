@@ -117,7 +117,7 @@ def field_help(name: str) -> str:
 
 def parse_level_ratios(text: str) -> tuple[tuple[int, float], ...]:
     """``"1:0.6,2:0.3"`` (or with ``/`` between pairs) as validated ``((1, 0.6), (2, 0.3))``."""
-    pairs = _parse_pairs("level_ratios", text, int, float, "LEVEL:RATIO pairs such as 1:0.6,2:0.3")
+    pairs = _parse_pairs("level_ratios", text, int, float, "LEVEL:RATIO", "1:0.6,2:0.3")
     value = ToMeConfig(level_ratios=pairs).level_ratios
     assert isinstance(value, tuple)  # ToMeConfig stores level_ratios as sorted (level, ratio) pairs
     return value
@@ -125,14 +125,14 @@ def parse_level_ratios(text: str) -> tuple[tuple[int, float], ...]:
 
 def parse_cache_intervals(text: str) -> tuple[tuple[float, int], ...]:
     """``"0.4:3,0.7:4"`` (or with ``/`` between pairs) as validated ``((0.4, 3), (0.7, 4))``."""
-    pairs = _parse_pairs("cache_intervals", text, float, int, "PROGRESS:INTERVAL pairs such as 0.4:3,0.7:4")
+    pairs = _parse_pairs("cache_intervals", text, float, int, "PROGRESS:INTERVAL", "0.4:3,0.7:4")
     value = ToMeConfig(method="cache", cache_intervals=pairs).cache_intervals
     assert isinstance(value, tuple)  # ToMeConfig stores cache_intervals as sorted pairs
     return value
 
 
 def _parse_pairs(
-    name: str, text: str, key: Callable[[str], Any], value: Callable[[str], Any], what: str
+    name: str, text: str, key: Callable[[str], Any], value: Callable[[str], Any], form: str, example: str
 ) -> tuple[tuple[Any, Any], ...]:
     """``text``'s ``KEY:VALUE`` pairs, separated by ``,`` or ``/``; ConfigError naming ``name`` else."""
     pairs = []
@@ -145,9 +145,9 @@ def _parse_pairs(
         except ValueError:
             sep = ""
         if not sep:
-            example = what.split("such as ")[-1]
             raise ConfigError(
-                f"{name} must be {what} ({example.replace(',', '/')} inside --setting), got {text!r}"
+                f"{name} must be {form} pairs such as {example} "
+                f"({example.replace(',', '/')} inside --setting), got {text!r}"
             )
     return tuple(pairs)
 
