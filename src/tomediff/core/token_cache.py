@@ -58,19 +58,20 @@ class CacheEntry:
         partial_steps: steps since that refresh.
         keys_values: per attention module of the block (by ``id``), ``[B, heads, N, D]`` keys and values
             of every image token when it was last computed (``cache_context="all"`` only).
-        slope: ``[B, N, C]`` each image token's residual change per unit of time between the last two
-            refreshes (``cache_forecast="linear"`` only).
         refresh_time: the time (timestep) of the last refresh (``cache_forecast="linear"`` only).
-        key_value_slopes: per attention module, ``[B, heads, N, D]`` the keys' and values' change per
-            unit of time, as ``slope`` (``cache_forecast="linear"`` with ``cache_context="all"``).
+        previous_time: the time of the refresh before it.
+        previous_residual: ``[B, N, C]`` the residuals of that refresh (``cache_forecast="linear"``;
+            None after a first refresh).
+        previous_keys_values: per attention module, its keys and values, as ``keys_values``.
     """
 
     residual: torch.Tensor | None = None
     reference: torch.Tensor | None = None
     keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
-    slope: torch.Tensor | None = None
     refresh_time: float | None = None
-    key_value_slopes: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    previous_time: float | None = None
+    previous_residual: torch.Tensor | None = None
+    previous_keys_values: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     refreshed_at: int = 0
     partial_steps: int = 0
 
@@ -93,11 +94,15 @@ class CachePlan:
     time: float | None = None  # the call's time, when kept residuals are extrapolated to it
 
     @property
-    def elapsed(self) -> float | None:
-        """Time since the entry's last refresh, when the kept residuals are extrapolated."""
-        if self.time is None or self.entry.refresh_time is None:
+    def forecast_weight(self) -> float | None:
+        """``w`` with ``torch.lerp(previous, last, w)`` the last refresh's value moved along its change
+        since the refresh before to this call's time; None when there is no refresh before to compare
+        with (or no time)."""
+        entry = self.entry
+        if self.time is None or entry.refresh_time is None or entry.previous_time is None:
             return None
-        return self.time - self.entry.refresh_time
+        between = entry.refresh_time - entry.previous_time
+        return None if between == 0 else 1.0 + (self.time - entry.refresh_time) / between
 
     @property
     def batch(self) -> int:
@@ -273,18 +278,24 @@ class BlockCacheAction(SiteAction):
         if plan.index is None:
             residual = (image.detach() - x).to(x.dtype)
             if plan.time is not None:
-                entry.slope = _slope(entry.residual, residual, plan.elapsed)
+                # The refresh before is kept whole rather than as a slope: a refresh then costs no work
+                # beyond its residual, and a forecast one lerp, as a slope's would.
+                entry.previous_residual = entry.residual
+                entry.previous_time = entry.refresh_time
                 entry.refresh_time = plan.time
             entry.residual = residual
             # A copy: the block's caller may reuse its input tensor in place.
             entry.reference = x.clone() if plan.keeps_reference else None
             return None
         assert entry.residual is not None
-        elapsed = plan.elapsed
-        if elapsed is not None and entry.slope is not None:
+        if plan.time is not None:
             # The refresh's residuals moved on to this call's time; the computed tokens serve this call
             # only (fill_from_cache puts them in), so every forecast starts from a whole refresh.
-            residual = torch.add(entry.residual, entry.slope, alpha=elapsed)
+            residual = _forecast(entry.previous_residual, entry.residual, plan.forecast_weight)
+            if residual is not entry.residual and residual.dtype == x.dtype:
+                # A forecast of this call's own: the output is built in it (no new tensor of this size).
+                full = scatter_tokens(residual.add_(x), plan.index, image)
+                return _replace_output(output, position, full)
         else:
             fresh = image.detach() - gather_tokens(x, plan.index)
             scatter_tokens(entry.residual, plan.index, fresh)
@@ -292,18 +303,28 @@ class BlockCacheAction(SiteAction):
                 assert entry.reference is not None
                 scatter_tokens(entry.reference, plan.index, gather_tokens(x, plan.index))
             residual = entry.residual
-        full = fill_from_cache(x, residual, plan.index, image)
-        if isinstance(output, tuple):
-            return (*output[:position], full, *output[position + 1 :])
-        return full
+        return _replace_output(output, position, fill_from_cache(x, residual, plan.index, image))
 
 
-def _slope(old: torch.Tensor | None, fresh: torch.Tensor, elapsed: float | None) -> torch.Tensor:
-    """Each token's change from its ``old`` to its ``fresh`` refresh value per unit of time, ``elapsed``
-    between them; zeros when there is nothing to compare with (a first refresh, another shape, no time)."""
-    if old is None or elapsed is None or elapsed == 0 or old.shape != fresh.shape:
-        return torch.zeros_like(fresh)
-    return (fresh - old) / elapsed
+def _replace_output(output: Any, position: int, full: torch.Tensor) -> Any:
+    """The block's output with its image tokens (at ``position`` of a tuple) replaced by ``full``."""
+    if isinstance(output, tuple):
+        return (*output[:position], full, *output[position + 1 :])
+    return full
+
+
+def _forecast(
+    previous: torch.Tensor | None,
+    last: torch.Tensor,
+    weight: float | None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``last`` moved along its change since ``previous``: ``previous + weight * (last - previous)``
+    (written into ``out`` when given); ``last`` itself when there is nothing to compare with (a first
+    refresh, no time)."""
+    if previous is None or weight is None or previous.shape != last.shape:
+        return last if out is None else out.copy_(last)
+    return torch.lerp(previous, last, weight) if out is None else torch.lerp(previous, last, weight, out=out)
 
 
 class _CachedKeysMode(TorchFunctionMode):
@@ -345,18 +366,18 @@ class _CachedKeysMode(TorchFunctionMode):
         start = 0 if self.site.image_first else seq - num
         image = slice(start, start + num)
         entry, module = plan.entry, id(self.site.module)
-        # The time since the last refresh (BlockCacheAction renews it after the block).
-        elapsed = plan.elapsed
+        linear = plan.time is not None
         if plan.index is None:
-            key_image, value_image = (t[:, :, image].detach().clone() for t in (key, value))
-            old = entry.keys_values.get(module)
-            if plan.time is not None:
-                old_key, old_value = old if old is not None else (None, None)
-                entry.key_value_slopes[module] = (
-                    _slope(old_key, key_image, elapsed),
-                    _slope(old_value, value_image, elapsed),
-                )
-            entry.keys_values[module] = (key_image, value_image)
+            if linear:  # BlockCacheAction renews the times after the block
+                old = entry.keys_values.get(module)
+                if old is None:
+                    entry.previous_keys_values.pop(module, None)
+                else:
+                    entry.previous_keys_values[module] = old
+            entry.keys_values[module] = (
+                key[:, :, image].detach().clone(),
+                value[:, :, image].detach().clone(),
+            )
             return func(query, key, value, **options)
         if options.get("attn_mask") is not None:
             raise MergeCallError(
@@ -369,28 +390,31 @@ class _CachedKeysMode(TorchFunctionMode):
                 f"method='cache' found no keys kept at the last refresh for the attention of block "
                 f"'{self.block_name}'; its attention call must be the same at every step."
             )
+        previous = entry.previous_keys_values.get(module) if linear else None
+        weight = plan.forecast_weight
         computed = plan.index[:, None, :, None]
-        kept_slopes = entry.key_value_slopes.get(module) if elapsed is not None else None
-        image_keys_values = []
+        # The image part of the keys and values becomes every image token's, in grid order, written
+        # straight into the sequence the call gets (no concatenation afterwards); the queries stay the
+        # computed tokens' (attention does not depend on the keys' order).
+        text_start, text_stop = (num, seq) if self.site.image_first else (0, seq - num)
+        image_start = 0 if self.site.image_first else seq - num
+        whole = []
         for which, (cached, fresh) in enumerate(zip(kept, (key, value), strict=True)):
             rows = computed.expand(-1, cached.shape[1], -1, cached.shape[3])
             new = fresh[:, :, image]
-            if kept_slopes is not None and elapsed is not None:
+            sequence = fresh.new_empty(*fresh.shape[:2], seq - num + plan.num_tokens, fresh.shape[3])
+            image_part = sequence[:, :, image_start : image_start + plan.num_tokens]
+            if linear:
                 # As the residuals: the refresh's keys and values moved on to this call's time, the
-                # computed tokens' own put in for this call only. Every token moved at once: elementwise
-                # work over all of them costs less than gathering the others' rows (measured on the CPU).
-                moved = torch.add(cached, kept_slopes[which], alpha=elapsed)
-                image_keys_values.append(moved.scatter_(2, rows, new))
-                continue
-            cached.scatter_(2, rows, new)
-            image_keys_values.append(cached)
-        # The image part of the keys and values becomes every image token's, in grid order; the queries
-        # stay the computed tokens' (attention does not depend on the keys' order).
-        key, value = (
-            torch.cat([t[:, :, : image.start], full.to(t.dtype), t[:, :, image.stop :]], dim=2)
-            for t, full in zip((key, value), image_keys_values, strict=True)
-        )
-        return func(query, key, value, **options)
+                # computed tokens' own put in for this call only.
+                _forecast(None if previous is None else previous[which], cached, weight, out=image_part)
+                image_part.scatter_(2, rows, new)
+            else:
+                image_part.copy_(cached.scatter_(2, rows, new))
+            shift = plan.num_tokens - num if self.site.image_first else 0
+            sequence[:, :, text_start + shift : text_stop + shift] = fresh[:, :, text_start:text_stop]
+            whole.append(sequence)
+        return func(query, whole[0], whole[1], **options)
 
 
 class CachedKeysAction(SiteAction):
