@@ -407,6 +407,27 @@ def test_computed_tokens_attend_to_every_token_through_kept_keys(family: str) ->
     assert errors["computed"] > 1e-3  # 1e-2 to 2e-2
 
 
+@pytest.mark.parametrize("family", ["flux", "sd3", "pixart"])
+def test_linear_forecast_just_after_a_refresh_gives_the_unpatched_output(family: str) -> None:
+    """cache_forecast="linear" through each attention layout (Flux: text then image, SD3: image then
+    text, PixArt: image alone): after two refreshes, a partial step at all but the last refresh's time,
+    on its input, moves every kept residual, key and value a hundred-thousandth of the way between the
+    refreshes past the last one, so its output is all but the unpatched model's."""
+    model = {"flux": tiny_flux, "sd3": tiny_sd3, "pixart": tiny_pixart}[family]()
+    step = repeated_step(family, model)
+    reference = step(0.7 - 1e-6)
+    with tomediff.apply_tome(
+        model, method="cache", cache_interval=2, cache_ratio=0.25, cache_forecast="linear"
+    ) as handle:
+        step(0.8)  # a refresh
+        away = step(0.75)  # forecast from one refresh: its residuals, keys and values as kept
+        step(0.7)  # the second refresh
+        partial = step(0.7 - 1e-6)
+        assert "refresh 2, partial 2 per block" in str(handle.report())
+    assert ((partial - reference).norm() / reference.norm()).item() < 1e-4
+    assert ((away - step(0.75)).norm() / reference.norm()).item() > 1e-3  # the forecast is not exact
+
+
 def test_linear_forecast_moves_the_refresh_residuals_and_keys_along_their_slopes() -> None:
     """cache_forecast="linear", on made-up tensors (one block, image tokens only, float64): refreshes at
     t=1.0 and 0.8, then partial steps at 0.7 (tokens 0, 1 computed) and 0.6 (tokens 2, 3). A token not
