@@ -244,19 +244,20 @@ PARETO_PRESETS: dict[str, str] = {
     "dit-mag": "cache=mag:threshold=0.4/max_skip=8",  # recommended: 2.79x inside the quality bar, 27.8 dB
     "dit-mag-fidelity": "cache=mag:threshold=0.15/max_skip=5",  # 1.97x, 32.4 dB
     "dit-faster": "cache=faster:every=2",  # 1.16x, 43.8 dB: closest to unaccelerated
-    # tomediff's token caching (docs/methods.md "Forecasts from whole refreshes"; 1,024-token DiT, 100
-    # images, one run with the caches): at the high-fidelity end a refresh every 2nd step after a 20%
-    # warm-up, 1.38x at 47.9 dB, above every cache's PSNR (FasterCache: 1.48x at 45.6 dB).
+    # tomediff's token caching (docs/methods.md "Refreshes kept whole"; 1,024-token DiT, 100 images, two
+    # runs with the caches, batch 50 / 25): at the high-fidelity end a refresh every 2nd step after a 20%
+    # warm-up, 1.51x / 1.49x at 47.9 dB, above every cache's PSNR (FasterCache: 1.37x / 1.33x at 45.6 dB).
     "dit-tokencache": (
         "method=cache,cache_interval=2,cache_ratio=0.00390625,cache_select=stride,start=0.2,cache_forecast=linear"
     ),
-    # Every 3rd step from progress 0.45: 1.72x at 44.8 dB (1.16x FasterCache's speed, at 0.8 dB less).
+    # Every 3rd step from progress 0.45: 1.81x / 1.88x at 44.8 dB (1.32x / 1.41x FasterCache's speed, at
+    # 0.8 dB less).
     "dit-tokencache-fast": (
         "method=cache,cache_interval=2,cache_intervals=0.45:3,cache_ratio=0.00390625,cache_select=stride,start=0.2,"
         "cache_forecast=linear"
     ),
-    # Every 4th step from progress 0.45: 1.89x at 39.6 dB, 1.28x the fastest cache at or above that PSNR
-    # (FasterCache); MagCache 0.07 was 1.62x at 37.9 dB.
+    # Every 4th step from progress 0.45: 2.08x / 1.94x at 39.6 dB, 1.52x / 1.46x the fastest cache at or
+    # above that PSNR (FasterCache); MagCache 0.07 was 1.61x / 1.62x at 37.6-37.9 dB.
     "dit-tokencache-faster": (
         "method=cache,cache_interval=2,cache_intervals=0.45:4,cache_ratio=0.00390625,cache_select=stride,start=0.2,"
         "cache_forecast=linear"
