@@ -396,14 +396,15 @@ class _CachedKeysMode(TorchFunctionMode):
         # The image part of the keys and values becomes every image token's, in grid order, written
         # straight into the sequence the call gets (no concatenation afterwards); the queries stay the
         # computed tokens' (attention does not depend on the keys' order).
-        text_start, text_stop = (num, seq) if self.site.image_first else (0, seq - num)
-        image_start = 0 if self.site.image_first else seq - num
+        others = slice(num, seq) if self.site.image_first else slice(0, seq - num)
+        others_after = slice(plan.num_tokens, None) if self.site.image_first else others
+        every_image = slice(image.start, image.start + plan.num_tokens)
         whole = []
         for which, (cached, fresh) in enumerate(zip(kept, (key, value), strict=True)):
             rows = computed.expand(-1, cached.shape[1], -1, cached.shape[3])
             new = fresh[:, :, image]
             sequence = fresh.new_empty(*fresh.shape[:2], seq - num + plan.num_tokens, fresh.shape[3])
-            image_part = sequence[:, :, image_start : image_start + plan.num_tokens]
+            image_part = sequence[:, :, every_image]
             if linear:
                 # As the residuals: the refresh's keys and values moved on to this call's time, the
                 # computed tokens' own put in for this call only.
@@ -411,8 +412,7 @@ class _CachedKeysMode(TorchFunctionMode):
                 image_part.scatter_(2, rows, new)
             else:
                 image_part.copy_(cached.scatter_(2, rows, new))
-            shift = plan.num_tokens - num if self.site.image_first else 0
-            sequence[:, :, text_start + shift : text_stop + shift] = fresh[:, :, text_start:text_stop]
+            sequence[:, :, others_after] = fresh[:, :, others]
             whole.append(sequence)
         return func(query, whole[0], whole[1], **options)
 
