@@ -192,6 +192,21 @@ def test_strided_tokens_cover_every_token_within_their_spacing() -> None:
     assert strided_tokens(1, 10, 3, 0, torch.device("cpu")).shape == (1, 3)
 
 
+def test_fill_from_cache_puts_the_computed_tokens_among_input_plus_residual_in_either_way() -> None:
+    from tomediff.ops import fill_from_cache
+
+    gen = torch.Generator().manual_seed(0)
+    x, residual = torch.randn(2, 6, 4, generator=gen), torch.randn(2, 6, 4, generator=gen)
+    index, computed = torch.tensor([[1, 4], [0, 5]]), torch.randn(2, 2, 4, generator=gen)
+    expected = x + residual
+    for row in range(2):
+        expected[row, index[row]] = computed[row]
+    assert torch.equal(fill_from_cache(x, residual, index, computed), expected)
+    owned = residual.clone()
+    full = fill_from_cache(x, owned, index, computed, in_place=True)
+    assert torch.equal(full, expected) and full.data_ptr() == owned.data_ptr()  # built in the temporary
+
+
 # Outputs ------------------------------------------------------------------------------------------
 
 

@@ -292,18 +292,18 @@ class BlockCacheAction(SiteAction):
             # The refresh's residuals moved on to this call's time; the computed tokens serve this call
             # only (fill_from_cache puts them in), so every forecast starts from a whole refresh.
             residual = _forecast(entry.previous_residual, entry.residual, plan.forecast_weight)
-            if residual is not entry.residual and residual.dtype == x.dtype:
-                # A forecast of this call's own: the output is built in it (no new tensor of this size).
-                full = scatter_tokens(residual.add_(x), plan.index, image)
-                return _replace_output(output, position, full)
+            # A forecast is this call's own tensor (of x's dtype, as the kept residuals): the output
+            # is built in it.
+            in_place = residual is not entry.residual
         else:
             fresh = image.detach() - gather_tokens(x, plan.index)
             scatter_tokens(entry.residual, plan.index, fresh)
             if plan.keeps_reference:
                 assert entry.reference is not None
                 scatter_tokens(entry.reference, plan.index, gather_tokens(x, plan.index))
-            residual = entry.residual
-        return _replace_output(output, position, fill_from_cache(x, residual, plan.index, image))
+            residual, in_place = entry.residual, False
+        full = fill_from_cache(x, residual, plan.index, image, in_place)
+        return _replace_output(output, position, full)
 
 
 def _replace_output(output: Any, position: int, full: torch.Tensor) -> Any:

@@ -52,8 +52,15 @@ def scatter_tokens(target: torch.Tensor, index: torch.Tensor, values: torch.Tens
 
 
 def fill_from_cache(
-    x: torch.Tensor, residual: torch.Tensor, index: torch.Tensor, computed: torch.Tensor
+    x: torch.Tensor,
+    residual: torch.Tensor,
+    index: torch.Tensor,
+    computed: torch.Tensor,
+    in_place: bool = False,
 ) -> torch.Tensor:
     """A block's full output from its ``computed`` tokens ``[B, M, C]`` (rows ``index`` ``[B, M]``):
-    those as computed, every other token its input ``x`` plus its cached ``residual`` (``[B, N, C]``)."""
-    return scatter_tokens(x + residual.to(x.dtype), index, computed)
+    those as computed, every other token its input ``x`` plus its cached ``residual`` (``[B, N, C]``).
+    ``in_place``: ``residual`` is the caller's own temporary of ``x``'s dtype, and the output is built in
+    it (no new tensor of that size)."""
+    full = residual.add_(x) if in_place else x + residual.to(x.dtype)
+    return scatter_tokens(full, index, computed)
