@@ -100,9 +100,9 @@ def count_tokens(module: nn.Module) -> tuple[list[int], Callable[[], None]]:
     [
         ({"cache_interval": 1}, "cache_interval must be an integer of at least 2"),
         ({"cache_interval": 2.5}, "cache_interval must be an integer, got 2.5"),
-        ({"cache_ratio": 0.0}, "cache_ratio=0.0 is outside (0, 1]"),
-        ({"cache_ratio": 1.5}, "cache_ratio=1.5 is outside (0, 1]"),
-        ({"cache_ratio": float("nan")}, "cache_ratio=nan is outside (0, 1]"),
+        ({"cache_ratio": -0.1}, "cache_ratio=-0.1 is outside [0, 1]"),
+        ({"cache_ratio": 1.5}, "cache_ratio=1.5 is outside [0, 1]"),
+        ({"cache_ratio": float("nan")}, "cache_ratio=nan is outside [0, 1]"),
         ({"cache_select": "random"}, "cache_select must be one of 'change', 'stride', got 'random'"),
         ({"cache_context": "some"}, "cache_context must be one of 'all', 'computed', got 'some'"),
         ({"cache_forecast": "quadratic"}, "cache_forecast must be one of 'none', 'linear', got 'quadratic'"),
@@ -381,7 +381,7 @@ def test_cache_intervals_need_the_timestep() -> None:
     config = tomediff.ToMeConfig(method="cache", cache_interval=2, cache_intervals={0.5: 3})
     memory = ThreadMemory()
     memory.advance(None)
-    state = SimpleNamespace(thread_memory=lambda: memory, timestep_scale=1000.0)
+    state = SimpleNamespace(thread_memory=lambda: memory, progress=lambda t: 1.0 - t / 1000.0)
     request = PlanRequest(torch.zeros(1, 4, 8), 2, 2, None, None, 0, "block")  # type: ignore[arg-type]
     with pytest.raises(MergeCallError, match="cache_intervals changes the refresh interval"):
         TokenCacheReducer(config).plan(state, request)  # type: ignore[arg-type]
@@ -512,6 +512,57 @@ def test_linear_forecast_moves_the_refresh_residuals_and_keys_along_their_slopes
         rtol=0,
         atol=1e-12,
     )
+
+
+def test_ratio_zero_fills_every_image_token_from_the_forecast() -> None:
+    """cache_ratio=0 on made-up tensors (float64): after refreshes at t=1.0 and 0.8, a partial step at
+    0.7 gives every image token its input plus the last refresh's residual moved along its change to
+    0.7; the one token the block ran on for its layout is dropped, and nothing is renewed."""
+    from tomediff.core.token_cache import BlockCacheAction, CacheEntry, CachePlan
+
+    gen = torch.Generator().manual_seed(0)
+    action, entry = BlockCacheAction(), CacheEntry()
+    shape = (2, 6, 8)
+
+    def step(time: float, index: list[int] | None) -> tuple[torch.Tensor, torch.Tensor, Any]:
+        x = torch.randn(*shape, generator=gen, dtype=torch.float64)
+        rows = None if index is None else torch.tensor([index, index])
+        plan = CachePlan(entry, x, rows, None, False, time, forecast_only=True)
+        computed = torch.randn(shape[0], shape[1] if index is None else len(index), shape[2], generator=gen)
+        return x, computed.double(), action.after(plan, computed.double())
+
+    x1, out1, _ = step(1.0, None)
+    x2, out2, _ = step(0.8, None)
+    kept = entry.residual.clone()
+    x3, _, full = step(0.7, [0])
+    r1, r2 = out1 - x1, out2 - x2
+    torch.testing.assert_close(full, x3 + r2 + (r2 - r1) * 0.5, rtol=0, atol=1e-12)
+    assert torch.equal(entry.residual, kept)
+    plan = CachePlan(entry, x3, torch.tensor([[0], [0]]), None, False, 0.7, forecast_only=True)
+    assert plan.num_merged == 0
+
+
+@pytest.mark.parametrize("family", ["flux", "sd3", "pixart"])
+def test_ratio_zero_runs_no_image_token_and_keeps_no_keys(family: str) -> None:
+    """cache_ratio=0 through each block layout: no keys or values are kept, a partial step at all but
+    the last refresh's time, on its input, gives all but the unpatched output (every image token's
+    residual forecast), and the report says no image token is computed between refreshes."""
+    model = {"flux": tiny_flux, "sd3": tiny_sd3, "pixart": tiny_pixart}[family]()
+    step = repeated_step(family, model)
+    reference = step(0.7 - 1e-6)
+    with tomediff.apply_tome(
+        model, method="cache", cache_interval=2, cache_ratio=0, cache_forecast="linear"
+    ) as handle:
+        step(0.8)
+        away = step(0.75)
+        step(0.7)
+        partial = step(0.7 - 1e-6)
+        report = str(handle.report())
+        entries = [kept[0] for kept in handle.state.thread_memory().plans.values()]
+    assert "no image token computed between" in report and "refresh 2, partial 2 per block" in report
+    assert entries and all(e.keys_values == {} and e.previous_keys_values == {} for e in entries)
+    assert ((partial - reference).norm() / reference.norm()).item() < 1e-4
+    assert ((away - step(0.75)).norm() / reference.norm()).item() > 1e-3
 
 
 def test_kept_keys_need_an_attention_call_the_mode_sees(monkeypatch: pytest.MonkeyPatch) -> None:

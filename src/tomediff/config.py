@@ -156,7 +156,13 @@ class ToMeConfig:
             errors carry through the rest of the trajectory, so they need refreshes most. Stored as
             sorted ``(progress, interval)`` pairs; None (default): ``cache_interval`` throughout.
         cache_ratio: ``method="cache"``: fraction of a block's image tokens computed at the steps
-            between refreshes, in (0, 1] (1 computes them all: outputs equal the unpatched model's).
+            between refreshes, in [0, 1] (1 computes them all: outputs equal the unpatched model's). 0
+            computes none: at those steps each image token's output is its input plus its kept (or,
+            with ``cache_forecast="linear"``, forecast) residual. The block then still runs on its other
+            tokens (the text) and one image token, whose output is dropped, so that whatever else it
+            returns keeps its shape; no keys or values are kept (``cache_select`` and ``cache_context``
+            do not apply). With a forecast, the few tokens a small ratio computes change its images
+            little and cost most of a partial step.
         cache_select: ``method="cache"``: which tokens are computed between refreshes: ``"change"``
             (default) those whose block input changed most, relative to its norm, since they were last
             computed; ``"stride"`` an evenly spread set that shifts every step.
@@ -311,10 +317,10 @@ class ToMeConfig:
                 f"cache_interval must be an integer of at least 2 (every cache_interval-th step computes "
                 f"every token), got {self.cache_interval!r}; use e.g. 3."
             )
-        if not 0.0 < self.cache_ratio <= 1.0:  # also refuses NaN
+        if not 0.0 <= self.cache_ratio <= 1.0:  # also refuses NaN
             raise ConfigError(
-                f"cache_ratio={self.cache_ratio!r} is outside (0, 1]: it is the fraction of image tokens "
-                "computed between refresh steps; use e.g. 0.25 (1 computes them all)."
+                f"cache_ratio={self.cache_ratio!r} is outside [0, 1]: it is the fraction of image tokens "
+                "computed between refresh steps; use e.g. 0.25 (1 computes them all, 0 none)."
             )
         object.__setattr__(self, "cache_intervals", self._checked_cache_intervals())
         if self.cache_select not in CACHE_SELECTS:

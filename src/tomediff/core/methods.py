@@ -143,9 +143,10 @@ def build_method(config: ToMeConfig, enabled: set[SiteKind], reducer: Reducer | 
                 "method='cache' plans with its own reducer (the tokens to recompute, from its cache); "
                 "apply_reducer takes method='merge' or 'downsample'."
             )
-        # cache_context="all": the block's attention modules add the kept keys/values of the others.
+        # cache_context="all": the block's attention modules add the kept keys/values of the others
+        # (none with cache_ratio=0: no image token's output is computed between refreshes).
         keys: dict[SiteKind, SiteAction] = (
-            {"attn": CachedKeysAction()} if config.cache_context == "all" else {}
+            {"attn": CachedKeysAction()} if config.cache_context == "all" and config.cache_ratio > 0 else {}
         )
         return Method(TokenCacheReducer(config), keys, BlockCacheAction())
     if config.method == "downsample":

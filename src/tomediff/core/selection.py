@@ -135,11 +135,11 @@ class Selection:
         return self.config.start > 0.0 or self.config.stop < 1.0
 
     def active_at(self, progress: float) -> bool:
-        """Whether the schedule is on at denoising ``progress`` (clamped to [0, 1]): in ``[start, stop)``,
-        closed at 1 when ``stop == 1`` so that the final step (``t = 0``) counts as the end of
-        ``[start, 1]`` exactly as it does for the unscheduled ``(0, 1)``; never when ``start == stop``."""
+        """Whether the schedule is on at denoising ``progress`` (in [0, 1], as :meth:`ToMeState.progress`
+        gives it): in ``[start, stop)``, closed at 1 when ``stop == 1`` so that the final step (``t = 0``)
+        counts as the end of ``[start, 1]`` exactly as it does for the unscheduled ``(0, 1)``; never when
+        ``start == stop``."""
         start, stop = self.config.start, self.config.stop
-        progress = min(max(progress, 0.0), 1.0)
         if start >= stop:
             return False
         return start <= progress and (progress < stop or stop == 1.0)

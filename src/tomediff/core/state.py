@@ -314,6 +314,11 @@ class ToMeState:
             )
         self._begin(call, sample, timestep)
 
+    def progress(self, timestep: float) -> float:
+        """The denoising progress ``1 - t / T`` at (falling) ``timestep``, clamped to [0, 1]: schedulers'
+        first timestep may sit a little above ``T``, and their last one below 0."""
+        return min(max(1.0 - timestep / self.timestep_scale, 0.0), 1.0)
+
     def _begin(self, call: CallState, sample: object, timestep: object) -> None:
         self.calls += 1
         memory = self.thread_memory()
@@ -332,7 +337,7 @@ class ToMeState:
                     f"model call, but this call passed none ({type(timestep).__name__}); call the "
                     "model with its timestep (as timestep=, or positionally where its forward takes it)."
                 )
-            call.active = selection.active_at(1.0 - t / self.timestep_scale)
+            call.active = selection.active_at(self.progress(t))
         if call.active:
             if self._asks_guidance and caller is not None:
                 guided = caller.guidance(sample)

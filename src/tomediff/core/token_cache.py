@@ -92,6 +92,7 @@ class CachePlan:
     positions: torch.Tensor | None
     keeps_reference: bool
     time: float | None = None  # the call's time, when kept residuals are extrapolated to it
+    forecast_only: bool = False  # cache_ratio=0: every image token's output comes from the cache
 
     @property
     def forecast_weight(self) -> float | None:
@@ -114,8 +115,11 @@ class CachePlan:
 
     @property
     def num_merged(self) -> int:
-        """Image tokens the block computes in this call."""
-        return self.num_tokens if self.index is None else int(self.index.shape[1])
+        """Image tokens the block computes in this call (the one token a forecast-only call runs for
+        the block's layout does not count: its output is dropped)."""
+        if self.index is None:
+            return self.num_tokens
+        return 0 if self.forecast_only else int(self.index.shape[1])
 
     @property
     def refresh(self) -> bool:
@@ -157,7 +161,9 @@ class TokenCacheReducer(Reducer):
         )
         kept = memory.plans.get(key)
         entry = kept[0] if kept is not None and kept[2] == memory.generation else None
-        keeps_reference = cfg.cache_select == "change"
+        forecast_only = cfg.cache_ratio == 0
+        keeps_reference = cfg.cache_select == "change" and not forecast_only
+        # At least one token: the block keeps its token layout (its dropped output, with cache_ratio=0).
         num = max(1, round(cfg.cache_ratio * request.metric.shape[1]))
         if entry is None:
             entry = CacheEntry()
@@ -171,7 +177,7 @@ class TokenCacheReducer(Reducer):
                 "timestep of each model call, but this call passed none; call the model with its timestep "
                 "(as timestep=, or positionally where its forward takes it), or use cache_interval alone."
             )
-        progress = None if timestep is None else min(max(1.0 - timestep / state.timestep_scale, 0.0), 1.0)
+        progress = None if timestep is None else state.progress(timestep)
         stale = memory.steps - entry.refreshed_at >= cfg.interval_at(progress)
         time = None
         if cfg.cache_forecast == "linear":
@@ -180,7 +186,7 @@ class TokenCacheReducer(Reducer):
         if entry.residual is None or stale or num >= x.shape[1]:
             entry.refreshed_at, entry.partial_steps = memory.steps, 0
             self._count(request.block_name, 0)
-            return CachePlan(entry, x, None, None, keeps_reference, time)
+            return CachePlan(entry, x, None, None, keeps_reference, time, forecast_only)
         entry.partial_steps += 1
         self._count(request.block_name, 1)
         batch, num_tokens = int(x.shape[0]), int(x.shape[1])
@@ -191,7 +197,7 @@ class TokenCacheReducer(Reducer):
         else:
             index = strided_tokens(batch, num_tokens, num, entry.partial_steps, x.device)
         positions = index[0] if shared else None
-        return CachePlan(entry, x, index, positions, keeps_reference, time)
+        return CachePlan(entry, x, index, positions, keeps_reference, time, forecast_only)
 
     def _count(self, block: str, which: int) -> None:
         with self._lock:
@@ -202,6 +208,12 @@ class TokenCacheReducer(Reducer):
         if not self.counts:
             return []
         context = "every image token" if cfg.cache_context == "all" else "the computed ones"
+        between = (
+            "no image token computed between, each one"
+            if cfg.cache_ratio == 0
+            else f"{cfg.cache_ratio:g} of the image tokens computed between (chosen by '{cfg.cache_select}', "
+            f"attending to {context}), the others"
+        )
         filled = (
             "extrapolated from the last two refreshes"
             if cfg.cache_forecast == "linear"
@@ -213,9 +225,8 @@ class TokenCacheReducer(Reducer):
         refresh = sorted({c[0] for c in self.counts.values()})
         partial = sorted({c[1] for c in self.counts.values()})
         return [
-            f"token cache: refresh every {cfg.cache_interval} steps{later}, {cfg.cache_ratio:g} of the image "
-            f"tokens computed between (chosen by '{cfg.cache_select}', attending to {context}), the "
-            f"others {filled}; block calls so far: "
+            f"token cache: refresh every {cfg.cache_interval} steps{later}, {between} {filled}; "
+            "block calls so far: "
             f"refresh {_spread(refresh)}, partial {_spread(partial)} per block ('reduced' counts the "
             "image tokens filled from the cache in the last call)"
         ]
@@ -288,6 +299,10 @@ class BlockCacheAction(SiteAction):
             entry.reference = x.clone() if plan.keeps_reference else None
             return None
         assert entry.residual is not None
+        if plan.forecast_only:
+            residual = _forecast(entry.previous_residual, entry.residual, plan.forecast_weight)
+            full = residual.add_(x) if residual is not entry.residual else x + residual
+            return _replace_output(output, position, full)
         if plan.time is not None:
             # The refresh's residuals moved on to this call's time; the computed tokens serve this call
             # only (fill_from_cache puts them in), so every forecast starts from a whole refresh.
