@@ -36,8 +36,9 @@
 #   stack     issue 16: FLUX.1-dev (published config, random weights), bf16, batch 1, 1024², a whole
 #             28-step trajectory (benchmarks/flux_trajectory.py, 2 interleaved rounds): unaccelerated vs
 #             merge 0.3 outside the first and last block, token caching (refresh every 2nd step, a quarter
-#             of the image tokens between; and a sixteenth with a warm-up and the linear forecast, the
-#             1,024-token DiT's high-fidelity setting), FirstBlockCache 0.1, TaylorSeer (interval 3), MagCache with
+#             of the image tokens between; with a warm-up and the linear forecast, the 1,024-token DiT's
+#             presets' schedules, and no image token computed between refreshes for the last two:
+#             dit-tokencache-faster's and dit-tokencache-fastest's), FirstBlockCache 0.1, TaylorSeer (interval 3), MagCache with
 #             the ratios its authors calibrated on FLUX.1-dev at diffusers' default (0.06/3/0.2) and at
 #             the authors' Flux setting (E024K5R01), each alone and with merge 0.3 outside the first and
 #             last block (the recommended stack), and PAB + merge 0.5; each row also counts the steps
@@ -185,6 +186,8 @@ if has_part stack; then
         --setting "tokencache-i2-from0.2:method=cache,cache_interval=2,cache_ratio=0.00390625,start=0.2,cache_forecast=linear" \
         --setting "tokencache-i3at0.45:method=cache,cache_interval=2,cache_intervals=0.45:3,cache_ratio=0.00390625,start=0.2,cache_forecast=linear" \
         --setting "tokencache-i4at0.45:method=cache,cache_interval=2,cache_intervals=0.45:4,cache_ratio=0.00390625,start=0.2,cache_forecast=linear" \
+        --setting "tokencache-i4at0.45-r0:method=cache,cache_interval=2,cache_intervals=0.45:4,cache_ratio=0,start=0.2,cache_forecast=linear" \
+        --setting "tokencache-fastest:method=cache,cache_interval=3,cache_intervals=0.4:4/0.6:5,cache_ratio=0,start=0.15,cache_forecast=linear" \
         --setting "fbc0.1:cache=fbc:threshold=0.1" \
         --setting "taylorseer3:cache=taylorseer:interval=3/warmup=3/order=1" \
         --setting "mag-default:cache=mag:threshold=0.06/max_skip=3/retention=0.2" \

@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+import tomediff
 from tomediff.errors import ConfigError
 from tomediff.eval.pareto import (
     CACHE_KINDS,
@@ -182,3 +183,41 @@ def test_command_line_refuses_bad_settings_and_counts(capsys: pytest.CaptureFixt
     with pytest.raises(SystemExit):
         main(["--steps", "0"])
     assert "--steps must be at least 1, got 0" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("preset", "full_steps"),
+    [
+        ("dit-tokencache", [0, 1, 2, 3, 4, 6, 8, 10, 12, 14, 16, 18]),
+        ("dit-tokencache-faster", [0, 1, 2, 3, 4, 6, 8, 12, 16]),
+        ("dit-tokencache-fastest", [0, 1, 2, 3, 6, 10, 15]),
+    ],
+)
+def test_token_cache_presets_compute_every_token_at_the_steps_the_docs_give(
+    preset: str, full_steps: list[int]
+) -> None:
+    """The harness's 20 Euler steps (shift 1) through a tiny PixArt patched with the preset: the steps
+    at which its block computes every image token (before ``start`` and at refreshes) are those
+    docs/methods.md counts; the others run it on one dropped image token (``cache_ratio=0``)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from conftest import tiny_pixart
+
+    setting = parse_pareto_setting(preset)
+    assert setting.tome is not None and setting.cache is None
+    model = tiny_pixart()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 12, 16, generator=gen)
+    kwargs = {
+        "encoder_hidden_states": torch.randn(2, 8, 24, generator=gen),
+        "added_cond_kwargs": {"resolution": None, "aspect_ratio": None},
+    }
+    scheduler = FlowMatchEulerDiscreteScheduler(shift=1.0)
+    scheduler.set_timesteps(20)
+    full = []
+    with tomediff.apply_tome(model, setting.tome.config()) as handle:
+        for step, t in enumerate(scheduler.timesteps.tolist()):
+            model(x, timestep=torch.full((2,), t), return_dict=False, **kwargs)
+            if all(s.tokens_after_merge == s.tokens for s in handle.state.stats.values()):
+                full.append(step)
+    assert full == full_steps

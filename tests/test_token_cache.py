@@ -422,23 +422,32 @@ def test_computed_tokens_attend_to_every_token_through_kept_keys(family: str) ->
     assert errors["computed"] > 1e-3  # 1e-2 to 2e-2
 
 
+@pytest.mark.parametrize("cache_ratio", [0.25, 0.0])
 @pytest.mark.parametrize("family", ["flux", "sd3", "pixart"])
-def test_linear_forecast_just_after_a_refresh_gives_the_unpatched_output(family: str) -> None:
+def test_linear_forecast_just_after_a_refresh_gives_the_unpatched_output(
+    family: str, cache_ratio: float
+) -> None:
     """cache_forecast="linear" through each attention layout (Flux: text then image, SD3: image then
     text, PixArt: image alone): after two refreshes, a partial step at all but the last refresh's time,
     on its input, moves every kept residual, key and value a hundred-thousandth of the way between the
-    refreshes past the last one, so its output is all but the unpatched model's."""
+    refreshes past the last one, so its output is all but the unpatched model's. With cache_ratio=0 no
+    image token is computed between refreshes and no keys or values are kept: every image token's
+    residual is forecast, to the same end."""
     model = {"flux": tiny_flux, "sd3": tiny_sd3, "pixart": tiny_pixart}[family]()
     step = repeated_step(family, model)
     reference = step(0.7 - 1e-6)
     with tomediff.apply_tome(
-        model, method="cache", cache_interval=2, cache_ratio=0.25, cache_forecast="linear"
+        model, method="cache", cache_interval=2, cache_ratio=cache_ratio, cache_forecast="linear"
     ) as handle:
         step(0.8)  # a refresh
         away = step(0.75)  # forecast from one refresh: its residuals, keys and values as kept
         step(0.7)  # the second refresh
         partial = step(0.7 - 1e-6)
-        assert "refresh 2, partial 2 per block" in str(handle.report())
+        report = str(handle.report())
+        entries = [kept[0] for kept in handle.state.thread_memory().plans.values()]
+    assert "refresh 2, partial 2 per block" in report
+    assert ("no image token computed between" in report) == (cache_ratio == 0)
+    assert entries and all(bool(e.keys_values) == (cache_ratio > 0) for e in entries)
     assert ((partial - reference).norm() / reference.norm()).item() < 1e-4
     assert ((away - step(0.75)).norm() / reference.norm()).item() > 1e-3  # the forecast is not exact
 
@@ -540,29 +549,6 @@ def test_ratio_zero_fills_every_image_token_from_the_forecast() -> None:
     assert torch.equal(entry.residual, kept)
     plan = CachePlan(entry, x3, torch.tensor([[0], [0]]), None, False, 0.7, forecast_only=True)
     assert plan.num_merged == 0
-
-
-@pytest.mark.parametrize("family", ["flux", "sd3", "pixart"])
-def test_ratio_zero_runs_no_image_token_and_keeps_no_keys(family: str) -> None:
-    """cache_ratio=0 through each block layout: no keys or values are kept, a partial step at all but
-    the last refresh's time, on its input, gives all but the unpatched output (every image token's
-    residual forecast), and the report says no image token is computed between refreshes."""
-    model = {"flux": tiny_flux, "sd3": tiny_sd3, "pixart": tiny_pixart}[family]()
-    step = repeated_step(family, model)
-    reference = step(0.7 - 1e-6)
-    with tomediff.apply_tome(
-        model, method="cache", cache_interval=2, cache_ratio=0, cache_forecast="linear"
-    ) as handle:
-        step(0.8)
-        away = step(0.75)
-        step(0.7)
-        partial = step(0.7 - 1e-6)
-        report = str(handle.report())
-        entries = [kept[0] for kept in handle.state.thread_memory().plans.values()]
-    assert "no image token computed between" in report and "refresh 2, partial 2 per block" in report
-    assert entries and all(e.keys_values == {} and e.previous_keys_values == {} for e in entries)
-    assert ((partial - reference).norm() / reference.norm()).item() < 1e-4
-    assert ((away - step(0.75)).norm() / reference.norm()).item() > 1e-3
 
 
 def test_kept_keys_need_an_attention_call_the_mode_sees(monkeypatch: pytest.MonkeyPatch) -> None:
