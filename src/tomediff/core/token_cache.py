@@ -4,8 +4,9 @@ a block-level site action that runs the block on those tokens and fills in the o
 At a refresh step every token goes through the block, and the block keeps each image token's residual
 (output minus input). At the steps between, only the chosen tokens go through it (text tokens always
 do); every other token's output is its current input plus its kept residual, and the computed tokens
-renew their entries. With ``cache_context="all"`` the computed tokens still attend to every image token:
-each self- or joint-attention module of the block (:class:`CachedKeysAction`, at its
+renew their entries (with ``cache_ratio=0`` none is computed: the block runs on its text and one image
+token, whose output is dropped). With ``cache_context="all"`` the computed tokens still attend to every
+image token: each self- or joint-attention module of the block (:class:`CachedKeysAction`, at its
 ``F.scaled_dot_product_attention`` call) keeps every image token's key and value at a refresh, and at the
 steps between gives the computed queries the kept keys and values of the tokens not computed beside
 the computed tokens' own. With ``cache_forecast="linear"`` the kept residuals, keys and values are those
