@@ -205,6 +205,7 @@ def test_fill_from_cache_puts_the_computed_tokens_among_input_plus_residual_in_e
     owned = residual.clone()
     full = fill_from_cache(x, owned, index, computed, in_place=True)
     assert torch.equal(full, expected) and full.data_ptr() == owned.data_ptr()  # built in the temporary
+    assert torch.equal(fill_from_cache(x, residual, None, None), x + residual)  # nothing computed
 
 
 # Outputs ------------------------------------------------------------------------------------------

@@ -300,10 +300,6 @@ class BlockCacheAction(SiteAction):
             entry.reference = x.clone() if plan.keeps_reference else None
             return None
         assert entry.residual is not None
-        if plan.forecast_only:
-            residual = _forecast(entry.previous_residual, entry.residual, plan.forecast_weight)
-            full = residual.add_(x) if residual is not entry.residual else x + residual
-            return _replace_output(output, position, full)
         if plan.time is not None:
             # The refresh's residuals moved on to this call's time; the computed tokens serve this call
             # only (fill_from_cache puts them in), so every forecast starts from a whole refresh.
@@ -311,6 +307,8 @@ class BlockCacheAction(SiteAction):
             # A forecast is this call's own tensor (of x's dtype, as the kept residuals): the output
             # is built in it.
             in_place = residual is not entry.residual
+        elif plan.forecast_only:  # nothing computed, nothing to renew
+            residual, in_place = entry.residual, False
         else:
             fresh = image.detach() - gather_tokens(x, plan.index)
             scatter_tokens(entry.residual, plan.index, fresh)
@@ -318,7 +316,10 @@ class BlockCacheAction(SiteAction):
                 assert entry.reference is not None
                 scatter_tokens(entry.reference, plan.index, gather_tokens(x, plan.index))
             residual, in_place = entry.residual, False
-        full = fill_from_cache(x, residual, plan.index, image, in_place)
+        if plan.forecast_only:  # the one token the block ran on for its layout is dropped
+            full = fill_from_cache(x, residual, None, None, in_place)
+        else:
+            full = fill_from_cache(x, residual, plan.index, image, in_place)
         return _replace_output(output, position, full)
 
 

@@ -54,13 +54,16 @@ def scatter_tokens(target: torch.Tensor, index: torch.Tensor, values: torch.Tens
 def fill_from_cache(
     x: torch.Tensor,
     residual: torch.Tensor,
-    index: torch.Tensor,
-    computed: torch.Tensor,
+    index: torch.Tensor | None,
+    computed: torch.Tensor | None,
     in_place: bool = False,
 ) -> torch.Tensor:
     """A block's full output from its ``computed`` tokens ``[B, M, C]`` (rows ``index`` ``[B, M]``):
-    those as computed, every other token its input ``x`` plus its cached ``residual`` (``[B, N, C]``).
-    ``in_place``: ``residual`` is the caller's own temporary of ``x``'s dtype, and the output is built in
-    it (no new tensor of that size)."""
+    those as computed, every other token its input ``x`` plus its cached ``residual`` (``[B, N, C]``);
+    with ``index`` None, every token from the cache. ``in_place``: ``residual`` is the caller's own
+    temporary of ``x``'s dtype, and the output is built in it (no new tensor of that size)."""
     full = residual.add_(x) if in_place else x + residual.to(x.dtype)
+    if index is None:
+        return full
+    assert computed is not None, "computed tokens come with their rows"
     return scatter_tokens(full, index, computed)
